@@ -1,0 +1,13 @@
+"""layerlie: how equivariant is an image model, and which layers break it."""
+
+from layerlie.data import Images, images, photo_batch, photos
+from layerlie.errors import LayerlieError
+from layerlie.groups import Group, group, list_groups, register_group, resolve_groups
+from layerlie.lie import lee, lie_derivative, summarize
+from layerlie.models import load_model
+from layerlie.tangent import IMAGE, Frame, list_schemes, register_scheme, tangent
+
+__all__ = [
+    "IMAGE", "Frame", "Group", "Images", "LayerlieError", "group", "images", "lee", "lie_derivative", "list_groups",
+    "list_schemes", "load_model", "photo_batch", "photos", "register_group", "register_scheme", "resolve_groups", "summarize", "tangent",
+]

@@ -1,0 +1,214 @@
+"""The end-to-end Lie derivative of a model and the published LEE metric (METHOD 2).
+
+``L f(x) = J_f(x)[G x] - G f(x)`` (the second term only for image-like outputs). The
+Jacobian-vector product is forward-mode AD (``torch.func.jvp``), one primal pass shared
+by all groups: the tangents of several groups are stacked and pushed through together
+with ``torch.func.vmap``. The published two-reverse-pass trick is kept as
+``method="double_backward"``, a baseline for tests and benchmarks.
+
+Example:
+    >>> import torch, layerlie as ll
+    >>> f = lambda x: x.mean(dim=(2, 3))          # invariant to circular shifts
+    >>> x = torch.randn(2, 3, 16, 16)
+    >>> d = ll.lie_derivative(f, x, ll.group("translate_x"), scheme="spectral")
+    >>> bool(d.abs().max() < 1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Literal
+
+import pandas as pd
+import torch
+from torch import nn
+
+from layerlie.errors import LayerlieError
+from layerlie.groups import Group, resolve_groups
+from layerlie.tangent import IMAGE, Frame, base_point, check_scheme, tangent
+
+Method = Literal["jvp", "double_backward"]
+METHODS: tuple[str, ...] = ("jvp", "double_backward")
+
+
+def check_images(x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    """Check that ``x`` is a finite float batch ``(B, C, H, W)``; return it unchanged."""
+    if not isinstance(x, torch.Tensor):
+        raise LayerlieError(f"expected a torch.Tensor of images (B, C, H, W), got {type(x).__name__}")
+    if x.ndim != 4:
+        raise LayerlieError(f"expected images of shape (B, C, H, W), got shape {tuple(x.shape)}; "
+                            "add a batch axis with x[None] for a single image")
+    if not x.is_floating_point():
+        raise LayerlieError(f"expected floating-point images, got dtype {x.dtype}; convert with "
+                            "x.float() after normalizing (layerlie.photos and layerlie.images do it)")
+    if channels is not None and x.shape[1] != channels:
+        raise LayerlieError(f"the model expects {channels} input channels, the images have "
+                            f"{x.shape[1]} (shape {tuple(x.shape)}); convert them to {channels} channels")
+    if not torch.isfinite(x).all():
+        raise LayerlieError("the input images contain NaN or inf values; clean or re-normalize them")
+    return x
+
+
+def check_finite(y: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(y).all():
+        raise LayerlieError(f"the {what} contains NaN or inf values; check the model's weights and "
+                            "input normalization, or try dtype=torch.float64")
+    return y
+
+
+@contextlib.contextmanager
+def jvp_ready(model: nn.Module | Callable) -> Iterator[None]:
+    """Switch off timm's fused attention (no forward-mode derivative on CPU) for the
+    duration, and restore it afterwards."""
+    saved = []
+    if isinstance(model, nn.Module):
+        for m in model.modules():
+            if isinstance(getattr(m, "fused_attn", None), bool):
+                saved.append((m, m.fused_attn))
+                m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.fused_attn = flag
+
+
+def _image_like(y: torch.Tensor) -> bool:
+    return y.ndim == 4 and y.shape[-1] > 1 and y.shape[-2] > 1
+
+
+def push_tangents(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                  tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One primal pass of ``f`` at ``x`` and the Jacobian applied to every tangent.
+
+    Args:
+        f: a function of one tensor.
+        x: the primal point.
+        tangents: ``(K, *x.shape)``, K directions.
+
+    Returns:
+        ``(f(x), J_f(x)[tangents])`` with shapes ``out`` and ``(K, *out)``.
+    """
+    with torch.no_grad():
+        if tangents.shape[0] == 1:
+            y, jv = torch.func.jvp(f, (x,), (tangents[0],))
+            return y, jv[None]
+        y, jv = torch.func.vmap(lambda t: torch.func.jvp(f, (x,), (t,)), out_dims=(None, 0))(tangents)
+        return y, jv
+
+
+def _double_backward(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                     direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``J_f(x)[direction]`` by the published trick: differentiate the VJP with respect to
+    its (dummy) cotangent."""
+    with torch.enable_grad():
+        s = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
+        y = f(x + s * direction)
+        v = torch.ones_like(y, requires_grad=True)
+        (vj,) = torch.autograd.grad(y, s, v, create_graph=True)
+        (jv,) = torch.autograd.grad(vj, v, torch.ones_like(vj))
+    return y.detach(), jv
+
+
+def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   group: Group | str | Sequence[Group | str], scheme: str = "central",
+                   output_frame: Frame | None | Literal["auto"] = "auto",
+                   method: Method = "jvp") -> torch.Tensor:
+    """The Lie derivative ``L f(x) = J_f(x)[G x] - G f(x)`` (METHOD 2).
+
+    Args:
+        f: the map, e.g. a model or ``lambda x: model(x).softmax(-1)``.
+        x: images ``(B, C, H, W)``.
+        group: a group, its name, or a list of them (then the groups share one primal pass).
+        scheme: derivative scheme of ``G`` (see :mod:`layerlie.tangent`).
+        output_frame: how ``T`` acts on the output. ``"auto"`` treats a 4-D output with
+            spatial size above 1 as an image at its own resolution; None means ``T`` acts
+            trivially on the output (logits, pooled features).
+        method: ``"jvp"`` (forward mode) or ``"double_backward"`` (published baseline).
+
+    Returns:
+        ``L f(x)`` shaped like ``f(x)``, or ``(K, *f(x).shape)`` for a list of K groups.
+    """
+    check_scheme(scheme)
+    if method not in METHODS:
+        raise LayerlieError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    single = isinstance(group, (Group, str)) and not (isinstance(group, str) and "," in group)
+    groups = resolve_groups(group)
+    check_images(x)
+    results: list[torch.Tensor] = [None] * len(groups)  # type: ignore[list-item]
+    # Groups that share a base point share one primal pass.
+    by_base: dict[int | None, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_base.setdefault(None if g.origin is None else i, []).append(i)
+    with jvp_ready(f):
+        for idx in by_base.values():
+            x0 = base_point(x, groups[idx[0]])
+            tangents = torch.stack([tangent(x, groups[i], scheme) for i in idx])
+            if method == "jvp":
+                y, jv = push_tangents(f, x0, tangents)
+            else:
+                pairs = [_double_backward(f, x0, t) for t in tangents]
+                y, jv = pairs[0][0], torch.stack([p[1] for p in pairs])
+            check_finite(y, "model output")
+            frame = (IMAGE if _image_like(y) else None) if output_frame == "auto" else output_frame
+            for k, i in enumerate(idx):
+                d = jv[k]
+                if frame is not None:
+                    d = d - tangent(y, groups[i], scheme, frame)
+                results[i] = d
+    return results[0] if single else torch.stack(results)
+
+
+def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+        groups: str | Iterable[str | Group] = "all", scheme: str = "central",
+        method: Method = "jvp", names: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+    """The published end-to-end LEE: per image and group, the mean over classes of
+    ``|L softmax(model(x))|`` (METHOD 2).
+
+    Args:
+        model: a classifier returning logits ``(B, K)``.
+        x: images ``(B, C, H, W)``, normalized as the model expects.
+        groups: ``"all"``, names, or groups.
+        scheme, method: as in :func:`lie_derivative`.
+        names: one name per image (default: the image index).
+        batch_size: images per pass (default: all at once).
+        progress: called with the number of images done after each pass.
+
+    Returns:
+        A DataFrame with columns ``image, group, lee``; ``.attrs`` holds the settings.
+
+    Example:
+        >>> import timm, layerlie as ll
+        >>> m = ll.load_model("resnet18")
+        >>> t = ll.lee(m, ll.photos(m, n=2), groups="translate_x,rotate")
+        >>> sorted(t.group.unique())
+        ['rotate', 'translate_x']
+    """
+    gs = resolve_groups(groups)
+    check_images(x)
+    names = [str(i) for i in range(len(x))] if names is None else list(names)
+    step = batch_size or len(x)
+    rows = []
+    for start in range(0, len(x), step):
+        xb = x[start:start + step]
+        d = lie_derivative(lambda z: model(z).softmax(-1), xb, gs, scheme, None, method)
+        per_image = d.abs().flatten(2).mean(-1)  # (K, B)
+        for k, g in enumerate(gs):
+            for b in range(xb.shape[0]):
+                rows.append((names[start + b], g.name, float(per_image[k, b])))
+        if progress is not None:
+            progress(xb.shape[0])
+    table = pd.DataFrame(rows, columns=["image", "group", "lee"])
+    table.attrs.update(scheme=scheme, method=method, groups=[g.name for g in gs])
+    return table
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean, standard deviation and count of ``lee`` over images, per group (in order)."""
+    order = list(dict.fromkeys(table["group"]))
+    out = table.groupby("group", sort=False)["lee"].agg(["mean", "std", "count"])
+    return out.reindex(order)
