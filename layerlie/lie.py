@@ -27,6 +27,7 @@ from torch import nn
 
 from layerlie.errors import LayerlieError
 from layerlie.groups import Group, resolve_groups
+from layerlie.models import input_channels
 from layerlie.tangent import IMAGE, Frame, base_point, check_scheme, tangent
 
 Method = Literal["jvp", "double_backward"]
@@ -119,7 +120,8 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     """The Lie derivative ``L f(x) = J_f(x)[G x] - G f(x)`` (METHOD 2).
 
     Args:
-        f: the map, e.g. a model or ``lambda x: model(x).softmax(-1)``.
+        f: the map, e.g. a model or ``lambda x: model(x).softmax(-1)`` (wrap a lambda over
+            a timm ViT in ``with jvp_ready(model):`` so that its fused attention is off).
         x: images ``(B, C, H, W)``.
         group: a group, its name, or a list of them (then the groups share one primal pass).
         scheme: derivative scheme of ``G`` (see :mod:`layerlie.tangent`).
@@ -149,7 +151,12 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             if method == "jvp":
                 y, jv = push_tangents(f, x0, tangents)
             else:
-                pairs = [_double_backward(f, x0, t) for t in tangents]
+                try:
+                    pairs = [_double_backward(f, x0, t) for t in tangents]
+                except RuntimeError as err:
+                    raise LayerlieError(
+                        f"the double-backward baseline fails on this model ({str(err).splitlines()[0]}); "
+                        "use method='jvp', which needs no second derivative") from None
                 y, jv = pairs[0][0], torch.stack([p[1] for p in pairs])
             check_finite(y, "model output")
             frame = (IMAGE if _image_like(y) else None) if output_frame == "auto" else output_frame
@@ -189,13 +196,14 @@ def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         ['rotate', 'translate_x']
     """
     gs = resolve_groups(groups)
-    check_images(x)
+    check_images(x, input_channels(model) if isinstance(model, nn.Module) else None)
     names = [str(i) for i in range(len(x))] if names is None else list(names)
     step = batch_size or len(x)
     rows = []
     for start in range(0, len(x), step):
         xb = x[start:start + step]
-        d = lie_derivative(lambda z: model(z).softmax(-1), xb, gs, scheme, None, method)
+        with jvp_ready(model):
+            d = lie_derivative(lambda z: model(z).softmax(-1), xb, gs, scheme, None, method)
         per_image = d.abs().flatten(2).mean(-1)  # (K, B)
         for k, g in enumerate(gs):
             for b in range(xb.shape[0]):

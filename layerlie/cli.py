@@ -1,0 +1,190 @@
+"""The ``layerlie`` command. Every expected error ends in one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from layerlie.data import Images, images, photo_batch
+from layerlie.errors import LayerlieError
+from layerlie.groups import list_groups, resolve_groups
+from layerlie.lie import METHODS, lee, summarize
+from layerlie.models import input_channels, load_model
+from layerlie.tangent import list_schemes
+
+console = Console(stderr=False)
+
+EXAMPLES = {
+    "models": "examples:\n  layerlie models 'resnet*'\n  layerlie models vit_tiny* --json",
+    "e2e": ("examples:\n  layerlie e2e resnet18\n"
+            "  layerlie e2e vit_tiny_patch16_224 --groups translate_x,rotate --n 4 --out lee.csv\n"
+            "  layerlie e2e resnet50 --checkpoint weights.safetensors --images photos/ --json"),
+}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}; pass e.g. --n 8")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="timm name, or package.module:callable returning a model")
+    p.add_argument("--checkpoint", help="local weights: .safetensors or a torch.save'd state dict")
+    p.add_argument("--pretrained", action="store_true", help="let timm download pretrained weights")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--float64", action="store_true", help="compute in double precision")
+    p.add_argument("--images", help="folder of images (labels from subfolders); default: embedded photos")
+    p.add_argument("--n", type=_positive, default=8, help="number of images (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random-init weights (default 0)")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="write the full table: FILE.csv or FILE.parquet")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerlie", description=(
+        "Measure how equivariant an image model is, and which layers break it."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list timm model names", epilog=EXAMPLES["models"],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'resnet*'")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
+    p = sub.add_parser("e2e", help="end-to-end Lie derivative (the published LEE) per group",
+                       epilog=EXAMPLES["e2e"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--groups", default="all",
+                   help=f"'all' or a comma-separated list of: {', '.join(list_groups(compat=True))}")
+    p.add_argument("--scheme", default="central", choices=list_schemes())
+    p.add_argument("--method", default="jvp", choices=METHODS)
+    p.add_argument("--batch", type=_positive, default=4, help="images per pass (default 4)")
+    _add_output_args(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {"models": cmd_models, "e2e": cmd_e2e}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return handlers[args.command](args)
+    except LayerlieError as err:
+        print(f"layerlie: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerlie: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import timm
+
+    names = [n for n in timm.list_models() if fnmatch.fnmatch(n, args.pattern)]
+    if not names:
+        raise LayerlieError(f"no timm model matches {args.pattern!r}; try a wider pattern like 'resnet*'")
+    if args.json:
+        print(json.dumps(names))
+    else:
+        console.print("\n".join(names), highlight=False)
+        console.print(f"[dim]{len(names)} models[/dim]")
+    return 0
+
+
+def _model_and_images(args: argparse.Namespace) -> tuple[torch.nn.Module, Images]:
+    torch.manual_seed(args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float64 if args.float64 else None
+    model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                       device=device, dtype=dtype)
+    batch = images(args.images, model, args.n) if args.images else photo_batch(model, args.n)
+    channels = input_channels(model)
+    if channels is not None and batch.x.shape[1] != channels:
+        raise LayerlieError(f"{args.model} expects {channels} input channels, the images have "
+                            f"{batch.x.shape[1]}")
+    return model, batch
+
+
+def _check_out(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    out = Path(path)
+    if out.suffix not in {".csv", ".parquet"}:
+        raise LayerlieError(f"--out {path!r}: use a .csv or .parquet file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a"):
+            pass
+    except OSError as err:
+        raise LayerlieError(f"cannot write --out {path!r} ({err.strerror}); choose a writable path") from None
+    return out
+
+
+def write_table(table: pd.DataFrame, out: Path) -> None:
+    """Write ``table`` atomically: to a temporary name first, then renamed."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        if out.suffix == ".parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False)
+        tmp.replace(out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise LayerlieError(f"cannot write {str(out)!r} ({err.strerror}); free space or choose another "
+                            "path") from None
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), transient=True, console=Console(stderr=True))
+
+
+def cmd_e2e(args: argparse.Namespace) -> int:
+    groups = resolve_groups(args.groups)
+    out = _check_out(args.out)
+    model, batch = _model_and_images(args)
+    with progress_bar() as bar:
+        task = bar.add_task(f"{args.model}: {len(groups)} groups", total=len(batch.x))
+        table = lee(model, batch.x, groups, scheme=args.scheme, method=args.method, names=batch.names,
+                    batch_size=args.batch, progress=lambda k: bar.advance(task, k))
+    table.insert(0, "model", args.model)
+    table["scheme"] = args.scheme
+    if out is not None:
+        write_table(table, out)
+    stats = summarize(table)
+    if args.json:
+        print(json.dumps({"model": args.model, "scheme": args.scheme, "method": args.method,
+                          "images": len(batch.x),
+                          "groups": {g: {"mean": r["mean"], "std": r["std"]} for g, r in stats.iterrows()}}))
+        return 0
+    grid = Table(title=f"{args.model}: end-to-end LEE over {len(batch.x)} images ({args.scheme} scheme)")
+    grid.add_column("group")
+    grid.add_column("mean", justify="right")
+    grid.add_column("std", justify="right")
+    for g, r in stats.iterrows():
+        grid.add_row(str(g), f"{r['mean']:.3e}", f"{r['std']:.2e}")
+    console.print(grid)
+    if out is not None:
+        console.print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
