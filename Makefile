@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/layerlie e2e resnet18 --n 4
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/e2e.py

@@ -5,9 +5,11 @@ from layerlie.errors import LayerlieError
 from layerlie.groups import Group, group, list_groups, register_group, resolve_groups
 from layerlie.lie import lee, lie_derivative, summarize
 from layerlie.models import load_model
+from layerlie.propagate import Propagator, propagate, register_rule
+from layerlie.trace import trace
 from layerlie.tangent import IMAGE, Frame, list_schemes, register_scheme, tangent
 
 __all__ = [
     "IMAGE", "Frame", "Group", "Images", "LayerlieError", "group", "images", "lee", "lie_derivative", "list_groups",
-    "list_schemes", "load_model", "photo_batch", "photos", "register_group", "register_scheme", "resolve_groups", "summarize", "tangent",
+    "list_schemes", "load_model", "photo_batch", "photos", "Propagator", "propagate", "register_rule", "trace", "register_group", "register_scheme", "resolve_groups", "summarize", "tangent",
 ]

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
@@ -92,7 +93,9 @@ def push_tangents(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     Returns:
         ``(f(x), J_f(x)[tangents])`` with shapes ``out`` and ``(K, *out)``.
     """
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # functorch's notice that an op falls back to a loop: slower, still exact.
+        warnings.filterwarnings("ignore", message="There is a performance drop")
         if tangents.shape[0] == 1:
             y, jv = torch.func.jvp(f, (x,), (tangents[0],))
             return y, jv[None]

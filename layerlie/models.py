@@ -20,6 +20,8 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from layerlie.errors import LayerlieError
@@ -97,12 +99,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                             ".safetensors or .pth state dict")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as err:
+            zipfile.BadZipFile, SafetensorError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise LayerlieError(f"checkpoint {str(path)!r} is corrupt or not a state dict ({first}); "
                             "re-export it with torch.save(model.state_dict()) or safetensors") from None

@@ -1,0 +1,88 @@
+"""A model as a ``torch.fx.GraphModule`` (METHOD 3), traced with timm's own fx policy.
+
+timm's registered leaf modules and no-trace functions go to the tracer, the model is
+traced as a copy (tracing writes into some modules' caches, e.g. LeViT's attention
+biases), the softmax is appended as a node, and the traced output is checked against
+the model's own.
+
+Example:
+    >>> import layerlie as ll
+    >>> gm = ll.trace(ll.load_model("resnet18"))
+    >>> [n.name for n in gm.graph.nodes][-2:]
+    ['softmax', 'output']
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from timm.layers import _fx as timm_fx
+from torch import nn
+
+from layerlie.errors import LayerlieError
+
+
+class TraceError(LayerlieError):
+    """The model cannot be traced to a graph."""
+
+
+class _TimmTracer(fx.Tracer):
+    """fx's tracer with timm's leaf modules and no-trace functions."""
+
+    def __init__(self) -> None:
+        fns = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+        super().__init__(autowrap_functions=fns)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return timm_fx.is_notrace_module(type(m)) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module, example: torch.Tensor | None = None, softmax: bool = True) -> fx.GraphModule:
+    """Trace ``model`` (a copy of it) to a GraphModule.
+
+    Args:
+        model: the model, in eval mode.
+        example: an input batch; when given, the traced output must equal the model's.
+        softmax: append ``softmax(logits, -1)`` as the node ``softmax``.
+
+    Returns:
+        The GraphModule; its last compute node is ``softmax`` (or the logits).
+
+    Raises:
+        TraceError: with the tracer's reason, in one line.
+    """
+    copied = copy.deepcopy(model).eval()
+    try:
+        graph = _TimmTracer().trace(copied)
+    except Exception as err:  # fx raises many types for untraceable code
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {reason}") from None
+    if softmax:
+        out = next(n for n in reversed(graph.nodes) if n.op == "output")
+        logits = out.args[0]
+        if not isinstance(logits, fx.Node):
+            raise TraceError(f"{type(model).__name__} returns {type(logits).__name__}, not one tensor; "
+                             "wrap it so that forward returns the logits")
+        with graph.inserting_before(out):
+            node = graph.call_function(torch.softmax, (logits, -1))
+            node.name = "softmax"
+        out.args = (node,)
+    gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
+    if example is not None:
+        check_trace(model, gm, example, softmax)
+    return gm
+
+
+def check_trace(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, softmax: bool = True) -> None:
+    """The traced module must give the model's output on ``x``."""
+    with torch.no_grad():
+        want = model(x)
+        got = gm(x)
+    if softmax:
+        want = want.softmax(-1)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise TraceError(f"the traced {type(model).__name__} does not reproduce the model's output "
+                         f"(max difference {float((got - want).abs().max()):.2e}); it has data-dependent "
+                         "control flow that fx cannot capture")

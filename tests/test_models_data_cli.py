@@ -1,0 +1,199 @@
+"""Loading models and images, and the CLI end to end, bad input included."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from conftest import timm_model
+from PIL import Image
+from safetensors.torch import save_file
+
+import layerlie as ll
+from layerlie.cli import main
+
+FAMILIES = ["resnet18", "vit_tiny_patch16_224", "convnext_atto"]
+
+
+# --- models -------------------------------------------------------------------------------
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(ll.LayerlieError, match="did you mean resnet18"):
+        ll.load_model("resnet_18")
+
+
+def test_checkpoints_round_trip(tmp_path):
+    model = ll.load_model("resnet18", num_classes=7)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        loaded = ll.load_model("resnet18", num_classes=7, checkpoint=tmp_path / name)
+        assert torch.equal(loaded.fc.weight, state["fc.weight"])
+        assert not loaded.training
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(ll.LayerlieError, match="does not exist"):
+        ll.load_model("resnet18", checkpoint=tmp_path / "missing.pth")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ll.LayerlieError, match="corrupt"):
+        ll.load_model("resnet18", checkpoint=tmp_path / "bad.pth")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ll.LayerlieError, match="corrupt"):
+        ll.load_model("resnet18", checkpoint=tmp_path / "bad.safetensors")
+    torch.save(ll.load_model("resnet18", num_classes=3).state_dict(), tmp_path / "three.pth")
+    with pytest.raises(ll.LayerlieError, match="does not fit.*num_classes"):
+        ll.load_model("resnet18", checkpoint=tmp_path / "three.pth")
+    torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "partial.pth")
+    with pytest.raises(ll.LayerlieError, match="missing keys"):
+        ll.load_model("resnet18", checkpoint=tmp_path / "partial.pth")
+
+
+def test_pretrained_without_network_names_the_local_alternative(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no waiting
+    with pytest.raises(ll.LayerlieError, match="--checkpoint PATH"):
+        ll.load_model("resnet18", pretrained=True)
+
+
+def test_callable_spec_and_modules(tmp_path, monkeypatch):
+    (tmp_path / "mynets.py").write_text(
+        "import torch\n"
+        "def tiny():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=True),\n"
+        "                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = ll.load_model("mynets:tiny")
+    assert not model[1].inplace and not model.training
+    with pytest.raises(ll.LayerlieError, match="cannot import"):
+        ll.load_model("mynets:nothing")
+    assert ll.load_model(model) is model
+
+
+def test_models_follow_device_and_dtype():
+    model = ll.load_model("resnet18", dtype=torch.float64)
+    x = ll.photos(model, n=1)
+    assert x.dtype == torch.float64
+    table = ll.lee(model, x, "translate_x")
+    assert table["lee"].notna().all()
+
+
+# --- images -------------------------------------------------------------------------------
+
+def test_photos_are_real_and_prepared_with_the_data_config():
+    model = timm_model("vit_tiny_patch16_224")
+    batch = ll.photo_batch(model, n=12)
+    assert batch.x.shape == (12, 3, 224, 224)
+    assert batch.names[0] == "astronaut" and len(set(batch.names)) == 12
+    assert 0.3 < float(batch.x.std()) < 3  # normalized, not constant
+    with pytest.raises(ll.LayerlieError, match="between 1 and 12"):
+        ll.photos(model, n=13)
+
+
+def _write_images(folder, labelled: bool):
+    rng = torch.Generator().manual_seed(0)
+    for i in range(4):
+        sub = folder / (f"class{i % 2}" if labelled else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        arr = (torch.rand(40, 50, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(sub / f"img{i}.png")
+
+
+def test_image_folders_with_labels_and_unreadable_files(tmp_path):
+    model = timm_model("resnet18")
+    _write_images(tmp_path / "flat", labelled=False)
+    flat = ll.images(tmp_path / "flat", model)
+    assert flat.x.shape == (4, 3, 224, 224) and flat.labels is None
+    _write_images(tmp_path / "lab", labelled=True)
+    (tmp_path / "lab" / "class0" / "broken.jpg").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        lab = ll.images(tmp_path / "lab", model)
+    assert lab.labels == ["class0", "class0", "class1", "class1"] and len(lab.names) == 4
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ll.LayerlieError, match="no images in"):
+        ll.images(tmp_path / "empty", model)
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_models(capsys):
+    code, out, _ = run_cli(capsys, "models", "convnext_at*", "--json")
+    assert code == 0 and "convnext_atto" in json.loads(out)
+    code, _, err = run_cli(capsys, "models", "no_such_net*")
+    assert code == 2 and err.startswith("layerlie: error: no timm model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cli_e2e_on_three_families(capsys, tmp_path, name):
+    out_file = tmp_path / "lee.parquet"
+    code, out, _ = run_cli(capsys, "e2e", name, "--n", "2", "--groups", "translate_x,rotate,saturate",
+                           "--out", str(out_file))
+    assert code == 0 and "translate_x" in out and "end-to-end LEE" in out
+    table = pd.read_parquet(out_file)
+    assert set(table.columns) >= {"model", "image", "group", "lee", "scheme"} and len(table) == 6
+    code, out, _ = run_cli(capsys, "e2e", name, "--n", "1", "--groups", "scale", "--json", "--scheme", "spectral")
+    summary = json.loads(out)
+    assert code == 0 and summary["model"] == name and "scale" in summary["groups"]
+
+
+def test_cli_e2e_all_groups_csv_and_images_folder(capsys, tmp_path):
+    _write_images(tmp_path / "imgs", labelled=True)
+    code, out, _ = run_cli(capsys, "e2e", "resnet18", "--images", str(tmp_path / "imgs"), "--n", "2",
+                           "--out", str(tmp_path / "lee.csv"))
+    assert code == 0
+    table = pd.read_csv(tmp_path / "lee.csv")
+    assert sorted(table["group"].unique()) == sorted(ll.list_groups()[:10])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["e2e", "resnet_18"], "unknown model 'resnet_18'; did you mean"),
+    (["e2e", "resnet18", "--groups", "spin"], "unknown group 'spin'; valid groups"),
+    (["e2e", "resnet18", "--checkpoint", "/nonexistent/w.pth"], "does not exist"),
+    (["e2e", "resnet18", "--images", "/nonexistent"], "does not exist"),
+    (["e2e", "resnet18", "--out", "table.txt"], "use a .csv or .parquet"),
+])
+def test_cli_errors_are_one_line(capsys, args, message):
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_rejects_bad_n_and_unwritable_out(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["e2e", "resnet18", "--n", "0"])
+    assert exit_info.value.code == 2
+    assert "must be 1 or more" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    if os.geteuid() == 0:  # root writes anywhere: a path under a file fails for everyone
+        target = tmp_path / "file" / "out.csv"
+        (tmp_path / "file").write_text("")
+    else:
+        target = locked / "out.csv"
+    code, _, err = run_cli(capsys, "e2e", "resnet18", "--out", str(target))
+    assert code == 2 and "cannot write --out" in err
+
+
+def test_cli_empty_images_folder(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "e2e", "resnet18", "--images", str(tmp_path))
+    assert code == 2 and "no images in" in err
+
+
+def test_console_script_is_installed():
+    bin_dir = os.path.dirname(sys.executable)
+    assert os.path.exists(os.path.join(bin_dir, "layerlie"))
