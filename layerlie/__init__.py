@@ -1,5 +1,6 @@
 """layerlie: how equivariant is an image model, and which layers break it."""
 
+from layerlie.attribution import Attribution, attribute
 from layerlie.data import Images, images, photo_batch, photos
 from layerlie.errors import LayerlieError
 from layerlie.groups import Group, group, list_groups, register_group, resolve_groups
@@ -7,9 +8,10 @@ from layerlie.lie import lee, lie_derivative, summarize
 from layerlie.models import load_model
 from layerlie.propagate import Propagator, propagate, register_rule
 from layerlie.trace import trace
+from layerlie.layout import Layout, infer_layouts
 from layerlie.tangent import IMAGE, Frame, list_schemes, register_scheme, tangent
 
 __all__ = [
-    "IMAGE", "Frame", "Group", "Images", "LayerlieError", "group", "images", "lee", "lie_derivative", "list_groups",
+    "IMAGE", "Attribution", "Layout", "attribute", "infer_layouts", "Frame", "Group", "Images", "LayerlieError", "group", "images", "lee", "lie_derivative", "list_groups",
     "list_schemes", "load_model", "photo_batch", "photos", "Propagator", "propagate", "register_rule", "trace", "register_group", "register_scheme", "resolve_groups", "summarize", "tangent",
 ]

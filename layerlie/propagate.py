@@ -112,7 +112,7 @@ def _vmap_jvp(call: Call, tangents: Tangents) -> Any:
             leaves[i] = p
         return call(leaves)
 
-    primals = tuple(call.flat[i] for i in where)
+    primals = tuple(_dense(call.flat[i]) for i in where)
     stacks = tuple(tangents[i] for i in where)
     with warnings.catch_warnings():
         # functorch's notice that an op falls back to a loop: slower, still exact.
@@ -122,6 +122,13 @@ def _vmap_jvp(call: Call, tangents: Tangents) -> Any:
             result = torch.func.jvp(f, primals, first)[1]
             return pytree.tree_map(lambda t: t[None] if isinstance(t, torch.Tensor) else t, result)
         return torch.func.vmap(lambda *ts: torch.func.jvp(f, primals, ts)[1])(*stacks)
+
+
+def _dense(t: Any) -> Any:
+    """Broadcast views (``expand``) cannot carry a dual tangent: materialize them."""
+    if isinstance(t, torch.Tensor) and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        return t.contiguous()
+    return t
 
 
 def _fold(t: torch.Tensor) -> torch.Tensor:
@@ -242,8 +249,8 @@ class Propagator(fx.Interpreter):
         except Exception as err:
             raise LayerlieError(f"node {n.format_node()} (module {n.meta.get('nn_module_stack', n.target)}) "
                                 f"failed: {' '.join(str(err).split())[:200]}") from None
-        if n.op == "placeholder":
-            tan = self.input_tangent
+        if n.op == "placeholder":  # the first is the input; later ones are constant options
+            tan = self.input_tangent if next(iter(self.module.graph.nodes)) is n else None
         elif n.op == "output":
             self.out_tangent = self._gather(n.args[0])
             return out

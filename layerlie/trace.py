@@ -8,8 +8,8 @@ the model's own.
 Example:
     >>> import layerlie as ll
     >>> gm = ll.trace(ll.load_model("resnet18"))
-    >>> [n.name for n in gm.graph.nodes][-2:]
-    ['softmax', 'output']
+    >>> gm.meta["layerlie.outputs"]
+    {'logits': 'fc', 'softmax': 'softmax'}
 """
 
 from __future__ import annotations
@@ -48,28 +48,34 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, softmax: bool =
         softmax: append ``softmax(logits, -1)`` as the node ``softmax``.
 
     Returns:
-        The GraphModule; its last compute node is ``softmax`` (or the logits).
+        The GraphModule; ``gm.meta["layerlie.outputs"]`` names its ``logits`` and
+        ``softmax`` nodes.
 
     Raises:
         TraceError: with the tracer's reason, in one line.
     """
     copied = copy.deepcopy(model).eval()
+    for m in copied.modules():  # explicit attention: softmax and matmul nodes, forward-mode ready
+        if isinstance(getattr(m, "fused_attn", None), bool):
+            m.fused_attn = False
     try:
         graph = _TimmTracer().trace(copied)
     except Exception as err:  # fx raises many types for untraceable code
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {reason}") from None
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    logits = out.args[0]
+    if not isinstance(logits, fx.Node):
+        raise TraceError(f"{type(model).__name__} returns {type(logits).__name__}, not one tensor; "
+                         "wrap it so that forward returns the logits")
+    names = {"logits": logits.name}
     if softmax:
-        out = next(n for n in reversed(graph.nodes) if n.op == "output")
-        logits = out.args[0]
-        if not isinstance(logits, fx.Node):
-            raise TraceError(f"{type(model).__name__} returns {type(logits).__name__}, not one tensor; "
-                             "wrap it so that forward returns the logits")
         with graph.inserting_before(out):
             node = graph.call_function(torch.softmax, (logits, -1))
-            node.name = "softmax"
         out.args = (node,)
+        names["softmax"] = node.name
     gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
+    gm.meta["layerlie.outputs"] = names
     if example is not None:
         check_trace(model, gm, example, softmax)
     return gm

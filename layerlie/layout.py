@@ -1,0 +1,331 @@
+"""Layouts of a graph's tensors and where their samples sit in the input (METHOD 5).
+
+A :class:`Layout` says which axes of a node's tensor are spatial (``grid``: an H and a W
+axis; ``tokens``: one axis of ``P + H * W`` tokens), and the input-pixel position of
+every sample, as a stride and an offset per axis found by receptive-field arithmetic.
+Layouts are inferred by propagating the input's geometry through the graph (convolution,
+pooling, flatten, transpose, permute, reshape, cat with prefix tokens, slicing); a tensor
+whose layout cannot be inferred is ``unknown``, and ``G`` acts on it as zero.
+
+Example:
+    >>> import torch, layerlie as ll
+    >>> gm = ll.trace(ll.load_model("resnet18"))
+    >>> lay = ll.infer_layouts(gm, torch.randn(1, 3, 64, 64))
+    >>> lay["conv1"].x                     # stride 2, first sample centred on pixel 0
+    (2.0, 0.0)
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from layerlie.groups import Group
+from layerlie.propagate import Propagator, node_callable, pointwise_targets
+from layerlie.tangent import Frame, tangent
+
+Kind = Literal["grid", "tokens", "none", "unknown", "tuple"]
+Coords = Literal["receptive_field", "published"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Spatial structure of a tensor (METHOD 5).
+
+    Attributes:
+        kind: ``grid`` (axes ``y_dim``, ``x_dim``), ``tokens`` (axis ``token_dim`` holds
+            ``prefix`` position-less tokens then an ``hw`` grid, row-major), ``none`` (no
+            spatial axes), ``unknown``, or ``tuple`` (a tuple of tensors).
+        y, x: ``(stride, offset)`` in input pixels: sample j sits at ``offset + stride * j``.
+        input_hw: the input's spatial size.
+    """
+
+    kind: Kind
+    y_dim: int | None = None
+    x_dim: int | None = None
+    token_dim: int | None = None
+    prefix: int = 0
+    hw: tuple[int, int] = (0, 0)
+    y: tuple[float, float] = (1.0, 0.0)
+    x: tuple[float, float] = (1.0, 0.0)
+    input_hw: tuple[int, int] = (0, 0)
+    item: Layout | None = None
+
+    @property
+    def spatial(self) -> bool:
+        return self.kind in ("grid", "tokens")
+
+    def describe(self) -> str:
+        if self.kind == "grid":
+            return f"grid(y={self.y_dim},x={self.x_dim})"
+        if self.kind == "tokens":
+            return f"tokens(dim={self.token_dim},P={self.prefix},{self.hw[0]}x{self.hw[1]})"
+        return self.kind
+
+    def frame(self, coords: Coords = "receptive_field") -> Frame:
+        """The :class:`Frame` of the grid view (for tokens: after :meth:`to_grid`)."""
+        y_dim, x_dim = (self.y_dim, self.x_dim) if self.kind == "grid" else (self.token_dim, self.token_dim + 1)
+        if coords == "published":
+            return Frame(y_dim=y_dim, x_dim=x_dim, channel_dim=None)
+        (hy, wx) = self.input_hw
+
+        def axis(s: tuple[float, float], n: int) -> tuple[float, float]:
+            return (2 * s[0] / (n - 1), -1 + 2 * s[1] / (n - 1)) if n > 1 else (1.0, 0.0)
+
+        return Frame(y_dim=y_dim, x_dim=x_dim, channel_dim=None, y=axis(self.y, hy), x=axis(self.x, wx))
+
+
+NONE = Layout("none")
+UNKNOWN = Layout("unknown")
+TUPLE = Layout("tuple")
+
+
+def layout_tangent(h: torch.Tensor, layout: Layout, group: Group, scheme: str = "central",
+                   coords: Coords = "receptive_field") -> torch.Tensor:
+    """``G_v h`` for a tensor of known layout (METHOD 5); zero for non-spatial layouts and
+    for channel groups, which act on the input alone."""
+    if not layout.spatial or not group.spatial:
+        return torch.zeros_like(h)
+    if layout.kind == "grid":
+        return tangent(h, group, scheme, layout.frame(coords))
+    d, p = layout.token_dim, layout.prefix
+    grid = h.narrow(d, p, h.shape[d] - p).unflatten(d, layout.hw)
+    g = tangent(grid, group, scheme, layout.frame(coords)).flatten(d, d + 1)
+    return torch.cat([torch.zeros_like(h.narrow(d, 0, p)), g], d)
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _window(fn: Any, args: Sequence[Any], kwargs: dict) -> tuple[tuple[int, int], ...] | None:
+    """(kernel, stride, padding, dilation) of a spatial window op, or None."""
+    if isinstance(fn, nn.Conv2d):
+        pad = fn.padding
+        if isinstance(pad, str):
+            pad = (0, 0) if pad == "valid" else tuple(d * (k - 1) // 2 for k, d in zip(fn.kernel_size, fn.dilation))
+        return _pair(fn.kernel_size), _pair(fn.stride), _pair(pad), _pair(fn.dilation)
+    if isinstance(fn, (nn.MaxPool2d, nn.AvgPool2d)):
+        stride = fn.stride if fn.stride is not None else fn.kernel_size
+        dil = getattr(fn, "dilation", 1)
+        return _pair(fn.kernel_size), _pair(stride), _pair(fn.padding), _pair(dil)
+    if fn in (F.max_pool2d, F.avg_pool2d, torch.max_pool2d, torch._C._nn.avg_pool2d):
+        names = ["kernel_size", "stride", "padding"]
+        vals = dict(zip(names, args[1:4]))
+        vals.update({k: v for k, v in kwargs.items() if k in names})
+        k = vals["kernel_size"]
+        s = vals.get("stride") or k
+        return _pair(k), _pair(s), _pair(vals.get("padding", 0)), (1, 1)
+    if fn is F.conv2d:
+        w = args[1]
+        s = kwargs.get("stride", args[3] if len(args) > 3 else 1)
+        p = kwargs.get("padding", args[4] if len(args) > 4 else 0)
+        d = kwargs.get("dilation", args[5] if len(args) > 5 else 1)
+        return tuple(w.shape[-2:]), _pair(s), _pair(p), _pair(d)
+    return None
+
+
+def _norm_dim(d: int, ndim: int) -> int:
+    return d % ndim
+
+
+class LayoutProp(Propagator):
+    """A primal pass that records every node's value and :class:`Layout`
+    (``node.meta["layerlie.layout"]``)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, keep=True)
+        self.layouts: dict[str, Layout] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        lay = self._infer(n, out) if n.op != "output" else NONE
+        n.meta["layerlie.layout"] = lay
+        self.layouts[n.name] = lay
+        return out
+
+    def _lay(self, a: Any) -> Layout:
+        return self.layouts.get(a.name, NONE) if isinstance(a, fx.Node) else NONE
+
+    def _infer(self, n: fx.Node, out: Any) -> Layout:
+        if isinstance(out, (tuple, list)):
+            return self._split(n, out)
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return NONE
+        if n.op == "placeholder":
+            h, w = out.shape[-2:]
+            return Layout("grid", 2, 3, hw=(h, w), input_hw=(h, w))
+        if n.op == "get_attr":
+            return NONE
+        if n.target is torch.cat:
+            return self._cat(n, out) or UNKNOWN
+        if n.target is operator.getitem and self._lay(n.args[0]).kind == "tuple":
+            return self._lay(n.args[0]).item or UNKNOWN
+        args = [self.env.get(a, a) if isinstance(a, fx.Node) else a for a in n.args]
+        lays = [self._lay(a) for a in n.args]
+        first = next((i for i, lay in enumerate(lays) if lay.spatial), None)
+        if first is None:
+            return NONE if all(lay.kind in ("none", "tuple") for lay in lays) else UNKNOWN
+        lay, src = lays[first], args[first]
+        fn = node_callable(self.module, n)
+        method = n.target if n.op == "call_method" else None
+        try:
+            got = self._rule(n, fn, method, args, lay, src, out, lays)
+        except (IndexError, TypeError, ValueError, ZeroDivisionError):
+            got = None
+        if got is not None:
+            return got
+        return UNKNOWN if out.ndim >= 3 else NONE
+
+    def _rule(self, n: fx.Node, fn: Any, method: str | None, args: list, lay: Layout, src: Any,
+              out: torch.Tensor, lays: list[Layout]) -> Layout | None:
+        window = _window(fn, args, n.kwargs)
+        if window is not None and lay.kind == "grid" and (lay.y_dim, lay.x_dim) == (2, 3):
+            (ky, kx), (sy, sx), (py, px), (dy, dx) = window
+
+            def rf(axis: tuple[float, float], k: int, s: int, p: int, d: int) -> tuple[float, float]:
+                return axis[0] * s, axis[1] + axis[0] * (d * (k - 1) / 2 - p)
+
+            return replace(lay, hw=tuple(out.shape[-2:]), y=rf(lay.y, ky, sy, py, dy), x=rf(lay.x, kx, sx, px, dx))
+        if fn is F.scaled_dot_product_attention:
+            return lays[0] if lays[0].kind == "tokens" else None
+        if fn in (operator.getitem,) and isinstance(src, torch.Tensor):
+            return self._getitem(lay, args[1], src, out)
+        if method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
+            return self._permute(lay, args, method or fn.__name__, src.ndim)
+        if method in ("flatten", "view", "reshape") or fn in (torch.flatten, torch.reshape):
+            return self._reshape(lay, src, out)
+        if method in ("mean", "sum", "amax") or fn in (torch.mean, torch.sum):
+            return NONE if out.ndim <= 2 else None
+        if fn in (operator.matmul, torch.matmul, torch.bmm):
+            right = self._lay(n.args[1])
+            if right.kind == "tokens" and _norm_dim(right.token_dim, args[1].ndim) == args[1].ndim - 2 \
+                    and out.shape[-2] == args[1].shape[-2] and lays[0].kind != "tokens":
+                return right
+            if lay.kind == "tokens" and _norm_dim(lay.token_dim, src.ndim) == src.ndim - 2 and out.ndim == src.ndim \
+                    and out.shape[-2] == src.shape[-2] and first_is(lays, 0):
+                return lay if lays[1].kind != "tokens" else UNKNOWN
+            return None
+        return self._same_positions(lay, src, out)
+
+    @staticmethod
+    def _same_positions(lay: Layout, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
+        """Ops that keep the spatial axes where they are (pointwise, norms, linear layers on
+        the channel axis, residual adds, channel-mixing)."""
+        if out.ndim != src.ndim:
+            return None
+        dims = (lay.y_dim, lay.x_dim) if lay.kind == "grid" else (lay.token_dim,)
+        if all(out.shape[d] == src.shape[d] for d in dims) and out.shape[0] == src.shape[0]:
+            return lay
+        return None
+
+    @staticmethod
+    def _getitem(lay: Layout, index: Any, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
+        if lay.kind != "tokens" or not isinstance(index, tuple):
+            return None
+        d = _norm_dim(lay.token_dim, src.ndim)
+        if len(index) <= d or any(i != slice(None) for i in index[:d]):
+            return None
+        sel = index[d]
+        if isinstance(sel, int):
+            return NONE if sel < lay.prefix else None
+        if isinstance(sel, slice) and sel.step in (None, 1) and (sel.stop is None or sel.stop >= src.shape[d]):
+            start = sel.start or 0
+            if start <= lay.prefix and out.ndim == src.ndim:
+                return replace(lay, prefix=lay.prefix - start)
+        return None
+
+    @staticmethod
+    def _permute(lay: Layout, args: list, name: str, ndim: int) -> Layout | None:
+        if name == "transpose":
+            a, b = (_norm_dim(int(v), ndim) for v in args[1:3])
+            perm = list(range(ndim))
+            perm[a], perm[b] = perm[b], perm[a]
+        else:
+            perm = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+            perm = [_norm_dim(int(p), ndim) for p in perm]
+        where = {old: new for new, old in enumerate(perm)}
+        if lay.kind == "grid":
+            return replace(lay, y_dim=where[_norm_dim(lay.y_dim, ndim)], x_dim=where[_norm_dim(lay.x_dim, ndim)])
+        return replace(lay, token_dim=where[_norm_dim(lay.token_dim, ndim)])
+
+    @staticmethod
+    def _reshape(lay: Layout, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
+        s, o = list(src.shape), list(out.shape)
+        if lay.kind == "grid":
+            y, x = _norm_dim(lay.y_dim, src.ndim), _norm_dim(lay.x_dim, src.ndim)
+            if x == y + 1 and o[:y] == s[:y] and len(o) > y and o[y] == s[y] * s[x] \
+                    and math.prod(o[y + 1:]) == math.prod(s[x + 1:]):
+                return replace(lay, kind="tokens", token_dim=y, y_dim=None, x_dim=None, prefix=0, hw=(s[y], s[x]))
+            if o[:x + 1] == s[:x + 1]:
+                return lay
+            return None
+        d = _norm_dim(lay.token_dim, src.ndim)
+        if o[:d + 1] == s[:d + 1]:
+            return lay
+        if lay.prefix == 0 and o[:d] == s[:d] and len(o) > d + 1 and (o[d], o[d + 1]) == lay.hw:
+            return replace(lay, kind="grid", y_dim=d, x_dim=d + 1, token_dim=None)
+        return None
+
+    def _split(self, n: fx.Node, out: Sequence[Any]) -> Layout:
+        """unbind / chunk / split along a non-spatial axis: every item keeps the layout."""
+        src = n.args[0] if n.args else None
+        lay = self._lay(src)
+        if not lay.spatial or not all(isinstance(o, torch.Tensor) for o in out):
+            return replace(TUPLE, item=None if lay.kind == "none" else UNKNOWN)
+        ndim = self.env[src].ndim
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        default = 0 if name == "unbind" else (-1 if name in ("chunk", "split") else None)
+        dim = n.kwargs.get("dim", n.args[-1] if len(n.args) > 2 or name == "unbind" and len(n.args) > 1 else default)
+        if dim is None or not isinstance(dim, int):
+            return replace(TUPLE, item=UNKNOWN)
+        dim = _norm_dim(dim, ndim)
+        spatial = (lay.y_dim, lay.x_dim) if lay.kind == "grid" else (lay.token_dim,)
+        spatial = tuple(_norm_dim(d, ndim) for d in spatial)
+        if dim in spatial:
+            return replace(TUPLE, item=UNKNOWN)
+        if name != "unbind":
+            return replace(TUPLE, item=lay)
+        shift = {d: d - (d > dim) for d in spatial}
+        if lay.kind == "grid":
+            return replace(TUPLE, item=replace(lay, y_dim=shift[spatial[0]], x_dim=shift[spatial[1]]))
+        return replace(TUPLE, item=replace(lay, token_dim=shift[spatial[0]]))
+
+    def _cat(self, n: fx.Node, out: torch.Tensor) -> Layout | None:
+        parts = n.args[0]
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+        lays = [self._lay(p) for p in parts]
+        last = lays[-1]
+        if all(lay.kind == "none" for lay in lays):
+            return NONE
+        if last.kind != "tokens" or any(lay.spatial for lay in lays[:-1]):
+            return None
+        if _norm_dim(dim, out.ndim) != _norm_dim(last.token_dim, out.ndim):
+            return None
+        extra = sum(self.env[p].shape[_norm_dim(dim, out.ndim)] for p in parts[:-1])
+        return replace(last, prefix=last.prefix + extra)
+
+
+def first_is(lays: list[Layout], i: int) -> bool:
+    return next((j for j, lay in enumerate(lays) if lay.spatial), None) == i
+
+
+def infer_layouts(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Layout]:
+    """Every node's :class:`Layout` for input ``x`` (METHOD 5), by name."""
+    prop = LayoutProp(gm)
+    prop.propagate(x, None)
+    return prop.layouts
+
+
+def is_pointwise(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether ``n`` applies a registered pointwise activation."""
+    key = type(gm.get_submodule(n.target)) if n.op == "call_module" else n.target
+    return key in pointwise_targets()
