@@ -173,8 +173,9 @@ class _Defects:
         self.group, self.scheme, self.coords = group, scheme, coords
         self.g: dict[fx.Node, Any] = {}
         self.e: dict[fx.Node, torch.Tensor | None] = {}
-        for n in gm.graph.nodes:
-            self._visit(n)
+        with torch.no_grad():
+            for n in gm.graph.nodes:
+                self._visit(n)
 
     def layout(self, n: fx.Node) -> Layout:
         return self.layouts.get(n.name, NONE)

@@ -1,0 +1,197 @@
+"""Attribution: completeness, estimators against each other and a brute force, the facts
+of METHOD 3, and receptive-field coordinates (METHOD 5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOL, rel, smooth_image, timm_model
+from torch import nn
+
+import layerlie as ll
+from layerlie.attribution import _Defects
+
+GROUPS = ["translate_x", "rotate", "scale", "shear_y", "hyperbolic_rotate", "saturate"]
+
+
+def small_input(model, size: int = 64, n: int = 2) -> torch.Tensor:
+    return F.interpolate(ll.photos(model, n=n), size=(size, size), mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("group", GROUPS + ["custom"])
+def test_completeness_on_resnet18(group):
+    model = timm_model("resnet18")
+    g = ll.Group.affine("tilt", [[0.2, 1, 0.1], [0, -0.3, 0]]) if group == "custom" else group
+    a = ll.attribute(model, small_input(model), g)
+    assert not a.degenerate and a.residual <= TOL[torch.float32]
+    assert a.nodes["share"].sum() == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("group", ["translate_x", "rotate"])
+def test_completeness_on_a_vit_with_a_class_token(group):
+    model = timm_model("vit_tiny_patch16_224", img_size=64)
+    a = ll.attribute(model, small_input(model), group)
+    assert a.residual <= TOL[torch.float32]
+    layouts = set(a.nodes["layout"])
+    assert "tokens(dim=1,P=1,4x4)" in layouts and "unknown" in layouts  # q @ k^T is listed, not hidden
+
+
+def test_completeness_in_float64_and_with_the_published_coordinates():
+    model = ll.load_model("resnet18", dtype=torch.float64)
+    x = small_input(model, 48, 1)
+    a = ll.attribute(model, x, "rotate", scheme="spectral")
+    assert a.residual <= TOL[torch.float64]
+    b = ll.attribute(model, x, "rotate", coords="published")
+    assert b.residual <= TOL[torch.float64]
+
+
+def tiny_cnn(act: bool, padding_mode: str = "circular") -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 6, 3, padding=1, padding_mode=padding_mode), nn.BatchNorm2d(6)]
+    if act:
+        layers.append(nn.ReLU())
+    layers += [nn.Conv2d(6, 4, 3, padding=1, padding_mode=padding_mode), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+               nn.Linear(4, 5)]
+    net = nn.Sequential(*layers).double().eval()
+    with torch.no_grad():  # a non-trivial eval BatchNorm
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    return net
+
+
+def test_equivariant_toy_network_has_zero_contributions_and_one_relu_carries_all():
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    a = ll.attribute(tiny_cnn(act=False), x, "translate_x", scheme="spectral", output="logits")
+    assert float(a.total.abs().max()) < 1e-12
+    assert a.nodes["local_norm"].max() < 1e-10
+    b = ll.attribute(tiny_cnn(act=True), x, "translate_x", scheme="spectral", output="logits")
+    nonzero = b.nodes[b.nodes["local_norm"] > 1e-10]
+    assert list(nonzero["node"]) == ["_2"]  # the ReLU, module index 2 of the Sequential
+    assert nonzero["share"].item() == pytest.approx(1.0, abs=1e-9) and b.residual < TOL[torch.float64]
+
+
+def test_facts_of_method_3():
+    x = smooth_image(h=12, w=12)
+    zero_pad = ll.attribute(tiny_cnn(act=False, padding_mode="zeros"), x, "translate_x", scheme="spectral",
+                            output="logits")
+    d = _Defects(ll.trace(tiny_cnn(act=False, padding_mode="zeros")), x, ll.group("translate_x"), "central",
+                 "receptive_field")
+    e_conv = {n.name: e for n, e in d.e.items()}["_0"]
+    interior = e_conv[..., 2:-2, 2:-2].abs().max()
+    assert interior < 1e-12 < e_conv.abs().max()  # border-only for a zero-padded conv
+    assert zero_pad.nodes.set_index("node").loc["_1", "local_norm"] < 1e-12  # eval BatchNorm
+
+    torch.manual_seed(1)
+    conv1, conv2 = nn.Conv2d(3, 4, 3, padding=1).double(), nn.Conv2d(3, 4, 3, padding=1, stride=2).double()
+    conv2.load_state_dict(conv1.state_dict())
+    img = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    norms = []
+    for conv in (conv1, conv2):
+        a = ll.attribute(nn.Sequential(conv, nn.Flatten()).eval(), img, "rotate", output="logits")
+        norms.append(a.nodes.set_index("node").loc["_0", "local_norm"])
+    assert norms[1] > norms[0]
+
+
+def test_exact_equals_brute_force_and_shares_and_hutchinson_agree():
+    model = tiny_cnn(act=True, padding_mode="zeros")
+    x = smooth_image(h=10, w=10)
+    gm = ll.trace(model)
+    exact = ll.attribute(gm, x, "rotate")
+    d = _Defects(gm, x, ll.group("rotate"), "central", "receptive_field")
+    relu = next(n for n in d.e if n.name == "_2")
+    eps = 1e-6
+
+    class Perturb(torch.fx.Interpreter):
+        def __init__(self, sign):
+            super().__init__(gm)
+            self.sign = sign
+
+        def run_node(self, n):
+            out = super().run_node(n)
+            return out + self.sign * eps * d.e[relu] if n is relu else out
+
+    with torch.no_grad():
+        brute = (Perturb(1).run(x) - Perturb(-1).run(x)) / (2 * eps)
+    row = exact.nodes.set_index("node").loc["_2"]
+    assert row["contribution_norm"] == pytest.approx(float(brute.norm()), rel=1e-6)
+
+    shares = ll.attribute(gm, x, "rotate", method="shares")
+    both = exact.nodes.set_index("node")["share"].fillna(0)
+    assert (both - shares.nodes.set_index("node")["share"].fillna(0)).abs().max() < 1e-9
+
+    hutch = ll.attribute(gm, x, "rotate", method="hutchinson", probes=400)
+    h = hutch.nodes.set_index("node")
+    for node, value in exact.nodes.set_index("node")["contribution_norm"].items():
+        if value > 0:
+            assert abs(h.loc[node, "contribution_norm"] - value) <= 3 * h.loc[node, "stderr"] + 1e-12
+
+
+def test_receptive_field_positions_make_a_pooled_ramp_defect_free():
+    """A 2x2 stride-2 average pool of a ramp a x + b y is the same ramp sampled at the
+    receptive-field centres: zero local defect in the interior for every affine group."""
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    ramp = (0.3 * xx - 0.7 * yy).double().expand(1, 1, 16, 16).contiguous()
+    net = nn.Sequential(nn.AvgPool2d(2, 2), nn.Flatten()).eval()
+    gm = ll.trace(net)
+    for name in [g for g in ll.list_groups() if ll.group(g).spatial]:
+        rf = _Defects(gm, ramp, ll.group(name), "central", "receptive_field")
+        pub = _Defects(gm, ramp, ll.group(name), "central", "published")
+        e_rf = {n.name: e for n, e in rf.e.items()}["_0"][..., 1:-1, 1:-1]
+        e_pub = {n.name: e for n, e in pub.e.items()}["_0"][..., 1:-1, 1:-1]
+        assert e_rf.abs().max() < 1e-5, name
+        if name in ("translate_x", "translate_y"):
+            # [-1, 1] per tensor moves the 8-sample grid 15/14 times as far as the input:
+            # a spurious defect at the resolution change (for a ramp, the linear fields
+            # of rotation, scale and shear happen to cancel it).
+            assert e_pub.abs().max() > 1e-2, name
+
+
+def test_bad_input():
+    model = timm_model("resnet18")
+    x = small_input(model, 32, 1)
+    with pytest.raises(ll.LayerlieError, match="valid methods"):
+        ll.attribute(model, x, "rotate", method="lrp")
+    with pytest.raises(ll.LayerlieError, match="not a node"):
+        ll.attribute(model, x, "rotate", output="nowhere")
+    with pytest.raises(ll.LayerlieError, match="no batch axis"):
+        ll.attribute(nn.Sequential(nn.Flatten(0)).eval(), x, "rotate", output="logits")
+    with pytest.raises(ll.LayerlieError, match="compatibility map"):
+        ll.attribute(model, x, "stretch_x_published")
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return x.mean((2, 3))
+        return x.amax((2, 3))
+
+
+def test_untraceable_model_says_why():
+    with pytest.raises(ll.LayerlieError, match="cannot trace Branchy"):
+        ll.attribute(Branchy(), torch.randn(1, 3, 8, 8), "rotate")
+
+
+def test_reused_module_is_one_node_per_call_and_plot_and_summary(tmp_path):
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.conv(x))).mean((2, 3))
+
+    torch.manual_seed(0)
+    a = ll.attribute(Twice().double().eval(), smooth_image(), "rotate", output="logits")
+    assert list(a.nodes["node"]).count("conv") == 1 and "conv_1" in set(a.nodes["node"])
+    assert a.residual < TOL[torch.float64]
+    assert "completeness residual" in a.summary()
+    a.plot().savefig(tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_total_equals_the_end_to_end_lie_derivative():
+    model = timm_model("resnet18")
+    x = small_input(model)
+    a = ll.attribute(model, x, "scale")
+    assert rel(a.total, ll.lie_derivative(lambda z: model(z).softmax(-1), x, "scale")) < 1e-5
