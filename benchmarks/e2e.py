@@ -4,7 +4,8 @@ For each model (random init, batch of embedded photos):
 - lee with one group / one no-grad forward pass;
 - lee with all ten groups / one forward pass;
 - the double-backward baseline's time / ours, ten groups, on the same numbers;
-- extra peak memory of lee (ten groups) / that of a no-grad forward (CPU: resident-set growth).
+- extra peak memory of lee (ten groups) / that of a no-grad forward, each measured in a
+  fresh process with ``--probe forward`` and ``--probe lee`` (CPU: resident-set growth).
 
 Run: ``python benchmarks/e2e.py [--batch 8] [--models resnet18,...]``.
 """
@@ -69,7 +70,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(f"{'model':24s} {'fwd s':>7s} {'1 group/fwd':>12s} {'10 groups/fwd':>14s} "
-          f"{'db/ours (10)':>13s} {'mem lee/fwd':>12s}")
+          f"{'db/ours (10)':>13s}")
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = ll.load_model(name)
@@ -83,11 +84,9 @@ def main() -> None:
         base = ll.lee(model, x, "all", method="double_backward")
         t_db = time.perf_counter() - start
         agree = float((ours["lee"] - base["lee"]).abs().max() / base["lee"].abs().max())
-        m_fwd = peak_rss_growth(name, "forward", args.batch)
-        m_lee = peak_rss_growth(name, "lee", args.batch)
-        mem = f"{m_lee / m_fwd:.1f}" if m_fwd > 1 else "n/a"
         print(f"{name:24s} {t_fwd:7.3f} {t_one / t_fwd:12.2f} {t_all / t_fwd:14.2f} "
-              f"{t_db / t_all:13.2f} {mem:>12s}   (max rel. diff db vs ours {agree:.1e})")
+              f"{t_db / t_all:13.2f}   (max rel. diff db vs ours {agree:.1e})")
+    print("peak memory: run `python benchmarks/e2e.py --probe forward|lee --models NAME` (MiB added, fresh process)")
 
 
 if __name__ == "__main__":

@@ -104,12 +104,15 @@ class Attribution:
         else:
             ax_depth, ax_type = ax
             fig = ax_depth.figure
-        rows = self.nodes[self.nodes["contribution_norm"].fillna(0) > 0]
+        exact = not self.nodes["contribution_norm"].isna().any()
+        y = self.nodes["contribution_norm"] if exact else self.nodes["share"].abs()
+        rows = self.nodes.assign(y=y)[y.fillna(0) > 0]
         for kind, part in rows.groupby("layer_type"):
-            ax_depth.scatter(part["depth"], part["contribution_norm"], s=10, label=kind)
-        ax_depth.set(xlabel="depth (node index)", ylabel="||c_v||", yscale="log",
+            ax_depth.scatter(part["depth"], part["y"], s=10, label=kind)
+        ax_depth.set(xlabel="depth (node index)", ylabel="||c_v||" if exact else "|share|", yscale="log",
                      title=f"{self.settings['group']}: contribution by depth")
-        ax_depth.legend(fontsize=7)
+        if len(rows):
+            ax_depth.legend(fontsize=7)
         value = "contribution_norm" if self.nodes["share"].isna().all() else "share"
         self.by_type()[value].plot.bar(ax=ax_type)
         ax_type.set(ylabel=value, title=f"{value} by layer type")

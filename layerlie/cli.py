@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from layerlie.attribution import ESTIMATORS, attribute
 from layerlie.data import Images, images, photo_batch
 from layerlie.errors import LayerlieError
 from layerlie.groups import list_groups, resolve_groups
@@ -27,6 +28,9 @@ console = Console(stderr=False)
 
 EXAMPLES = {
     "models": "examples:\n  layerlie models 'resnet*'\n  layerlie models vit_tiny* --json",
+    "layers": ("examples:\n  layerlie layers resnet18 --group translate_x\n"
+               "  layerlie layers vit_tiny_patch16_224 --group rotate --method shares --n 2 --plot vit.png\n"
+               "  layerlie layers resnet50 --group scale --method hutchinson --probes 200 --out layers.parquet"),
     "e2e": ("examples:\n  layerlie e2e resnet18\n"
             "  layerlie e2e vit_tiny_patch16_224 --groups translate_x,rotate --n 4 --out lee.csv\n"
             "  layerlie e2e resnet50 --checkpoint weights.safetensors --images photos/ --json"),
@@ -75,12 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="jvp", choices=METHODS)
     p.add_argument("--batch", type=_positive, default=4, help="images per pass (default 4)")
     _add_output_args(p)
+
+    p = sub.add_parser("layers", help="attribute the Lie derivative to the graph's nodes",
+                       epilog=EXAMPLES["layers"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.set_defaults(n=2)
+    p.add_argument("--group", default="translate_x", help="one group (default translate_x)")
+    p.add_argument("--method", default="exact", choices=ESTIMATORS)
+    p.add_argument("--scheme", default="central", choices=list_schemes())
+    p.add_argument("--probes", type=_positive, default=100, help="Hutchinson probes (default 100)")
+    p.add_argument("--output", default="softmax", help="softmax (default), logits, or a node name")
+    p.add_argument("--top", type=_positive, default=15, help="rows of the top-layers table")
+    p.add_argument("--plot", help="write the contribution figure to this PNG/PDF")
+    _add_output_args(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers: dict[str, Callable[[argparse.Namespace], int]] = {"models": cmd_models, "e2e": cmd_e2e}
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "models": cmd_models, "e2e": cmd_e2e, "layers": cmd_layers}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -183,6 +201,51 @@ def cmd_e2e(args: argparse.Namespace) -> int:
     console.print(grid)
     if out is not None:
         console.print(f"wrote {out}")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    out = _check_out(args.out)
+    model, batch = _model_and_images(args)
+    with progress_bar() as bar:
+        bar.add_task(f"{args.model}: attributing {args.group} ({args.method})", total=None)
+        result = attribute(model, batch.x, args.group, method=args.method, scheme=args.scheme,
+                           output=args.output, probes=args.probes)
+    table = result.nodes.assign(model=args.model, group=args.group, scheme=args.scheme, method=args.method)
+    if out is not None:
+        write_table(table, out)
+    if args.plot:
+        try:
+            result.plot().savefig(args.plot, dpi=120)
+        except OSError as err:
+            raise LayerlieError(f"cannot write --plot {args.plot!r} ({err.strerror})") from None
+    kind = "absolute" if result.degenerate else "relative"
+    if args.json:
+        print(json.dumps({"model": args.model, "group": args.group, "method": args.method,
+                          "lf_norm": float(result.total.norm()), "residual": result.residual,
+                          "residual_kind": kind,
+                          "by_type": result.by_type().fillna(0).to_dict(orient="index")}))
+        return 0
+    key = "share" if args.method == "shares" else "contribution_norm"
+    ranked = result.nodes.sort_values(key, ascending=False, na_position="last", key=lambda c: c.abs())
+    grid = Table(title=f"{args.model}: top layers for {args.group} ({args.method}, |L F| = "
+                       f"{float(result.total.norm()):.3e})")
+    for col in ("node", "module", "layer_type", "layout", "local_norm", key):
+        grid.add_column(col, justify="right" if col in ("local_norm", key) else "left")
+    for _, r in ranked.head(args.top).iterrows():
+        grid.add_row(r["node"], r["module"], r["layer_type"], r["layout"], f"{r['local_norm']:.3e}",
+                     f"{r[key]:.3e}")
+    console.print(grid)
+    by_type = Table(title="by layer type")
+    by_type.add_column("layer type")
+    by_type.add_column("contribution", justify="right")
+    by_type.add_column("share", justify="right")
+    for t, r in result.by_type().iterrows():
+        by_type.add_row(str(t), f"{r['contribution_norm']:.3e}", f"{r['share']:.3f}")
+    console.print(by_type)
+    if result.degenerate:
+        console.print("L F is about zero here (e.g. a saturated softmax): shares are undefined")
+    console.print(f"completeness residual ({kind}): {result.residual:.2e}")
     return 0
 
 

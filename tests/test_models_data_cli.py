@@ -197,3 +197,24 @@ def test_cli_empty_images_folder(capsys, tmp_path):
 def test_console_script_is_installed():
     bin_dir = os.path.dirname(sys.executable)
     assert os.path.exists(os.path.join(bin_dir, "layerlie"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, method", [("resnet18", "exact"), ("vit_tiny_patch16_224", "shares"),
+                                          ("convnext_atto", "shares")])
+def test_cli_layers_on_three_families(capsys, tmp_path, name, method):
+    code, out, _ = run_cli(capsys, "layers", name, "--group", "rotate", "--method", method, "--n", "1",
+                           "--out", str(tmp_path / "layers.csv"), "--plot", str(tmp_path / "layers.png"))
+    assert code == 0 and "completeness residual" in out and "by layer type" in out
+    table = pd.read_csv(tmp_path / "layers.csv")
+    assert {"node", "layer_type", "layout", "local_norm", "contribution_norm", "share"} <= set(table.columns)
+    assert (tmp_path / "layers.png").stat().st_size > 1000
+    residual = float(out.split("completeness residual")[1].split(":")[1].split()[0])
+    assert residual <= 1e-4
+
+
+def test_cli_layers_errors(capsys):
+    code, _, err = run_cli(capsys, "layers", "resnet18", "--group", "spin", "--n", "1")
+    assert code == 2 and "unknown group 'spin'" in err
+    code, _, err = run_cli(capsys, "layers", "resnet18", "--output", "nowhere", "--n", "1")
+    assert code == 2 and "is not a node" in err
