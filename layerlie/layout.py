@@ -187,6 +187,9 @@ class LayoutProp(Propagator):
 
     def _rule(self, n: fx.Node, fn: Any, method: str | None, args: list, lay: Layout, src: Any,
               out: torch.Tensor, lays: list[Layout]) -> Layout | None:
+        if lay.kind == "grid" and out.ndim == src.ndim and max(src.shape[lay.y_dim], src.shape[lay.x_dim]) > 1 \
+                and out.shape[lay.y_dim] == out.shape[lay.x_dim] == 1:
+            return NONE  # global pooling: no spatial axes left (METHOD 3)
         window = _window(fn, args, n.kwargs)
         if window is not None and lay.kind == "grid" and (lay.y_dim, lay.x_dim) == (2, 3):
             (ky, kx), (sy, sx), (py, px), (dy, dx) = window

@@ -26,6 +26,8 @@ def test_completeness_on_resnet18(group):
     a = ll.attribute(model, small_input(model), g)
     assert not a.degenerate and a.residual <= TOL[torch.float32]
     assert a.nodes["share"].sum() == pytest.approx(1.0, abs=1e-3)
+    layouts = a.nodes.set_index("node")["layout"]
+    assert "unknown" not in set(layouts) and layouts["global_pool_pool"] == "none"
 
 
 @pytest.mark.parametrize("group", ["translate_x", "rotate"])
