@@ -285,9 +285,10 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         stderr: dict[fx.Node, float] = {}
         summed = torch.zeros_like(total)
         if method == "exact":
-            per = max(1, int(memory_budget // max(1, _largest_bytes(defects))))
+            per = int(memory_budget // max(1, _largest_bytes(defects)))
             if per < 1:
-                raise LayerlieError("memory_budget is too small for one source; raise it")
+                raise LayerlieError(f"memory_budget={memory_budget:.0f} bytes is too small for one source "
+                                    f"({_largest_bytes(defects)} bytes per stacked activation); raise it")
             for start in range(0, len(sources), per):
                 chunk = sources[start:start + per]
                 c = _propagate_sources(gm, x, chunk, defects)

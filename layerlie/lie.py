@@ -142,7 +142,7 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     single = isinstance(group, (Group, str)) and not (isinstance(group, str) and "," in group)
     groups = resolve_groups(group)
     check_images(x)
-    results: list[torch.Tensor] = [None] * len(groups)  # type: ignore[list-item]
+    results: dict[int, torch.Tensor] = {}
     # Groups that share a base point share one primal pass.
     by_base: dict[int | None, list[int]] = {}
     for i, g in enumerate(groups):
@@ -168,7 +168,7 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                 if frame is not None:
                     d = d - tangent(y, groups[i], scheme, frame)
                 results[i] = d
-    return results[0] if single else torch.stack(results)
+    return results[0] if single else torch.stack([results[i] for i in range(len(groups))])
 
 
 def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

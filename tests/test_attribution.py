@@ -160,6 +160,8 @@ def test_bad_input():
         ll.attribute(nn.Sequential(nn.Flatten(0)).eval(), x, "rotate", output="logits")
     with pytest.raises(ll.LayerlieError, match="compatibility map"):
         ll.attribute(model, x, "stretch_x_published")
+    with pytest.raises(ll.LayerlieError, match="too small for one source"):
+        ll.attribute(model, x, "rotate", memory_budget=1000)
 
 
 class Branchy(nn.Module):
