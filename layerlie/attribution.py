@@ -35,7 +35,8 @@ from layerlie.errors import LayerlieError
 from layerlie.groups import Group, group as get_group
 from layerlie.layout import NONE, Coords, Layout, LayoutProp, is_pointwise, layout_tangent
 from layerlie.lie import check_images, jvp_ready
-from layerlie.propagate import Call, Propagator, linearize, node_callable, rule_key
+from layerlie.models import input_channels
+from layerlie.propagate import Propagator, bind, linearize, rule_key
 from layerlie.tangent import check_scheme, tangent
 from layerlie.trace import trace
 
@@ -191,11 +192,8 @@ class _Defects:
             first = next(iter(self.gm.graph.nodes)) is n
             self.g[n] = tangent(value, self.group, self.scheme) if first else None
             return
-        nodes, spec = pytree.tree_flatten((n.args, n.kwargs))
-        flat = [self.values[a] if isinstance(a, fx.Node) else a for a in nodes]
-        incoming = {i: pytree.tree_map(lambda t: t[None], self.g[a]) for i, a in enumerate(nodes)
-                    if isinstance(a, fx.Node) and self.g.get(a) is not None}
-        call = Call(node_callable(self.gm, n), flat, spec, value)
+        call, incoming = bind(self.gm, n, self.values, self.g, value)
+        incoming = {i: pytree.tree_map(lambda t: t[None], g) for i, g in incoming.items()}
         pushed = linearize(call, incoming, rule_key(self.gm, n)) if n.op != "get_attr" else None
         pushed = pytree.tree_map(lambda t: t[0], pushed) if pushed is not None else None
         lay = self.layout(n)
@@ -231,7 +229,7 @@ def _propagate_sources(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Nod
         return inject
 
     inject = {n.name: injector(i, defects.e[n]) for i, n in enumerate(sources)}
-    out, tan = Propagator(gm, inject=inject).propagate(x, None)
+    out, tan = Propagator(gm, inject=inject, primal=defects.values).propagate(x, None)
     if tan is None:
         return out.new_zeros((k, *out.shape))
     return tan
@@ -261,7 +259,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
     if method not in ESTIMATORS:
         raise LayerlieError(f"unknown method {method!r}; valid methods: {', '.join(ESTIMATORS)}")
     check_scheme(scheme)
-    check_images(x)
+    check_images(x, input_channels(model) if not isinstance(model, fx.GraphModule) else None)
     g = get_group(group)
     if g.origin is not None:
         raise LayerlieError(f"group {g.name!r} is a compatibility map, not a group; attribution needs a group")
@@ -275,7 +273,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
             raise LayerlieError(f"output {output!r} has shape {tuple(y.shape)}, with no batch axis; choose "
                                 "a node whose first axis is the batch")
         x_node = next(iter(gm.graph.nodes))
-        total = Propagator(gm).propagate(x, defects.g[x_node][None])[1]
+        total = Propagator(gm, primal=defects.values).propagate(x, defects.g[x_node][None])[1]
         total = total[0] if total is not None else torch.zeros_like(y)
         if defects.g[out_node] is not None:
             total = total - defects.g[out_node]

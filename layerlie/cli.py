@@ -21,7 +21,7 @@ from layerlie.data import Images, images, photo_batch
 from layerlie.errors import LayerlieError
 from layerlie.groups import list_groups, resolve_groups
 from layerlie.lie import METHODS, lee, summarize
-from layerlie.models import input_channels, load_model
+from layerlie.models import load_model
 from layerlie.tangent import list_schemes
 
 console = Console(stderr=False)
@@ -132,10 +132,6 @@ def _model_and_images(args: argparse.Namespace) -> tuple[torch.nn.Module, Images
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                        device=device, dtype=dtype)
     batch = images(args.images, model, args.n) if args.images else photo_batch(model, args.n)
-    channels = input_channels(model)
-    if channels is not None and batch.x.shape[1] != channels:
-        raise LayerlieError(f"{args.model} expects {channels} input channels, the images have "
-                            f"{batch.x.shape[1]}")
     return model, batch
 
 

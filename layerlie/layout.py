@@ -214,7 +214,7 @@ class LayoutProp(Propagator):
                     and out.shape[-2] == args[1].shape[-2] and lays[0].kind != "tokens":
                 return right
             if lay.kind == "tokens" and _norm_dim(lay.token_dim, src.ndim) == src.ndim - 2 and out.ndim == src.ndim \
-                    and out.shape[-2] == src.shape[-2] and first_is(lays, 0):
+                    and out.shape[-2] == src.shape[-2] and lays[0].spatial:
                 return lay if lays[1].kind != "tokens" else UNKNOWN
             return None
         return self._same_positions(lay, src, out)
@@ -315,10 +315,6 @@ class LayoutProp(Propagator):
             return None
         extra = sum(self.env[p].shape[_norm_dim(dim, out.ndim)] for p in parts[:-1])
         return replace(last, prefix=last.prefix + extra)
-
-
-def first_is(lays: list[Layout], i: int) -> bool:
-    return next((j for j, lay in enumerate(lays) if lay.spatial), None) == i
 
 
 def infer_layouts(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Layout]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from layerlie.errors import LayerlieError
+
 
 @dataclass
 class Call:
@@ -85,6 +86,15 @@ def node_callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
 
 def rule_key(gm: fx.GraphModule, node: fx.Node) -> Any:
     return type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
+
+
+def bind(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, Any],
+         tangents: Mapping[fx.Node, Any], out: Any) -> tuple[Call, Tangents]:
+    """``node``'s :class:`Call` on ``values``, and the tangents of its flat arguments."""
+    nodes, spec = pytree.tree_flatten((node.args, node.kwargs))
+    flat = [values[a] if isinstance(a, fx.Node) else a for a in nodes]
+    stacks = {i: tangents[a] for i, a in enumerate(nodes) if isinstance(a, fx.Node) and tangents.get(a) is not None}
+    return Call(node_callable(gm, node), flat, spec, out), stacks
 
 
 def linearize(call: Call, tangents: Tangents, key: Any = None) -> Any:
@@ -182,10 +192,19 @@ def _batch_linear(call, tangents):
     """Ops linear in their first argument that treat the batch axis as a batch."""
     t = _only_first(call, tangents)
     args, kwargs = call.rebuild()
-    flat_dims = [a for a in args[1:2] if isinstance(a, int)] + [kwargs.get("start_dim", 1)]
-    if t is None or (call.fn is torch.flatten and min(flat_dims) < 1):
+    if t is None or _flattens_batch(call.fn, args, kwargs):
         return _vmap_jvp(call, tangents)
     return _unfold(call.fn(_fold(t), *args[1:], **kwargs), t.shape[0])
+
+
+def _flattens_batch(fn: Any, args: tuple, kwargs: dict) -> bool:
+    """A flatten that merges the batch axis with others cannot take K folded into it."""
+    if isinstance(fn, nn.Flatten):
+        return fn.start_dim % args[0].ndim == 0
+    if fn is torch.flatten:
+        start = kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
+        return start % args[0].ndim == 0
+    return False
 
 
 @register_rule(operator.getitem)
@@ -229,13 +248,16 @@ class Propagator(fx.Interpreter):
         inject: ``{node name: fn(value) -> (K, *shape) stack}`` added to that node's
             tangent after its own op (sources).
         keep: keep every node's value and tangent (``.values``, ``.tangents``).
+        primal: node values from an earlier pass at the same input; given, the ops are
+            not run again and only tangents are computed.
     """
 
     def __init__(self, gm: fx.GraphModule, inject: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-                 keep: bool = False) -> None:
+                 keep: bool = False, primal: Mapping[fx.Node, Any] | None = None) -> None:
         super().__init__(gm, garbage_collect_values=not keep)
         self.inject = inject or {}
         self.keep = keep
+        self.primal = primal or {}
         self.tangents: dict[fx.Node, Any] = {}
         self.values: dict[fx.Node, Any] = {}
         self.input_tangent: torch.Tensor | None = None
@@ -243,7 +265,8 @@ class Propagator(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         try:
-            out = super().run_node(n)
+            known = n in self.primal and n.op != "placeholder"  # placeholders consume the inputs
+            out = self.primal[n] if known else super().run_node(n)
         except LayerlieError:
             raise
         except Exception as err:
@@ -257,11 +280,7 @@ class Propagator(fx.Interpreter):
         elif n.op == "get_attr":
             tan = None
         else:
-            nodes, spec = pytree.tree_flatten((n.args, n.kwargs))
-            flat = [self.env[a] if isinstance(a, fx.Node) else a for a in nodes]
-            tangents = {i: self.tangents[a] for i, a in enumerate(nodes)
-                        if isinstance(a, fx.Node) and self.tangents.get(a) is not None}
-            call = Call(node_callable(self.module, n), flat, spec, out)
+            call, tangents = bind(self.module, n, self.env, self.tangents, out)
             tan = linearize(call, tangents, rule_key(self.module, n))
         if n.name in self.inject:
             src = self.inject[n.name](out)
