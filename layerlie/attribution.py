@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,11 +36,12 @@ from torch.utils import _pytree as pytree
 from layerlie.errors import LayerlieError
 from layerlie.groups import Group, group as get_group
 from layerlie.layout import NONE, Coords, Layout, LayoutProp, is_pointwise, layout_tangent
-from layerlie.lie import check_images, jvp_ready
+from layerlie.hooks import module_contributions, module_cotangents, module_defects
+from layerlie.lie import check_images, exact_math, jvp_ready
 from layerlie.models import input_channels
-from layerlie.propagate import Propagator, bind, linearize, rule_key
+from layerlie.propagate import Propagator, bind, linearize, pointwise_targets, rule_key
 from layerlie.tangent import check_scheme, tangent
-from layerlie.trace import trace
+from layerlie.trace import TraceError, trace
 
 Estimator = Literal["exact", "shares", "hutchinson"]
 ESTIMATORS = ("exact", "shares", "hutchinson")
@@ -121,18 +124,25 @@ class Attribution:
         return fig
 
 
+def module_type(m: nn.Module) -> str | None:
+    """The layer type of a module, or None when its class does not say (METHOD 3)."""
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) or (isinstance(m, nn.Conv2d) and max(m.stride) > 1):
+        return "strided/downsampling"
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        return "conv"
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+        return "norm"
+    if isinstance(m, nn.Softmax):
+        return "attention"
+    if type(m) in pointwise_targets():
+        return "nonlinearity"
+    return None
+
+
 def layer_type(gm: fx.GraphModule, n: fx.Node, strided: bool = False) -> str:
     """The layer type of a node, for aggregation (METHOD 3)."""
-    if n.op == "call_module":
-        m = gm.get_submodule(n.target)
-        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) or (isinstance(m, nn.Conv2d) and max(m.stride) > 1):
-            return "strided/downsampling"
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            return "conv"
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
-            return "norm"
-        if isinstance(m, nn.Softmax):
-            return "attention"
+    if n.op == "call_module" and (kind := module_type(gm.get_submodule(n.target))) is not None:
+        return kind
     if is_pointwise(gm, n):
         return "nonlinearity"
     target = n.target if n.op != "call_module" else type(gm.get_submodule(n.target))
@@ -238,7 +248,7 @@ def _propagate_sources(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Nod
 def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group | str,
               method: Estimator = "exact", scheme: str = "central", output: str = "softmax",
               probes: int = 100, coords: Coords = "receptive_field",
-              memory_budget: float = 2e9) -> Attribution:
+              memory_budget: float = 2e9, granularity: Literal["node", "module"] = "node") -> Attribution:
     """Attribute the Lie derivative of ``model`` at ``x`` to the nodes of its graph (METHOD 3-4).
 
     Args:
@@ -252,9 +262,12 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         coords: ``"receptive_field"`` sample positions (METHOD 5) or the ``"published"``
             per-tensor ``[-1, 1]`` convention.
         memory_budget: bytes for one chunk of stacked source tangents (exact method).
+        granularity: ``"node"`` (the fx graph) or ``"module"`` (leaf-module forward hooks,
+            :mod:`layerlie.hooks`). A model that fx cannot trace falls back to ``"module"``
+            with a one-line warning that says why.
 
     Returns:
-        An :class:`Attribution`.
+        An :class:`Attribution`; ``settings["granularity"]`` says which.
     """
     if method not in ESTIMATORS:
         raise LayerlieError(f"unknown method {method!r}; valid methods: {', '.join(ESTIMATORS)}")
@@ -263,7 +276,26 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
     g = get_group(group)
     if g.origin is not None:
         raise LayerlieError(f"group {g.name!r} is a compatibility map, not a group; attribution needs a group")
-    gm = model if isinstance(model, fx.GraphModule) else _traced(model, x)
+    if granularity not in ("node", "module"):
+        raise LayerlieError(f"unknown granularity {granularity!r}; use 'node' or 'module'")
+    if granularity == "module":
+        return _attribute_modules(model, x, g, method, scheme, output, probes, coords)
+    if isinstance(model, fx.GraphModule):
+        gm = model
+    else:
+        try:
+            gm = _traced(model, x)
+        except TraceError as err:
+            warnings.warn(f"{err}; attributing at module granularity with forward hooks", stacklevel=2)
+            return _attribute_modules(model, x, g, method, scheme, output, probes, coords)
+    with exact_math():
+        result = _attribute_graph(gm, x, g, method, scheme, output, probes, coords, memory_budget)
+    result.settings["model"] = type(model).__name__
+    return result
+
+
+def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, g: Group, method: Estimator, scheme: str,
+                     output: str, probes: int, coords: Coords, memory_budget: float) -> Attribution:
     gm, out_name = _with_output(gm, output)
     with torch.no_grad(), jvp_ready(gm):
         defects = _Defects(gm, x, g, scheme, coords)
@@ -299,15 +331,64 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
     elif method == "hutchinson":
         contrib, stderr = _hutchinson(gm, x, sources, defects, probes)
         summed = total  # Hutchinson estimates norms, not vectors: completeness is not checkable
+    lf2, degenerate, residual = _completeness(total, summed, y)
+    table = _table(gm, defects, contrib, shares, stderr, lf2, degenerate)
+    settings = dict(group=g.name, scheme=scheme, method=method, output=output, coords=coords,
+                    dtype=str(x.dtype), degenerate=degenerate, granularity="node")
+    return Attribution(table, total, residual, settings)
+
+
+def _completeness(total: torch.Tensor, summed: torch.Tensor, y: torch.Tensor) -> tuple[float, bool, float]:
+    """``||L F||^2``, whether it is about zero, and the residual (absolute when it is)."""
     lf2 = float((total * total).sum())
     degenerate = lf2 < 1e-20 * max(1.0, float((y * y).sum()))
     residual = float((total - summed).norm())
-    if not degenerate:
-        residual /= math.sqrt(lf2)
-    table = _table(gm, defects, contrib, shares, stderr, lf2, degenerate)
-    settings = dict(group=g.name, scheme=scheme, method=method, output=output, coords=coords,
-                    dtype=str(x.dtype), degenerate=degenerate, model=type(model).__name__)
-    return Attribution(table, total, residual, settings)
+    return lf2, degenerate, residual if degenerate else residual / math.sqrt(lf2)
+
+
+def _attribute_modules(model: nn.Module, x: torch.Tensor, g: Group, method: Estimator, scheme: str,
+                       output: str, probes: int, coords: Coords) -> Attribution:
+    """The same estimators at module granularity, through forward hooks (``layerlie.hooks``)."""
+    heads = {"softmax": lambda y: y.softmax(-1), "logits": lambda y: y}
+    if output not in heads:
+        raise LayerlieError(f"output {output!r} needs a graph; at module granularity use 'softmax' or 'logits'")
+    head = heads[output]
+    with exact_math():
+        sites, y, total = module_defects(model, x, g, scheme, coords, head)
+        contrib, shares, stderr = {}, {}, {}
+        summed = torch.zeros_like(total)
+        active = [s for s in sites if s.defect.any()]
+        if method == "exact":
+            for s, c in zip(active, module_contributions(model, x, active, head)):
+                contrib[s.name], shares[s.name] = float(c.norm()), float((c * total).sum())
+                summed += c
+        elif method == "shares":
+            grads = module_cotangents(model, x, active, [total], head)[0]
+            shares = {s.name: float((gr * s.defect).sum()) for s, gr in zip(active, grads)}
+            summed = total
+        else:
+            zs = [torch.randn_like(y) for _ in range(probes)]
+            samples = [[float((gr * s.defect).sum()) ** 2 for gr, s in zip(grads, active)]
+                       for grads in module_cotangents(model, x, active, zs, head)]
+            contrib, stderr = _probe_stats(dict(zip([s.name for s in active], zip(*samples))))
+            summed = total
+    lf2, degenerate, residual = _completeness(total, summed, y)
+    modules = dict(model.named_modules())
+    rows = []
+    for depth, s in enumerate(sites):
+        m = modules.get(s.module) if s.kind == "module" else None
+        share = shares.get(s.name)
+        rows.append(dict(
+            node=s.name, op="call_module" if m is not None else "glue",
+            target=type(m).__name__ if m is not None else "glue", module=s.module,
+            layer_type=(module_type(m) if m is not None else None) or "reshape/other", depth=depth,
+            layout=s.layout.describe(), local_norm=float(s.defect.norm()),
+            contribution_norm=contrib.get(s.name, 0.0 if not s.defect.any() else float("nan")),
+            share=share / lf2 if share is not None and not degenerate else (0.0 if not s.defect.any() else float("nan")),
+            stderr=stderr.get(s.name, float("nan"))))
+    settings = dict(group=g.name, scheme=scheme, method=method, output=output, coords=coords, dtype=str(x.dtype),
+                    degenerate=degenerate, model=type(model).__name__, granularity="module")
+    return Attribution(pd.DataFrame(rows), total, residual, settings)
 
 
 def _traced(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
@@ -369,6 +450,11 @@ def _hutchinson(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], def
     for grads in _cotangents(gm, x, sources, zs):
         for n in sources:
             samples[n].append(float((grads[n] * defects.e[n]).sum()) ** 2)
+    return _probe_stats(samples)
+
+
+def _probe_stats(samples: dict[Any, Sequence[float]]) -> tuple[dict[Any, float], dict[Any, float]]:
+    """``sqrt`` of the mean of each key's squared probe values, and its standard error."""
     norms, errs = {}, {}
     for n, s in samples.items():
         t = torch.tensor(s, dtype=torch.float64)

@@ -77,6 +77,18 @@ def jvp_ready(model: nn.Module | Callable) -> Iterator[None]:
             m.fused_attn = flag
 
 
+@contextlib.contextmanager
+def exact_math() -> Iterator[None]:
+    """Switch off TF32 matmuls and convolutions on CUDA for the duration: completeness and
+    finite-difference checks need float32 products, not 10-bit mantissas."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _image_like(y: torch.Tensor) -> bool:
     return y.ndim == 4 and y.shape[-1] > 1 and y.shape[-2] > 1
 

@@ -171,9 +171,61 @@ class Branchy(nn.Module):
         return x.amax((2, 3))
 
 
-def test_untraceable_model_says_why():
-    with pytest.raises(ll.LayerlieError, match="cannot trace Branchy"):
+def test_untraceable_model_without_leaf_modules_says_why():
+    with pytest.warns(UserWarning, match="cannot trace Branchy"), \
+            pytest.raises(ll.LayerlieError, match="no leaf modules to hook"):
         ll.attribute(Branchy(), torch.randn(1, 3, 8, 8), "rotate")
+
+
+class BranchyNet(nn.Module):
+    """Untraceable (data-dependent control flow) but made of leaf modules, with glue between
+    them: a functional GELU, a strided slice and a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.c2, self.bn = nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.act(self.c1(x))
+        if h.sum() > 0:
+            h = 2 * h
+        h = self.bn(self.c2(h)) + F.gelu(self.act(h)[..., ::2, ::2])
+        return self.fc(self.act(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fallback_hooks_are_complete_and_match_the_end_to_end_derivative(dtype):
+    torch.manual_seed(0)
+    model = BranchyNet().eval().to(dtype)
+    x = torch.randn(2, 3, 16, 16, dtype=dtype)
+    with pytest.warns(UserWarning, match="cannot trace BranchyNet.*forward hooks"):
+        a = ll.attribute(model, x, "rotate")
+    assert a.settings["granularity"] == "module"
+    assert a.residual <= TOL[dtype]
+    want = ll.lie_derivative(lambda z: model(z).softmax(-1), x, ll.group("rotate"))
+    assert rel(a.total, want) <= TOL[dtype]
+    n = a.nodes.set_index("node")
+    assert n.loc["bn", "local_norm"] <= TOL[dtype] * n.loc["c2", "local_norm"]  # eval BN: e = 0
+    assert n.loc["act#2:in0", "local_norm"] > 0  # the glue (GELU, slice, add) has a defect
+    shares = ll.attribute(model, x, "rotate", method="shares", granularity="module").nodes["share"]
+    assert torch.allclose(torch.tensor(shares.to_numpy()), torch.tensor(n["share"].to_numpy()),
+                          atol=10 * TOL[dtype])
+    assert abs(shares.sum() - 1) <= 10 * TOL[dtype]
+
+
+def test_fallback_on_a_traceable_model_gives_the_graph_total():
+    model = timm_model("resnet18")
+    x = ll.photos(model, n=1)[..., ::4, ::4]
+    graph = ll.attribute(model, x, "translate_x", output="logits")
+    hooks = ll.attribute(model, x, "translate_x", output="logits", granularity="module")
+    assert rel(hooks.total, graph.total) <= TOL[torch.float32]
+    assert hooks.residual <= TOL[torch.float32]
+    calls = [(a.nodes["op"] == "call_module").sum() for a in (hooks, graph)]
+    assert calls[0] == calls[1]  # one site per leaf-module call, as in the graph
+    with pytest.raises(ll.LayerlieError, match="needs a graph"):
+        ll.attribute(model, x, "translate_x", output="layer1", granularity="module")
 
 
 def test_reused_module_is_one_node_per_call_and_plot_and_summary(tmp_path):
