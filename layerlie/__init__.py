@@ -1,5 +1,6 @@
 """layerlie: how equivariant is an image model, and which layers break it."""
 
+from layerlie.aliasing import aliasing, with_aliasing
 from layerlie.attribution import Attribution, attribute
 from layerlie.data import Images, images, photo_batch, photos
 from layerlie.errors import LayerlieError
@@ -12,6 +13,7 @@ from layerlie.layout import Layout, infer_layouts
 from layerlie.tangent import IMAGE, Frame, list_schemes, register_scheme, tangent
 
 __all__ = [
+    "aliasing", "with_aliasing",
     "IMAGE", "Attribution", "Layout", "attribute", "infer_layouts", "Frame", "Group", "Images", "LayerlieError", "group", "images", "lee", "lie_derivative", "list_groups",
     "list_schemes", "load_model", "photo_batch", "photos", "Propagator", "propagate", "register_rule", "trace", "register_group", "register_scheme", "resolve_groups", "summarize", "tangent",
 ]
