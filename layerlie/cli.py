@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from layerlie.aliasing import ALIAS_THRESHOLDS, aliasing, with_aliasing
 from layerlie.attribution import ESTIMATORS, attribute
 from layerlie.data import Images, images, photo_batch
 from layerlie.errors import LayerlieError
@@ -31,6 +32,8 @@ EXAMPLES = {
     "layers": ("examples:\n  layerlie layers resnet18 --group translate_x\n"
                "  layerlie layers vit_tiny_patch16_224 --group rotate --method shares --n 2 --plot vit.png\n"
                "  layerlie layers resnet50 --group scale --method hutchinson --probes 200 --out layers.parquet"),
+    "aliasing": ("examples:\n  layerlie aliasing resnet18\n"
+                 "  layerlie aliasing vit_tiny_patch16_224 --n 2 --all --out alias.csv"),
     "e2e": ("examples:\n  layerlie e2e resnet18\n"
             "  layerlie e2e vit_tiny_patch16_224 --groups translate_x,rotate --n 4 --out lee.csv\n"
             "  layerlie e2e resnet50 --checkpoint weights.safetensors --images photos/ --json"),
@@ -92,16 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_positive, default=15, help="rows of the top-layers table")
     p.add_argument("--plot", help="write the contribution figure to this PNG/PDF")
     _add_output_args(p)
+
+    p = sub.add_parser("aliasing", help="spectral alias measure of every nonlinearity and downsampling node",
+                       epilog=EXAMPLES["aliasing"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.set_defaults(n=2)
+    p.add_argument("--all", action="store_true", help="list every measured node, not only the flagged ones")
+    _add_output_args(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "models": cmd_models, "e2e": cmd_e2e, "layers": cmd_layers}
+        "models": cmd_models, "e2e": cmd_e2e, "layers": cmd_layers, "aliasing": cmd_aliasing}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = _one_line
             return handlers[args.command](args)
     except LayerlieError as err:
         print(f"layerlie: error: {err}", file=sys.stderr)
@@ -109,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("layerlie: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    print(f"layerlie: {category.__name__.lower().replace('userwarning', 'note')}: {message}", file=sys.stderr)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -207,6 +223,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
         bar.add_task(f"{args.model}: attributing {args.group} ({args.method})", total=None)
         result = attribute(model, batch.x, args.group, method=args.method, scheme=args.scheme,
                            output=args.output, probes=args.probes)
+        if result.settings["granularity"] == "node":
+            result = with_aliasing(result, model, batch.x)
     table = result.nodes.assign(model=args.model, group=args.group, scheme=args.scheme, method=args.method)
     if out is not None:
         write_table(table, out)
@@ -225,12 +243,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
     key = "share" if args.method == "shares" else "contribution_norm"
     ranked = result.nodes.sort_values(key, ascending=False, na_position="last", key=lambda c: c.abs())
     grid = Table(title=f"{args.model}: top layers for {args.group} ({args.method}, |L F| = "
-                       f"{float(result.total.norm()):.3e})")
-    for col in ("node", "module", "layer_type", "layout", "local_norm", key):
-        grid.add_column(col, justify="right" if col in ("local_norm", key) else "left")
+                       f"{float(result.total.norm()):.3e})", caption=f"alias: spectral alias ratio, * flagged "
+                       f"(thresholds {ALIAS_THRESHOLDS})")
+    for col in ("node", "module", "layer_type", "layout", "local_norm", key, "alias"):
+        grid.add_column(col, justify="right" if col in ("local_norm", key, "alias") else "left")
     for _, r in ranked.head(args.top).iterrows():
         grid.add_row(r["node"], r["module"], r["layer_type"], r["layout"], f"{r['local_norm']:.3e}",
-                     f"{r[key]:.3e}")
+                     f"{r[key]:.3e}", _alias_cell(r))
     console.print(grid)
     by_type = Table(title="by layer type")
     by_type.add_column("layer type")
@@ -242,6 +261,39 @@ def cmd_layers(args: argparse.Namespace) -> int:
     if result.degenerate:
         console.print("L F is about zero here (e.g. a saturated softmax): shares are undefined")
     console.print(f"completeness residual ({kind}): {result.residual:.2e}")
+    return 0
+
+
+def _alias_cell(row: pd.Series) -> str:
+    ratio = row.get("alias_ratio")
+    if ratio is None or pd.isna(ratio):
+        return ""
+    return f"[bold red]{ratio:.3f}*[/bold red]" if row["flagged"] else f"{ratio:.3f}"
+
+
+def cmd_aliasing(args: argparse.Namespace) -> int:
+    out = _check_out(args.out)
+    model, batch = _model_and_images(args)
+    with progress_bar() as bar:
+        bar.add_task(f"{args.model}: measuring aliasing", total=None)
+        table = aliasing(model, batch.x)
+    measured = table[table["alias_kind"].notna()]
+    if out is not None:
+        write_table(measured.assign(model=args.model), out)
+    shown = measured if args.all else measured[measured["flagged"]]
+    if args.json:
+        print(json.dumps({"model": args.model, "thresholds": ALIAS_THRESHOLDS, "measured": len(measured),
+                          "flagged": shown[shown["flagged"]][["node", "alias_kind", "alias_ratio"]]
+                          .to_dict(orient="records")}))
+        return 0
+    grid = Table(title=f"{args.model}: {int(measured['flagged'].sum())} of {len(measured)} measured nodes "
+                       f"flagged (thresholds {ALIAS_THRESHOLDS})")
+    for col in ("node", "layer_type", "alias_kind", "alias_ratio", "flagged"):
+        grid.add_column(col, justify="right" if col == "alias_ratio" else "left")
+    for _, r in shown.sort_values("alias_ratio", ascending=False).iterrows():
+        grid.add_row(r["node"], r["layer_type"], r["alias_kind"], f"{r['alias_ratio']:.3f}",
+                     "yes" if r["flagged"] else "")
+    console.print(grid)
     return 0
 
 

@@ -207,7 +207,9 @@ def test_cli_layers_on_three_families(capsys, tmp_path, name, method):
                            "--out", str(tmp_path / "layers.csv"), "--plot", str(tmp_path / "layers.png"))
     assert code == 0 and "completeness residual" in out and "by layer type" in out
     table = pd.read_csv(tmp_path / "layers.csv")
-    assert {"node", "layer_type", "layout", "local_norm", "contribution_norm", "share"} <= set(table.columns)
+    assert {"node", "layer_type", "layout", "local_norm", "contribution_norm", "share", "alias_ratio",
+            "flagged"} <= set(table.columns)
+    assert table["flagged"].any() and "flagged" in out
     assert (tmp_path / "layers.png").stat().st_size > 1000
     residual = float(out.split("completeness residual")[1].split(":")[1].split()[0])
     assert residual <= 1e-4
@@ -218,3 +220,19 @@ def test_cli_layers_errors(capsys):
     assert code == 2 and "unknown group 'spin'" in err
     code, _, err = run_cli(capsys, "layers", "resnet18", "--output", "nowhere", "--n", "1")
     assert code == 2 and "is not a node" in err
+
+
+def test_cli_aliasing_lists_flagged_nodes(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "aliasing", "resnet18", "--n", "1", "--out", str(tmp_path / "alias.csv"))
+    assert code == 0 and "layer3_0_conv1" in out and "downsampling" in out
+    table = pd.read_csv(tmp_path / "alias.csv")
+    assert set(table["alias_kind"]) == {"nonlinearity", "downsampling"}
+    code, out, _ = run_cli(capsys, "aliasing", "resnet18", "--n", "1", "--json")
+    summary = json.loads(out)
+    assert summary["flagged"] and summary["measured"] == len(table)
+
+
+def test_cli_untraceable_model_is_a_one_line_note(capsys):
+    code, out, err = run_cli(capsys, "layers", "test_attribution:BranchyNet", "--n", "1", "--group", "rotate")
+    assert code == 0 and "forward hooks" in err and err.strip().count("\n") == 0
+    assert "completeness residual" in out
