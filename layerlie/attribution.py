@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ from layerlie.lie import check_images, exact_math, jvp_ready
 from layerlie.models import input_channels
 from layerlie.propagate import Propagator, bind, linearize, pointwise_targets, rule_key
 from layerlie.tangent import check_scheme, tangent
-from layerlie.trace import TraceError, trace
+from layerlie.trace import TraceError, trace, with_output
 
 Estimator = Literal["exact", "shares", "hutchinson"]
 ESTIMATORS = ("exact", "shares", "hutchinson")
@@ -124,8 +123,23 @@ class Attribution:
         return fig
 
 
+_MODULE_TYPES: dict[type[nn.Module], str] = {}
+
+
+def register_layer_type(cls: type[nn.Module], kind: str) -> type[nn.Module]:
+    """Count the modules of class ``cls`` (and its subclasses) as layer type ``kind``, one of
+    :data:`LAYER_TYPES` (e.g. a substitute from :mod:`layerlie.surgery`)."""
+    if kind not in LAYER_TYPES:
+        raise LayerlieError(f"unknown layer type {kind!r}; valid: {', '.join(LAYER_TYPES)}")
+    _MODULE_TYPES[cls] = kind
+    return cls
+
+
 def module_type(m: nn.Module) -> str | None:
     """The layer type of a module, or None when its class does not say (METHOD 3)."""
+    for cls in type(m).__mro__:
+        if cls in _MODULE_TYPES:
+            return _MODULE_TYPES[cls]
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) or (isinstance(m, nn.Conv2d) and max(m.stride) > 1):
         return "strided/downsampling"
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
@@ -158,23 +172,6 @@ def layer_type(gm: fx.GraphModule, n: fx.Node, strided: bool = False) -> str:
     if name in ("conv2d", "linear"):
         return "conv"
     return "reshape/other"
-
-
-def _with_output(gm: fx.GraphModule, output: str) -> tuple[fx.GraphModule, str]:
-    names = gm.meta.get("layerlie.outputs", {})
-    target = names.get(output, output)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    if target not in nodes:
-        raise LayerlieError(f"output {output!r} is not a node; use 'softmax', 'logits', or a node name "
-                            f"such as {list(nodes)[len(nodes) // 2]!r}")
-    if target == next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0].name:
-        return gm, target
-    cut = copy.deepcopy(gm)
-    out = next(n for n in reversed(cut.graph.nodes) if n.op == "output")
-    out.args = ({n.name: n for n in cut.graph.nodes}[target],)
-    cut.graph.eliminate_dead_code()
-    cut.recompile()
-    return cut, target
 
 
 class _Defects:
@@ -296,7 +293,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
 
 def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, g: Group, method: Estimator, scheme: str,
                      output: str, probes: int, coords: Coords, memory_budget: float) -> Attribution:
-    gm, out_name = _with_output(gm, output)
+    gm, out_name = with_output(gm, output)
     with torch.no_grad(), jvp_ready(gm):
         defects = _Defects(gm, x, g, scheme, coords)
         out_node = next(n for n in gm.graph.nodes if n.name == out_name)

@@ -92,3 +92,22 @@ def check_trace(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, softmax: 
         raise TraceError(f"the traced {type(model).__name__} does not reproduce the model's output "
                          f"(max difference {float((got - want).abs().max()):.2e}); it has data-dependent "
                          "control flow that fx cannot capture")
+
+
+def with_output(gm: fx.GraphModule, output: str) -> tuple[fx.GraphModule, str]:
+    """``gm`` cut at the node ``output`` (``"softmax"``, ``"logits"`` or a node name), as a copy
+    when it is not already the graph's output, and that node's name."""
+    names = gm.meta.get("layerlie.outputs", {})
+    target = names.get(output, output)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if target not in nodes:
+        raise LayerlieError(f"output {output!r} is not a node; use 'softmax', 'logits', or a node name "
+                            f"such as {list(nodes)[len(nodes) // 2]!r}")
+    if target == next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0].name:
+        return gm, target
+    cut = copy.deepcopy(gm)
+    out = next(n for n in reversed(cut.graph.nodes) if n.op == "output")
+    out.args = ({n.name: n for n in cut.graph.nodes}[target],)
+    cut.graph.eliminate_dead_code()
+    cut.recompile()
+    return cut, target
