@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from layerlie.ablation import VARIANTS, ablate
 from layerlie.aliasing import ALIAS_THRESHOLDS, aliasing, with_aliasing
 from layerlie.attribution import ESTIMATORS, attribute
 from layerlie.data import Images, images, photo_batch
@@ -34,6 +35,9 @@ EXAMPLES = {
                "  layerlie layers resnet50 --group scale --method hutchinson --probes 200 --out layers.parquet"),
     "aliasing": ("examples:\n  layerlie aliasing resnet18\n"
                  "  layerlie aliasing vit_tiny_patch16_224 --n 2 --all --out alias.csv"),
+    "ablate": ("examples:\n  layerlie ablate resnet18\n"
+               "  layerlie ablate vit_tiny_patch16_224 --variants blurpool,filtered --plot vit.png\n"
+               "  layerlie ablate resnet50 --images val/ --n 16 --method shares --out ablation.csv"),
     "e2e": ("examples:\n  layerlie e2e resnet18\n"
             "  layerlie e2e vit_tiny_patch16_224 --groups translate_x,rotate --n 4 --out lee.csv\n"
             "  layerlie e2e resnet50 --checkpoint weights.safetensors --images photos/ --json"),
@@ -102,13 +106,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(n=2)
     p.add_argument("--all", action="store_true", help="list every measured node, not only the flagged ones")
     _add_output_args(p)
+
+    p = sub.add_parser("ablate", help="anti-aliased variants before/after: LEE, layer types, predictions",
+                       epilog=EXAMPLES["ablate"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.set_defaults(n=2)
+    p.add_argument("--variants", default="blurpool,filtered,aps,all",
+                   help=f"comma-separated, from: {', '.join(VARIANTS)} (default blurpool,filtered,aps,all)")
+    p.add_argument("--groups", default="translate_x,rotate", help="groups of the end-to-end LEE; the first is "
+                   "also attributed per layer type (default translate_x,rotate)")
+    p.add_argument("--method", default="exact", choices=ESTIMATORS)
+    p.add_argument("--scheme", default="central", choices=list_schemes())
+    p.add_argument("--filter-size", type=_positive, default=3, help="binomial taps (default 3)")
+    p.add_argument("--where", help="restrict the surgery: node names or layer types, comma-separated globs")
+    p.add_argument("--plot", default="ablation.png", help="before/after figure (default ablation.png)")
+    _add_output_args(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "models": cmd_models, "e2e": cmd_e2e, "layers": cmd_layers, "aliasing": cmd_aliasing}
+        "models": cmd_models, "e2e": cmd_e2e, "layers": cmd_layers, "aliasing": cmd_aliasing,
+        "ablate": cmd_ablate}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -294,6 +314,66 @@ def cmd_aliasing(args: argparse.Namespace) -> int:
         grid.add_row(r["node"], r["layer_type"], r["alias_kind"], f"{r['alias_ratio']:.3f}",
                      "yes" if r["flagged"] else "")
     console.print(grid)
+    return 0
+
+
+def _class_indices(labels: list[str] | None) -> torch.Tensor | None:
+    """Folder labels as class indices: integers, or ImageNet synsets (n01440764); else None."""
+    if not labels:
+        return None
+    if all(label.isdigit() for label in labels):
+        return torch.tensor([int(label) for label in labels])
+    from timm.data import ImageNetInfo
+
+    names = {name: i for i, name in enumerate(ImageNetInfo().label_names())}
+    if all(label in names for label in labels):
+        return torch.tensor([names[label] for label in labels])
+    console.print("[dim]labels are neither class indices nor ImageNet synsets: no accuracy[/dim]")
+    return None
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    out = _check_out(args.out)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    where = [w.strip() for w in args.where.split(",")] if args.where else None
+    model, batch = _model_and_images(args)
+    with progress_bar() as bar:
+        bar.add_task(f"{args.model}: ablating {', '.join(variants)}", total=None)
+        result = ablate(model, batch.x, variants, groups=args.groups, labels=_class_indices(batch.labels),
+                        method=args.method, scheme=args.scheme, filter_size=args.filter_size, where=where)
+    table = result.table.assign(model=args.model, scheme=args.scheme)
+    if out is not None:
+        write_table(table, out)
+    try:
+        result.plot().savefig(args.plot, dpi=120)
+    except OSError as err:
+        raise LayerlieError(f"cannot write --plot {args.plot!r} ({err.strerror})") from None
+    if args.json:
+        print(json.dumps({"model": args.model, "images": len(batch.x), "settings": result.settings,
+                          "variants": result.table.to_dict(orient="records")}, default=str))
+        return 0
+    groups = result.settings["groups"]
+    grid = Table(title=f"{args.model}: anti-aliased variants over {len(batch.x)} images ({args.scheme} scheme)")
+    grid.add_column("")
+    for v in result.table["variant"]:
+        grid.add_column(v, justify="right")
+    rows = [("replaced nodes", "replaced", "{:d}")]
+    rows += [(f"LEE {g}", f"lee_{g}", "{:.3e}") for g in groups]
+    rows += [(f"LEE {g} reduction", f"factor_{g}", "{:.2f}x") for g in groups]
+    rows += [("top-1 agreement", "top1_agreement", "{:.2f}"), ("output change (TV)", "output_change", "{:.2e}")]
+    rows += [("accuracy", "accuracy", "{:.2f}")] if "accuracy" in result.table else []
+    rows += [("completeness residual", "residual", "{:.1e}")]
+    for label, col, fmt in rows:
+        grid.add_row(label, *[fmt.format(v) for v in result.table[col]])
+    console.print(grid)
+    types = Table(title=f"{result.settings['group']}: {result.settings['by_type_value']} by layer type")
+    types.add_column("layer type")
+    for v in result.by_type.columns:
+        types.add_column(v, justify="right")
+    for t, r in result.by_type.iterrows():
+        types.add_row(str(t), *[f"{x:.2e}" for x in r])
+    console.print(types)
+    console.print(f"wrote {args.plot}" + (f" and {out}" if out is not None else ""))
     return 0
 
 

@@ -1,0 +1,151 @@
+"""Before/after ablations of anti-aliased substitutes (METHOD 6).
+
+Each variant is the model with one family of substitutes swapped in by
+:func:`layerlie.antialias`, the weights kept, so the comparison isolates what aliasing
+does to the Lie derivative, and to the predictions.
+
+Example:
+    >>> import layerlie as ll
+    >>> m = ll.load_model("resnet18")
+    >>> ab = ll.ablate(m, ll.photos(m, n=2)[..., ::2, ::2], variants=["blurpool"], groups=["translate_x"])
+    >>> list(ab.table["variant"])
+    ['original', 'blurpool']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.fx as fx
+from torch import nn
+
+from layerlie.attribution import ESTIMATORS, LAYER_TYPES, Estimator, attribute
+from layerlie.errors import LayerlieError
+from layerlie.groups import resolve_groups
+from layerlie.lie import check_images, lee, summarize
+from layerlie.models import input_channels
+from layerlie.surgery import Where, antialias
+from layerlie.trace import trace, with_output
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "blurpool": dict(blurpool=True),
+    "filtered": dict(blurpool=False, activations="filtered"),
+    "aps": dict(blurpool=False, aps=True),
+    "both": dict(blurpool=True, activations="filtered"),
+    "all": dict(blurpool=True, activations="filtered", aps=True),
+}
+"""The variants :func:`ablate` knows, as :func:`layerlie.antialias` options: ``both`` is BlurPool
+with filtered nonlinearities, ``all`` adds adaptive polyphase sampling after the blur."""
+
+
+@dataclass
+class Ablation:
+    """A before/after comparison of anti-aliased variants of one model (METHOD 6).
+
+    Attributes:
+        table: one row per variant (``original`` first): variant, replaced (node count),
+            ``lee_<group>`` (mean end-to-end LEE), ``factor_<group>`` (original LEE / variant
+            LEE), residual (completeness of its attribution), top1_agreement (with the
+            original), output_change (mean total-variation distance of the softmax from the
+            original's), accuracy (with labels).
+        by_type: contribution to ``L F`` per layer type (rows) and variant (columns).
+        settings: groups, the attributed group, method, scheme, filter size, images.
+    """
+
+    table: pd.DataFrame
+    by_type: pd.DataFrame
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def plot(self, ax: Any = None) -> Any:
+        """LEE per group and variant (left) and the contribution by layer type (right)."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            fig, (ax_lee, ax_type) = plt.subplots(1, 2, figsize=(11, 3.8))
+        else:
+            ax_lee, ax_type = ax
+            fig = ax_lee.figure
+        lee_cols = [f"lee_{g}" for g in self.settings["groups"]]
+        frame = self.table.set_index("variant")[lee_cols]
+        frame.columns = list(self.settings["groups"])
+        frame.T.plot.bar(ax=ax_lee, logy=True, rot=30)
+        ax_lee.set(ylabel="mean LEE", title="end-to-end LEE, before and after")
+        shown = self.by_type.loc[(self.by_type > 0).any(axis=1)]
+        shown.plot.bar(ax=ax_type, logy=True, rot=30)
+        ax_type.set(ylabel=self.settings["by_type_value"],
+                    title=f"{self.settings['group']}: by layer type")
+        fig.tight_layout()
+        return fig
+
+
+def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor,
+           variants: Iterable[str] = ("blurpool", "filtered", "aps", "all"),
+           groups: str | Iterable[str] = ("translate_x", "rotate"), labels: torch.Tensor | None = None,
+           method: Estimator = "exact", scheme: str = "central", filter_size: int = 3,
+           where: Where = None) -> Ablation:
+    """Compare ``model`` with its anti-aliased variants at images ``x: (B, C, H, W)`` (METHOD 6).
+
+    Args:
+        model: a model or a traced GraphModule (never modified).
+        x: images, normalized as the model expects.
+        variants: names from :data:`VARIANTS`.
+        groups: the groups of the end-to-end LEE; the first is also attributed per layer.
+        labels: ``(B,)`` class indices, for accuracy.
+        method: the attribution estimator for the by-type table.
+        scheme: the derivative scheme everywhere.
+        filter_size: binomial taps of the substitutes.
+        where: which nodes to replace, as for :func:`layerlie.antialias`.
+
+    Returns:
+        An :class:`Ablation`.
+    """
+    variants = list(variants)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise LayerlieError(f"unknown variant(s) {unknown or variants}; valid variants: {', '.join(VARIANTS)}")
+    if method not in ESTIMATORS:
+        raise LayerlieError(f"unknown method {method!r}; valid methods: {', '.join(ESTIMATORS)}")
+    gs = [g.name for g in resolve_groups(groups)]
+    check_images(x, input_channels(model) if not isinstance(model, fx.GraphModule) else None)
+    if labels is not None and tuple(labels.shape) != (x.shape[0],):
+        raise LayerlieError(f"labels must have shape ({x.shape[0]},), one class index per image, "
+                            f"got {tuple(labels.shape)}")
+    original = model if isinstance(model, fx.GraphModule) else trace(model, x)
+    models = {"original": original}
+    for v in variants:
+        models[v] = antialias(original, **VARIANTS[v], filter_size=filter_size, where=where, example=x)
+    with torch.no_grad():
+        reference = with_output(original, "logits")[0](x).softmax(-1)
+    rows, by_type = [], {}
+    for name, gm in models.items():
+        logits_gm = with_output(gm, "logits")[0]
+        table = summarize(lee(logits_gm, x, gs, scheme=scheme))
+        a = attribute(gm, x, gs[0], method=method, scheme=scheme)
+        value = "share" if method == "shares" else "contribution_norm"
+        by_type[name] = a.by_type()[value]
+        with torch.no_grad():
+            probs = logits_gm(x).softmax(-1)
+        row: dict[str, Any] = dict(variant=name, replaced=len(gm.meta.get("layerlie.surgery", {})))
+        row.update({f"lee_{g}": float(table.loc[g, "mean"]) for g in gs})
+        row.update(residual=a.residual,
+                   top1_agreement=float((probs.argmax(-1) == reference.argmax(-1)).double().mean()),
+                   output_change=float((probs - reference).abs().sum(-1).mean() / 2))
+        if labels is not None:
+            row["accuracy"] = float((probs.argmax(-1) == labels.to(probs.device)).double().mean())
+        rows.append(row)
+    result = pd.DataFrame(rows)
+    for g in gs:
+        result[f"factor_{g}"] = result[f"lee_{g}"].iloc[0] / result[f"lee_{g}"]
+    types = pd.DataFrame(by_type).reindex([t for t in LAYER_TYPES if t in pd.DataFrame(by_type).index])
+    settings = dict(groups=gs, group=gs[0], method=method, scheme=scheme, filter_size=filter_size,
+                    images=int(x.shape[0]), by_type_value=value, variants=variants)
+    return Ablation(result, types.fillna(0.0), settings)
+
+
+def list_variants() -> Sequence[str]:
+    """The names :func:`ablate` accepts."""
+    return list(VARIANTS)
