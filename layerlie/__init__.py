@@ -9,13 +9,13 @@ from layerlie.groups import Group, group, list_groups, register_group, resolve_g
 from layerlie.lie import lee, lie_derivative, summarize
 from layerlie.models import load_model
 from layerlie.propagate import Propagator, propagate, register_rule
-from layerlie.surgery import antialias
+from layerlie.surgery import antialias, list_policies, register_policy
 from layerlie.trace import trace
 from layerlie.layout import Layout, infer_layouts
 from layerlie.tangent import IMAGE, Frame, list_schemes, register_scheme, tangent
 
 __all__ = [
-    "antialias", "Ablation", "ablate", "list_variants", "aliasing", "with_aliasing",
+    "antialias", "list_policies", "register_policy", "Ablation", "ablate", "list_variants", "aliasing", "with_aliasing",
     "IMAGE", "Attribution", "Layout", "attribute", "infer_layouts", "Frame", "Group", "Images", "LayerlieError", "group", "images", "lee", "lie_derivative", "list_groups",
     "list_schemes", "load_model", "photo_batch", "photos", "Propagator", "propagate", "register_rule", "trace", "register_group", "register_scheme", "resolve_groups", "summarize", "tangent",
 ]

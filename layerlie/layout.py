@@ -4,8 +4,9 @@ A :class:`Layout` says which axes of a node's tensor are spatial (``grid``: an H
 axis; ``tokens``: one axis of ``P + H * W`` tokens), and the input-pixel position of
 every sample, as a stride and an offset per axis found by receptive-field arithmetic.
 Layouts are inferred by propagating the input's geometry through the graph (convolution,
-pooling, flatten, transpose, permute, reshape, cat with prefix tokens, slicing); a tensor
-whose layout cannot be inferred is ``unknown``, and ``G`` acts on it as zero.
+pooling, flatten, transpose, permute, reshape, cat of prefix tokens or of channels,
+slicing); a tensor whose layout cannot be inferred is ``unknown``, and ``G`` acts on it
+as zero.
 
 Example:
     >>> import torch, layerlie as ll
@@ -135,6 +136,15 @@ def _window(fn: Any, args: Sequence[Any], kwargs: dict) -> tuple[tuple[int, int]
 
 def _norm_dim(d: int, ndim: int) -> int:
     return d % ndim
+
+
+def _joins_channels(lays: list[Layout], dim: int, ndim: int) -> bool:
+    """Parts of one layout up to sample positions, concatenated along a non-spatial axis
+    (``cat`` then makes every spatial size agree)."""
+    first = lays[0]
+    spatial = (first.y_dim, first.x_dim) if first.kind == "grid" else (first.token_dim,)
+    return _norm_dim(dim, ndim) not in {_norm_dim(d, ndim) for d in spatial} \
+        and all(replace(lay, y=first.y, x=first.x) == first for lay in lays)
 
 
 class LayoutProp(Propagator):
@@ -309,6 +319,8 @@ class LayoutProp(Propagator):
         last = lays[-1]
         if all(lay.kind == "none" for lay in lays):
             return NONE
+        if all(lay.spatial for lay in lays) and _joins_channels(lays, dim, out.ndim):
+            return lays[0]  # DenseNet, Inception; like an add, it takes the first input's positions
         if last.kind != "tokens" or any(lay.spatial for lay in lays[:-1]):
             return None
         if _norm_dim(dim, out.ndim) != _norm_dim(last.token_dim, out.ndim):

@@ -92,7 +92,8 @@ def bind(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, Any],
          tangents: Mapping[fx.Node, Any], out: Any) -> tuple[Call, Tangents]:
     """``node``'s :class:`Call` on ``values``, and the tangents of its flat arguments."""
     nodes, spec = pytree.tree_flatten((node.args, node.kwargs))
-    flat = [values[a] if isinstance(a, fx.Node) else a for a in nodes]
+    # map_arg also opens slices, which pytree keeps whole: ``x[:, :H]`` with a traced ``H`` (Swin)
+    flat = [fx.node.map_arg(a, values.__getitem__) for a in nodes]
     stacks = {i: tangents[a] for i, a in enumerate(nodes) if isinstance(a, fx.Node) and tangents.get(a) is not None}
     return Call(node_callable(gm, node), flat, spec, out), stacks
 
