@@ -54,7 +54,8 @@ class Attribution:
 
     Attributes:
         nodes: one row per graph node: node, op, target, module, layer_type, depth, layout,
-            local_norm, contribution_norm, share, stderr.
+            local_norm, contribution_norm, share, stderr, position_mismatch (where the inputs
+            of an op disagree on their sample positions, METHOD 5; else empty).
         total: ``L F(x)``, from the end-to-end propagation of ``G x``.
         residual: ``||L F - sum_v c_v|| / ||L F||`` (absolute when ``L F`` is about 0).
         settings: group, scheme, method, output, coords, dtype.
@@ -180,7 +181,7 @@ class _Defects:
     def __init__(self, gm: fx.GraphModule, x: torch.Tensor, group: Group, scheme: str, coords: Coords):
         prop = LayoutProp(gm)
         prop.propagate(x, None)
-        self.gm, self.values, self.layouts = gm, prop.values, prop.layouts
+        self.gm, self.values, self.layouts, self.mismatches = gm, prop.values, prop.layouts, prop.mismatches
         self.group, self.scheme, self.coords = group, scheme, coords
         self.g: dict[fx.Node, Any] = {}
         self.e: dict[fx.Node, torch.Tensor | None] = {}
@@ -479,7 +480,7 @@ def _table(gm: fx.GraphModule, d: _Defects, contrib: dict, shares: dict, stderr:
             local_norm=float(e.norm()) if e is not None else 0.0,
             contribution_norm=contrib.get(n, 0.0 if e is None or not e.any() else float("nan")),
             share=(share / lf2 if share is not None and not degenerate else (0.0 if e is None else float("nan"))),
-            stderr=stderr.get(n, float("nan")),
+            stderr=stderr.get(n, float("nan")), position_mismatch=d.mismatches.get(n.name, ""),
         ))
     return pd.DataFrame(rows)
 

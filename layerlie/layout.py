@@ -154,13 +154,26 @@ class LayoutProp(Propagator):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm, keep=True)
         self.layouts: dict[str, Layout] = {}
+        self.mismatches: dict[str, str] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         lay = self._infer(n, out) if n.op != "output" else NONE
         n.meta["layerlie.layout"] = lay
         self.layouts[n.name] = lay
+        if lay.spatial and n.op != "output":
+            self._check_positions(n, lay)
         return out
+
+    def _check_positions(self, n: fx.Node, lay: Layout) -> None:
+        """Inputs of one op whose samples sit at different input positions (METHOD 5: e.g. the
+        avg-pool shortcut of resnet-d): the output takes the first's, and ``e_v`` carries the rest."""
+        inputs = [a for a in n.all_input_nodes if self._lay(a).spatial and self._lay(a).hw == lay.hw]
+        where = {(self._lay(a).y, self._lay(a).x) for a in inputs}
+        if len(inputs) > 1 and len(where) > 1:
+            desc = "; ".join(f"{a.name} at y={self._lay(a).y}, x={self._lay(a).x}" for a in inputs)
+            self.mismatches[n.name] = f"inputs disagree on sample positions (stride, offset): {desc}"
+            n.meta["layerlie.mismatch"] = self.mismatches[n.name]
 
     def _lay(self, a: Any) -> Layout:
         return self.layouts.get(a.name, NONE) if isinstance(a, fx.Node) else NONE

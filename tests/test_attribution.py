@@ -251,3 +251,16 @@ def test_total_equals_the_end_to_end_lie_derivative():
     x = small_input(model)
     a = ll.attribute(model, x, "scale")
     assert rel(a.total, ll.lie_derivative(lambda z: model(z).softmax(-1), x, "scale")) < 1e-5
+
+
+def test_resnet_d_shortcut_lists_the_position_mismatch_and_its_add_carries_it():
+    model = timm_model("resnet26d")
+    x = ll.photos(model, n=1)[..., ::4, ::4]
+    a = ll.attribute(model, x, "rotate")
+    assert a.residual <= TOL[torch.float32]
+    mismatched = a.nodes[a.nodes["position_mismatch"] != ""]
+    assert len(mismatched) == 3  # the first block of stages 2-4: avg-pool shortcut vs strided conv
+    assert mismatched["position_mismatch"].str.contains("downsample").all()
+    assert (mismatched["local_norm"] > 0).all()  # rotation's field differs across half a pixel
+    shifted = ll.attribute(model, x, "translate_x").nodes.set_index("node")
+    assert (shifted.loc[mismatched["node"], "local_norm"] == 0).all()  # a constant field does not
