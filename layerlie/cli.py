@@ -265,11 +265,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
     grid = Table(title=f"{args.model}: top layers for {args.group} ({args.method}, |L F| = "
                        f"{float(result.total.norm()):.3e})", caption=f"alias: spectral alias ratio, * flagged "
                        f"(thresholds {ALIAS_THRESHOLDS})")
-    for col in ("node", "module", "layer_type", "layout", "local_norm", key, "alias"):
+    for col in ("node", "layer_type", "local_norm", key, "alias"):  # module and layout: in --out
         grid.add_column(col, justify="right" if col in ("local_norm", key, "alias") else "left")
     for _, r in ranked.head(args.top).iterrows():
-        grid.add_row(r["node"], r["module"], r["layer_type"], r["layout"], f"{r['local_norm']:.3e}",
-                     f"{r[key]:.3e}", _alias_cell(r))
+        grid.add_row(r["node"], r["layer_type"], f"{r['local_norm']:.3e}", f"{r[key]:.3e}", _alias_cell(r))
     console.print(grid)
     by_type = Table(title="by layer type")
     by_type.add_column("layer type")
