@@ -119,6 +119,20 @@ def test_blurpool_lowers_the_local_defect_of_every_strided_node(spec):
 
 
 @pytest.mark.parametrize("spec", ["resnet18", VIT_SHALLOW])
+def test_blurpool_lowers_the_alias_ratio_of_every_strided_node(spec):
+    before = ll.aliasing(model(spec), images(spec)).set_index("node")
+    new = surgery(spec, blurpool=True)
+    after = ll.aliasing(new, images(spec)).set_index("node")
+    record = new.meta["layerlie.surgery"]
+    measured = {old: rep.nodes[-1] for old, rep in record.items() if before.loc[old, "alias_kind"] == "downsampling"}
+    assert len(measured) == (6 if spec == "resnet18" else 1)  # layer4's 2 x 2 maps are too small to measure
+    for old, out in measured.items():  # out: the sampler, or the patch embedding behind its blur
+        assert after.loc[out, "alias_kind"] == "downsampling"
+        assert after.loc[out, "alias_ratio"] < before.loc[old, "alias_ratio"], (old, out)
+        assert not after.loc[out, "flagged"] or before.loc[old, "flagged"]
+
+
+@pytest.mark.parametrize("spec", ["resnet18", VIT_SHALLOW])
 def test_filtered_nonlinearities_lower_their_local_defects(spec):
     a, after = local_norms(spec, blurpool=False, activations="filtered")
     assert a.residual <= TOL[torch.float32]
