@@ -152,6 +152,8 @@ def _downsampling_ratio(call: Call, src: Layout, out: Layout) -> float:
     dense = _stride_one(call)
     if dense is None:
         return math.nan
+    if call.fn is operator.getitem:  # the input itself, in its own layout
+        dense = _to_grid(dense, src)
     H, W = dense.shape[-2:]
     fy, fx = out.y[0] / src.y[0], out.x[0] / src.x[0]
     return energy_above(dense, (H / (2 * fy), W / (2 * fx)), window=True)

@@ -255,6 +255,8 @@ class LayoutProp(Propagator):
 
     @staticmethod
     def _getitem(lay: Layout, index: Any, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
+        if lay.kind == "grid":
+            return LayoutProp._slice_grid(lay, index, src, out)
         if lay.kind != "tokens" or not isinstance(index, tuple):
             return None
         d = _norm_dim(lay.token_dim, src.ndim)
@@ -268,6 +270,23 @@ class LayoutProp(Propagator):
             if start <= lay.prefix and out.ndim == src.ndim:
                 return replace(lay, prefix=lay.prefix - start)
         return None
+
+    @staticmethod
+    def _slice_grid(lay: Layout, index: Any, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
+        """Basic slicing of a grid, ``h[..., a::s, b::s]``: the samples kept move and thin out."""
+        index = index if isinstance(index, tuple) else (index,)
+        if sum(i is Ellipsis for i in index) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in index):
+            return None
+        if Ellipsis in index:
+            k = index.index(Ellipsis)
+            index = index[:k] + (slice(None),) * (src.ndim - len(index) + 1) + index[k + 1:]
+        index = index + (slice(None),) * (src.ndim - len(index))
+        axes = {}
+        for name, d in (("y", lay.y_dim), ("x", lay.x_dim)):
+            start, _, step = index[_norm_dim(d, src.ndim)].indices(src.shape[d])
+            stride, offset = getattr(lay, name)
+            axes[name] = (stride * step, offset + stride * start)
+        return replace(lay, hw=(out.shape[lay.y_dim], out.shape[lay.x_dim]), **axes)
 
     @staticmethod
     def _permute(lay: Layout, args: list, name: str, ndim: int) -> Layout | None:

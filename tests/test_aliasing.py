@@ -81,6 +81,21 @@ def test_stride_two_subsampling_aliases_content_above_half_nyquist_only():
     assert blurred < ALIAS_THRESHOLDS["downsampling"] / 10
 
 
+class Sliced(nn.Module):
+    def forward(self, x):
+        return x[..., 1::2, ::2].mean((2, 3))
+
+
+def test_strided_slicing_moves_the_samples_and_is_measured():
+    layouts = ll.infer_layouts(ll.trace(Sliced(), softmax=False), cosine(k=11))
+    sliced = next(lay for name, lay in layouts.items() if name.startswith("getitem"))
+    assert (sliced.y, sliced.x, sliced.hw) == ((2.0, 1.0), (2.0, 0.0), (16, 16))
+    assert ratio(Sliced(), cosine(k=11), "downsampling") > 0.9
+    assert ratio(Sliced(), cosine(k=3), "downsampling") < ALIAS_THRESHOLDS["downsampling"] / 10
+    a = ll.attribute(Sliced().double(), smooth_image(), "rotate", output="logits")
+    assert a.residual <= TOL[torch.float64]
+
+
 def test_resnet18_flags_strided_convs_and_measures_relus():
     model = timm_model("resnet18")
     table = ll.aliasing(model, ll.photos(model, n=1)[..., ::2, ::2]).set_index("node")
