@@ -58,7 +58,7 @@ class Group:
 
         Example:
             >>> Group.affine("my_translate_x", [[0, 0, 1], [0, 0, 0]]).velocity(torch.zeros(2))
-            tensor([1., 0.], dtype=torch.float64)
+            tensor([1., 0.])
         """
         m = _as_generator(name, generator)
         if m.shape != (2, 3):
