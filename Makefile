@@ -22,6 +22,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/e2e.py
+	$(BIN)/python benchmarks/layers.py
+	$(BIN)/python benchmarks/ablation.py
 
 clean:
 	rm -rf $(VENV)

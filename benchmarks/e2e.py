@@ -26,8 +26,10 @@ import torch
 import layerlie as ll
 
 
-def best_time(fn, repeat: int = 2) -> float:
-    fn()
+def best_time(fn, repeat: int = 2, warmup: bool = True) -> float:
+    """The fastest of ``repeat`` timed calls, after one untimed call when ``warmup``."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()

@@ -246,7 +246,7 @@ def _propagate_sources(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Nod
 def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group | str,
               method: Estimator = "exact", scheme: str = "central", output: str = "softmax",
               probes: int = 100, coords: Coords = "receptive_field",
-              memory_budget: float = 2e9, granularity: Literal["node", "module"] = "node") -> Attribution:
+              memory_budget: float = 1e8, granularity: Literal["node", "module"] = "node") -> Attribution:
     """Attribute the Lie derivative of ``model`` at ``x`` to the nodes of its graph (METHOD 3-4).
 
     Args:
