@@ -176,7 +176,8 @@ def layer_type(gm: fx.GraphModule, n: fx.Node, strided: bool = False) -> str:
 
 
 class _Defects:
-    """The primal pass (values, layouts) and every node's ``G_v h_v`` and ``e_v``."""
+    """The primal pass (values, layouts) and every node's ``e_v``; ``G_v h_v`` is dropped after
+    its last user, except at the input and the output."""
 
     def __init__(self, gm: fx.GraphModule, x: torch.Tensor, group: Group, scheme: str, coords: Coords):
         prop = LayoutProp(gm)
@@ -185,9 +186,15 @@ class _Defects:
         self.group, self.scheme, self.coords = group, scheme, coords
         self.g: dict[fx.Node, Any] = {}
         self.e: dict[fx.Node, torch.Tensor | None] = {}
+        nodes = list(gm.graph.nodes)
+        last_user = {p: n for n in nodes for p in n.all_input_nodes}
+        keep = {nodes[0], *nodes[-1].all_input_nodes}
         with torch.no_grad():
-            for n in gm.graph.nodes:
+            for n in nodes:
                 self._visit(n)
+                for p in n.all_input_nodes:
+                    if last_user[p] is n and p not in keep:
+                        self.g.pop(p, None)
 
     def layout(self, n: fx.Node) -> Layout:
         return self.layouts.get(n.name, NONE)
