@@ -36,9 +36,15 @@ def main() -> None:
         t_one = cuda_time(lambda: ll.lee(model, x, "translate_x"))
         t_all = cuda_time(lambda: ll.lee(model, x, "all"))
         t_db = cuda_time(lambda: ll.lee(model, x, "all", method="double_backward"), 1)
-        a = ll.attribute(model, x[:2], "rotate")
+        gm = ll.trace(model, x)
+        a = ll.attribute(gm, x[:2], "rotate")
+        t_exact = cuda_time(lambda: ll.attribute(gm, x, "translate_x"), 1)
+        t_shares = cuda_time(lambda: ll.attribute(gm, x, "translate_x", method="shares"), 1)
+        ab = ll.ablate(gm, x, variants=["blurpool", "all"], groups=["translate_x"], method="shares").table
         print(f"{name}: fwd {t_fwd * 1e3:.2f} ms, lee 1 group {t_one / t_fwd:.2f} fwd, 10 groups {t_all / t_fwd:.2f} fwd,"
-              f" double backward / ours {t_db / t_all:.2f}, attribution residual {a.residual:.1e}")
+              f" double backward / ours {t_db / t_all:.2f}, attribution residual {a.residual:.1e}; batch 8:"
+              f" exact {t_exact:.2f} s, shares {t_shares:.2f} s; LEE reduction blurpool"
+              f" {ab['factor_translate_x'].iloc[1]:.1f}x, all {ab['factor_translate_x'].iloc[2]:.1f}x", flush=True)
 
 
 if __name__ == "__main__":
