@@ -22,9 +22,10 @@ from layerlie.attribution import ESTIMATORS, attribute
 from layerlie.data import Images, images, photo_batch
 from layerlie.errors import LayerlieError
 from layerlie.groups import list_groups, resolve_groups
-from layerlie.lie import METHODS, lee, summarize
-from layerlie.models import load_model
+from layerlie.lie import METHODS, check_images, lee, summarize
+from layerlie.models import input_channels, load_model
 from layerlie.tangent import list_schemes
+from layerlie.trace import TraceError, trace
 
 console = Console(stderr=False)
 
@@ -241,10 +242,15 @@ def cmd_layers(args: argparse.Namespace) -> int:
     model, batch = _model_and_images(args)
     with progress_bar() as bar:
         bar.add_task(f"{args.model}: attributing {args.group} ({args.method})", total=None)
-        result = attribute(model, batch.x, args.group, method=args.method, scheme=args.scheme,
+        check_images(batch.x, input_channels(model))
+        try:
+            target = trace(model, batch.x)  # once, for the attribution and the alias measure
+        except TraceError:
+            target = model  # attribute falls back to forward hooks and says why
+        result = attribute(target, batch.x, args.group, method=args.method, scheme=args.scheme,
                            output=args.output, probes=args.probes)
         if result.settings["granularity"] == "node":
-            result = with_aliasing(result, model, batch.x)
+            result = with_aliasing(result, target, batch.x)
     table = result.nodes.assign(model=args.model, group=args.group, scheme=args.scheme, method=args.method)
     if out is not None:
         write_table(table, out)
