@@ -145,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
-    print(f"layerlie: {category.__name__.lower().replace('userwarning', 'note')}: {message}", file=sys.stderr)
+    label = "note" if issubclass(category, UserWarning) else "warning"
+    print(f"layerlie: {label}: {message}", file=sys.stderr)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
