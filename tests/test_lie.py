@@ -83,7 +83,9 @@ def test_published_translation_differs_from_central_on_a_cnn():
     """METHOD 1: the one-sided published derivative disagrees with the central one."""
     model = timm_model("resnet18")
     x = ll.photos(model, n=2)[..., ::2, ::2].contiguous()
-    f = lambda z: model(z).softmax(-1)  # noqa: E731
+    def f(z):
+        return model(z).softmax(-1)
+
     pub = ll.lie_derivative(f, x, "translate_x", scheme="published")
     cen = ll.lie_derivative(f, x, "translate_x")
     assert rel(pub, cen) > 0.2
@@ -93,7 +95,9 @@ def test_published_translation_differs_from_central_on_a_cnn():
 
 def test_spatial_mean_is_translation_invariant_with_the_spectral_scheme():
     x = torch.randn(3, 3, 16, 20)
-    f = lambda z: torch.tanh(z.mean(dim=(2, 3)) @ torch.ones(3, 4))  # noqa: E731
+    def f(z):
+        return torch.tanh(z.mean(dim=(2, 3)) @ torch.ones(3, 4))
+
     for name in ("translate_x", "translate_y"):
         d = ll.lie_derivative(f, x, name, scheme="spectral")
         assert d.abs().max() < 1e-6
@@ -122,7 +126,9 @@ def test_function_of_the_colour_moments_is_translation_invariant():
 def test_saturate_invariant_function_gives_zero():
     f = small_cnn()
     x = smooth_image()
-    normalized = lambda z: f(z / z.flatten(1).norm(dim=1)[:, None, None, None])  # noqa: E731
+    def normalized(z):
+        return f(z / z.flatten(1).norm(dim=1)[:, None, None, None])
+
     assert ll.lie_derivative(normalized, x, "saturate").abs().max() < 1e-12
     assert ll.lie_derivative(f, x, "saturate").abs().max() > 1e-3
 
