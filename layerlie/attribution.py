@@ -6,7 +6,8 @@ The completeness residual ``||L F - sum_v c_v|| / ||L F||`` is reported on every
 
 Estimators of ``c_v`` (METHOD 4):
 - ``"exact"``: forward-mode propagation of every ``e_v`` to the output, the sources stacked
-  on the tangent axis and chunked under a memory budget.
+  on the tangent axis and chunked under a memory budget; sources that cannot reach the output
+  (one reverse pass tells) are skipped.
 - ``"shares"``: the signed shares ``<c_v, L F> / ||L F||^2`` from one reverse pass.
 - ``"hutchinson"``: the published estimator of ``||c_v||^2`` with Gaussian probes.
 
@@ -324,8 +325,12 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, g: Group, method: Esti
             if per < 1:
                 raise LayerlieError(f"memory_budget={memory_budget:.0f} bytes is too small for one source "
                                     f"({_largest_bytes(defects)} bytes per stacked activation); raise it")
-            for start in range(0, len(sources), per):
-                chunk = sources[start:start + per]
+            live = _reaching(gm, x, sources, y)
+            for n in sources:
+                if n not in live:
+                    contrib[n] = shares[n] = 0.0
+            for start in range(0, len(live), per):
+                chunk = live[start:start + per]
                 c = _propagate_sources(gm, x, chunk, defects)
                 for n, cv in zip(chunk, c):
                     contrib[n] = float(cv.norm())
@@ -412,6 +417,14 @@ def _shares(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects
     grads = _cotangents(gm, x, sources, [total])[0]
     shares = {n: float((grads[n] * defects.e[n]).sum()) for n in sources}
     return shares, total
+
+
+def _reaching(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], y: torch.Tensor) -> list[fx.Node]:
+    """The sources whose ``J_{out<-v}`` is not zero: ``J^T z != 0`` for one Gaussian ``z``, almost
+    surely. One reverse pass spares forward propagations of defects that never reach the output
+    (e.g. inside residual branches whose last BatchNorm is zero-initialised, as in timm)."""
+    grads = _cotangents(gm, x, sources, [torch.randn_like(y)])[0]
+    return [n for n in sources if bool(grads[n].any())]
 
 
 def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node],
