@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -414,8 +414,7 @@ def _largest_bytes(defects: _Defects) -> int:
 def _shares(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects: _Defects,
             total: torch.Tensor) -> tuple[dict[fx.Node, float], torch.Tensor]:
     """``<e_v, J_{out<-v}^T L F>`` for every source from one reverse pass (METHOD 4)."""
-    grads = _cotangents(gm, x, sources, [total])[0]
-    shares = {n: float((grads[n] * defects.e[n]).sum()) for n in sources}
+    shares = _cotangents(gm, x, sources, [total], lambda n, g: float((g * defects.e[n]).sum()))[0]
     return shares, total
 
 
@@ -423,23 +422,29 @@ def _reaching(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], y: to
     """The sources whose ``J_{out<-v}`` is not zero: ``J^T z != 0`` for one Gaussian ``z``, almost
     surely. One reverse pass spares forward propagations of defects that never reach the output
     (e.g. inside residual branches whose last BatchNorm is zero-initialised, as in timm)."""
-    grads = _cotangents(gm, x, sources, [torch.randn_like(y)])[0]
-    return [n for n in sources if bool(grads[n].any())]
+    reach = _cotangents(gm, x, sources, [torch.randn_like(y)], lambda n, g: float(g.any()))[0]
+    return [n for n in sources if reach[n]]
 
 
-def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node],
-                weights: list[torch.Tensor]) -> list[dict[fx.Node, torch.Tensor]]:
-    """``J_{out<-v}^T w`` for every node in ``nodes`` and every ``w`` in ``weights``."""
-    keep = {n.name for n in nodes}
-    recorder = _Recorder(gm, keep)
+def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node], weights: list[torch.Tensor],
+                reduce: Callable[[fx.Node, torch.Tensor], float]) -> list[dict[fx.Node, float]]:
+    """``reduce(v, J_{out<-v}^T w)`` for every node ``v`` in ``nodes`` and every ``w`` in
+    ``weights``: one reverse pass each. Each cotangent is reduced by a tensor hook the moment the
+    pass reaches it, so no cotangent outlives its step."""
+    recorder = _Recorder(gm, {n.name for n in nodes})
+    reduced: dict[fx.Node, float] = {}
+    results = []
     with torch.enable_grad(), jvp_ready(gm):
-        out = recorder.run(x.detach().requires_grad_(True))
-        found = [n for n in nodes if n.name in recorder.kept]
-        leaves = [recorder.kept[n.name] for n in found]
-        results = []
+        xr = x.detach().requires_grad_(True)
+        out = recorder.run(xr)
+        for n in nodes:
+            kept = recorder.kept.get(n.name)
+            if kept is not None and kept.requires_grad:
+                kept.register_hook(lambda g, n=n: reduced.__setitem__(n, reduce(n, g)))
         for i, w in enumerate(weights):
-            grads = torch.autograd.grad(out, leaves, w, retain_graph=i < len(weights) - 1, allow_unused=True)
-            results.append({n: (g if g is not None else torch.zeros_like(t)) for n, g, t in zip(found, grads, leaves)})
+            reduced.clear()
+            torch.autograd.backward(out, w, retain_graph=i < len(weights) - 1, inputs=[xr])
+            results.append({n: reduced.get(n, 0.0) for n in nodes})
     return results
 
 
@@ -464,11 +469,8 @@ def _hutchinson(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], def
     published method estimates it; returns ``sqrt`` of the mean and its standard error."""
     out_shape = defects.values[next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]].shape
     zs = [torch.randn(out_shape, dtype=x.dtype, device=x.device) for _ in range(probes)]
-    samples = {n: [] for n in sources}
-    for grads in _cotangents(gm, x, sources, zs):
-        for n in sources:
-            samples[n].append(float((grads[n] * defects.e[n]).sum()) ** 2)
-    return _probe_stats(samples)
+    probed = _cotangents(gm, x, sources, zs, lambda n, g: float((g * defects.e[n]).sum()) ** 2)
+    return _probe_stats({n: [p[n] for p in probed] for n in sources})
 
 
 def _probe_stats(samples: dict[Any, Sequence[float]]) -> tuple[dict[Any, float], dict[Any, float]]:
