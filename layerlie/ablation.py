@@ -120,12 +120,12 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor,
         models[v] = antialias(original, **VARIANTS[v], filter_size=filter_size, where=where, example=x)
     with torch.no_grad():
         reference = with_output(original, "logits")[0](x).softmax(-1)
+    value = "share" if method == "shares" else "contribution_norm"
     rows, by_type = [], {}
     for name, gm in models.items():
         logits_gm = with_output(gm, "logits")[0]
         table = summarize(lee(logits_gm, x, gs, scheme=scheme))
         a = attribute(gm, x, gs[0], method=method, scheme=scheme)
-        value = "share" if method == "shares" else "contribution_norm"
         by_type[name] = a.by_type()[value]
         with torch.no_grad():
             probs = logits_gm(x).softmax(-1)
@@ -140,7 +140,8 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor,
     result = pd.DataFrame(rows)
     for g in gs:
         result[f"factor_{g}"] = result[f"lee_{g}"].iloc[0] / result[f"lee_{g}"]
-    types = pd.DataFrame(by_type).reindex([t for t in LAYER_TYPES if t in pd.DataFrame(by_type).index])
+    types = pd.DataFrame(by_type)
+    types = types.reindex([t for t in LAYER_TYPES if t in types.index])
     settings = dict(groups=gs, group=gs[0], method=method, scheme=scheme, filter_size=filter_size,
                     images=int(x.shape[0]), by_type_value=value, variants=variants)
     return Ablation(result, types.fillna(0.0), settings)
