@@ -223,7 +223,8 @@ class _Defects:
             self.e[n] = None if own is None else -own
         else:
             self.e[n] = pushed if own is None else pushed - own
-        if self.e[n] is not None and not torch.isfinite(self.e[n]).all():
+        # a NaN or inf anywhere makes the sum non-finite: one reduction, not a mask per node
+        if self.e[n] is not None and not torch.isfinite(self.e[n].sum()):
             raise LayerlieError(f"NaN or inf first appears at node {n.format_node()}; check the model's "
                                 "weights or use dtype=torch.float64")
 

@@ -155,7 +155,7 @@ def module_defects(model: nn.Module, x: torch.Tensor, group: Group, scheme: str 
         primal, arriving = fwAD.unpack_dual(h)
         lay, g = own(primal)
         e = g.neg() if arriving is None else arriving - g
-        if not torch.isfinite(e).all():
+        if not torch.isfinite(e.sum()):  # NaN or inf anywhere: one reduction, not a mask
             raise LayerlieError(f"NaN or inf first appears at {name} (module {_module_of(name)}); check the "
                                 "model's weights or use dtype=torch.float64")
         kind = "input" if ":in" in name else "module"

@@ -88,7 +88,7 @@ def check_trace(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, softmax: 
         got = gm(x)
     if softmax:
         want = want.softmax(-1)
-    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True):
         raise TraceError(f"the traced {type(model).__name__} does not reproduce the model's output "
                          f"(max difference {float((got - want).abs().max()):.2e}); it has data-dependent "
                          "control flow that fx cannot capture")

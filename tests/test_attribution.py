@@ -264,3 +264,38 @@ def test_resnet_d_shortcut_lists_the_position_mismatch_and_its_add_carries_it():
     assert (mismatched["local_norm"] > 0).all()  # rotation's field differs across half a pixel
     shifted = ll.attribute(model, x, "translate_x").nodes.set_index("node")
     assert (shifted.loc[mismatched["node"], "local_norm"] == 0).all()  # a constant field does not
+
+
+class Log(nn.Module):
+    def forward(self, h):
+        return torch.log(h)  # NaN wherever h < 0
+
+
+class NaNInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.log = nn.Conv2d(3, 4, 3, padding=1), Log()
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.training:  # control flow on a Python bool: traceable
+            h = h + 1
+        return self.log(h).mean((2, 3))
+
+
+class NaNInsideUntraceable(NaNInside):
+    def forward(self, x):
+        h = self.conv(x)
+        if h.sum() > -1e9:  # data-dependent: fx cannot trace it
+            h = h - 1
+        return self.log(h).mean((2, 3))
+
+
+def test_nan_in_an_intermediate_tensor_names_the_first_node():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ll.LayerlieError, match=r"NaN or inf first appears at node %log .*dtype=torch.float64"):
+        ll.attribute(NaNInside().eval(), x, "rotate", output="logits")
+    with pytest.warns(UserWarning, match="forward hooks"), \
+            pytest.raises(ll.LayerlieError, match=r"NaN or inf first appears at log \(module log\)"):
+        ll.attribute(NaNInsideUntraceable().eval(), x, "rotate", output="logits")
