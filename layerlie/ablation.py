@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from layerlie.errors import LayerlieError
 from layerlie.groups import resolve_groups
 from layerlie.lie import check_images, lee, summarize
 from layerlie.models import input_channels
-from layerlie.surgery import Where, antialias
+from layerlie.surgery import NothingToReplace, Where, antialias
 from layerlie.trace import trace, with_output
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -92,7 +93,8 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor,
     Args:
         model: a model or a traced GraphModule (never modified).
         x: images, normalized as the model expects.
-        variants: names from :data:`VARIANTS`.
+        variants: names from :data:`VARIANTS`; one that finds nothing to replace is left out
+            with a warning (an error when none applies).
         groups: the groups of the end-to-end LEE; the first is also attributed per layer.
         labels: ``(B,)`` class indices, for accuracy.
         method: the attribution estimator for the by-type table.
@@ -116,8 +118,16 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor,
                             f"got {tuple(labels.shape)}")
     original = model if isinstance(model, fx.GraphModule) else trace(model, x)
     models = {"original": original}
+    skipped = []
     for v in variants:
-        models[v] = antialias(original, **VARIANTS[v], filter_size=filter_size, where=where, example=x)
+        try:
+            models[v] = antialias(original, **VARIANTS[v], filter_size=filter_size, where=where, example=x)
+        except NothingToReplace as err:
+            skipped.append(f"{v}: {err}")
+    if skipped and len(models) == 1:
+        raise LayerlieError("no variant applies; " + "; ".join(skipped))
+    if skipped:
+        warnings.warn("variant left out, " + "; ".join(skipped), stacklevel=2)
     with torch.no_grad():
         reference = with_output(original, "logits")[0](x).softmax(-1)
     value = "share" if method == "shares" else "contribution_norm"
@@ -143,7 +153,7 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor,
     types = pd.DataFrame(by_type)
     types = types.reindex([t for t in LAYER_TYPES if t in types.index])
     settings = dict(groups=gs, group=gs[0], method=method, scheme=scheme, filter_size=filter_size,
-                    images=int(x.shape[0]), by_type_value=value, variants=variants)
+                    images=int(x.shape[0]), by_type_value=value, variants=[v for v in variants if v in models])
     return Ablation(result, types.fillna(0.0), settings)
 
 

@@ -58,6 +58,10 @@ from layerlie.lie import check_images
 from layerlie.propagate import register_rule
 from layerlie.trace import trace
 
+class NothingToReplace(LayerlieError):
+    """A surgery found no node to replace."""
+
+
 MAX_FILTER_SIZE = 7
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "circular": "circular", "replicate": "replicate"}
 Where = Union[None, Callable[[fx.Node], bool], str, Iterable[str], range, slice]
@@ -571,7 +575,7 @@ def antialias(model: nn.Module | fx.GraphModule, blurpool: bool = True, activati
 
     Raises:
         LayerlieError: bad options, a filter larger than a tensor can take, a substitute that
-            changes a shape, or nothing to replace.
+            changes a shape; :class:`NothingToReplace` when no node qualifies.
 
     Example:
         >>> import layerlie as ll
@@ -601,7 +605,7 @@ def antialias(model: nn.Module | fx.GraphModule, blurpool: bool = True, activati
                 break
     if not subs:
         scope = "" if where is None else f" among the nodes that where={where!r} selects"
-        raise LayerlieError(f"nothing to replace in {type(model).__name__}: looked for "
+        raise NothingToReplace(f"nothing to replace in {type(model).__name__}: looked for "
                             f"{' and '.join(p.looks_for for p in policies)}{scope}")
     record = _rewrite(work, subs)
     if shapes is not None:

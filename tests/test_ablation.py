@@ -62,3 +62,15 @@ def test_cli_ablate_prints_the_table_and_writes_the_figure(capsys, tmp_path):
     assert plot.stat().st_size > 1000 and (tmp_path / "ablation.csv").exists()
     code = main(["ablate", "resnet18", "--n", "1", "--variants", "blur"])
     assert code == 2 and "valid variants" in capsys.readouterr().err
+
+
+def test_a_variant_with_nothing_to_replace_is_left_out_with_a_warning():
+    torch.manual_seed(0)
+    linear_cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                                     torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.warns(UserWarning, match="variant left out, filtered: nothing to replace"):
+        ab = ll.ablate(linear_cnn, x, variants=["blurpool", "filtered"], groups=["translate_x"])
+    assert list(ab.table["variant"]) == ["original", "blurpool"]
+    with pytest.raises(ll.LayerlieError, match="no variant applies; filtered: nothing to replace"):
+        ll.ablate(linear_cnn, x, variants=["filtered"], groups=["translate_x"])
