@@ -128,17 +128,15 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor,
         raise LayerlieError("no variant applies; " + "; ".join(skipped))
     if skipped:
         warnings.warn("variant left out, " + "; ".join(skipped), stacklevel=2)
-    with torch.no_grad():
-        reference = with_output(original, "logits")[0](x).softmax(-1)
     value = "share" if method == "shares" else "contribution_norm"
-    rows, by_type = [], {}
-    for name, gm in models.items():
-        logits_gm = with_output(gm, "logits")[0]
-        table = summarize(lee(logits_gm, x, gs, scheme=scheme))
+    rows, by_type, reference = [], {}, None
+    for name, gm in models.items():  # the original first: its softmax is the reference
+        table = summarize(lee(with_output(gm, "logits")[0], x, gs, scheme=scheme))
         a = attribute(gm, x, gs[0], method=method, scheme=scheme)
         by_type[name] = a.by_type()[value]
         with torch.no_grad():
-            probs = logits_gm(x).softmax(-1)
+            probs = with_output(gm, "softmax")[0](x)
+        reference = probs if reference is None else reference
         row: dict[str, Any] = dict(variant=name, replaced=len(gm.meta.get("layerlie.surgery", {})))
         row.update({f"lee_{g}": float(table.loc[g, "mean"]) for g in gs})
         row.update(residual=a.residual,

@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import operator
@@ -44,6 +43,7 @@ from layerlie.layout import Layout, LayoutProp, is_pointwise
 from layerlie.lie import check_images, jvp_ready
 from layerlie.models import input_channels
 from layerlie.propagate import Call, bind
+from layerlie.surgery import stride_one
 from layerlie.trace import trace
 
 ALIAS_THRESHOLDS = {"nonlinearity": 0.01, "downsampling": 0.1}
@@ -128,13 +128,11 @@ def _nonlinearity_ratio(call: Call, arg: int, lay: Layout) -> float:
     return energy_above(_to_grid(out, dataclasses.replace(lay, prefix=0, hw=(2 * H, 2 * W))), (H / 2, W / 2))
 
 
-def _stride_one(call: Call) -> Any:
+def _dense_output(call: Call) -> Any:
     """The node's op at stride 1 on the same input (its effective filter), or None."""
     fn, (args, kwargs) = call.fn, call.rebuild()
     if isinstance(fn, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-        dense = copy.copy(fn)  # shares the parameters
-        dense.stride = (1, 1) if isinstance(fn, nn.Conv2d) else 1
-        return dense(*args, **kwargs)
+        return stride_one(fn)(*args, **kwargs)
     if fn in (F.conv2d, F.max_pool2d, F.avg_pool2d, torch.max_pool2d, torch._C._nn.avg_pool2d):
         where = 3 if fn is F.conv2d else 2
         args = list(args)
@@ -149,7 +147,7 @@ def _stride_one(call: Call) -> Any:
 
 
 def _downsampling_ratio(call: Call, src: Layout, out: Layout) -> float:
-    dense = _stride_one(call)
+    dense = _dense_output(call)
     if dense is None:
         return math.nan
     if call.fn is operator.getitem:  # the input itself, in its own layout

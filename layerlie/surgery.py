@@ -322,7 +322,7 @@ class FilteredActivation(nn.Module):
         return f"filter_size={self.filter_size}, {where}"
 
 
-def _stride_one(layer: nn.Module) -> nn.Module:
+def stride_one(layer: nn.Module) -> nn.Module:
     """A shallow twin of ``layer`` at stride 1: the same class (so the same forward, timm's conv
     subclasses included), sharing its parameter and buffer tensors."""
     twin = copy.copy(layer)
@@ -361,14 +361,14 @@ class Resampled(nn.Sequential):
         """The substitute of a strided convolution (any ``nn.Conv2d`` subclass)."""
         if _is_patch_embedding(conv) and not aps:
             return cls(OrderedDict(blur=BlurPool2d(filter_size, 1, conv.padding_mode), layer=conv))
-        return cls._split(_stride_one(conv), _pair(conv.stride), conv.padding_mode, filter_size, aps, blur)
+        return cls._split(stride_one(conv), _pair(conv.stride), conv.padding_mode, filter_size, aps, blur)
 
     @classmethod
     def from_pool(cls, pool: nn.MaxPool2d | nn.AvgPool2d, filter_size: int = 3, aps: bool = False,
                   blur: bool = True) -> Resampled:
         """The substitute of a strided max- or average-pool (kornia's MaxBlurPool2D for a max-pool)."""
         stride = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
-        return cls._split(_stride_one(pool), stride, "zeros", filter_size, aps, blur, pool.ceil_mode)
+        return cls._split(stride_one(pool), stride, "zeros", filter_size, aps, blur, pool.ceil_mode)
 
     @classmethod
     def _split(cls, layer: nn.Module, stride: tuple[int, int], mode: str, filter_size: int, aps: bool,
