@@ -208,3 +208,15 @@ def test_attribution_charges_the_activation_not_the_norm(name):
     by_type = a.by_type()["contribution_norm"]
     # an eval norm is affine: e_v = 0 (METHOD 3), so what the leaf carried is the activation's
     assert by_type["norm"] < 1e-4 * by_type["nonlinearity"]
+
+
+def test_antialias_of_a_traced_model_leaves_it_alone():
+    model = raw("mobilenetv3_small_100")
+    x = image(64)
+    gm = ll.trace(model)
+    before = gm(x)
+    new = ll.antialias(gm, blurpool=False, activations="filtered", example=x)
+    assert isinstance(new.get_submodule("bn1.act"), FilteredActivation)
+    assert all(not isinstance(m, FilteredActivation) for m in gm.modules())
+    assert torch.equal(gm(x), before)
+    assert new.get_submodule("bn1").weight is gm.get_submodule("bn1").weight  # the weights stay shared
