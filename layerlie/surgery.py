@@ -641,7 +641,19 @@ def _working_copy(model: nn.Module | fx.GraphModule, example: torch.Tensor | Non
         return trace(model, example)
     work = fx.GraphModule(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
     work.meta = dict(model.meta)
+    _own_called_parents(work)
     return work
+
+
+def _own_called_parents(gm: fx.GraphModule) -> None:
+    """fx shares the called modules with the source GraphModule, and a module that is called and
+    also holds a called child (a norm and its activation, :mod:`layerlie.normact`) would take a
+    substitute set below it back to the source: give ``gm`` its own shallow twin (same tensors)."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for path in sorted(called & {t.rpartition(".")[0] for t in called}, key=len):
+        twin = copy.copy(gm.get_submodule(path))
+        twin.__dict__.update({k: copy.copy(v) for k, v in twin.__dict__.items() if isinstance(v, dict)})
+        _set_module(gm, path, twin)
 
 
 def _example_pass(gm: fx.GraphModule, x: torch.Tensor) -> tuple[dict[str, Layout], dict[str, torch.Size]]:
