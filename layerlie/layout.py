@@ -33,7 +33,7 @@ from layerlie.groups import Group
 from layerlie.propagate import Propagator, node_callable, pointwise_targets
 from layerlie.tangent import Frame, tangent
 
-Kind = Literal["grid", "tokens", "none", "unknown", "tuple"]
+Kind = Literal["grid", "tokens", "none", "unknown", "tuple", "pair"]
 Coords = Literal["receptive_field", "published"]
 
 
@@ -44,9 +44,13 @@ class Layout:
     Attributes:
         kind: ``grid`` (axes ``y_dim``, ``x_dim``), ``tokens`` (axis ``token_dim`` holds
             ``prefix`` position-less tokens then an ``hw`` grid, row-major), ``none`` (no
-            spatial axes), ``unknown``, or ``tuple`` (a tuple of tensors).
+            spatial axes), ``unknown``, ``tuple`` (a tuple of tensors), or ``pair``: a map
+            indexed by two token sets, e.g. attention ``(B, heads, N_q, N_k)``, whose query
+            axis is described like ``tokens`` and whose key axis is ``key``.
         y, x: ``(stride, offset)`` in input pixels: sample j sits at ``offset + stride * j``.
         input_hw: the input's spatial size.
+        key: for a ``pair``, the ``tokens`` layout of its key axis (its own prefix, grid and
+            sample positions: queries and keys may sit on different grids).
     """
 
     kind: Kind
@@ -59,12 +63,27 @@ class Layout:
     x: tuple[float, float] = (1.0, 0.0)
     input_hw: tuple[int, int] = (0, 0)
     item: Layout | None = None
+    key: Layout | None = None
 
     @property
     def spatial(self) -> bool:
         return self.kind in ("grid", "tokens")
 
+    @property
+    def moves(self) -> bool:
+        """Whether ``G`` acts on the tensor: image-like, or a pair of token axes (METHOD 5)."""
+        return self.spatial or self.kind == "pair"
+
+    @property
+    def query(self) -> Layout:
+        """The ``tokens`` layout of a pair's query axis."""
+        return replace(self, kind="tokens", key=None)
+
     def describe(self) -> str:
+        if self.kind == "pair":
+            q, k = self.query, self.key
+            return (f"pair(q=dim{q.token_dim},P={q.prefix},{q.hw[0]}x{q.hw[1]}; "
+                    f"k=dim{k.token_dim},P={k.prefix},{k.hw[0]}x{k.hw[1]})")
         if self.kind == "grid":
             return f"grid(y={self.y_dim},x={self.x_dim})"
         if self.kind == "tokens":
@@ -92,9 +111,13 @@ TUPLE = Layout("tuple")
 def layout_tangent(h: torch.Tensor, layout: Layout, group: Group, scheme: str = "central",
                    coords: Coords = "receptive_field") -> torch.Tensor:
     """``G_v h`` for a tensor of known layout (METHOD 5); zero for non-spatial layouts and
-    for channel groups, which act on the input alone."""
-    if not layout.spatial or not group.spatial:
+    for channel groups, which act on the input alone. On a pair map ``G A = G_q A + G_k A``:
+    the derivative along each token axis at that axis's own sample positions."""
+    if not layout.moves or not group.spatial:
         return torch.zeros_like(h)
+    if layout.kind == "pair":
+        return layout_tangent(h, layout.query, group, scheme, coords) + \
+            layout_tangent(h, layout.key, group, scheme, coords)
     if layout.kind == "grid":
         return tangent(h, group, scheme, layout.frame(coords))
     d, p = layout.token_dim, layout.prefix
@@ -194,7 +217,7 @@ class LayoutProp(Propagator):
             return self._lay(n.args[0]).item or UNKNOWN
         args = [self.env.get(a, a) if isinstance(a, fx.Node) else a for a in n.args]
         lays = [self._lay(a) for a in n.args]
-        first = next((i for i, lay in enumerate(lays) if lay.spatial), None)
+        first = next((i for i, lay in enumerate(lays) if lay.moves), None)
         if first is None:
             return NONE if all(lay.kind in ("none", "tuple") for lay in lays) else UNKNOWN
         lay, src = lays[first], args[first]
@@ -213,6 +236,10 @@ class LayoutProp(Propagator):
         if lay.kind == "grid" and out.ndim == src.ndim and max(src.shape[lay.y_dim], src.shape[lay.x_dim]) > 1 \
                 and out.shape[lay.y_dim] == out.shape[lay.x_dim] == 1:
             return NONE  # global pooling: no spatial axes left (METHOD 3)
+        if fn in (operator.matmul, torch.matmul, torch.bmm) or any(a.kind == "pair" for a in lays):
+            got = _attention_rule(fn, method, args, lays, out)
+            if got is not None or lay.kind == "pair":
+                return got
         window = _window(fn, args, n.kwargs)
         if window is not None and lay.kind == "grid" and (lay.y_dim, lay.x_dim) == (2, 3):
             (ky, kx), (sy, sx), (py, px), (dy, dx) = window
@@ -298,6 +325,9 @@ class LayoutProp(Propagator):
             perm = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
             perm = [_norm_dim(int(p), ndim) for p in perm]
         where = {old: new for new, old in enumerate(perm)}
+        if lay.kind == "pair":
+            return replace(lay, token_dim=where[_norm_dim(lay.token_dim, ndim)],
+                           key=replace(lay.key, token_dim=where[_norm_dim(lay.key.token_dim, ndim)]))
         if lay.kind == "grid":
             return replace(lay, y_dim=where[_norm_dim(lay.y_dim, ndim)], x_dim=where[_norm_dim(lay.x_dim, ndim)])
         return replace(lay, token_dim=where[_norm_dim(lay.token_dim, ndim)])
@@ -359,6 +389,51 @@ class LayoutProp(Propagator):
             return None
         extra = sum(self.env[p].shape[_norm_dim(dim, out.ndim)] for p in parts[:-1])
         return replace(last, prefix=last.prefix + extra)
+
+
+def _tokens_at(lay: Layout, t: Any, dim: int) -> bool:
+    """Whether tensor ``t`` of layout ``lay`` holds tokens on axis ``dim`` (negative: from the end)."""
+    return lay.kind == "tokens" and isinstance(t, torch.Tensor) and _norm_dim(lay.token_dim, t.ndim) == dim % t.ndim
+
+
+def _on_axis(lay: Layout, dim: int) -> Layout:
+    return replace(lay, token_dim=dim, key=None)
+
+
+def _attention_rule(fn: Any, method: str | None, args: list, lays: list[Layout], out: torch.Tensor
+                    ) -> Layout | None:
+    """Attention (METHOD 5, pair layouts): ``q @ k^T`` makes a pair map, the ops on it (scale,
+    additive bias, softmax over keys, dropout, permutes) keep it, ``A @ V`` gives tokens on the
+    query axis; a product that sums over the tokens (``q^T k`` of cross-covariance attention)
+    leaves a map with no spatial axes, and a channel map times tokens keeps the tokens."""
+    if fn in (operator.matmul, torch.matmul, torch.bmm) and len(args) >= 2:
+        (a, b), (la, lb), nd = args[:2], lays[:2], out.ndim
+        if _tokens_at(la, a, -2) and _tokens_at(lb, b, -1):
+            return replace(_on_axis(la, nd - 2), kind="pair", key=_on_axis(lb, nd - 1))
+        if la.kind == "pair" and _norm_dim(la.key.token_dim, a.ndim) == a.ndim - 1 and _tokens_at(lb, b, -2) \
+                and a.shape[-1] == b.shape[-2]:
+            return _on_axis(la.query, _norm_dim(la.token_dim, a.ndim) + nd - a.ndim)
+        if _tokens_at(la, a, -1) and _tokens_at(lb, b, -2):
+            return NONE  # contracted over the tokens: a channel x channel map
+        if la.kind == "none" and _tokens_at(lb, b, -1) and b.ndim == nd:
+            return lb
+        return None
+    pairs = [lay for lay in lays if lay.kind == "pair"]
+    if not pairs:
+        return None
+    lay = pairs[0]
+    src = args[lays.index(lay)]
+    if method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
+        return LayoutProp._permute(lay, args, method or fn.__name__, src.ndim)
+    if method in ("flatten", "view", "reshape") or fn in (torch.flatten, torch.reshape):
+        q, k = _norm_dim(lay.token_dim, src.ndim), _norm_dim(lay.key.token_dim, src.ndim)
+        first, shift = min(q, k), out.ndim - src.ndim
+        if first + shift >= 0 and out.shape[first + shift:] == src.shape[first:]:  # only leading axes merge
+            return replace(lay, token_dim=q + shift, key=replace(lay.key, token_dim=k + shift))
+        return None
+    if out.shape == src.shape and all(a.kind in ("none", "pair") for a in lays):
+        return lay  # scale, additive bias (no layout of its own), softmax, dropout: pointwise on the map
+    return None
 
 
 def infer_layouts(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Layout]:
