@@ -213,6 +213,9 @@ class LayoutProp(Propagator):
             return NONE
         if n.target is torch.cat:
             return self._cat(n, out) or UNKNOWN
+        if n.target is torch.stack:
+            return _stack([self._lay(p) for p in n.args[0]], n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0),
+                          out.ndim)
         if n.target is operator.getitem and self._lay(n.args[0]).kind == "tuple":
             return self._lay(n.args[0]).item or UNKNOWN
         args = [self.env.get(a, a) if isinstance(a, fx.Node) else a for a in n.args]
@@ -251,7 +254,7 @@ class LayoutProp(Propagator):
         if fn is F.scaled_dot_product_attention:
             return lays[0] if lays[0].kind == "tokens" else None
         if fn in (operator.getitem,) and isinstance(src, torch.Tensor):
-            return self._getitem(lay, args[1], src, out)
+            return self._getitem(lay, args[1], src, out) or _index_tokens(lay, args[1], src)
         if method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
             return self._permute(lay, args, method or fn.__name__, src.ndim)
         if method in ("flatten", "view", "reshape") or fn in (torch.flatten, torch.reshape):
@@ -398,6 +401,46 @@ def _tokens_at(lay: Layout, t: Any, dim: int) -> bool:
 
 def _on_axis(lay: Layout, dim: int) -> Layout:
     return replace(lay, token_dim=dim, key=None)
+
+
+def _index_tokens(lay: Layout, index: Any, src: torch.Tensor) -> Layout | None:
+    """Basic indexing of tokens: integers and slices on other axes keep the tokens (an integer
+    drops its axis); on the token axis, a slice of prefix tokens alone has no positions, and a
+    slice that keeps every grid token drops the prefix tokens before its start."""
+    index = index if isinstance(index, tuple) else (index,)
+    if lay.kind != "tokens" or sum(i is Ellipsis for i in index) > 1 \
+            or not all(isinstance(i, (int, slice)) or i is Ellipsis for i in index):
+        return None
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (src.ndim - len(index) + 1) + index[k + 1:]
+    index = index + (slice(None),) * (src.ndim - len(index))
+    d = _norm_dim(lay.token_dim, src.ndim)
+    if isinstance(index[d], int):
+        return NONE if index[d] < lay.prefix else None
+    start, stop, step = index[d].indices(src.shape[d])
+    if step == 1 and stop <= lay.prefix:
+        return NONE  # prefix tokens only: no positions, G acts as zero
+    if step != 1 or start > lay.prefix or stop < src.shape[d]:
+        return None
+    dropped = sum(isinstance(i, int) for i in index[:d])
+    return replace(lay, token_dim=d - dropped, prefix=lay.prefix - start)
+
+
+def _stack(lays: list[Layout], dim: int, ndim: int) -> Layout:
+    """``torch.stack`` of tensors of one layout (up to sample positions) along a new axis: the
+    spatial axes at or after it move by one."""
+    first = lays[0]
+    if all(lay.kind == "none" for lay in lays):
+        return NONE
+    if first.kind not in ("grid", "tokens") or any(replace(lay, y=first.y, x=first.x) != first for lay in lays):
+        return UNKNOWN
+    dim = _norm_dim(dim, ndim)
+
+    def moved(d: int | None) -> int | None:
+        return None if d is None else _norm_dim(d, ndim - 1) + (_norm_dim(d, ndim - 1) >= dim)
+
+    return replace(first, y_dim=moved(first.y_dim), x_dim=moved(first.x_dim), token_dim=moved(first.token_dim))
 
 
 def _attention_rule(fn: Any, method: str | None, args: list, lays: list[Layout], out: torch.Tensor
