@@ -120,7 +120,11 @@ def layout_tangent(h: torch.Tensor, layout: Layout, group: Group, scheme: str = 
             layout_tangent(h, layout.key, group, scheme, coords)
     if layout.kind == "grid":
         return tangent(h, group, scheme, layout.frame(coords))
-    d, p = layout.token_dim, layout.prefix
+    d, p = _norm_dim(layout.token_dim, h.ndim), layout.prefix
+    n = p + layout.hw[0] * layout.hw[1]
+    if h.shape[d] != n:  # several sequences folded into the token axis: one at a time
+        folded = replace(layout, token_dim=d + 1)
+        return layout_tangent(h.unflatten(d, (-1, n)), folded, group, scheme, coords).flatten(d, d + 1)
     grid = h.narrow(d, p, h.shape[d] - p).unflatten(d, layout.hw)
     g = tangent(grid, group, scheme, layout.frame(coords)).flatten(d, d + 1)
     return torch.cat([torch.zeros_like(h.narrow(d, 0, p)), g], d)
@@ -257,8 +261,8 @@ class LayoutProp(Propagator):
             return self._getitem(lay, args[1], src, out) or _index_tokens(lay, args[1], src)
         if method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
             return self._permute(lay, args, method or fn.__name__, src.ndim)
-        if method in ("flatten", "view", "reshape") or fn in (torch.flatten, torch.reshape):
-            return self._reshape(lay, src, out)
+        if method in ("flatten", "view", "reshape", "reshape_as", "view_as") or fn in (torch.flatten, torch.reshape):
+            return self._reshape(lay, src, out) or _fold_tokens(lay, src, out)
         if method in ("mean", "sum", "amax") or fn in (torch.mean, torch.sum):
             return NONE if out.ndim <= 2 else None
         if fn in (operator.matmul, torch.matmul, torch.bmm):
@@ -358,7 +362,7 @@ class LayoutProp(Propagator):
         src = n.args[0] if n.args else None
         lay = self._lay(src)
         if not lay.spatial or not all(isinstance(o, torch.Tensor) for o in out):
-            return replace(TUPLE, item=None if lay.kind == "none" else UNKNOWN)
+            return replace(TUPLE, item=NONE if lay.kind == "none" else UNKNOWN)
         ndim = self.env[src].ndim
         name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
         default = 0 if name == "unbind" else (-1 if name in ("chunk", "split") else None)
@@ -425,6 +429,23 @@ def _index_tokens(lay: Layout, index: Any, src: torch.Tensor) -> Layout | None:
         return None
     dropped = sum(isinstance(i, int) for i in index[:d])
     return replace(lay, token_dim=d - dropped, prefix=lay.prefix - start)
+
+
+def _fold_tokens(lay: Layout, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
+    """A reshape that merges the axes before the token axis into it (LeViT's ``(B * N, C)``
+    around a BatchNorm1d), or splits the sequences of a folded token axis apart again."""
+    if lay.kind != "tokens":
+        return None
+    s, o, d = list(src.shape), list(out.shape), _norm_dim(lay.token_dim, src.ndim)
+    k = d + len(o) - len(s)
+    n = lay.prefix + lay.hw[0] * lay.hw[1]
+    if k < 0 or o[k + 1:] != s[d + 1:]:
+        return None
+    if k <= d and o[:k] == s[:k] and o[k] == math.prod(s[k:d + 1]) and o[k] % n == 0:
+        return replace(lay, token_dim=k)  # leading axes merged into the tokens
+    if k > d and o[:d] == s[:d] and o[k] == n and math.prod(o[d:k + 1]) == s[d]:
+        return replace(lay, token_dim=k)  # the sequences split out again
+    return None
 
 
 def _stack(lays: list[Layout], dim: int, ndim: int) -> Layout:
