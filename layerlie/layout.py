@@ -222,7 +222,8 @@ class LayoutProp(Propagator):
                           out.ndim)
         if n.target is operator.getitem and self._lay(n.args[0]).kind == "tuple":
             return self._lay(n.args[0]).item or UNKNOWN
-        args = [self.env.get(a, a) if isinstance(a, fx.Node) else a for a in n.args]
+        # nested too: slice bounds read from a shape (PiT's x[:, :n_cls]) are values
+        args = list(fx.node.map_arg(n.args, lambda a: self.env.get(a, a)))
         lays = [self._lay(a) for a in n.args]
         first = next((i for i, lay in enumerate(lays) if lay.moves), None)
         if first is None:
