@@ -206,7 +206,7 @@ class LayoutProp(Propagator):
         return self.layouts.get(a.name, NONE) if isinstance(a, fx.Node) else NONE
 
     def _infer(self, n: fx.Node, out: Any) -> Layout:
-        if isinstance(out, (tuple, list)):
+        if isinstance(out, (tuple, list)) and not isinstance(out, torch.Size):  # a shape is not a tensor
             return self._split(n, out)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return NONE
@@ -506,6 +506,15 @@ def infer_layouts(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Layout]:
     prop = LayoutProp(gm)
     prop.propagate(x, None)
     return prop.layouts
+
+
+def unknown_layouts(gm: fx.GraphModule, x: torch.Tensor) -> tuple[list[fx.Node], int]:
+    """The tensor-valued nodes whose layout is ``unknown`` on input ``x``, and the number of
+    tensor-valued nodes (shapes, sizes and other non-tensors are not counted)."""
+    prop = LayoutProp(gm)
+    prop.propagate(x, None)
+    tensors = [n for n in gm.graph.nodes if isinstance(prop.values.get(n), torch.Tensor)]
+    return [n for n in tensors if prop.layouts[n.name].kind == "unknown"], len(tensors)
 
 
 def is_pointwise(gm: fx.GraphModule, n: fx.Node) -> bool:
