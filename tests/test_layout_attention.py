@@ -193,3 +193,22 @@ def test_channel_attention_map_has_no_spatial_action():
         assert lays[softmax.name].kind == "none", name
         product = next(iter(softmax.users))
         assert lays[next(iter(product.users)).name].kind == "tokens", name
+
+
+def test_folded_token_axis_moves_each_sequence():
+    """LeViT runs BatchNorm1d on ``(B * N, C)``: ``G`` on the folded axis is ``G`` of each
+    image's tokens, folded; the layout follows the fold and the unfold."""
+    h = torch.randn(3, 1 + 4 * 5, 7, dtype=torch.float64)
+    tokens = Layout("tokens", token_dim=1, prefix=1, hw=(4, 5), y=(4.0, 1.5), x=(4.0, 1.5), input_hw=(16, 20))
+    folded = layout._fold_tokens(tokens, h, h.flatten(0, 1))
+    assert folded == Layout("tokens", token_dim=0, prefix=1, hw=(4, 5), y=(4.0, 1.5), x=(4.0, 1.5), input_hw=(16, 20))
+    assert layout._fold_tokens(folded, h.flatten(0, 1), h) == tokens
+    for group in ("translate_x", "rotate"):
+        want = layout_tangent(h, tokens, ll.group(group)).flatten(0, 1)
+        assert torch.equal(layout_tangent(h.flatten(0, 1), folded, ll.group(group)), want)
+
+
+def test_levit_batch_of_two_is_complete():
+    gm, x = family("levit_128s")
+    a = ll.attribute(gm, torch.cat([x, x.flip(-1)]), "translate_x")
+    assert a.residual <= TOL[torch.float32]
