@@ -246,8 +246,8 @@ class LayoutProp(Propagator):
             return NONE  # global pooling: no spatial axes left (METHOD 3)
         if fn in (operator.matmul, torch.matmul, torch.bmm) or any(a.kind == "pair" for a in lays):
             got = _attention_rule(fn, method, args, lays, out)
-            if got is not None or lay.kind == "pair":
-                return got
+            if got is not None or any(a.kind == "pair" for a in lays):
+                return got or UNKNOWN
         window = _window(fn, args, n.kwargs)
         if window is not None and lay.kind == "grid" and (lay.y_dim, lay.x_dim) == (2, 3):
             (ky, kx), (sy, sx), (py, px), (dy, dx) = window
@@ -298,8 +298,8 @@ class LayoutProp(Propagator):
         if len(index) <= d or any(i != slice(None) for i in index[:d]):
             return None
         sel = index[d]
-        if isinstance(sel, int):
-            return NONE if sel < lay.prefix else None
+        if isinstance(sel, int):  # x[:, -1] is the last grid token, not a prefix token
+            return NONE if sel % src.shape[d] < lay.prefix else None
         if isinstance(sel, slice) and sel.step in (None, 1) and (sel.stop is None or sel.stop >= src.shape[d]):
             start = sel.start or 0
             if start <= lay.prefix and out.ndim == src.ndim:
@@ -422,7 +422,7 @@ def _index_tokens(lay: Layout, index: Any, src: torch.Tensor) -> Layout | None:
     index = index + (slice(None),) * (src.ndim - len(index))
     d = _norm_dim(lay.token_dim, src.ndim)
     if isinstance(index[d], int):
-        return NONE if index[d] < lay.prefix else None
+        return NONE if index[d] % src.shape[d] < lay.prefix else None
     start, stop, step = index[d].indices(src.shape[d])
     if step == 1 and stop <= lay.prefix:
         return NONE  # prefix tokens only: no positions, G acts as zero
