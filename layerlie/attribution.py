@@ -217,7 +217,7 @@ class _Defects:
             self.g[n], self.e[n] = pushed, None  # the representation on tuples is the incoming one
             return
         own = layout_tangent(value, lay, self.group, self.scheme, self.coords) \
-            if lay.spatial and self.group.spatial else None
+            if lay.moves and self.group.spatial else None
         self.g[n] = own
         if pushed is None:
             self.e[n] = None if own is None else -own
