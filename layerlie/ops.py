@@ -511,17 +511,19 @@ register_op(F.adaptive_avg_pool2d, linearize=_batch_linear_rule, example=call_ex
 register_op(torch.flatten, linearize=_batch_linear_rule, example=call_example(1))
 register_op(F.dropout, linearize=_batch_linear_rule, example=call_example(0.5, False))
 register_op(operator.getitem, linearize=_getitem_rule, dense=lambda call: call.flat[0],
-            example=call_example((Ellipsis, slice(None, None, 2), slice(1, None, 2))))
+            example=lambda fn: (fn, (_image().unbind(1), 1)))
 
-register_op(nn.modules.batchnorm._BatchNorm, layer_type="norm", example=lambda cls: module_example(3)(nn.BatchNorm3d)
-            if cls is nn.modules.batchnorm._BatchNorm else module_example(3)(cls))
+register_op(nn.modules.batchnorm._BatchNorm, layer_type="norm",  # abstract: a concrete subclass stands in
+            example=lambda cls: module_example(3, shape=(2, 3, 4, 5, 6))(nn.BatchNorm3d))
 register_op(nn.BatchNorm2d, layer_type="norm", linearize=_batchnorm_rule, example=module_example(3))
 register_op(nn.BatchNorm1d, layer_type="norm", linearize=_batchnorm_rule, example=module_example(3, shape=(2, 3, 6)))
 register_op(nn.LayerNorm, nn.RMSNorm, layer_type="norm", example=module_example(10))
 register_op(nn.GroupNorm, layer_type="norm", example=module_example(1, 3))
-for _name, _args in (("layer_norm", ((10,),)), ("rms_norm", ((10,),)), ("group_norm", (3,)),
-                     ("batch_norm", (torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)))):
-    register_op(*{getattr(F, _name), getattr(torch, _name)}, layer_type="norm", example=call_example(*_args))
+register_op(F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm, layer_type="norm", example=call_example((10,)))
+register_op(F.group_norm, torch.group_norm, layer_type="norm", example=call_example(3))
+_STATS = (torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+register_op(F.batch_norm, layer_type="norm", example=call_example(*_STATS))
+register_op(torch.batch_norm, layer_type="norm", example=call_example(None, None, *_STATS, False, 0.1, 1e-5, False))
 
 register_op(nn.Softmax, layer_type="attention", example=module_example(-1))
 register_op(F.softmax, torch.softmax, layer_type="attention", example=call_example(-1))
