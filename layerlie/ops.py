@@ -100,8 +100,13 @@ def register_op(*keys: Any, **knowledge: Any) -> None:
     an entry already there).
 
     Example:
-        >>> register_op(nn.Hardtanh, layer_type="nonlinearity", pointwise=True, substitutes=("filtered",),
-        ...             example=lambda cls: (cls(), (torch.randn(1, 2, 4, 4),)))
+        >>> class Swish(nn.Module):
+        ...     def forward(self, x):
+        ...         return x * torch.sigmoid(x)
+        >>> register_op(Swish, layer_type="nonlinearity", linearize=get_op(nn.SiLU).linearize, pointwise=True,
+        ...             substitutes=("filtered",), example=module_example())
+        >>> get_op(Swish).substitutes
+        ('filtered',)
     """
     kind = knowledge.get("layer_type", "reshape/other")
     if isinstance(kind, str) and kind not in LAYER_TYPES:
@@ -187,8 +192,12 @@ def window(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Window | 
 
 
 def strided(fn: Any, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> bool:
-    """Whether ``fn`` (a module or a function) is a window op with a stride above 1."""
-    w = window(fn, args, kwargs or {})
+    """Whether ``fn`` (a module or a function) is a window op with a stride above 1; False where
+    its window arguments are graph nodes rather than values."""
+    try:
+        w = window(fn, args, kwargs or {})
+    except TypeError:
+        return False
     return w is not None and max(w.stride) > 1
 
 
@@ -244,6 +253,8 @@ def pair(v: Any) -> tuple[int, int]:
     """``(y, x)`` from an int or a one- or two-item sequence."""
     if isinstance(v, int):
         return v, v
+    if not isinstance(v, Sequence) or not 1 <= len(v) <= 2:
+        raise TypeError(f"expected an int or one or two ints, got {v!r}")
     return int(v[0]), int(v[-1])
 
 

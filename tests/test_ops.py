@@ -114,7 +114,7 @@ def test_a_false_pointwise_claim_is_caught():
 
 # --- windows: the receptive-field layout of a one-op graph -----------------------------------
 
-def _one_op_graph(op: ops.Op, fn: Any, args: tuple) -> fx.GraphModule:
+def _one_op_graph(fn: Any, args: tuple) -> fx.GraphModule:
     """``fn`` as the only op of a graph; tensor arguments after the input become attributes."""
     root, graph = nn.Module(), fx.Graph()
     rest = []
@@ -154,7 +154,7 @@ def _window_error(op: ops.Op) -> float:
     output sample and the middle of the input pixels that move it (samples whose window is whole);
     infinite where a sample sits outside the pixels that move it."""
     fn, args = _example(op)
-    gm = _one_op_graph(op, fn, args)
+    gm = _one_op_graph(fn, args)
     node = list(gm.graph.nodes)[-2]
     lay = ll.infer_layouts(gm, args[0])[node.name]
     assert lay.kind == "grid" and lay.hw == tuple(fn(*args).shape[-2:])
@@ -250,3 +250,19 @@ def test_an_entry_without_its_window_breaks_the_agreement(monkeypatch):
     monkeypatch.setitem(ops._OPS, Conv2dSame, ops.Op(**{**op.__dict__, "window": None}))
     with pytest.raises(AssertionError, match=r"\} == \{"):
         test_attribution_aliasing_and_surgery_agree_on_downsampling()
+
+
+def test_register_layer_type_and_register_op_check_the_kind():
+    class Gate(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    try:
+        ll.attribution.register_layer_type(Gate, "norm")
+        gm = _one_op_graph(Gate(), (torch.zeros(1),))
+        node = next(n for n in gm.graph.nodes if n.op == "call_module")
+        assert ops.layer_type(gm, node) == "norm" and ops.module_type(Gate()) == "norm"
+    finally:
+        ops._OPS.pop(Gate, None)
+    with pytest.raises(ll.LayerlieError, match="unknown layer type 'gate'; valid: nonlinearity"):
+        ops.register_op(Gate, layer_type="gate")
