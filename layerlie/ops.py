@@ -116,11 +116,13 @@ def register_op(*keys: Any, **knowledge: Any) -> None:
 
 
 def _update(key: Any, **knowledge: Any) -> None:
-    """Change some fields of ``key``'s own entry, creating it if there is none."""
-    if key in _OPS:
-        _OPS[key] = dataclasses.replace(_OPS[key], **knowledge)
-    else:
+    """Change some fields of ``key``'s entry; a class without one of its own starts from the
+    entry it inherits, so a rule registered for a subclass keeps its window and layer type."""
+    base = get_op(key)
+    if base is None:
         register_op(key, **knowledge)
+    else:
+        _OPS[key] = dataclasses.replace(base, key=key, **knowledge)
 
 
 def register_rule(*keys: Any) -> Callable[[Rule], Rule]:

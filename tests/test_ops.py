@@ -79,6 +79,18 @@ def test_a_wrong_rule_fails_conformance(monkeypatch):
     assert _rule_error(ops.get_op(nn.GELU)) > 0.05
 
 
+def test_a_rule_for_a_subclass_keeps_what_it_inherits():
+    class Conv(nn.Conv2d):
+        pass
+
+    try:
+        ll.register_rule(Conv)(ops.get_op(nn.Conv2d).linearize)
+        assert ops.get_op(Conv).key is Conv and ops.get_op(Conv).window is ops.get_op(nn.Conv2d).window
+        assert ops.module_type(Conv(3, 4, 3, stride=2)) == "strided/downsampling"
+    finally:
+        ops._OPS.pop(Conv, None)
+
+
 def test_a_subclass_with_its_own_forward_gets_no_inherited_rule():
     """A timm conv whose forward pads first must not take nn.Conv2d's rule (which skips the pad)."""
     assert ops.get_op(Conv2dSame).window is not None
