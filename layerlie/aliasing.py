@@ -2,11 +2,11 @@
 
 Two kinds of node fold energy back below the Nyquist limit of their output grid:
 
-- ``nonlinearity``: a pointwise op ``s`` in space (activations; LayerNorm over channels),
-  applied to a map ``h``. Upsample ``h`` by 2 with the ideal band-limited (Fourier)
-  interpolator, apply ``s`` there, and take the share of the AC energy of ``s(h)`` above
-  the input grid's Nyquist band: the energy that ``s`` applied on the input grid would
-  fold back. An affine ``s`` scores exactly 0.
+- ``nonlinearity``: an op ``s`` pointwise in space (activations, LayerNorm over channels: the
+  op registry says which), applied to a map ``h``. Upsample ``h`` by 2 with the ideal
+  band-limited (Fourier) interpolator, apply ``s`` there, and take the share of the AC energy
+  of ``s(h)`` above the input grid's Nyquist band: the energy that ``s`` applied on the input
+  grid would fold back. An affine ``s`` scores exactly 0.
 - ``downsampling``: an op that lowers the resolution by a factor ``f`` (strided conv,
   pooling, patch embedding). Run it at stride 1 (its effective filter, on the input grid)
   and take the share of the AC energy of that dense output above the output grid's
@@ -43,7 +43,7 @@ from layerlie.attribution import Attribution
 from layerlie.layout import Layout, LayoutProp
 from layerlie.lie import check_images, jvp_ready
 from layerlie.models import input_channels
-from layerlie.ops import get_op, is_pointwise, is_strided, layer_type
+from layerlie.ops import get_op, is_pointwise_in_space, is_strided, layer_type
 from layerlie.propagate import Call, bind
 from layerlie.trace import trace
 
@@ -107,18 +107,6 @@ def _from_grid(g: torch.Tensor, lay: Layout) -> torch.Tensor:
     return g.movedim((-2, -1), (lay.y_dim % ndim, lay.x_dim % ndim))
 
 
-def _pointwise_in_space(gm: fx.GraphModule, n: fx.Node, lay: Layout, ndim: int) -> bool:
-    """Activations, and LayerNorm over trailing axes that are not spatial (channels)."""
-    if is_pointwise(gm, n):
-        return True
-    m = gm.get_submodule(n.target) if n.op == "call_module" else None
-    if not (isinstance(m, nn.LayerNorm) or n.target is F.layer_norm):
-        return False
-    normalized = len(m.normalized_shape if m is not None else n.args[1])
-    spatial = (lay.token_dim,) if lay.kind == "tokens" else (lay.y_dim, lay.x_dim)
-    return all(d % ndim < ndim - normalized for d in spatial)
-
-
 def _nonlinearity_ratio(call: Call, arg: int, lay: Layout) -> float:
     h = call.flat[arg]
     grid = _to_grid(h, lay)
@@ -170,7 +158,9 @@ class AliasProp(LayoutProp):
         if self.strided(n):
             op = get_op(self.module, n)
             return "downsampling", _downsampling_ratio(call, op.dense if op is not None else None, src, lay)
-        if len(inputs) == 1 and src.kind == lay.kind and _pointwise_in_space(self.module, n, lay, out.ndim):
+        spatial = (lay.token_dim,) if lay.kind == "tokens" else (lay.y_dim, lay.x_dim)
+        if len(inputs) == 1 and src.kind == lay.kind \
+                and is_pointwise_in_space(self.module, n, *call.rebuild(), spatial):
             arg = next(i for i, v in enumerate(call.flat) if v is self.values[inputs[0][1]])
             return "nonlinearity", _nonlinearity_ratio(call, arg, src)
         return None, math.nan

@@ -74,6 +74,8 @@ class Op:
             needs two tensor inputs).
         linearize: the engine's rule (SPEC 7); None: ``torch.func.jvp`` under ``vmap``.
         pointwise: applied elementwise, so pointwise in space (an activation, METHOD 6).
+        normalizes: ``(fn, args, kwargs) -> k`` for an op that mixes only its last ``k`` axes
+            (a layer norm): pointwise in space where none of them is spatial.
         window: ``(fn, args, kwargs) -> Window`` for a 2-D window op (convolution, pooling).
         dense: ``call -> output at stride 1`` on the same input (METHOD 6, the alias measure).
         module: ``(node args, node kwargs) -> nn.Module | None``: a functional op as a module.
@@ -85,6 +87,7 @@ class Op:
     layer_type: Union[str, Callable[[fx.Node], str]] = "reshape/other"
     linearize: Rule | None = None
     pointwise: bool = False
+    normalizes: Callable[[Any, Sequence[Any], Mapping[str, Any]], int] | None = None
     window: WindowFn | None = None
     dense: Callable[[Call], Any] | None = None
     module: Callable[[tuple, dict], Union[nn.Module, None]] | None = None
@@ -207,6 +210,21 @@ def is_pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node`` applies a pointwise (elementwise) op."""
     op = get_op(gm, node)
     return op is not None and op.pointwise
+
+
+def is_pointwise_in_space(gm: fx.GraphModule, node: fx.Node, args: Sequence[Any], kwargs: Mapping[str, Any],
+                          spatial: Sequence[int]) -> bool:
+    """Whether ``node``, called on ``args``, acts on each position of the ``spatial`` axes of
+    its input on its own (METHOD 6): an elementwise op, or one that mixes only trailing axes
+    that are not spatial (a LayerNorm over channels)."""
+    op = get_op(gm, node)
+    if op is None or op.pointwise:
+        return op is not None
+    if op.normalizes is None or not args or not isinstance(args[0], torch.Tensor):
+        return False
+    fn = gm.get_submodule(node.target) if node.op == "call_module" else node.target
+    ndim = args[0].ndim
+    return all(d % ndim < ndim - op.normalizes(fn, args, kwargs) for d in spatial)
 
 
 def is_strided(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, Any] | None = None,
@@ -530,9 +548,19 @@ register_op(nn.modules.batchnorm._BatchNorm, layer_type="norm",  # abstract: a c
             example=lambda cls: module_example(3, shape=(2, 3, 4, 5, 6))(nn.BatchNorm3d))
 register_op(nn.BatchNorm2d, layer_type="norm", linearize=_batchnorm_rule, example=module_example(3))
 register_op(nn.BatchNorm1d, layer_type="norm", linearize=_batchnorm_rule, example=module_example(3, shape=(2, 3, 6)))
-register_op(nn.LayerNorm, nn.RMSNorm, layer_type="norm", example=module_example(10))
+def _module_normalizes(norm: nn.LayerNorm | nn.RMSNorm, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+    return len(norm.normalized_shape)
+
+
+def _functional_normalizes(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+    shape = _given(("normalized_shape",), args, kwargs)["normalized_shape"]
+    return 1 if isinstance(shape, int) else len(shape)
+
+
+register_op(nn.LayerNorm, nn.RMSNorm, layer_type="norm", normalizes=_module_normalizes, example=module_example(10))
 register_op(nn.GroupNorm, layer_type="norm", example=module_example(1, 3))
-register_op(F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm, layer_type="norm", example=call_example((10,)))
+register_op(F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm, layer_type="norm",
+            normalizes=_functional_normalizes, example=call_example((10,)))
 register_op(F.group_norm, torch.group_norm, layer_type="norm", example=call_example(3))
 _STATS = (torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
 register_op(F.batch_norm, layer_type="norm", example=call_example(*_STATS))
