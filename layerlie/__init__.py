@@ -8,6 +8,7 @@ from layerlie.errors import LayerlieError
 from layerlie.groups import Group, group, list_groups, register_group, resolve_groups
 from layerlie.lie import lee, lie_derivative, summarize
 from layerlie.models import load_model
+from layerlie.ops import Op, get_op, list_ops, register_op
 from layerlie.propagate import Propagator, propagate, register_rule
 from layerlie.surgery import antialias, list_policies, register_policy
 from layerlie.trace import trace
@@ -18,4 +19,5 @@ __all__ = [
     "antialias", "list_policies", "register_policy", "Ablation", "ablate", "list_variants", "aliasing", "with_aliasing",
     "IMAGE", "Attribution", "Layout", "attribute", "infer_layouts", "Frame", "Group", "Images", "LayerlieError", "group", "images", "lee", "lie_derivative", "list_groups",
     "list_schemes", "load_model", "photo_batch", "photos", "Propagator", "propagate", "register_rule", "trace", "register_group", "register_scheme", "resolve_groups", "summarize", "tangent",
+    "Op", "get_op", "list_ops", "register_op",
 ]

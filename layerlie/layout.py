@@ -27,10 +27,11 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 
 from layerlie.groups import Group
-from layerlie.propagate import Propagator, node_callable, pointwise_targets
+from layerlie import ops
+from layerlie.ops import Window, is_pointwise
+from layerlie.propagate import Propagator, node_callable
 from layerlie.tangent import Frame, tangent
 
 Kind = Literal["grid", "tokens", "none", "unknown", "tuple", "pair"]
@@ -130,35 +131,9 @@ def layout_tangent(h: torch.Tensor, layout: Layout, group: Group, scheme: str = 
     return torch.cat([torch.zeros_like(h.narrow(d, 0, p)), g], d)
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _window(fn: Any, args: Sequence[Any], kwargs: dict) -> tuple[tuple[int, int], ...] | None:
-    """(kernel, stride, padding, dilation) of a spatial window op, or None."""
-    if isinstance(fn, nn.Conv2d):
-        pad = fn.padding
-        if isinstance(pad, str):
-            pad = (0, 0) if pad == "valid" else tuple(d * (k - 1) // 2 for k, d in zip(fn.kernel_size, fn.dilation))
-        return _pair(fn.kernel_size), _pair(fn.stride), _pair(pad), _pair(fn.dilation)
-    if isinstance(fn, (nn.MaxPool2d, nn.AvgPool2d)):
-        stride = fn.stride if fn.stride is not None else fn.kernel_size
-        dil = getattr(fn, "dilation", 1)
-        return _pair(fn.kernel_size), _pair(stride), _pair(fn.padding), _pair(dil)
-    if fn in (F.max_pool2d, F.avg_pool2d, torch.max_pool2d, torch._C._nn.avg_pool2d):
-        names = ["kernel_size", "stride", "padding"]
-        vals = dict(zip(names, args[1:4]))
-        vals.update({k: v for k, v in kwargs.items() if k in names})
-        k = vals["kernel_size"]
-        s = vals.get("stride") or k
-        return _pair(k), _pair(s), _pair(vals.get("padding", 0)), (1, 1)
-    if fn is F.conv2d:
-        w = args[1]
-        s = kwargs.get("stride", args[3] if len(args) > 3 else 1)
-        p = kwargs.get("padding", args[4] if len(args) > 4 else 0)
-        d = kwargs.get("dilation", args[5] if len(args) > 5 else 1)
-        return tuple(w.shape[-2:]), _pair(s), _pair(p), _pair(d)
-    return None
+def _window(fn: Any, args: Sequence[Any], kwargs: dict) -> Window | None:
+    """(kernel, stride, padding, dilation) of a spatial window op, from the op registry, or None."""
+    return ops.window(fn, args, kwargs)
 
 
 def _norm_dim(d: int, ndim: int) -> int:
@@ -516,8 +491,3 @@ def unknown_layouts(gm: fx.GraphModule, x: torch.Tensor) -> tuple[list[fx.Node],
     tensors = [n for n in gm.graph.nodes if isinstance(prop.values.get(n), torch.Tensor)]
     return [n for n in tensors if prop.layouts[n.name].kind == "unknown"], len(tensors)
 
-
-def is_pointwise(gm: fx.GraphModule, n: fx.Node) -> bool:
-    """Whether ``n`` applies a registered pointwise activation."""
-    key = type(gm.get_submodule(n.target)) if n.op == "call_module" else n.target
-    return key in pointwise_targets()
