@@ -153,12 +153,13 @@ def test_figures_only_when_asked_and_custom_groups_in_ablate(capsys, tmp_path, m
 # --- custom groups ------------------------------------------------------------------------
 
 def test_custom_groups_from_the_cli_match_the_python_api(capsys, tmp_path):
-    (tmp_path / "groups.toml").write_text("[groups.tilt_file]\naffine = [[0, 0.5, 0], [0, 0, 0]]\n")
+    (tmp_path / "groups.toml").write_text("[groups.tilt_file]\naffine = [[0, 0.5, 0], [0, 0, 0]]\n"
+                                          "[groups.warm]\nchannel = [[1, 0, 0], [0, 0, 0], [0, 0, -1]]\n")
     code, out, _ = run_cli(capsys, "e2e", "test_resnet", "--n", "1", "--json", "--groups",
                            f"translate_x,affine:tx=0,0,1;0,0,0,{TILT_TEXT},{tmp_path / 'groups.toml'}")
     assert code == 0
     means = {g: r["mean"] for g, r in json.loads(out)["groups"].items()}
-    assert list(means) == ["translate_x", "tx", "tilt", "tilt_file"]
+    assert list(means) == ["translate_x", "tx", "tilt", "tilt_file", "warm"] and means["warm"] > 0
     assert means["tx"] == means["translate_x"] and means["tilt_file"] == means["tilt"]
     torch.manual_seed(0)  # the CLI's default --seed
     model = ll.load_model("test_resnet")
