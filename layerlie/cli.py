@@ -233,6 +233,14 @@ def _model_and_images(args: argparse.Namespace) -> tuple[torch.nn.Module, Images
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                        device=device, dtype=dtype)
     batch = images(args.images, model, args.n) if args.images else photo_batch(model, args.n)
+    try:  # a model built for other inputs fails here, in one line, rather than deep in a pass
+        with torch.no_grad():
+            model(batch.x[:1])
+    except RuntimeError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        shape = tuple(batch.x.shape[1:])
+        raise LayerlieError(f"model {args.model!r} fails on images of shape {shape} ({first}); give it a timm "
+                            "pretrained_cfg with its input_size, or use a model for this input") from None
     return model, batch
 
 

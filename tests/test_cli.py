@@ -236,3 +236,14 @@ def test_expected_errors_are_one_line(capsys, args, message):
     code, out, err = run_cli(capsys, *args)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert re.search(message, err), err
+
+
+def test_a_model_for_other_inputs_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    (tmp_path / "graynets.py").write_text(
+        "import torch\n"
+        "def gray():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = run_cli(capsys, "e2e", "graynets:gray", "--n", "1")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "'graynets:gray' fails on images of shape (3, 224, 224) (Given groups=1" in err
