@@ -111,10 +111,11 @@ def _pretrained(name: str, **kwargs: object) -> nn.Module:
         overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=cached)
         return _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     host = hf_constants.ENDPOINT if cfg.hf_hub_id else cfg.url
-    if hf_constants.HF_HUB_OFFLINE or not _reachable(host):
-        raise LayerlieError(f"cannot download pretrained weights for {name!r} (no network to "
-                            f"{urlsplit(host).hostname}): pass local weights with checkpoint=FILE "
-                            "(--checkpoint FILE)")
+    offline = "HF_HUB_OFFLINE is set" if hf_constants.HF_HUB_OFFLINE else None
+    if offline or not _reachable(host):
+        reason = offline or f"no network to {urlsplit(host).hostname}"
+        raise LayerlieError(f"cannot download pretrained weights for {name!r} ({reason}): pass local weights "
+                            "with checkpoint=FILE (--checkpoint FILE)")
     return _create(name, pretrained=True, **kwargs)
 
 
@@ -137,9 +138,9 @@ def _cached_weights(hf_hub_id: str | None, hf_filename: str | None, url: str | N
             if isinstance(path, str):
                 return path
     if url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlsplit(url).path)
-        if path.is_file():
-            return str(path)
+        hub_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlsplit(url).path)
+        if hub_file.is_file():
+            return str(hub_file)
     return None
 
 

@@ -87,7 +87,7 @@ def test_pretrained_without_network_fails_fast_in_one_line(capsys, offline):
 def test_pretrained_offline_mode_does_not_wait(offline, monkeypatch):
     monkeypatch.setattr(models, "_reachable", lambda url: pytest.fail("offline mode must not connect"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ll.LayerlieError, match="no network to .*checkpoint=FILE"):
+    with pytest.raises(ll.LayerlieError, match=r"\(HF_HUB_OFFLINE is set\): .*checkpoint=FILE"):
         ll.load_model("resnet18", pretrained=True)
 
 
