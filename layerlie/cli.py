@@ -6,6 +6,7 @@ import argparse
 import difflib
 import fnmatch
 import json
+import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -274,6 +275,20 @@ def write_table(table: pd.DataFrame, out: Path) -> None:
                             "path") from None
 
 
+def to_json(payload: object) -> str:
+    """Strict JSON: NaN and inf (a spread over one image, say) become null."""
+    def finite(v: object) -> object:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(payload), default=str, allow_nan=False)
+
+
 def progress_bar() -> Progress:
     err = Console(stderr=True)  # off when stderr is a file or pipe, where it would leave a blank line
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -294,9 +309,9 @@ def cmd_e2e(args: argparse.Namespace) -> int:
         write_table(table, out)
     stats = summarize(table)
     if args.json:
-        print(json.dumps({"model": args.model, "scheme": args.scheme, "method": args.method,
-                          "images": len(batch.x),
-                          "groups": {g: {"mean": r["mean"], "std": r["std"]} for g, r in stats.iterrows()}}))
+        print(to_json({"model": args.model, "scheme": args.scheme, "method": args.method,
+                       "images": len(batch.x),
+                       "groups": {g: {"mean": r["mean"], "std": r["std"]} for g, r in stats.iterrows()}}))
         return 0
     grid = Table(title=f"{args.model}: end-to-end LEE over {len(batch.x)} images ({args.scheme} scheme)")
     grid.add_column("group")
@@ -380,9 +395,9 @@ def cmd_aliasing(args: argparse.Namespace) -> int:
         write_table(measured.assign(model=args.model), out)
     shown = measured if args.all else measured[measured["flagged"]]
     if args.json:
-        print(json.dumps({"model": args.model, "thresholds": ALIAS_THRESHOLDS, "measured": len(measured),
-                          "flagged": shown[shown["flagged"]][["node", "alias_kind", "alias_ratio"]]
-                          .to_dict(orient="records")}))
+        print(to_json({"model": args.model, "thresholds": ALIAS_THRESHOLDS, "measured": len(measured),
+                       "flagged": shown[shown["flagged"]][["node", "alias_kind", "alias_ratio"]]
+                       .to_dict(orient="records")}))
         return 0
     grid = Table(title=f"{args.model}: {int(measured['flagged'].sum())} of {len(measured)} measured nodes "
                        f"flagged (thresholds {ALIAS_THRESHOLDS})")
@@ -428,8 +443,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         except OSError as err:
             raise LayerlieError(f"cannot write --plot {args.plot!r} ({err.strerror})") from None
     if args.json:
-        print(json.dumps({"model": args.model, "images": len(batch.x), "settings": result.settings,
-                          "variants": result.table.to_dict(orient="records")}, default=str))
+        print(to_json({"model": args.model, "images": len(batch.x), "settings": result.settings,
+                       "variants": result.table.to_dict(orient="records")}))
         return 0
     groups = result.settings["groups"]
     grid = Table(title=f"{args.model}: anti-aliased variants over {len(batch.x)} images ({args.scheme} scheme)")

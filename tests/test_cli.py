@@ -168,6 +168,16 @@ def test_custom_groups_from_the_cli_match_the_python_api(capsys, tmp_path):
     assert abs(means["tilt"] - api) <= TOL[torch.float32] * api
 
 
+def test_json_is_strict_with_one_image(capsys):
+    code, out, _ = run_cli(capsys, "e2e", "test_resnet", "--n", "1", "--groups", "translate_x", "--json")
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    summary = json.loads(out, parse_constant=refuse)
+    assert code == 0 and summary["groups"]["translate_x"]["std"] is None
+
+
 def test_layers_takes_a_custom_group(capsys):
     code, out, _ = run_cli(capsys, "layers", "test_resnet", "--n", "1", "--group", TILT_TEXT, "--json")
     summary = json.loads(out)
