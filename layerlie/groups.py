@@ -172,6 +172,10 @@ def group(spec: str | Group) -> Group:
     return _GROUPS[spec]
 
 
+get_group = group
+"""The registry's ``get_*`` name for :func:`group`."""
+
+
 def resolve_groups(spec: str | Group | Iterable[str | Group]) -> list[Group]:
     """Groups from ``"all"`` (the ten built-ins), a comma-separated string, or a list."""
     if isinstance(spec, Group):

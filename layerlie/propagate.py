@@ -75,6 +75,16 @@ def register_rule(*targets: Any) -> Callable[[Rule], Rule]:
     return deco
 
 
+def get_rule(target: Any) -> Rule | None:
+    """The rule registered for a call target, or None (then ``torch.func.jvp`` of the op is used)."""
+    return _RULES.get(target)
+
+
+def list_rules() -> list[Any]:
+    """The call targets that have a registered rule."""
+    return list(_RULES)
+
+
 def node_callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
     """The function that ``node`` applies to its arguments."""
     if node.op == "call_module":
