@@ -208,16 +208,25 @@ def out_of_place(graph: fx.Graph, root: nn.Module) -> None:
                 user.replace_input_with(written, n)
 
 
+def _is_view(n: fx.Node) -> bool:
+    return n.op in ("call_method", "call_function") and _name(n) in _VIEWS and bool(n.args) \
+        and isinstance(n.args[0], fx.Node)
+
+
 def _check_no_alias(written: fx.Node, n: fx.Node, order: dict[fx.Node, int]) -> None:
-    """An in-place write into a view also changes the viewed tensor: refuse it when that tensor
-    is read after ``n``, since the out-of-place rewrite cannot follow."""
-    node = written
-    while node.op in ("call_method", "call_function") and _name(node) in _VIEWS and node.args \
-            and isinstance(node.args[0], fx.Node):
+    """An in-place write into a tensor also changes the tensors that share its memory (the one
+    it views, the views taken of it): refuse it when one of them is read after ``n``, since the
+    out-of-place rewrite cannot follow."""
+    shared, node = [], written
+    while _is_view(node):
         node = node.args[0]
-        if any(order[u] > order[n] for u in node.users):
-            raise TraceError(f"node {n.format_node()} writes in place into a view of {node.name}, which is "
-                             "read afterwards; write it out of place in the model (y = x + z, not x += z)")
+        shared.append(node)
+    shared += [u for u in written.users if order[u] < order[n] and _is_view(u)]
+    for other in shared:
+        if any(order[u] > order[n] for u in other.users):
+            raise TraceError(f"node {n.format_node()} writes in place into {written.name}, which shares memory "
+                             f"with {other.name}, read afterwards; write it out of place in the model "
+                             "(y = x + z, not x += z)")
 
 
 def with_output(gm: fx.GraphModule, output: str) -> tuple[fx.GraphModule, str]:

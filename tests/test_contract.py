@@ -113,8 +113,18 @@ def test_inplace_ops_that_cannot_be_rewritten_are_errors():
             v.relu_()
             return x.mean((2, 3)) + v.mean(-1, keepdim=True)
 
-    with pytest.raises(ll.TraceError, match=r"writes in place into a view of x, which is read afterwards"):
+    with pytest.raises(ll.TraceError, match=r"writes in place into view, which shares memory with x, read afterwards"):
         ll.trace(IntoAView())
+
+    class ViewedBefore(nn.Module):
+        def forward(self, x):
+            h = x * 2
+            v = h[:, :1]
+            h.relu_()
+            return (h + v).mean((2, 3))
+
+    with pytest.raises(ll.TraceError, match=r"writes in place into mul, which shares memory with getitem, read"):
+        ll.trace(ViewedBefore())
 
     class Aliased(nn.Module):  # fx records x += y as x + y: the alias keeps the old value
         def forward(self, x):
