@@ -24,8 +24,6 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -125,13 +123,6 @@ def check_trace(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, *, softma
                          "control flow, nor x += y on a tensor that is read again: write y = x + z there")
 
 
-_INPLACE_OPERATORS: dict[Callable[..., Any], Callable[..., Any]] = {
-    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-    operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv, operator.imod: operator.mod,
-    operator.ipow: operator.pow, operator.imatmul: operator.matmul, operator.iand: operator.and_,
-    operator.ior: operator.or_, operator.ixor: operator.xor, operator.ilshift: operator.lshift,
-    operator.irshift: operator.rshift,
-}
 # Ops that return a view of their first argument: writing into the view writes into it too.
 _VIEWS = {"view", "view_as", "reshape", "flatten", "unflatten", "narrow", "select", "transpose", "permute",
           "expand", "expand_as", "squeeze", "unsqueeze", "t", "movedim", "swapaxes", "diagonal", "unfold",
@@ -163,15 +154,13 @@ def _mutates(root: nn.Module, n: fx.Node) -> bool:
         return getattr(root.get_submodule(n.target), "inplace", None) is True
     if n.op not in ("call_function", "call_method"):
         return False
-    return (n.target in _INPLACE_OPERATORS or n.target is operator.setitem or _trailing_underscore(_name(n))
+    return (n.target is operator.setitem or _trailing_underscore(_name(n))
             or n.kwargs.get("inplace") is True or _inplace_flag(n) is not None)
 
 
 def _twin(n: fx.Node) -> bool:
     """Make ``n`` its out-of-place twin; False when it has none."""
-    if n.op == "call_function" and n.target in _INPLACE_OPERATORS:
-        n.target = _INPLACE_OPERATORS[n.target]
-    elif (bound := _inplace_flag(n)) is not None:
+    if (bound := _inplace_flag(n)) is not None:
         bound.arguments["inplace"] = False
         n.args, n.kwargs = bound.args, bound.kwargs
     elif n.op == "call_method" and callable(getattr(torch.Tensor, _name(n)[:-1], None)):
@@ -186,6 +175,9 @@ def _twin(n: fx.Node) -> bool:
 def out_of_place(graph: fx.Graph, root: nn.Module) -> None:
     """Rewrite every in-place op of ``graph`` as its out-of-place twin, in place. The later
     users of the argument it wrote into read its result instead, which is what they saw.
+
+    ``x += y`` needs no rewrite: fx proxies have no ``__iadd__``, so the tracer records
+    ``x + y`` (and :func:`check_trace` catches a model that reads the old ``x`` afterwards).
 
     Raises:
         TraceError: naming a node left in place (no twin, or it writes into a view of a tensor
