@@ -77,7 +77,7 @@ class Attribution:
     nodes: pd.DataFrame
     total: torch.Tensor
     residual: float
-    check: str = "completeness"
+    check: str = CHECKS["exact"]
     defects: Mapping[str, torch.Tensor] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
