@@ -158,9 +158,11 @@ def _mutates(root: nn.Module, n: fx.Node) -> bool:
             or n.kwargs.get("inplace") is True or _inplace_flag(n) is not None)
 
 
-def _twin(n: fx.Node) -> bool:
+def _twin(root: nn.Module, n: fx.Node) -> bool:
     """Make ``n`` its out-of-place twin; False when it has none."""
-    if (bound := _inplace_flag(n)) is not None:
+    if n.op == "call_module":
+        root.get_submodule(n.target).inplace = False
+    elif (bound := _inplace_flag(n)) is not None:
         bound.arguments["inplace"] = False
         n.args, n.kwargs = bound.args, bound.kwargs
     elif n.op == "call_method" and callable(getattr(torch.Tensor, _name(n)[:-1], None)):
@@ -188,7 +190,7 @@ def out_of_place(graph: fx.Graph, root: nn.Module) -> None:
     for n in nodes:
         if not _mutates(root, n):
             continue
-        if not _twin(n):
+        if not _twin(root, n):
             raise TraceError(f"node {n.format_node()} modifies a tensor in place and has no out-of-place "
                              "twin; write it out of place in the model (y = f(x), not x.f_())")
         written = n.args[0] if n.args else None
