@@ -39,8 +39,8 @@ def main() -> None:
         gm = ll.trace(model, x)
         a = ll.attribute(gm, x[:2], "rotate")
         t_exact = cuda_time(lambda: ll.attribute(gm, x, "translate_x"), 1)
-        t_shares = cuda_time(lambda: ll.attribute(gm, x, "translate_x", method="shares"), 1)
-        ab = ll.ablate(gm, x, variants=["blurpool", "all"], groups=["translate_x"], method="shares").table
+        t_shares = cuda_time(lambda: ll.attribute(gm, x, "translate_x", estimator="shares"), 1)
+        ab = ll.ablate(gm, x, variants=["blurpool", "all"], groups=["translate_x"], estimator="shares").table
         print(f"{name}: fwd {t_fwd * 1e3:.2f} ms, lee 1 group {t_one / t_fwd:.2f} fwd, 10 groups {t_all / t_fwd:.2f} fwd,"
               f" double backward / ours {t_db / t_all:.2f}, attribution residual {a.residual:.1e}; batch 8:"
               f" exact {t_exact:.2f} s, shares {t_shares:.2f} s; LEE reduction blurpool"

@@ -1,8 +1,8 @@
 """Attribution cost against the published layer-wise method, as ratios measured in one run.
 
 For each model (random init, seed 0, a batch of embedded photos, one group):
-- the published method (baseline, below) / ``attribute(method="exact")`` (goal >= 3);
-- the baseline / ``attribute(method="shares")`` (goal >= 30);
+- the published method (baseline, below) / ``attribute(estimator="exact")`` (goal >= 3);
+- the baseline / ``attribute(estimator="shares")`` (goal >= 30);
 - peak memory added by exact attribution / by one forward-with-grad (forward, then backward
   of a random projection of the softmax) (goal <= 3, with chunking: ``--memory-budget``);
 - the defects pass (every node's ``G_v h_v`` and ``e_v``) / one no-grad forward of the graph.
@@ -178,7 +178,7 @@ def check(models: list[str], batch: int, group: ll.Group, probes: int) -> None:
     for name in models:
         model, x = _setup(name, batch)
         gm = ll.trace(model, x)
-        exact = ll.attribute(gm, x, group, "exact", scheme="published", coords="published").nodes.set_index("node")
+        exact = ll.attribute(gm, x, group, estimator="exact", scheme="published", coords="published").nodes.set_index("node")
         base = published_layerwise(model, x, group, probes)
         pairs = [(k, float(v.square().sum().sqrt()), exact.loc[k.split("#")[0].replace(".", "_"), "contribution_norm"])
                  for k, v in base.items() if k.endswith("#0") and k[:-2].replace(".", "_") in exact.index]
@@ -216,7 +216,7 @@ def _probe(name: str, kind: str, args: argparse.Namespace) -> None:
         (model(x).softmax(-1) * z).sum().backward()
         extra = {}
     else:
-        a = ll.attribute(gm, x, args.group, "exact", memory_budget=args.memory_budget * args.batch)
+        a = ll.attribute(gm, x, args.group, estimator="exact", memory_budget=args.memory_budget * args.batch)
         extra = dict(sources=int((a.nodes["local_norm"] > 0).sum()),
                      reaching=int((a.nodes["contribution_norm"] > 0).sum()), residual=a.residual)
     seconds = time.perf_counter() - start
@@ -277,7 +277,7 @@ def main() -> None:
             gm(x)
             t_fwd = best_time(lambda: gm(x), args.repeat, warmup=False)
             t_defects = best_time(lambda: _Defects(gm, x, group, "central", "receptive_field"), args.repeat, warmup=False)
-        t_shares = best_time(lambda: ll.attribute(gm, x, group, "shares"), args.repeat, warmup=False)
+        t_shares = best_time(lambda: ll.attribute(gm, x, group, estimator="shares"), args.repeat, warmup=False)
         torch.manual_seed(0)
         start = time.perf_counter()
         base = published_layerwise(model, x, group, args.probes)

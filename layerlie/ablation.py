@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from layerlie.attribution import ESTIMATORS, LAYER_TYPES, Estimator, attribute
+from layerlie.attribution import CHECKS, ESTIMATORS, LAYER_TYPES, Estimator, attribute
 from layerlie.errors import LayerlieError
 from layerlie.groups import resolve_groups
 from layerlie.lie import check_images, lee, summarize
@@ -43,6 +43,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
 with filtered nonlinearities, ``all`` adds adaptive polyphase sampling after the blur."""
 
 
+def register_variant(name: str, **options: Any) -> None:
+    """Make ``name`` a variant of :func:`ablate`: the model after ``antialias(model, **options)``."""
+    VARIANTS[name] = dict(options)
+
+
+def get_variant(name: str) -> dict[str, Any]:
+    """The :func:`layerlie.antialias` options of a variant."""
+    if name not in VARIANTS:
+        raise LayerlieError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    return dict(VARIANTS[name])
+
+
+def list_variants() -> list[str]:
+    """The names :func:`ablate` accepts."""
+    return list(VARIANTS)
+
+
 @dataclass
 class Ablation:
     """A before/after comparison of anti-aliased variants of one model (METHOD 6).
@@ -52,9 +69,10 @@ class Ablation:
             ``lee_<group>`` (mean end-to-end LEE), ``factor_<group>`` (original LEE / variant
             LEE), residual (completeness of its attribution), top1_agreement (with the
             original), output_change (mean total-variation distance of the softmax from the
-            original's), accuracy (with labels).
+            original's), accuracy (with labels); ``residual`` is the estimator's check
+            (``settings["check"]`` names it).
         by_type: contribution to ``L F`` per layer type (rows) and variant (columns).
-        settings: groups, the attributed group, method, scheme, filter size, images.
+        settings: groups, the attributed group, estimator, check, scheme, filter size, images.
     """
 
     table: pd.DataFrame
@@ -83,21 +101,21 @@ class Ablation:
         return fig
 
 
-def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor,
+def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
            variants: Iterable[str] = ("blurpool", "filtered", "aps", "all"),
            groups: str | Iterable[str] = ("translate_x", "rotate"), labels: torch.Tensor | None = None,
-           method: Estimator = "exact", scheme: str = "central", filter_size: int = 3,
+           estimator: Estimator = "exact", scheme: str = "central", filter_size: int = 3,
            where: Where = None) -> Ablation:
     """Compare ``model`` with its anti-aliased variants at images ``x: (B, C, H, W)`` (METHOD 6).
 
     Args:
         model: a model or a traced GraphModule (never modified).
         x: images, normalized as the model expects.
-        variants: names from :data:`VARIANTS`; one that finds nothing to replace is left out
+        variants: names from :func:`list_variants`; one that finds nothing to replace is left out
             with a warning (an error when none applies).
         groups: the groups of the end-to-end LEE; the first is also attributed per layer.
         labels: ``(B,)`` class indices, for accuracy.
-        method: the attribution estimator for the by-type table.
+        estimator: the attribution estimator for the by-type table, as in :func:`layerlie.attribute`.
         scheme: the derivative scheme everywhere.
         filter_size: binomial taps of the substitutes.
         where: which nodes to replace, as for :func:`layerlie.antialias`.
@@ -109,8 +127,8 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor,
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise LayerlieError(f"unknown variant(s) {unknown or variants}; valid variants: {', '.join(VARIANTS)}")
-    if method not in ESTIMATORS:
-        raise LayerlieError(f"unknown method {method!r}; valid methods: {', '.join(ESTIMATORS)}")
+    if estimator not in ESTIMATORS:
+        raise LayerlieError(f"unknown estimator {estimator!r}; valid estimators: {', '.join(ESTIMATORS)}")
     chosen = resolve_groups(groups)
     gs = [g.name for g in chosen]
     check_images(x, input_channels(model) if not isinstance(model, fx.GraphModule) else None)
@@ -122,18 +140,18 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor,
     skipped = []
     for v in variants:
         try:
-            models[v] = antialias(original, **VARIANTS[v], filter_size=filter_size, where=where, example=x)
+            models[v] = antialias(original, **get_variant(v), filter_size=filter_size, where=where, example=x)
         except NothingToReplace as err:
             skipped.append(f"{v}: {err}")
     if skipped and len(models) == 1:
         raise LayerlieError("no variant applies; " + "; ".join(skipped))
     if skipped:
         warnings.warn("variant left out, " + "; ".join(skipped), stacklevel=2)
-    value = "share" if method == "shares" else "contribution_norm"
+    value = "share" if estimator == "shares" else "contribution_norm"
     rows, by_type, reference = [], {}, None
     for name, gm in models.items():  # the original first: its softmax is the reference
         table = summarize(lee(with_output(gm, "logits")[0], x, chosen, scheme=scheme))
-        a = attribute(gm, x, chosen[0], method=method, scheme=scheme)
+        a = attribute(gm, x, chosen[0], estimator=estimator, scheme=scheme)
         by_type[name] = a.by_type()[value]
         with torch.no_grad():
             probs = with_output(gm, "softmax")[0](x)
@@ -151,11 +169,7 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor,
         result[f"factor_{g}"] = result[f"lee_{g}"].iloc[0] / result[f"lee_{g}"]
     types = pd.DataFrame(by_type)
     types = types.reindex([t for t in LAYER_TYPES if t in types.index])
-    settings = dict(groups=gs, group=gs[0], method=method, scheme=scheme, filter_size=filter_size,
+    settings = dict(groups=gs, group=gs[0], estimator=estimator, check=CHECKS[estimator], scheme=scheme,
+                    filter_size=filter_size,
                     images=int(x.shape[0]), by_type_value=value, variants=[v for v in variants if v in models])
     return Ablation(result, types.fillna(0.0), settings)
-
-
-def list_variants() -> Sequence[str]:
-    """The names :func:`ablate` accepts."""
-    return list(VARIANTS)

@@ -2,7 +2,11 @@
 
 Every node ``v`` has a local defect ``e_v = sum_p J_{v<-p}[G_p h_p] - G_v h_v`` and a
 contribution ``c_v = J_{out<-v}[e_v]``; by the chain rule ``L F(x) = sum_v c_v`` exactly.
-The completeness residual ``||L F - sum_v c_v|| / ||L F||`` is reported on every run.
+
+Each estimator reports the check that fits it (METHOD 4), against an ``L F`` computed
+independently of the parts: ``torch.func.jvp`` of the whole GraphModule, not the
+linearization rules of :mod:`layerlie.propagate` that give the defects. Completeness
+telescopes, so a total made by the same rules would hide any wrong rule.
 
 Estimators of ``c_v`` (METHOD 4):
 - ``"exact"``: forward-mode propagation of every ``e_v`` to the output, the sources stacked
@@ -15,17 +19,17 @@ Example:
     >>> import layerlie as ll
     >>> m = ll.load_model("resnet18")
     >>> a = ll.attribute(m, ll.photos(m, n=1)[..., ::4, ::4], "translate_x")
-    >>> a.residual < 1e-4
-    True
+    >>> a.check, a.residual < 1e-4
+    ('completeness residual', True)
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import pandas as pd
 import torch
@@ -37,15 +41,20 @@ from layerlie.errors import LayerlieError
 from layerlie.groups import Group, group as get_group
 from layerlie.layout import NONE, Coords, Layout, LayoutProp, layout_tangent
 from layerlie.hooks import module_contributions, module_cotangents, module_defects
-from layerlie.lie import check_images, exact_math, jvp_ready
+from layerlie.lie import check_images, exact_math, jvp_ready, push_tangents
 from layerlie.models import input_channels
-from layerlie.ops import LAYER_TYPES, is_strided, layer_type, module_type, op_key, register_layer_type
+from layerlie.ops import (LAYER_TYPES, get_layer_type, is_strided, layer_type, list_layer_types, module_type, op_key,
+                          register_layer_type)
 from layerlie.propagate import Propagator, Recorder, bind, linearize
 from layerlie.tangent import check_scheme, tangent
 from layerlie.trace import TraceError, trace, with_output
 
 Estimator = Literal["exact", "shares", "hutchinson"]
 ESTIMATORS = ("exact", "shares", "hutchinson")
+CHECKS = {"exact": "completeness residual", "shares": "share-sum residual", "hutchinson": "not checkable"}
+"""The check each estimator reports (METHOD 4): the completeness residual
+``||L F - sum_v c_v|| / ||L F||``, the share-sum residual ``|sum_v share_v - 1|``; Hutchinson's
+norms admit none (``residual`` is NaN)."""
 
 
 @dataclass
@@ -56,14 +65,20 @@ class Attribution:
         nodes: one row per graph node: node, op, target, module, layer_type, depth, layout,
             local_norm, contribution_norm, share, stderr, position_mismatch (where the inputs
             of an op disagree on their sample positions, METHOD 5; else empty).
-        total: ``L F(x)``, from the end-to-end propagation of ``G x``.
-        residual: ``||L F - sum_v c_v|| / ||L F||`` (absolute when ``L F`` is about 0).
-        settings: group, scheme, method, output, coords, dtype.
+        total: ``L F(x)``, by forward-mode AD of the whole model (independent of the parts).
+        residual: the value of ``check``: ``||L F - sum_v c_v|| / ||L F||`` (exact),
+            ``|sum_v share_v - 1|`` (shares), NaN (Hutchinson); absolute when ``L F`` is about 0.
+        check: its name, from :data:`CHECKS`.
+        defects: the local defect ``e_v`` of every node where it is not zero, by node name,
+            shaped like the node's output (nodes absent from it have ``e_v = 0``).
+        settings: group, scheme, estimator, output, coords, dtype.
     """
 
     nodes: pd.DataFrame
     total: torch.Tensor
     residual: float
+    check: str = CHECKS["exact"]
+    defects: Mapping[str, torch.Tensor] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -87,17 +102,23 @@ class Attribution:
         return agg.sort_values("contribution_norm", ascending=False)
 
     def summary(self, top: int = 10) -> str:
-        """The top nodes, the share by type, and the completeness residual, as text."""
+        """The top nodes, the share by type, and the estimator's check, as text."""
         s = self.settings
-        lines = [f"{s.get('model', 'model')}: {s['group']} ({s['scheme']} scheme, {s['method']}), "
+        lines = [f"{s.get('model', 'model')}: {s['group']} ({s['scheme']} scheme, {s['estimator']}), "
                  f"|L F| = {float(self.total.norm()):.3e}"]
         cols = ["node", "layer_type", "layout", "local_norm", "contribution_norm", "share"]
         ranked = self.nodes.sort_values("contribution_norm", ascending=False, na_position="last")
         lines.append(ranked[cols].head(top).to_string(index=False))
         lines.append(self.by_type().to_string())
-        kind = "absolute" if self.degenerate else "relative"
-        lines.append(f"completeness residual ({kind}): {self.residual:.2e}")
+        lines.append(self.check_line())
         return "\n".join(lines)
+
+    def check_line(self) -> str:
+        """The check by its name and its value, e.g. ``completeness residual (relative): 3.1e-07``."""
+        if self.check == CHECKS["hutchinson"]:
+            return f"{self.check} (Hutchinson estimates norms, not vectors): nan"
+        kind = "absolute" if self.degenerate else "relative"
+        return f"{self.check} ({kind}): {self.residual:.2e}"
 
     def plot(self, ax: Any = None) -> Any:
         """Contribution by depth (left) and share by layer type (right). Returns the figure."""
@@ -200,9 +221,9 @@ def _propagate_sources(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Nod
     return tan
 
 
-def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group | str,
-              method: Estimator = "exact", scheme: str = "central", output: str = "softmax",
-              probes: int = 100, coords: Coords = "receptive_field",
+def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group | str, *,
+              estimator: Estimator = "exact", scheme: str = "central", output: str = "softmax",
+              probes: int = 100, seed: int = 0, coords: Coords = "receptive_field",
               memory_budget: float = 1e8, granularity: Literal["node", "module"] = "node") -> Attribution:
     """Attribute the Lie derivative of ``model`` at ``x`` to the nodes of its graph (METHOD 3-4).
 
@@ -210,22 +231,26 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         model: a model (traced here) or a GraphModule from :func:`layerlie.trace`.
         x: images ``(B, C, H, W)``.
         group: the group or its name.
-        method: ``"exact"``, ``"shares"`` or ``"hutchinson"``.
+        estimator: ``"exact"`` (contributions ``c_v``), ``"shares"`` (signed shares from one
+            reverse pass) or ``"hutchinson"`` (the published probe estimate of ``||c_v||``).
         scheme: derivative scheme for every ``G_v``.
         output: ``"softmax"`` (published), ``"logits"``, or a node name (features).
         probes: Hutchinson probes.
+        seed: seeds the random probes (Hutchinson, and the reach test of the exact estimator)
+            on a generator of their own; the global random state is left alone.
         coords: ``"receptive_field"`` sample positions (METHOD 5) or the ``"published"``
             per-tensor ``[-1, 1]`` convention.
-        memory_budget: bytes for one chunk of stacked source tangents (exact method).
+        memory_budget: bytes for one chunk of stacked source tangents (exact estimator).
         granularity: ``"node"`` (the fx graph) or ``"module"`` (leaf-module forward hooks,
             :mod:`layerlie.hooks`). A model that fx cannot trace falls back to ``"module"``
             with a one-line warning that says why.
 
     Returns:
-        An :class:`Attribution`; ``settings["granularity"]`` says which.
+        An :class:`Attribution` with its check (``a.check``, ``a.residual``);
+        ``settings["granularity"]`` says which.
     """
-    if method not in ESTIMATORS:
-        raise LayerlieError(f"unknown method {method!r}; valid methods: {', '.join(ESTIMATORS)}")
+    if estimator not in ESTIMATORS:
+        raise LayerlieError(f"unknown estimator {estimator!r}; valid estimators: {', '.join(ESTIMATORS)}")
     check_scheme(scheme)
     check_images(x, input_channels(model) if not isinstance(model, fx.GraphModule) else None)
     g = get_group(group)
@@ -233,8 +258,9 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         raise LayerlieError(f"group {g.name!r} is a compatibility map, not a group; attribution needs a group")
     if granularity not in ("node", "module"):
         raise LayerlieError(f"unknown granularity {granularity!r}; use 'node' or 'module'")
+    options = _Options(g, estimator, scheme, output, probes, seed, coords, memory_budget)
     if granularity == "module":
-        return _attribute_modules(model, x, g, method, scheme, output, probes, coords)
+        return _attribute_modules(model, x, options)
     if isinstance(model, fx.GraphModule):
         gm = model
     else:
@@ -242,26 +268,41 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
             gm = _traced(model, x)
         except TraceError as err:
             warnings.warn(f"{err}; attributing at module granularity with forward hooks", stacklevel=2)
-            return _attribute_modules(model, x, g, method, scheme, output, probes, coords)
+            return _attribute_modules(model, x, options)
     with exact_math():
-        result = _attribute_graph(gm, x, g, method, scheme, output, probes, coords, memory_budget)
+        result = _attribute_graph(gm, x, options)
     result.settings["model"] = type(model).__name__
     return result
 
 
-def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, g: Group, method: Estimator, scheme: str,
-                     output: str, probes: int, coords: Coords, memory_budget: float) -> Attribution:
-    gm, out_name = with_output(gm, output)
+class _Options(NamedTuple):
+    group: Group
+    estimator: Estimator
+    scheme: str
+    output: str
+    probes: int
+    seed: int
+    coords: Coords
+    memory_budget: float
+
+    def settings(self, **more: Any) -> dict[str, Any]:
+        return dict(group=self.group.name, scheme=self.scheme, estimator=self.estimator, output=self.output,
+                    coords=self.coords, **more)
+
+
+def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attribution:
+    gm, out_name = with_output(gm, o.output)
+    rng = torch.Generator(device=x.device).manual_seed(o.seed)
     with torch.no_grad(), jvp_ready(gm):
-        defects = _Defects(gm, x, g, scheme, coords)
+        defects = _Defects(gm, x, o.group, o.scheme, o.coords)
         out_node = next(n for n in gm.graph.nodes if n.name == out_name)
         y = defects.values[out_node]
         if y.ndim == 0 or y.shape[0] != x.shape[0]:
-            raise LayerlieError(f"output {output!r} has shape {tuple(y.shape)}, with no batch axis; choose "
+            raise LayerlieError(f"output {o.output!r} has shape {tuple(y.shape)}, with no batch axis; choose "
                                 "a node whose first axis is the batch")
         x_node = next(iter(gm.graph.nodes))
-        total = Propagator(gm, primal=defects.values).propagate(x, defects.g[x_node][None])[1]
-        total = total[0] if total is not None else torch.zeros_like(y)
+        # L F by autograd's forward mode through the module's own code: no rule of the registry
+        total = push_tangents(gm, x, defects.g[x_node][None])[1][0]
         if defects.g[out_node] is not None:
             total = total - defects.g[out_node]
         sources = _sources(defects)
@@ -269,12 +310,12 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, g: Group, method: Esti
         shares: dict[fx.Node, float] = {}
         stderr: dict[fx.Node, float] = {}
         summed = torch.zeros_like(total)
-        if method == "exact":
-            per = int(memory_budget // max(1, _largest_bytes(defects)))
+        if o.estimator == "exact":
+            per = int(o.memory_budget // max(1, _largest_bytes(defects)))
             if per < 1:
-                raise LayerlieError(f"memory_budget={memory_budget:.0f} bytes is too small for one source "
+                raise LayerlieError(f"memory_budget={o.memory_budget:.0f} bytes is too small for one source "
                                     f"({_largest_bytes(defects)} bytes per stacked activation); raise it")
-            live = _reaching(gm, x, sources, y)
+            live = _reaching(gm, x, sources, y, rng)
             for n in sources:
                 if n not in live:
                     contrib[n] = shares[n] = 0.0
@@ -285,53 +326,67 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, g: Group, method: Esti
                     contrib[n] = float(cv.norm())
                     shares[n] = float((cv * total).sum())
                     summed += cv
-    if method == "shares":
-        shares, summed = _shares(gm, x, sources, defects, total)
-    elif method == "hutchinson":
-        contrib, stderr = _hutchinson(gm, x, sources, defects, probes)
-        summed = total  # Hutchinson estimates norms, not vectors: completeness is not checkable
-    lf2, degenerate, residual = _completeness(total, summed, y)
+    if o.estimator == "shares":
+        shares = _shares(gm, x, sources, defects, total)
+    elif o.estimator == "hutchinson":
+        contrib, stderr = _hutchinson(gm, x, sources, defects, o.probes, rng)
+    lf2, degenerate = _squared_norm(total, y)
+    residual = _check(o.estimator, total, summed, shares.values(), lf2, degenerate)
     table = _table(gm, defects, contrib, shares, stderr, lf2, degenerate)
-    settings = dict(group=g.name, scheme=scheme, method=method, output=output, coords=coords,
-                    dtype=str(x.dtype), degenerate=degenerate, granularity="node")
-    return Attribution(table, total, residual, settings)
+    settings = o.settings(dtype=str(x.dtype), degenerate=degenerate, granularity="node")
+    e = {n.name: defects.e[n] for n in sources}
+    return Attribution(table, total, residual, CHECKS[o.estimator], e, settings)
 
 
-def _completeness(total: torch.Tensor, summed: torch.Tensor, y: torch.Tensor) -> tuple[float, bool, float]:
-    """``||L F||^2``, whether it is about zero, and the residual (absolute when it is)."""
+def _squared_norm(total: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
+    """``||L F||^2``, and whether it is about zero (then shares are undefined)."""
     lf2 = float((total * total).sum())
-    degenerate = lf2 < 1e-20 * max(1.0, float((y * y).sum()))
-    residual = float((total - summed).norm())
-    return lf2, degenerate, residual if degenerate else residual / math.sqrt(lf2)
+    return lf2, lf2 < 1e-20 * max(1.0, float((y * y).sum()))
 
 
-def _attribute_modules(model: nn.Module, x: torch.Tensor, g: Group, method: Estimator, scheme: str,
-                       output: str, probes: int, coords: Coords) -> Attribution:
+def _check(estimator: Estimator, total: torch.Tensor, summed: torch.Tensor, shares: Iterable[float],
+           lf2: float, degenerate: bool) -> float:
+    """The estimator's check (METHOD 4), relative, or absolute when ``L F`` is about 0.
+
+    exact: ``||L F - sum_v c_v|| / ||L F||``; shares: ``|sum_v <c_v, L F> - ||L F||^2| / ||L F||^2``,
+    the reverse pass against the forward total; Hutchinson: NaN, it estimates norms only.
+    """
+    if estimator == "exact":
+        residual = float((total - summed).norm())
+        return residual if degenerate else residual / math.sqrt(lf2)
+    if estimator == "shares":
+        gap = abs(math.fsum(shares) - lf2)
+        return gap if degenerate else gap / lf2
+    return float("nan")
+
+
+def _attribute_modules(model: nn.Module, x: torch.Tensor, o: _Options) -> Attribution:
     """The same estimators at module granularity, through forward hooks (``layerlie.hooks``)."""
     heads = {"softmax": lambda y: y.softmax(-1), "logits": lambda y: y}
-    if output not in heads:
-        raise LayerlieError(f"output {output!r} needs a graph; at module granularity use 'softmax' or 'logits'")
-    head = heads[output]
+    if o.output not in heads:
+        raise LayerlieError(f"output {o.output!r} needs a graph; at module granularity use 'softmax' or 'logits'")
+    head = heads[o.output]
+    rng = torch.Generator(device=x.device).manual_seed(o.seed)
     with exact_math():
-        sites, y, total = module_defects(model, x, g, scheme, coords, head)
+        # total: forward mode through the unhooked model, independent of the sites' defects
+        sites, y, total = module_defects(model, x, o.group, o.scheme, o.coords, head)
         contrib, shares, stderr = {}, {}, {}
         summed = torch.zeros_like(total)
         active = [s for s in sites if s.defect.any()]
-        if method == "exact":
+        if o.estimator == "exact":
             for s, c in zip(active, module_contributions(model, x, active, head)):
                 contrib[s.name], shares[s.name] = float(c.norm()), float((c * total).sum())
                 summed += c
-        elif method == "shares":
+        elif o.estimator == "shares":
             grads = module_cotangents(model, x, active, [total], head)[0]
             shares = {s.name: float((gr * s.defect).sum()) for s, gr in zip(active, grads)}
-            summed = total
         else:
-            zs = [torch.randn_like(y) for _ in range(probes)]
+            zs = [torch.randn(y.shape, dtype=y.dtype, device=y.device, generator=rng) for _ in range(o.probes)]
             samples = [[float((gr * s.defect).sum()) ** 2 for gr, s in zip(grads, active)]
                        for grads in module_cotangents(model, x, active, zs, head)]
             contrib, stderr = _probe_stats(dict(zip([s.name for s in active], zip(*samples))))
-            summed = total
-    lf2, degenerate, residual = _completeness(total, summed, y)
+    lf2, degenerate = _squared_norm(total, y)
+    residual = _check(o.estimator, total, summed, shares.values(), lf2, degenerate)
     modules = dict(model.named_modules())
     rows = []
     for depth, s in enumerate(sites):
@@ -345,9 +400,10 @@ def _attribute_modules(model: nn.Module, x: torch.Tensor, g: Group, method: Esti
             contribution_norm=contrib.get(s.name, 0.0 if not s.defect.any() else float("nan")),
             share=share / lf2 if share is not None and not degenerate else (0.0 if not s.defect.any() else float("nan")),
             stderr=stderr.get(s.name, float("nan"))))
-    settings = dict(group=g.name, scheme=scheme, method=method, output=output, coords=coords, dtype=str(x.dtype),
-                    degenerate=degenerate, model=type(model).__name__, granularity="module")
-    return Attribution(pd.DataFrame(rows), total, residual, settings)
+    settings = o.settings(dtype=str(x.dtype), degenerate=degenerate, model=type(model).__name__,
+                          granularity="module")
+    e = {s.name: s.defect for s in active}
+    return Attribution(pd.DataFrame(rows), total, residual, CHECKS[o.estimator], e, settings)
 
 
 def _traced(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
@@ -361,17 +417,18 @@ def _largest_bytes(defects: _Defects) -> int:
 
 
 def _shares(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects: _Defects,
-            total: torch.Tensor) -> tuple[dict[fx.Node, float], torch.Tensor]:
+            total: torch.Tensor) -> dict[fx.Node, float]:
     """``<e_v, J_{out<-v}^T L F>`` for every source from one reverse pass (METHOD 4)."""
-    shares = _cotangents(gm, x, sources, [total], lambda n, g: float((g * defects.e[n]).sum()))[0]
-    return shares, total
+    return _cotangents(gm, x, sources, [total], lambda n, g: float((g * defects.e[n]).sum()))[0]
 
 
-def _reaching(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], y: torch.Tensor) -> list[fx.Node]:
+def _reaching(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], y: torch.Tensor,
+              rng: torch.Generator) -> list[fx.Node]:
     """The sources whose ``J_{out<-v}`` is not zero: ``J^T z != 0`` for one Gaussian ``z``, almost
     surely. One reverse pass spares forward propagations of defects that never reach the output
     (e.g. inside residual branches whose last BatchNorm is zero-initialised, as in timm)."""
-    reach = _cotangents(gm, x, sources, [torch.randn_like(y)], lambda n, g: float(g.any()))[0]
+    z = torch.randn(y.shape, dtype=y.dtype, device=y.device, generator=rng)
+    reach = _cotangents(gm, x, sources, [z], lambda n, g: float(g.any()))[0]
     return [n for n in sources if reach[n]]
 
 
@@ -399,11 +456,11 @@ def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node], weigh
 
 
 def _hutchinson(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects: _Defects,
-                probes: int) -> tuple[dict[fx.Node, float], dict[fx.Node, float]]:
+                probes: int, rng: torch.Generator) -> tuple[dict[fx.Node, float], dict[fx.Node, float]]:
     """Unbiased ``||c_v||^2 ~ mean_z (z^T J_{out<-v} e_v)^2`` with Gaussian probes, as the
     published method estimates it; returns ``sqrt`` of the mean and its standard error."""
     out_shape = defects.values[next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]].shape
-    zs = [torch.randn(out_shape, dtype=x.dtype, device=x.device) for _ in range(probes)]
+    zs = [torch.randn(out_shape, dtype=x.dtype, device=x.device, generator=rng) for _ in range(probes)]
     probed = _cotangents(gm, x, sources, zs, lambda n, g: float((g * defects.e[n]).sum()) ** 2)
     return _probe_stats({n: [p[n] for p in probed] for n in sources})
 

@@ -35,13 +35,13 @@ console = Console(stderr=False)
 EXAMPLES = {
     "models": "examples:\n  layerlie models 'resnet*'\n  layerlie models vit_tiny* --json",
     "layers": ("examples:\n  layerlie layers resnet18 --group translate_x\n"
-               "  layerlie layers vit_tiny_patch16_224 --group rotate --method shares --n 2 --plot vit.png\n"
-               "  layerlie layers resnet50 --group scale --method hutchinson --probes 200 --out layers.parquet"),
+               "  layerlie layers vit_tiny_patch16_224 --group rotate --estimator shares --n 2 --plot vit.png\n"
+               "  layerlie layers resnet50 --group scale --estimator hutchinson --probes 200 --out layers.parquet"),
     "aliasing": ("examples:\n  layerlie aliasing resnet18\n"
                  "  layerlie aliasing vit_tiny_patch16_224 --n 2 --all --out alias.csv"),
     "ablate": ("examples:\n  layerlie ablate resnet18\n"
                "  layerlie ablate vit_tiny_patch16_224 --variants blurpool,filtered --plot vit.png\n"
-               "  layerlie ablate resnet50 --images val/ --n 16 --method shares --out ablation.csv"),
+               "  layerlie ablate resnet50 --images val/ --n 16 --estimator shares --out ablation.csv"),
     "e2e": ("examples:\n  layerlie e2e resnet18\n"
             "  layerlie e2e vit_tiny_patch16_224 --groups translate_x,rotate --n 4 --out lee.csv\n"
             "  layerlie e2e resnet18 --groups 'rotate,affine:tilt=0,0.5,0;0,0,0' --n 2\n"
@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(n=2)
     p.add_argument("--group", default="translate_x",
                    help="one group: a name or 'affine:NAME=a,b,c;d,e,f' (default translate_x)")
-    p.add_argument("--method", default="exact", choices=ESTIMATORS)
+    p.add_argument("--estimator", default="exact", choices=ESTIMATORS,
+                   help="exact contributions, signed shares, or Hutchinson norms (default exact)")
     p.add_argument("--scheme", default="central", choices=list_schemes())
     p.add_argument("--probes", type=_positive, default=100, help="Hutchinson probes (default 100)")
     p.add_argument("--output", default="softmax", help="softmax (default), logits, or a node name")
@@ -180,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from: {', '.join(VARIANTS)} (default blurpool,filtered,aps,all)")
     p.add_argument("--groups", default="translate_x,rotate", help="groups of the end-to-end LEE, the first "
                    "also attributed per layer type (default translate_x,rotate): " + GROUPS_HELP + "see e2e --help")
-    p.add_argument("--method", default="exact", choices=ESTIMATORS)
+    p.add_argument("--estimator", default="exact", choices=ESTIMATORS,
+                   help="attribution estimator of the by-type table (default exact)")
     p.add_argument("--scheme", default="central", choices=list_schemes())
     p.add_argument("--filter-size", type=_positive, default=3, help="binomial taps (default 3)")
     p.add_argument("--where", help="restrict the surgery: node names or layer types, comma-separated globs")
@@ -233,7 +235,7 @@ def _model_and_images(args: argparse.Namespace) -> tuple[torch.nn.Module, Images
     dtype = torch.float64 if args.float64 else None
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                        device=device, dtype=dtype)
-    batch = images(args.images, model, args.n) if args.images else photo_batch(model, args.n)
+    batch = images(args.images, model, n=args.n) if args.images else photo_batch(model, n=args.n)
     try:  # a model built for other inputs fails here, in one line, rather than deep in a pass
         with torch.no_grad():
             model(batch.x[:1])
@@ -327,19 +329,23 @@ def cmd_e2e(args: argparse.Namespace) -> int:
 
 def cmd_layers(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
+    chosen = resolve_groups(args.group)
+    if len(chosen) != 1:
+        raise LayerlieError(f"--group takes one group, got {len(chosen)}; use layerlie e2e for several")
+    g = chosen[0]
     model, batch = _model_and_images(args)
     with progress_bar() as bar:
-        bar.add_task(f"{args.model}: attributing {args.group} ({args.method})", total=None)
+        bar.add_task(f"{args.model}: attributing {g.name} ({args.estimator})", total=None)
         check_images(batch.x, input_channels(model))
         try:
             target = trace(model, batch.x)  # once, for the attribution and the alias measure
         except TraceError:
             target = model  # attribute falls back to forward hooks and says why
-        result = attribute(target, batch.x, args.group, method=args.method, scheme=args.scheme,
+        result = attribute(target, batch.x, g, estimator=args.estimator, scheme=args.scheme,
                            output=args.output, probes=args.probes)
         if result.settings["granularity"] == "node":
             result = with_aliasing(result, target, batch.x)
-    table = result.nodes.assign(model=args.model, group=args.group, scheme=args.scheme, method=args.method)
+    table = result.nodes.assign(model=args.model, group=g.name, scheme=args.scheme, estimator=args.estimator)
     if out is not None:
         write_table(table, out)
     if args.plot:
@@ -349,14 +355,15 @@ def cmd_layers(args: argparse.Namespace) -> int:
             raise LayerlieError(f"cannot write --plot {args.plot!r} ({err.strerror})") from None
     kind = "absolute" if result.degenerate else "relative"
     if args.json:
-        print(json.dumps({"model": args.model, "group": args.group, "method": args.method,
-                          "lf_norm": float(result.total.norm()), "residual": result.residual,
+        print(to_json({"model": args.model, "group": g.name, "estimator": args.estimator,
+                          "lf_norm": float(result.total.norm()), "check": result.check,
+                          "residual": None if math.isnan(result.residual) else result.residual,
                           "residual_kind": kind,
                           "by_type": result.by_type().fillna(0).to_dict(orient="index")}))
         return 0
-    key = "share" if args.method == "shares" else "contribution_norm"
+    key = "share" if args.estimator == "shares" else "contribution_norm"
     ranked = result.nodes.sort_values(key, ascending=False, na_position="last", key=lambda c: c.abs())
-    grid = Table(title=f"{args.model}: top layers for {args.group} ({args.method}, |L F| = "
+    grid = Table(title=f"{args.model}: top layers for {g.name} ({args.estimator}, |L F| = "
                        f"{float(result.total.norm()):.3e})", caption=f"alias: spectral alias ratio, * flagged "
                        f"(thresholds {ALIAS_THRESHOLDS})")
     for col in ("node", "layer_type", "local_norm", key, "alias"):  # module and layout: in --out
@@ -373,7 +380,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     console.print(by_type)
     if result.degenerate:
         console.print("L F is about zero here (e.g. a saturated softmax): shares are undefined")
-    console.print(f"completeness residual ({kind}): {result.residual:.2e}")
+    console.print(result.check_line())
     return 0
 
 
@@ -432,8 +439,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     model, batch = _model_and_images(args)
     with progress_bar() as bar:
         bar.add_task(f"{args.model}: ablating {', '.join(variants)}", total=None)
-        result = ablate(model, batch.x, variants, groups=args.groups, labels=_class_indices(batch.labels),
-                        method=args.method, scheme=args.scheme, filter_size=args.filter_size, where=where)
+        result = ablate(model, batch.x, variants=variants, groups=args.groups, labels=_class_indices(batch.labels),
+                        estimator=args.estimator, scheme=args.scheme, filter_size=args.filter_size, where=where)
     table = result.table.assign(model=args.model, scheme=args.scheme)
     if out is not None:
         write_table(table, out)
@@ -456,7 +463,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     rows += [(f"LEE {g} reduction", f"factor_{g}", "{:.2f}x") for g in groups]
     rows += [("top-1 agreement", "top1_agreement", "{:.2f}"), ("output change (TV)", "output_change", "{:.2e}")]
     rows += [("accuracy", "accuracy", "{:.2f}")] if "accuracy" in result.table else []
-    rows += [("completeness residual", "residual", "{:.1e}")]
+    rows += [(result.settings["check"], "residual", "{:.1e}")]
     for label, col, fmt in rows:
         grid.add_row(label, *[fmt.format(v) for v in result.table[col]])
     console.print(grid)

@@ -47,13 +47,13 @@ def photo_paths() -> list[Path]:
     return sorted(Path(str(p)) for p in folder.iterdir() if Path(str(p)).suffix == ".jpg")
 
 
-def photos(model: nn.Module, n: int = 8) -> torch.Tensor:
+def photos(model: nn.Module, *, n: int = 8) -> torch.Tensor:
     """``n`` embedded real photos prepared for ``model``: ``(n, C, H, W)``, on the
     model's device and in its dtype. Nothing is downloaded."""
-    return photo_batch(model, n).x
+    return photo_batch(model, n=n).x
 
 
-def photo_batch(model: nn.Module, n: int = 8) -> Images:
+def photo_batch(model: nn.Module, *, n: int = 8) -> Images:
     """As :func:`photos`, with the photos' names."""
     paths = photo_paths()
     if not 1 <= n <= len(paths):
@@ -62,7 +62,7 @@ def photo_batch(model: nn.Module, n: int = 8) -> Images:
     return _prepare(model, paths[:n], [p.stem for p in paths[:n]])
 
 
-def images(folder: str | Path, model: nn.Module, n: int | None = None) -> Images:
+def images(folder: str | Path, model: nn.Module, *, n: int | None = None) -> Images:
     """Images from a folder, prepared for ``model``. Labels come from subfolder names where
     the images sit in subfolders. Unreadable files are skipped with a warning."""
     root = Path(folder)

@@ -254,6 +254,10 @@ def load_groups(path: str | Path) -> list[Group]:
     return groups
 
 
+get_group = group
+"""The registry's ``get_*`` name for :func:`group`."""
+
+
 def resolve_groups(spec: str | Group | Iterable[str | Group]) -> list[Group]:
     """Groups from ``"all"`` (the ten built-ins), names, text forms (:func:`parse_group`),
     TOML files (:func:`load_groups`), or groups: a comma-separated string or a list.

@@ -129,7 +129,7 @@ def _double_backward(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
 
 def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                   group: Group | str | Sequence[Group | str], scheme: str = "central",
+                   group: Group | str | Sequence[Group | str], *, scheme: str = "central",
                    output_frame: Frame | None | Literal["auto"] = "auto",
                    method: Method = "jvp") -> torch.Tensor:
     """The Lie derivative ``L f(x) = J_f(x)[G x] - G f(x)`` (METHOD 2).
@@ -184,7 +184,7 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
 
 def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-        groups: str | Iterable[str | Group] = "all", scheme: str = "central",
+        groups: str | Iterable[str | Group] = "all", *, scheme: str = "central",
         method: Method = "jvp", names: Sequence[str] | None = None,
         batch_size: int | None = None,
         progress: Callable[[int], None] | None = None) -> pd.DataFrame:
@@ -218,7 +218,8 @@ def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     for start in range(0, len(x), step):
         xb = x[start:start + step]
         with jvp_ready(model):
-            d = lie_derivative(lambda z: model(z).softmax(-1), xb, gs, scheme, None, method)
+            d = lie_derivative(lambda z: model(z).softmax(-1), xb, gs, scheme=scheme, output_frame=None,
+                               method=method)
         per_image = d.abs().flatten(2).mean(-1)  # (K, B)
         for k, g in enumerate(gs):
             for b in range(xb.shape[0]):

@@ -150,6 +150,18 @@ def register_layer_type(cls: Any, kind: str) -> Any:
     return cls
 
 
+def get_layer_type(key: Any) -> str | None:
+    """The layer type registered for ``key`` (a module class finds its nearest registered base),
+    or None where it has none or it depends on the node."""
+    op = get_op(key)
+    return None if op is None or callable(op.layer_type) else op.layer_type
+
+
+def list_layer_types() -> list[str]:
+    """The layer types of the tables, :data:`LAYER_TYPES`."""
+    return list(LAYER_TYPES)
+
+
 def op_key(gm: fx.GraphModule, node: fx.Node) -> Any:
     """The registry key of ``node``'s op: its module's class, its function or its method name."""
     return type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
@@ -184,6 +196,16 @@ def linearization(key: Any) -> Rule | None:
     if isinstance(key, type) and key is not op.key and getattr(key, "forward", None) is not op.key.forward:
         return None
     return op.linearize
+
+
+def get_rule(key: Any) -> Rule | None:
+    """The linearization rule registered for ``key``, or None (then ``torch.func.jvp`` of the op)."""
+    return linearization(key)
+
+
+def list_rules() -> list[Any]:
+    """The keys whose entry has a linearization rule."""
+    return [op.key for op in list_ops() if op.linearize is not None]
 
 
 def _fn_key(fn: Any) -> Any:

@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from layerlie.errors import LayerlieError
 from layerlie.ops import Tangents, linearization, op_key
-from layerlie.ops import register_rule as register_rule  # re-exported: rules are the engine's to extend
+from layerlie.ops import get_rule, list_rules, register_rule  # re-exported: rules are the engine's to extend
 
 
 @dataclass

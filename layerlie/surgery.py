@@ -57,7 +57,7 @@ from layerlie.lie import check_images
 from layerlie.ops import (LAYER_TYPES, Tangents, get_op, layer_type, module_example, pair, register_op, stride_one,
                           strided)
 from layerlie.propagate import Call, Recorder
-from layerlie.trace import trace
+from layerlie.trace import input_size, trace
 
 class NothingToReplace(LayerlieError):
     """A surgery found no node to replace."""
@@ -136,7 +136,9 @@ class BlurPool2d(nn.Conv2d):
 
     def __init__(self, filter_size: int = 3, stride: int | tuple[int, int] = 2, padding_mode: str = "zeros",
                  ceil_mode: bool = False) -> None:
-        super().__init__(1, 1, filter_size, stride, (filter_size - 1) // 2, padding_mode=padding_mode, bias=False)
+        # the conv's own random init, on the meta device: it draws nothing from the global RNG
+        super().__init__(1, 1, filter_size, stride, (filter_size - 1) // 2, padding_mode=padding_mode, bias=False,
+                         device="meta")
         taps = binomial(filter_size)
         del self.weight
         self.register_buffer("weight", torch.outer(taps, taps).float()[None, None], persistent=False)
@@ -527,7 +529,7 @@ class Replacement(NamedTuple):
     nodes: tuple[str, ...]
 
 
-def antialias(model: nn.Module | fx.GraphModule, blurpool: bool = True, activations: str | None = None,
+def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activations: str | None = None,
               aps: bool = False, filter_size: int = 3, where: Where = None,
               example: torch.Tensor | None = None) -> fx.GraphModule:
     """A copy of ``model`` with anti-aliased substitutes, the weights kept (METHOD 6).
@@ -538,7 +540,8 @@ def antialias(model: nn.Module | fx.GraphModule, blurpool: bool = True, activati
         blurpool: blur before every strided subsampling (Zhang 2019); with ``aps``, a blur at
             stride 1 before the polyphase sampling.
         activations: ``"filtered"``: pointwise nonlinearities on grids and token maps run at twice
-            the resolution between low-pass filters (Karras et al. 2021); needs ``example``.
+            the resolution between low-pass filters (Karras et al. 2021); needs an ``example``,
+            or a model that states its input size (a timm model, or a GraphModule traced from one).
         aps: adaptive polyphase sampling in every strided convolution and pool.
         filter_size: binomial taps per axis, 1 to 7 (1: no blur; filtered nonlinearities need 2).
         where: the nodes to consider, so an ablation can go layer by layer: None (all), a
@@ -547,10 +550,12 @@ def antialias(model: nn.Module | fx.GraphModule, blurpool: bool = True, activati
             ``"strided/downsampling"``), or a ``range``/``slice`` of node depths (positions in
             ``gm.graph.nodes``, the ``depth`` column of :func:`layerlie.attribute`).
         example: an input batch ``(B, C, H, W)``: gives the layouts, and checks that the new
-            model runs on it and that every replaced node keeps its output shape.
+            model runs on it and that every replaced node keeps its output shape. Without it,
+            ``activations`` uses a zero batch of the model's input size.
 
     Returns:
-        A new GraphModule. ``meta["layerlie.surgery"]`` maps each replaced node's name to a
+        A new GraphModule whose forward returns what the model's does (the logits of a
+        classifier). ``meta["layerlie.surgery"]`` maps each replaced node's name to a
         :class:`Replacement` (earlier surgeries' records kept); ``meta["layerlie.outputs"]`` as
         from :func:`layerlie.trace`.
 
@@ -570,10 +575,9 @@ def antialias(model: nn.Module | fx.GraphModule, blurpool: bool = True, activati
         check_images(example)
     work = _working_copy(model, example)
     select = _selector(work, where)
+    if example is None and any(p.needs_layouts for p in policies):
+        example = _default_example(model, activations)
     layouts, shapes = _example_pass(work, example) if example is not None else (None, None)
-    if layouts is None and any(p.needs_layouts for p in policies):
-        raise LayerlieError(f"activations={activations!r} needs example= (an input batch (B, C, H, W)): which "
-                            "nonlinearities act on grids or token maps comes from a pass over it")
     options = Options(filter_size, blurpool, layouts)
     subs: dict[fx.Node, nn.Module] = {}
     for depth, node in enumerate(work.graph.nodes):
@@ -592,6 +596,17 @@ def antialias(model: nn.Module | fx.GraphModule, blurpool: bool = True, activati
     if shapes is not None:
         _check_shapes(work, example, shapes, record)
     return work
+
+
+def _default_example(model: nn.Module, activations: str | None) -> torch.Tensor:
+    """A zero batch of one image of the model's input size: the layouts need only the shapes."""
+    size = input_size(model)
+    if size is None:
+        raise LayerlieError(f"activations={activations!r} needs example= (an input batch (B, C, H, W)): "
+                            f"{type(model).__name__} does not state its input size")
+    like = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+    return torch.zeros(1, *size, dtype=like.dtype if like is not None else None,
+                       device=like.device if like is not None else None)
 
 
 def _policies(blurpool: bool, activations: str | None, aps: bool) -> list[Policy]:

@@ -88,7 +88,14 @@ def register_scheme(name: str, derivative: Derivative) -> None:
     _SCHEMES[name] = derivative
 
 
+def get_scheme(name: str) -> Derivative | None:
+    """The derivative of a registered scheme (None for ``published``, which is not one
+    derivative but the published sampler's terms)."""
+    return _SCHEMES[check_scheme(name)]
+
+
 def list_schemes() -> list[str]:
+    """The names of the registered schemes."""
     return list(_SCHEMES)
 
 

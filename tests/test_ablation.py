@@ -56,7 +56,7 @@ def test_ablate_rejects_bad_input():
 def test_cli_ablate_prints_the_table_and_writes_the_figure(capsys, tmp_path):
     plot = tmp_path / "ablation.png"
     code = main(["ablate", "resnet18", "--n", "1", "--variants", "blurpool", "--groups", "translate_x",
-                 "--method", "shares", "--plot", str(plot), "--out", str(tmp_path / "ablation.csv")])
+                 "--estimator", "shares", "--plot", str(plot), "--out", str(tmp_path / "ablation.csv")])
     out = capsys.readouterr().out
     assert code == 0 and "LEE translate_x reduction" in out and "blurpool" in out
     assert plot.stat().st_size > 1000 and (tmp_path / "ablation.csv").exists()

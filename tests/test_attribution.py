@@ -10,7 +10,6 @@ from conftest import TOL, rel, smooth_image, timm_model
 from torch import nn
 
 import layerlie as ll
-from layerlie.attribution import _Defects
 
 GROUPS = ["translate_x", "rotate", "scale", "shear_y", "hyperbolic_rotate", "saturate"]
 
@@ -78,9 +77,9 @@ def test_facts_of_method_3():
     x = smooth_image(h=12, w=12)
     zero_pad = ll.attribute(tiny_cnn(act=False, padding_mode="zeros"), x, "translate_x", scheme="spectral",
                             output="logits")
-    d = _Defects(ll.trace(tiny_cnn(act=False, padding_mode="zeros")), x, ll.group("translate_x"), "central",
-                 "receptive_field")
-    e_conv = {n.name: e for n, e in d.e.items()}["_0"]
+    d = ll.attribute(tiny_cnn(act=False, padding_mode="zeros"), x, "translate_x", estimator="shares",
+                     output="logits")
+    e_conv = d.defects["_0"]
     interior = e_conv[..., 2:-2, 2:-2].abs().max()
     assert interior < 1e-12 < e_conv.abs().max()  # border-only for a zero-padded conv
     assert zero_pad.nodes.set_index("node").loc["_1", "local_norm"] < 1e-12  # eval BatchNorm
@@ -99,10 +98,9 @@ def test_facts_of_method_3():
 def test_exact_equals_brute_force_and_shares_and_hutchinson_agree():
     model = tiny_cnn(act=True, padding_mode="zeros")
     x = smooth_image(h=10, w=10)
-    gm = ll.trace(model)
+    gm, _ = ll.with_output(ll.trace(model), "softmax")  # what attribute differentiates by default
     exact = ll.attribute(gm, x, "rotate")
-    d = _Defects(gm, x, ll.group("rotate"), "central", "receptive_field")
-    relu = next(n for n in d.e if n.name == "_2")
+    e_relu = exact.defects["_2"]
     eps = 1e-6
 
     class Perturb(torch.fx.Interpreter):
@@ -112,18 +110,18 @@ def test_exact_equals_brute_force_and_shares_and_hutchinson_agree():
 
         def run_node(self, n):
             out = super().run_node(n)
-            return out + self.sign * eps * d.e[relu] if n is relu else out
+            return out + self.sign * eps * e_relu if n.name == "_2" else out
 
     with torch.no_grad():
         brute = (Perturb(1).run(x) - Perturb(-1).run(x)) / (2 * eps)
     row = exact.nodes.set_index("node").loc["_2"]
     assert row["contribution_norm"] == pytest.approx(float(brute.norm()), rel=1e-6)
 
-    shares = ll.attribute(gm, x, "rotate", method="shares")
+    shares = ll.attribute(gm, x, "rotate", estimator="shares")
     both = exact.nodes.set_index("node")["share"].fillna(0)
     assert (both - shares.nodes.set_index("node")["share"].fillna(0)).abs().max() < 1e-9
 
-    hutch = ll.attribute(gm, x, "rotate", method="hutchinson", probes=400)
+    hutch = ll.attribute(gm, x, "rotate", estimator="hutchinson", probes=400)
     h = hutch.nodes.set_index("node")
     for node, value in exact.nodes.set_index("node")["contribution_norm"].items():
         if value > 0:
@@ -138,10 +136,11 @@ def test_receptive_field_positions_make_a_pooled_ramp_defect_free():
     net = nn.Sequential(nn.AvgPool2d(2, 2), nn.Flatten()).eval()
     gm = ll.trace(net)
     for name in [g for g in ll.list_groups() if ll.group(g).spatial]:
-        rf = _Defects(gm, ramp, ll.group(name), "central", "receptive_field")
-        pub = _Defects(gm, ramp, ll.group(name), "central", "published")
-        e_rf = {n.name: e for n, e in rf.e.items()}["_0"][..., 1:-1, 1:-1]
-        e_pub = {n.name: e for n, e in pub.e.items()}["_0"][..., 1:-1, 1:-1]
+        rf, pub = (ll.attribute(gm, ramp, name, estimator="shares", output="logits", coords=coords).defects
+                   for coords in ("receptive_field", "published"))
+        zero = torch.zeros(1, 1, 3, 3, dtype=ramp.dtype)
+        e_rf = rf.get("_0", zero)[..., 1:-1, 1:-1]
+        e_pub = pub.get("_0", zero)[..., 1:-1, 1:-1]
         assert e_rf.abs().max() < 1e-5, name
         if name in ("translate_x", "translate_y"):
             # [-1, 1] per tensor moves the 8-sample grid 15/14 times as far as the input:
@@ -153,8 +152,8 @@ def test_receptive_field_positions_make_a_pooled_ramp_defect_free():
 def test_bad_input():
     model = timm_model("resnet18")
     x = small_input(model, 32, 1)
-    with pytest.raises(ll.LayerlieError, match="valid methods"):
-        ll.attribute(model, x, "rotate", method="lrp")
+    with pytest.raises(ll.LayerlieError, match="unknown estimator .lrp.; valid estimators: exact, shares, hutchinson"):
+        ll.attribute(model, x, "rotate", estimator="lrp")
     with pytest.raises(ll.LayerlieError, match="not a node"):
         ll.attribute(model, x, "rotate", output="nowhere")
     with pytest.raises(ll.LayerlieError, match="no batch axis"):
@@ -210,7 +209,7 @@ def test_fallback_hooks_are_complete_and_match_the_end_to_end_derivative(dtype):
     n = a.nodes.set_index("node")
     assert n.loc["bn", "local_norm"] <= TOL[dtype] * n.loc["c2", "local_norm"]  # eval BN: e = 0
     assert n.loc["act#2:in0", "local_norm"] > 0  # the glue (GELU, slice, add) has a defect
-    shares = ll.attribute(model, x, "rotate", method="shares", granularity="module").nodes["share"]
+    shares = ll.attribute(model, x, "rotate", estimator="shares", granularity="module").nodes["share"]
     assert torch.allclose(torch.tensor(shares.to_numpy()), torch.tensor(n["share"].to_numpy()),
                           atol=10 * TOL[dtype])
     assert abs(shares.sum() - 1) <= 10 * TOL[dtype]

@@ -90,7 +90,7 @@ def traced(key: str) -> tuple[torch.fx.GraphModule, torch.Tensor]:
 def test_completeness(family, group):
     gm, x = traced(family)
     g = ll.Group.affine("tilt", [[0.2, 1, 0.1], [0, -0.3, 0]]) if group == "custom" else group
-    a = ll.attribute(gm, x, g, method="exact", output=FAMILIES[family].output)
+    a = ll.attribute(gm, x, g, estimator="exact", output=FAMILIES[family].output)
     assert not a.degenerate and a.residual <= TOL[torch.float32]
     assert a.nodes["share"].sum() == pytest.approx(1.0, abs=1e-3)
     if FAMILIES[family].name not in UNKNOWN_EXPECTED:

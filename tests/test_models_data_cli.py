@@ -192,18 +192,19 @@ def test_console_script_is_installed():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, method", [("resnet18", "exact"), ("vit_tiny_patch16_224", "shares"),
-                                          ("convnext_atto", "shares")])
-def test_cli_layers_on_three_families(capsys, tmp_path, name, method):
-    code, out, _ = run_cli(capsys, "layers", name, "--group", "rotate", "--method", method, "--n", "1",
+@pytest.mark.parametrize("name, estimator", [("resnet18", "exact"), ("vit_tiny_patch16_224", "shares"),
+                                             ("convnext_atto", "shares")])
+def test_cli_layers_on_three_families(capsys, tmp_path, name, estimator):
+    code, out, _ = run_cli(capsys, "layers", name, "--group", "rotate", "--estimator", estimator, "--n", "1",
                            "--out", str(tmp_path / "layers.csv"), "--plot", str(tmp_path / "layers.png"))
-    assert code == 0 and "completeness residual" in out and "by layer type" in out
+    check = ll.CHECKS[estimator]  # printed by its name: the completeness or the share-sum residual
+    assert code == 0 and f"{check} (relative):" in out and "by layer type" in out
     table = pd.read_csv(tmp_path / "layers.csv")
     assert {"node", "layer_type", "layout", "local_norm", "contribution_norm", "share", "alias_ratio",
             "flagged"} <= set(table.columns)
     assert table["flagged"].any() and "flagged" in out
     assert (tmp_path / "layers.png").stat().st_size > 1000
-    residual = float(out.split("completeness residual")[1].split(":")[1].split()[0])
+    residual = float(out.split(f"{check} (relative):")[1].split()[0])
     assert residual <= 1e-4
 
 
@@ -227,4 +228,4 @@ def test_cli_aliasing_lists_flagged_nodes(capsys, tmp_path):
 def test_cli_untraceable_model_is_a_one_line_note(capsys):
     code, out, err = run_cli(capsys, "layers", "test_attribution:BranchyNet", "--n", "1", "--group", "rotate")
     assert code == 0 and "forward hooks" in err and err.strip().count("\n") == 0
-    assert "completeness residual" in out
+    assert "completeness residual (relative):" in out
