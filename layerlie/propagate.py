@@ -236,6 +236,26 @@ def _pointwise(call, tangents):
     return slope * t
 
 
+@register_rule(torch.softmax, F.softmax, nn.Softmax, "softmax")
+def _softmax(call, tangents):
+    """``p * (t - <p, t>)``, with ``t`` first shifted by its value at the most likely class.
+
+    The shift leaves the product unchanged (it is zero on constants along ``dim``). Without it,
+    a nearly one-hot ``p`` makes the top class's term the difference of two numbers of the size
+    of ``t``: in float32 that rounding is larger than the result (dla34's random-init softmax
+    lost four digits of its completeness to it)."""
+    t = _only_first(call, tangents)
+    args, kwargs = call.rebuild()
+    dim = call.fn.dim if isinstance(call.fn, nn.Softmax) else kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if t is None or not isinstance(dim, int) or kwargs.get("dtype") is not None or len(args) > 2:
+        return _vmap_jvp(call, tangents)
+    p = call.out
+    d = dim % p.ndim + 1
+    top = p.argmax(dim % p.ndim, keepdim=True).expand_as(t[0])[None].expand_as(t)
+    t = t - t.gather(d, top)
+    return p * (t - (p * t).sum(d, keepdim=True))
+
+
 def pointwise_targets() -> tuple[Any, ...]:
     """The call targets treated as pointwise activations."""
     return _POINTWISE
