@@ -27,13 +27,15 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from timm.layers import _fx as timm_fx
 from torch import nn
 
 from layerlie.groups import Group
 from layerlie.propagate import Propagator, node_callable, pointwise_targets
 from layerlie.tangent import Frame, tangent
+from layerlie.windows import Windows
 
-Kind = Literal["grid", "tokens", "none", "unknown", "tuple"]
+Kind = Literal["grid", "tokens", "windows", "none", "unknown", "tuple"]
 Coords = Literal["receptive_field", "published"]
 
 
@@ -44,9 +46,12 @@ class Layout:
     Attributes:
         kind: ``grid`` (axes ``y_dim``, ``x_dim``), ``tokens`` (axis ``token_dim`` holds
             ``prefix`` position-less tokens then an ``hw`` grid, row-major), ``none`` (no
-            spatial axes), ``unknown``, or ``tuple`` (a tuple of tensors).
+            spatial axes), ``unknown``, ``tuple`` (a tuple of tensors), or ``windows`` (a
+            relabelling of a grid's samples, described by ``windows``).
         y, x: ``(stride, offset)`` in input pixels: sample j sits at ``offset + stride * j``.
         input_hw: the input's spatial size.
+        windows: for ``windows``, how the tensor's axes are cut from the grid (axes
+            ``y_dim``, ``x_dim``, size ``hw``) whose samples it holds (METHOD 5, Windows).
     """
 
     kind: Kind
@@ -59,21 +64,25 @@ class Layout:
     x: tuple[float, float] = (1.0, 0.0)
     input_hw: tuple[int, int] = (0, 0)
     item: Layout | None = None
+    windows: Windows | None = None
 
     @property
     def spatial(self) -> bool:
-        return self.kind in ("grid", "tokens")
+        return self.kind in ("grid", "tokens", "windows")
 
     def describe(self) -> str:
         if self.kind == "grid":
             return f"grid(y={self.y_dim},x={self.x_dim})"
         if self.kind == "tokens":
             return f"tokens(dim={self.token_dim},P={self.prefix},{self.hw[0]}x{self.hw[1]})"
+        if self.kind == "windows":
+            return f"windows({self.hw[0]}x{self.hw[1]},roll={self.windows.roll})"
         return self.kind
 
     def frame(self, coords: Coords = "receptive_field") -> Frame:
-        """The :class:`Frame` of the grid view (for tokens: after :meth:`to_grid`)."""
-        y_dim, x_dim = (self.y_dim, self.x_dim) if self.kind == "grid" else (self.token_dim, self.token_dim + 1)
+        """The :class:`Frame` of the grid view (for tokens: after :meth:`to_grid`; for windows:
+        of the assembled grid)."""
+        y_dim, x_dim = (self.y_dim, self.x_dim) if self.kind != "tokens" else (self.token_dim, self.token_dim + 1)
         if coords == "published":
             return Frame(y_dim=y_dim, x_dim=x_dim, channel_dim=None)
         (hy, wx) = self.input_hw
@@ -97,6 +106,9 @@ def layout_tangent(h: torch.Tensor, layout: Layout, group: Group, scheme: str = 
         return torch.zeros_like(h)
     if layout.kind == "grid":
         return tangent(h, group, scheme, layout.frame(coords))
+    if layout.kind == "windows":
+        grid = layout.windows.assemble(h)
+        return layout.windows.partition(tangent(grid, group, scheme, layout.frame(coords)), h.shape)
     d, p = layout.token_dim, layout.prefix
     grid = h.narrow(d, p, h.shape[d] - p).unflatten(d, layout.hw)
     g = tangent(grid, group, scheme, layout.frame(coords)).flatten(d, d + 1)
@@ -192,7 +204,8 @@ class LayoutProp(Propagator):
             return self._cat(n, out) or UNKNOWN
         if n.target is operator.getitem and self._lay(n.args[0]).kind == "tuple":
             return self._lay(n.args[0]).item or UNKNOWN
-        args = [self.env.get(a, a) if isinstance(a, fx.Node) else a for a in n.args]
+        # map_arg also opens slices and lists: ``x[:, :H]`` with a traced ``H`` (Swin)
+        args = [fx.node.map_arg(a, self.env.__getitem__) for a in n.args]
         lays = [self._lay(a) for a in n.args]
         first = next((i for i, lay in enumerate(lays) if lay.spatial), None)
         if first is None:
@@ -201,7 +214,10 @@ class LayoutProp(Propagator):
         fn = node_callable(self.module, n)
         method = n.target if n.op == "call_method" else None
         try:
-            got = self._rule(n, fn, method, args, lay, src, out, lays)
+            relabels = lay.kind == "windows" or _is_roll(fn, method)
+            got = None if relabels else self._rule(n, fn, method, args, lay, src, out, lays)
+            if got is None:
+                got = self._windowed(n, fn, method, args, lay, src, out, lays)
         except (IndexError, TypeError, ValueError, ZeroDivisionError):
             got = None
         if got is not None:
@@ -324,6 +340,8 @@ class LayoutProp(Propagator):
         """unbind / chunk / split along a non-spatial axis: every item keeps the layout."""
         src = n.args[0] if n.args else None
         lay = self._lay(src)
+        if lay.kind == "windows" and all(isinstance(o, torch.Tensor) for o in out):
+            return replace(TUPLE, item=self._split_windows(n, out, lay))
         if not lay.spatial or not all(isinstance(o, torch.Tensor) for o in out):
             return replace(TUPLE, item=None if lay.kind == "none" else UNKNOWN)
         ndim = self.env[src].ndim
@@ -344,6 +362,77 @@ class LayoutProp(Propagator):
             return replace(TUPLE, item=replace(lay, y_dim=shift[spatial[0]], x_dim=shift[spatial[1]]))
         return replace(TUPLE, item=replace(lay, token_dim=shift[spatial[0]]))
 
+    def _windowed(self, n: fx.Node, fn: Any, method: str | None, args: list, lay: Layout, src: Any,
+                  out: torch.Tensor, lays: list[Layout]) -> Layout | None:
+        """Window partitions and reverses, rolls and space-to-depth (METHOD 5, Windows), and
+        the ops that act on windowed tensors without moving their samples."""
+        win = _windows_of(lay, src.shape) if isinstance(src, torch.Tensor) else None
+        if win is None:
+            return None
+        s, o = tuple(src.shape), tuple(out.shape)
+        if _is_roll(fn, method):
+            shifts = n.kwargs.get("shifts", args[1] if len(args) > 1 else None)
+            dims = n.kwargs.get("dims", args[2] if len(args) > 2 else None)
+            if dims is None:
+                return None
+            shifts, dims = ((shifts,), (dims,)) if isinstance(dims, int) else (shifts, dims)
+            new = win.rolled(s, shifts, dims)
+        elif method in ("view", "reshape", "flatten", "unflatten") or fn in (torch.reshape, torch.flatten):
+            new = win.reshaped(s, o)
+        elif method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
+            new = win.permuted(s, _axis_order(args, method or fn.__name__, len(s)))
+        elif n.op == "call_function" and timm_fx.is_notrace_function(fn):
+            return self._opened(n, fn, args, lay)
+        elif lay.kind != "windows":
+            return None
+        elif fn in (operator.matmul, torch.matmul, torch.bmm):
+            return self._windowed_matmul(n, args, lays)
+        elif fn is operator.getitem:
+            return lay if _whole(args[1], s) else None
+        else:
+            new = win.resized(s, o)
+        return _windows_layout(lay, new, o) if new is not None else None
+
+    def _windowed_matmul(self, n: fx.Node, args: list, lays: list[Layout]) -> Layout | None:
+        """``A @ v`` with ``A`` a map over the window's tokens takes ``v``'s layout; ``h @ W``
+        with ``W`` a weight acts on channels; ``q @ k^T``, a pair map, is not a windowed grid."""
+        (a, b), (la, lb) = args[:2], lays[:2]
+        if lb.kind == "windows" and not la.spatial and a.shape[-1] == a.shape[-2] == b.shape[-2]:
+            return lb
+        if la.kind == "windows" and not lb.spatial and b.ndim == 2:
+            new = la.windows.resized(tuple(a.shape), (*a.shape[:-1], b.shape[-1]))
+            return _windows_layout(la, new, (*a.shape[:-1], b.shape[-1])) if new is not None else None
+        return None
+
+    def _opened(self, n: fx.Node, fn: Any, args: list, lay: Layout) -> Layout | None:
+        """A function that timm keeps out of the trace (``window_reverse``, ``grid_reverse``):
+        traced here at its constant arguments, and its layout inferred on its own graph."""
+        if not isinstance(args[0], torch.Tensor) or self._lay(n.args[0]) is not lay or n.kwargs \
+                or any(isinstance(a, torch.Tensor) for a in args[1:]):
+            return None
+        try:
+            sub = fx.symbolic_trace(_Bound(fn, tuple(args[1:])))
+        except Exception:  # fx raises many types for untraceable code: the layout stays unknown
+            return None
+        prop = _Seeded(sub, lay)
+        prop.propagate(args[0], None)
+        result = next(m for m in sub.graph.nodes if m.op == "output").args[0]
+        return prop.layouts.get(result.name) if isinstance(result, fx.Node) else None
+
+    def _split_windows(self, n: fx.Node, out: Sequence[torch.Tensor], lay: Layout) -> Layout:
+        """unbind / chunk / split of a windowed tensor along channels."""
+        src = self.env[n.args[0]]
+        shapes = {tuple(o.shape) for o in out}
+        if len(shapes) != 1:
+            return UNKNOWN
+        (shape,) = shapes
+        if len(shape) == src.ndim:
+            new = lay.windows.resized(tuple(src.shape), shape)
+        else:
+            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+            new = lay.windows.dropped(tuple(src.shape), dim % src.ndim)
+        return (_windows_layout(lay, new, shape) if new is not None else None) or UNKNOWN
+
     def _cat(self, n: fx.Node, out: torch.Tensor) -> Layout | None:
         parts = n.args[0]
         dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
@@ -351,6 +440,8 @@ class LayoutProp(Propagator):
         last = lays[-1]
         if all(lay.kind == "none" for lay in lays):
             return NONE
+        if any(lay.kind == "windows" for lay in lays):
+            return None
         if all(lay.spatial for lay in lays) and _joins_channels(lays, dim, out.ndim):
             return lays[0]  # DenseNet, Inception; like an add, it takes the first input's positions
         if last.kind != "tokens" or any(lay.spatial for lay in lays[:-1]):
@@ -359,6 +450,93 @@ class LayoutProp(Propagator):
             return None
         extra = sum(self.env[p].shape[_norm_dim(dim, out.ndim)] for p in parts[:-1])
         return replace(last, prefix=last.prefix + extra)
+
+
+class _Bound(nn.Module):
+    """``fn(x, *constants)`` as a module, for fx to trace."""
+
+    def __init__(self, fn: Any, constants: tuple) -> None:
+        super().__init__()
+        self.fn, self.constants = fn, constants
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.fn(x, *self.constants)
+
+
+class _Seeded(LayoutProp):
+    """Layouts of a sub-graph whose input has a given layout."""
+
+    def __init__(self, gm: fx.GraphModule, seed: Layout) -> None:
+        super().__init__(gm)
+        self.seed = seed
+
+    def _infer(self, n: fx.Node, out: Any) -> Layout:
+        return self.seed if n.op == "placeholder" else super()._infer(n, out)
+
+
+def _is_roll(fn: Any, method: str | None) -> bool:
+    return fn is torch.roll or method == "roll"
+
+
+def _axis_order(args: list, name: str, ndim: int) -> list[int]:
+    """The axis order of ``permute(*dims)`` or ``transpose(a, b)``."""
+    if name == "transpose":
+        a, b = (_norm_dim(int(v), ndim) for v in args[1:3])
+        perm = list(range(ndim))
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    perm = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+    return [_norm_dim(int(p), ndim) for p in perm]
+
+
+def _whole(index: Any, shape: tuple[int, ...]) -> bool:
+    """An index that keeps every element (``x[:, :H, :W]`` with ``H, W`` the full size)."""
+    index = index if isinstance(index, tuple) else (index,)
+    full = [i for i in index if i is not Ellipsis]
+    if len(full) > len(shape) or not all(isinstance(i, slice) for i in full):
+        return False
+    dims = range(len(full)) if Ellipsis not in index else \
+        [*range(index.index(Ellipsis)), *range(len(shape) - len(full) + index.index(Ellipsis), len(shape))]
+    return all(i.indices(shape[d]) == (0, shape[d], 1) for i, d in zip(full, dims))
+
+
+def _windows_of(lay: Layout, shape: Sequence[int]) -> Windows | None:
+    """``lay`` as a relabelling of a grid; None for tokens with prefix tokens."""
+    if lay.kind == "windows":
+        return lay.windows
+    if lay.kind == "grid":
+        return Windows.of_grid(shape, _norm_dim(lay.y_dim, len(shape)), _norm_dim(lay.x_dim, len(shape)))
+    if lay.kind == "tokens" and lay.prefix == 0:
+        d = _norm_dim(lay.token_dim, len(shape))
+        return Windows.of_grid((*shape[:d], *lay.hw, *shape[d + 1:]), d, d + 1)
+    return None
+
+
+def _windows_layout(lay: Layout, win: Windows, shape: Sequence[int]) -> Layout | None:
+    """The layout of a tensor of ``shape`` cut from ``lay``'s grid as ``win`` says: a plain grid
+    or tokens when the relabelling leaves the spatial axes whole, a grid of coarser stride for
+    space-to-depth (patch merging), else ``windows``."""
+    groups = win.groups(shape)
+    if groups is None:
+        return None
+    ys, xs, batch = win.atoms_of(win.y_dim), win.atoms_of(win.x_dim), win.atoms_of(0)
+    hw = (win.grid[win.y_dim], win.grid[win.x_dim])
+    base = Layout("grid", hw=hw, y=lay.y, x=lay.x, input_hw=lay.input_hw)
+    clean = not any(win.roll) and groups[0] == batch and ys and xs
+    if clean and ys in groups and xs in groups:
+        return replace(base, y_dim=groups.index(ys), x_dim=groups.index(xs))
+    if clean and ys + xs in groups:
+        return replace(base, kind="tokens", token_dim=groups.index(ys + xs))
+    if clean and [ys[0]] in groups and [xs[0]] in groups and len(ys) > 1 and len(xs) > 1 \
+            and all(any(win.is_channel(i) for i in g) for g in groups if set(g) & set(ys[1:] + xs[1:])):
+        fy, fx = math.prod(win.atoms[i][1] for i in ys[1:]), math.prod(win.atoms[i][1] for i in xs[1:])
+
+        def merged(axis: tuple[float, float], f: int) -> tuple[float, float]:
+            return axis[0] * f, axis[1] + axis[0] * (f - 1) / 2  # the centre of the merged samples
+
+        return replace(base, y_dim=groups.index([ys[0]]), x_dim=groups.index([xs[0]]),
+                       hw=(win.atoms[ys[0]][1], win.atoms[xs[0]][1]), y=merged(lay.y, fy), x=merged(lay.x, fx))
+    return replace(base, kind="windows", y_dim=win.y_dim, x_dim=win.x_dim, windows=win)
 
 
 def infer_layouts(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Layout]:
