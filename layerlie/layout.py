@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -52,6 +52,10 @@ class Layout:
         input_hw: the input's spatial size.
         windows: for ``windows``, how the tensor's axes are cut from the grid (axes
             ``y_dim``, ``x_dim``, size ``hw``) whose samples it holds (METHOD 5, Windows).
+        keys: for an attention map inside windows, the same for its key axis, ``windows``
+            holding the query axis: ``G`` is the sum of the two (METHOD 5, Pair layouts).
+            The key index counts within the window, so at a window border ``G`` compares the
+            attention paid to the neighbouring window's keys: where windows break equivariance.
     """
 
     kind: Kind
@@ -65,6 +69,7 @@ class Layout:
     input_hw: tuple[int, int] = (0, 0)
     item: Layout | None = None
     windows: Windows | None = None
+    keys: Windows | None = None
 
     @property
     def spatial(self) -> bool:
@@ -76,7 +81,8 @@ class Layout:
         if self.kind == "tokens":
             return f"tokens(dim={self.token_dim},P={self.prefix},{self.hw[0]}x{self.hw[1]})"
         if self.kind == "windows":
-            return f"windows({self.hw[0]}x{self.hw[1]},roll={self.windows.roll})"
+            pair = ",pair" if self.keys is not None else ""
+            return f"windows({self.hw[0]}x{self.hw[1]},roll={self.windows.roll}{pair})"
         return self.kind
 
     def frame(self, coords: Coords = "receptive_field") -> Frame:
@@ -107,8 +113,9 @@ def layout_tangent(h: torch.Tensor, layout: Layout, group: Group, scheme: str = 
     if layout.kind == "grid":
         return tangent(h, group, scheme, layout.frame(coords))
     if layout.kind == "windows":
-        grid = layout.windows.assemble(h)
-        return layout.windows.partition(tangent(grid, group, scheme, layout.frame(coords)), h.shape)
+        frame = layout.frame(coords)
+        views = (layout.windows,) if layout.keys is None else (layout.windows, layout.keys)
+        return sum(w.partition(tangent(w.assemble(h), group, scheme, frame), h.shape) for w in views)
     d, p = layout.token_dim, layout.prefix
     grid = h.narrow(d, p, h.shape[d] - p).unflatten(d, layout.hw)
     g = tangent(grid, group, scheme, layout.frame(coords)).flatten(d, d + 1)
@@ -376,32 +383,39 @@ class LayoutProp(Propagator):
             if dims is None:
                 return None
             shifts, dims = ((shifts,), (dims,)) if isinstance(dims, int) else (shifts, dims)
-            new = win.rolled(s, shifts, dims)
-        elif method in ("view", "reshape", "flatten", "unflatten") or fn in (torch.reshape, torch.flatten):
-            new = win.reshaped(s, o)
-        elif method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
-            new = win.permuted(s, _axis_order(args, method or fn.__name__, len(s)))
-        elif n.op == "call_function" and timm_fx.is_notrace_function(fn):
+            return _relabelled(lay, win, lambda w: w.rolled(s, shifts, dims), o)
+        if method in ("view", "reshape", "flatten", "unflatten") or fn in (torch.reshape, torch.flatten):
+            return _relabelled(lay, win, lambda w: w.reshaped(s, o), o)
+        if method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
+            perm = _axis_order(args, method or fn.__name__, len(s))
+            return _relabelled(lay, win, lambda w: w.permuted(s, perm), o)
+        if n.op == "call_function" and timm_fx.is_notrace_function(fn):
             return self._opened(n, fn, args, lay)
-        elif lay.kind != "windows":
+        if lay.kind != "windows":
             return None
-        elif fn in (operator.matmul, torch.matmul, torch.bmm):
-            return self._windowed_matmul(n, args, lays)
-        elif fn is operator.getitem:
+        if fn in (operator.matmul, torch.matmul, torch.bmm):
+            return self._windowed_matmul(args, lays)
+        if fn is operator.getitem:
             return lay if _whole(args[1], s) else None
-        else:
-            new = win.resized(s, o)
-        return _windows_layout(lay, new, o) if new is not None else None
+        return _relabelled(lay, win, lambda w: w.resized(s, o), o)
 
-    def _windowed_matmul(self, n: fx.Node, args: list, lays: list[Layout]) -> Layout | None:
+    def _windowed_matmul(self, args: list, lays: list[Layout]) -> Layout | None:
         """``A @ v`` with ``A`` a map over the window's tokens takes ``v``'s layout; ``h @ W``
-        with ``W`` a weight acts on channels; ``q @ k^T``, a pair map, is not a windowed grid."""
+        with ``W`` a weight acts on channels; ``q @ k^T`` is a pair map over the window's
+        tokens (METHOD 5, Pair layouts), whose ``G`` acts on both token axes."""
         (a, b), (la, lb) = args[:2], lays[:2]
-        if lb.kind == "windows" and not la.spatial and a.shape[-1] == a.shape[-2] == b.shape[-2]:
+        out = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+        if lb.kind == "windows" and lb.keys is None and (la.keys is not None or not la.spatial) \
+                and out == tuple(b.shape):
             return lb
-        if la.kind == "windows" and not lb.spatial and b.ndim == 2:
-            new = la.windows.resized(tuple(a.shape), (*a.shape[:-1], b.shape[-1]))
-            return _windows_layout(la, new, (*a.shape[:-1], b.shape[-1])) if new is not None else None
+        if la.kind == "windows" and la.keys is None and not lb.spatial and b.ndim == 2:
+            return _relabelled(la, la.windows, lambda w: w.resized(tuple(a.shape), out), out)
+        if la.kind == lb.kind == "windows" and la.keys is None and lb.keys is None \
+                and tuple(a.shape[:-2]) == tuple(b.shape[:-2]) == out[:-2]:
+            queries = la.windows.resized(tuple(a.shape), out)
+            keys = lb.windows.resized(tuple(b.shape), out)
+            if queries is not None and keys is not None and queries.same_grid(keys):
+                return replace(la, windows=queries, keys=keys)
         return None
 
     def _opened(self, n: fx.Node, fn: Any, args: list, lay: Layout) -> Layout | None:
@@ -510,6 +524,16 @@ def _windows_of(lay: Layout, shape: Sequence[int]) -> Windows | None:
         d = _norm_dim(lay.token_dim, len(shape))
         return Windows.of_grid((*shape[:d], *lay.hw, *shape[d + 1:]), d, d + 1)
     return None
+
+
+def _relabelled(lay: Layout, win: Windows, op: Callable[[Windows], Windows | None],
+                shape: Sequence[int]) -> Layout | None:
+    """The layout after an op that ``op`` applies to a relabelling (to both of a pair map's)."""
+    if lay.kind == "windows" and lay.keys is not None:
+        queries, keys = op(lay.windows), op(lay.keys)
+        return replace(lay, windows=queries, keys=keys) if queries is not None and keys is not None else None
+    new = op(win)
+    return _windows_layout(lay, new, shape) if new is not None else None
 
 
 def _windows_layout(lay: Layout, win: Windows, shape: Sequence[int]) -> Layout | None:

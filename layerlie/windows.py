@@ -59,6 +59,13 @@ class Windows:
         atoms = tuple((a, int(n)) for a, n in enumerate(shape) if n > 1)
         return cls(tuple(int(n) for n in shape), y_dim, x_dim, atoms, tuple(range(len(atoms))))
 
+    def same_grid(self, other: Windows) -> bool:
+        """Whether ``other`` cuts the same batch and spatial samples of the same grid."""
+        def spatial(w: Windows) -> tuple:
+            return tuple(a for a in w.atoms if not w.is_channel(w.atoms.index(a)))
+        return (self.y_dim, self.x_dim, self.roll) == (other.y_dim, other.x_dim, other.roll) \
+            and spatial(self) == spatial(other)
+
     def atoms_of(self, axis: int) -> list[int]:
         """The atoms cut from grid axis ``axis``, outer first."""
         return [i for i, (a, _) in enumerate(self.atoms) if a == axis]
