@@ -177,8 +177,8 @@ class AliasProp(LayoutProp):
     def _measure(self, n: fx.Node, out: torch.Tensor) -> tuple[str | None, float]:
         lay = self.layouts[n.name]
         inputs = [(i, a) for i, a in enumerate(n.all_input_nodes) if self.layouts.get(a.name, lay).spatial]
-        if not lay.spatial or not inputs or not out.is_floating_point():
-            return None, math.nan
+        if lay.kind not in ("grid", "tokens") or not inputs or not out.is_floating_point():
+            return None, math.nan  # windowed tensors are measured where they are a grid again
         src = self.layouts[inputs[0][1].name]
         if min(lay.hw if lay.kind == "tokens" else (out.shape[lay.y_dim], out.shape[lay.x_dim])) < MIN_SIZE:
             return None, math.nan

@@ -1,12 +1,13 @@
 """Layouts of a graph's tensors and where their samples sit in the input (METHOD 5).
 
 A :class:`Layout` says which axes of a node's tensor are spatial (``grid``: an H and a W
-axis; ``tokens``: one axis of ``P + H * W`` tokens), and the input-pixel position of
-every sample, as a stride and an offset per axis found by receptive-field arithmetic.
-Layouts are inferred by propagating the input's geometry through the graph (convolution,
-pooling, flatten, transpose, permute, reshape, cat of prefix tokens or of channels,
-slicing); a tensor whose layout cannot be inferred is ``unknown``, and ``G`` acts on it
-as zero.
+axis; ``tokens``: one axis of ``P + H * W`` tokens; ``windows``: a grid cut into windows,
+rolled, or both, :mod:`layerlie.windows`), and the input-pixel position of every sample,
+as a stride and an offset per axis found by receptive-field arithmetic. Layouts are
+inferred by propagating the input's geometry through the graph (convolution, pooling,
+flatten, transpose, permute, reshape, roll, window partition and reverse, patch merging,
+cat of prefix tokens or of channels, slicing); a tensor whose layout cannot be inferred is
+``unknown``, and ``G`` acts on it as zero.
 
 Example:
     >>> import torch, layerlie as ll

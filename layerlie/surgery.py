@@ -526,7 +526,7 @@ def _filtered(gm: fx.GraphModule, node: fx.Node, options: Options) -> nn.Module 
         return None
     layout = options.layouts.get(node.name)
     extra = [*node.args[1:], *node.kwargs.values()]
-    if layout is None or not layout.spatial or any(isinstance(a, fx.Node) for a in extra):
+    if layout is None or layout.kind not in ("grid", "tokens") or any(isinstance(a, fx.Node) for a in extra):
         return None
     if node.op == "call_module":
         act = gm.get_submodule(node.target)
