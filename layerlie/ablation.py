@@ -111,7 +111,8 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor,
         raise LayerlieError(f"unknown variant(s) {unknown or variants}; valid variants: {', '.join(VARIANTS)}")
     if method not in ESTIMATORS:
         raise LayerlieError(f"unknown method {method!r}; valid methods: {', '.join(ESTIMATORS)}")
-    gs = [g.name for g in resolve_groups(groups)]
+    chosen = resolve_groups(groups)
+    gs = [g.name for g in chosen]
     check_images(x, input_channels(model) if not isinstance(model, fx.GraphModule) else None)
     if labels is not None and tuple(labels.shape) != (x.shape[0],):
         raise LayerlieError(f"labels must have shape ({x.shape[0]},), one class index per image, "
@@ -131,8 +132,8 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor,
     value = "share" if method == "shares" else "contribution_norm"
     rows, by_type, reference = [], {}, None
     for name, gm in models.items():  # the original first: its softmax is the reference
-        table = summarize(lee(with_output(gm, "logits")[0], x, gs, scheme=scheme))
-        a = attribute(gm, x, gs[0], method=method, scheme=scheme)
+        table = summarize(lee(with_output(gm, "logits")[0], x, chosen, scheme=scheme))
+        a = attribute(gm, x, chosen[0], method=method, scheme=scheme)
         by_type[name] = a.by_type()[value]
         with torch.no_grad():
             probs = with_output(gm, "softmax")[0](x)

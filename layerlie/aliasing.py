@@ -2,11 +2,11 @@
 
 Two kinds of node fold energy back below the Nyquist limit of their output grid:
 
-- ``nonlinearity``: a pointwise op ``s`` in space (activations; LayerNorm over channels),
-  applied to a map ``h``. Upsample ``h`` by 2 with the ideal band-limited (Fourier)
-  interpolator, apply ``s`` there, and take the share of the AC energy of ``s(h)`` above
-  the input grid's Nyquist band: the energy that ``s`` applied on the input grid would
-  fold back. An affine ``s`` scores exactly 0.
+- ``nonlinearity``: an op ``s`` pointwise in space (activations, LayerNorm over channels: the
+  op registry says which), applied to a map ``h``. Upsample ``h`` by 2 with the ideal
+  band-limited (Fourier) interpolator, apply ``s`` there, and take the share of the AC energy
+  of ``s(h)`` above the input grid's Nyquist band: the energy that ``s`` applied on the input
+  grid would fold back. An affine ``s`` scores exactly 0.
 - ``downsampling``: an op that lowers the resolution by a factor ``f`` (strided conv,
   pooling, patch embedding). Run it at stride 1 (its effective filter, on the input grid)
   and take the share of the AC energy of that dense output above the output grid's
@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -38,12 +39,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from layerlie.attribution import Attribution, layer_type
-from layerlie.layout import Layout, LayoutProp, is_pointwise
+from layerlie.attribution import Attribution
+from layerlie.layout import Layout, LayoutProp
 from layerlie.lie import check_images, jvp_ready
 from layerlie.models import input_channels
+from layerlie.ops import get_op, is_pointwise_in_space, is_strided, layer_type
 from layerlie.propagate import Call, bind
-from layerlie.surgery import stride_one
 from layerlie.trace import trace
 
 ALIAS_THRESHOLDS = {"nonlinearity": 0.01, "downsampling": 0.1}
@@ -106,18 +107,6 @@ def _from_grid(g: torch.Tensor, lay: Layout) -> torch.Tensor:
     return g.movedim((-2, -1), (lay.y_dim % ndim, lay.x_dim % ndim))
 
 
-def _pointwise_in_space(gm: fx.GraphModule, n: fx.Node, lay: Layout, ndim: int) -> bool:
-    """Activations, and LayerNorm over trailing axes that are not spatial (channels)."""
-    if is_pointwise(gm, n):
-        return True
-    m = gm.get_submodule(n.target) if n.op == "call_module" else None
-    if not (isinstance(m, nn.LayerNorm) or n.target is F.layer_norm):
-        return False
-    normalized = len(m.normalized_shape if m is not None else n.args[1])
-    spatial = (lay.token_dim,) if lay.kind == "tokens" else (lay.y_dim, lay.x_dim)
-    return all(d % ndim < ndim - normalized for d in spatial)
-
-
 def _nonlinearity_ratio(call: Call, arg: int, lay: Layout) -> float:
     h = call.flat[arg]
     grid = _to_grid(h, lay)
@@ -128,28 +117,11 @@ def _nonlinearity_ratio(call: Call, arg: int, lay: Layout) -> float:
     return energy_above(_to_grid(out, dataclasses.replace(lay, prefix=0, hw=(2 * H, 2 * W))), (H / 2, W / 2))
 
 
-def _dense_output(call: Call) -> Any:
-    """The node's op at stride 1 on the same input (its effective filter), or None."""
-    fn, (args, kwargs) = call.fn, call.rebuild()
-    if isinstance(fn, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-        return stride_one(fn)(*args, **kwargs)
-    if fn in (F.conv2d, F.max_pool2d, F.avg_pool2d, torch.max_pool2d, torch._C._nn.avg_pool2d):
-        where = 3 if fn is F.conv2d else 2
-        args = list(args)
-        if len(args) > where:
-            args[where] = 1
-        else:
-            kwargs = {**kwargs, "stride": 1}
-        return fn(*args, **kwargs)
-    if fn is operator.getitem:
-        return args[0]
-    return None
-
-
-def _downsampling_ratio(call: Call, src: Layout, out: Layout) -> float:
-    dense = _dense_output(call)
-    if dense is None:
+def _downsampling_ratio(call: Call, dense_output: Callable[[Call], Any] | None, src: Layout, out: Layout) -> float:
+    """``dense_output``: the op's output at stride 1 (its registry entry), None where unknown."""
+    if dense_output is None:
         return math.nan
+    dense = dense_output(call)
     if call.fn is operator.getitem:  # the input itself, in its own layout
         dense = _to_grid(dense, src)
     H, W = dense.shape[-2:]
@@ -177,18 +149,25 @@ class AliasProp(LayoutProp):
     def _measure(self, n: fx.Node, out: torch.Tensor) -> tuple[str | None, float]:
         lay = self.layouts[n.name]
         inputs = [(i, a) for i, a in enumerate(n.all_input_nodes) if self.layouts.get(a.name, lay).spatial]
-        if lay.kind not in ("grid", "tokens") or not inputs or not out.is_floating_point():
-            return None, math.nan  # windowed tensors are measured where they are a grid again
+        if not lay.spatial or not inputs or not out.is_floating_point():
+            return None, math.nan
         src = self.layouts[inputs[0][1].name]
         if min(lay.hw if lay.kind == "tokens" else (out.shape[lay.y_dim], out.shape[lay.x_dim])) < MIN_SIZE:
             return None, math.nan
         call, _ = bind(self.module, n, self.values, {}, out)
-        if src.x[0] < lay.x[0] or src.y[0] < lay.y[0]:
-            return "downsampling", _downsampling_ratio(call, src, lay)
-        if len(inputs) == 1 and src.kind == lay.kind and _pointwise_in_space(self.module, n, lay, out.ndim):
+        if self.strided(n):
+            op = get_op(self.module, n)
+            return "downsampling", _downsampling_ratio(call, op.dense if op is not None else None, src, lay)
+        spatial = (lay.token_dim,) if lay.kind == "tokens" else (lay.y_dim, lay.x_dim)
+        if len(inputs) == 1 and src.kind == lay.kind \
+                and is_pointwise_in_space(self.module, n, *call.rebuild(), spatial):
             arg = next(i for i, v in enumerate(call.flat) if v is self.values[inputs[0][1]])
             return "nonlinearity", _nonlinearity_ratio(call, arg, src)
         return None, math.nan
+
+    def strided(self, n: fx.Node) -> bool:
+        """Whether ``n`` lowers the resolution (the op registry's one decision)."""
+        return is_strided(self.module, n, self.values, self._lay)
 
 
 def aliasing(model: nn.Module | fx.GraphModule, x: torch.Tensor) -> pd.DataFrame:
@@ -205,7 +184,7 @@ def aliasing(model: nn.Module | fx.GraphModule, x: torch.Tensor) -> pd.DataFrame
         prop.propagate(x, None)
     nodes = {n.name: n for n in gm.graph.nodes}
     table = pd.DataFrame(prop.rows, columns=COLUMNS)
-    table.insert(1, "layer_type", [layer_type(gm, nodes[name]) for name in table["node"]])
+    table.insert(1, "layer_type", [layer_type(gm, nodes[name], prop.strided(nodes[name])) for name in table["node"]])
     return table
 
 

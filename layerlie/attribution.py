@@ -35,18 +35,17 @@ from torch.utils import _pytree as pytree
 
 from layerlie.errors import LayerlieError
 from layerlie.groups import Group, group as get_group
-from layerlie.layout import NONE, Coords, Layout, LayoutProp, is_pointwise, layout_tangent
+from layerlie.layout import NONE, Coords, Layout, LayoutProp, layout_tangent
 from layerlie.hooks import module_contributions, module_cotangents, module_defects
 from layerlie.lie import check_images, exact_math, jvp_ready
 from layerlie.models import input_channels
-from layerlie.propagate import Propagator, bind, linearize, pointwise_targets, rule_key
+from layerlie.ops import LAYER_TYPES, is_strided, layer_type, module_type, op_key, register_layer_type
+from layerlie.propagate import Propagator, Recorder, bind, linearize
 from layerlie.tangent import check_scheme, tangent
 from layerlie.trace import TraceError, trace, with_output
 
 Estimator = Literal["exact", "shares", "hutchinson"]
 ESTIMATORS = ("exact", "shares", "hutchinson")
-LAYER_TYPES = ("nonlinearity", "strided/downsampling", "conv", "norm", "attention", "residual add",
-               "reshape/other")
 
 
 @dataclass
@@ -125,57 +124,6 @@ class Attribution:
         return fig
 
 
-_MODULE_TYPES: dict[type[nn.Module], str] = {}
-
-
-def register_layer_type(cls: type[nn.Module], kind: str) -> type[nn.Module]:
-    """Count the modules of class ``cls`` (and its subclasses) as layer type ``kind``, one of
-    :data:`LAYER_TYPES` (e.g. a substitute from :mod:`layerlie.surgery`)."""
-    if kind not in LAYER_TYPES:
-        raise LayerlieError(f"unknown layer type {kind!r}; valid: {', '.join(LAYER_TYPES)}")
-    _MODULE_TYPES[cls] = kind
-    return cls
-
-
-def module_type(m: nn.Module) -> str | None:
-    """The layer type of a module, or None when its class does not say (METHOD 3)."""
-    for cls in type(m).__mro__:
-        if cls in _MODULE_TYPES:
-            return _MODULE_TYPES[cls]
-    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) or (isinstance(m, nn.Conv2d) and max(m.stride) > 1):
-        return "strided/downsampling"
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-        return "conv"
-    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
-        return "norm"
-    if isinstance(m, nn.Softmax):
-        return "attention"
-    if type(m) in pointwise_targets():
-        return "nonlinearity"
-    return None
-
-
-def layer_type(gm: fx.GraphModule, n: fx.Node, strided: bool = False) -> str:
-    """The layer type of a node, for aggregation (METHOD 3)."""
-    if n.op == "call_module" and (kind := module_type(gm.get_submodule(n.target))) is not None:
-        return kind
-    if is_pointwise(gm, n):
-        return "nonlinearity"
-    target = n.target if n.op != "call_module" else type(gm.get_submodule(n.target))
-    name = getattr(target, "__name__", str(target))
-    if strided or name in ("max_pool2d", "avg_pool2d"):
-        return "strided/downsampling"
-    if name in ("layer_norm", "batch_norm", "group_norm", "rms_norm") or "Norm" in name:
-        return "norm"
-    if name in ("matmul", "bmm", "softmax", "scaled_dot_product_attention", "baddbmm"):
-        return "attention"
-    if name in ("add", "iadd") and sum(isinstance(a, fx.Node) for a in n.args) == 2:
-        return "residual add"
-    if name in ("conv2d", "linear"):
-        return "conv"
-    return "reshape/other"
-
-
 class _Defects:
     """The primal pass (values, layouts) and every node's ``e_v``; ``G_v h_v`` is dropped after
     its last user, except at the input and the output."""
@@ -210,14 +158,14 @@ class _Defects:
             return
         call, incoming = bind(self.gm, n, self.values, self.g, value)
         incoming = {i: pytree.tree_map(lambda t: t[None], g) for i, g in incoming.items()}
-        pushed = linearize(call, incoming, rule_key(self.gm, n)) if n.op != "get_attr" else None
+        pushed = linearize(call, incoming, op_key(self.gm, n)) if n.op != "get_attr" else None
         pushed = pytree.tree_map(lambda t: t[0], pushed) if pushed is not None else None
         lay = self.layout(n)
         if lay.kind == "tuple" or not isinstance(value, torch.Tensor) or not value.is_floating_point():
             self.g[n], self.e[n] = pushed, None  # the representation on tuples is the incoming one
             return
         own = layout_tangent(value, lay, self.group, self.scheme, self.coords) \
-            if lay.spatial and self.group.spatial else None
+            if lay.moves and self.group.spatial else None
         self.g[n] = own
         if pushed is None:
             self.e[n] = None if own is None else -own
@@ -432,7 +380,8 @@ def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node], weigh
     """``reduce(v, J_{out<-v}^T w)`` for every node ``v`` in ``nodes`` and every ``w`` in
     ``weights``: one reverse pass each. Each cotangent is reduced by a tensor hook the moment the
     pass reaches it, so no cotangent outlives its step."""
-    recorder = _Recorder(gm, {n.name for n in nodes})
+    names = {n.name for n in nodes}
+    recorder = Recorder(gm, lambda n, v: v if n.name in names and isinstance(v, torch.Tensor) else None)
     reduced: dict[fx.Node, float] = {}
     results = []
     with torch.enable_grad(), jvp_ready(gm):
@@ -447,21 +396,6 @@ def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node], weigh
             torch.autograd.backward(out, w, retain_graph=i < len(weights) - 1, inputs=[xr])
             results.append({n: reduced.get(n, 0.0) for n in nodes})
     return results
-
-
-class _Recorder(fx.Interpreter):
-    """Runs the graph with autograd on, keeping the named nodes' outputs."""
-
-    def __init__(self, gm: fx.GraphModule, keep: set[str]):
-        super().__init__(gm)
-        self.keep = keep
-        self.kept: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.keep and isinstance(out, torch.Tensor):
-            self.kept[n.name] = out
-        return out
 
 
 def _hutchinson(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects: _Defects,
@@ -510,9 +444,5 @@ def _table(gm: fx.GraphModule, d: _Defects, contrib: dict, shares: dict, stderr:
 
 def _is_strided(gm: fx.GraphModule, n: fx.Node, d: _Defects) -> bool:
     """A node that lowers the resolution of a spatial input (stride, pooling, patches)."""
-    lay = d.layout(n)
-    if not lay.spatial:
-        return False
-    parents = [p for p in n.all_input_nodes if d.layout(p).spatial]
-    return any(d.layout(p).x[0] < lay.x[0] or d.layout(p).y[0] < lay.y[0] for p in parents)
+    return is_strided(gm, n, d.values, d.layout)
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import fnmatch
 import json
+import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import pandas as pd
 import torch
@@ -41,21 +44,82 @@ EXAMPLES = {
                "  layerlie ablate resnet50 --images val/ --n 16 --method shares --out ablation.csv"),
     "e2e": ("examples:\n  layerlie e2e resnet18\n"
             "  layerlie e2e vit_tiny_patch16_224 --groups translate_x,rotate --n 4 --out lee.csv\n"
+            "  layerlie e2e resnet18 --groups 'rotate,affine:tilt=0,0.5,0;0,0,0' --n 2\n"
+            "  layerlie e2e resnet18 --groups all,my_groups.toml\n"
             "  layerlie e2e resnet50 --checkpoint weights.safetensors --images photos/ --json"),
 }
 
 
+GROUPS_HELP = ("'all', group names, custom groups 'affine:NAME=a,b,c;d,e,f' (rows of the 2x3 generator) "
+               "or 'channel:NAME=row1;row2;row3', and TOML files of [groups.NAME] tables, comma-separated; "
+               "names: ")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are three lines: the short usage, the error and its fix, and
+    where the help is."""
+
+    commands: argparse._SubParsersAction | None = None
+
+    def add_subparsers(self, **kwargs: object) -> argparse._SubParsersAction:
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
+    def parse_args(self, args: Sequence[str] | None = None,
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:  # reported by the subcommand's parser, with its own usage and options
+            command = getattr(parsed, "command", None)
+            target = self.commands.choices[command] if self.commands and command else self
+            target.error(target.unexpected(extra[0]))
+        return parsed
+
+    def format_usage(self) -> str:
+        words = [self._metavar(a) for a in self._actions if not a.option_strings]
+        return f"usage: {' '.join([self.prog, '[options]', *words])}\n"
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.format_usage()}{self.prog}: error: {self._with_fix(message)}\n"
+                     f"see {self.prog} --help\n")
+
+    @staticmethod
+    def _metavar(action: argparse.Action) -> str:
+        name = action.metavar if isinstance(action.metavar, str) else action.dest.upper()
+        return f"[{name}]" if action.nargs in ("?", "*") else name
+
+    def _with_fix(self, message: str) -> str:
+        missing = message.removeprefix("the following arguments are required: ")
+        if missing == message:
+            return message
+        if missing == "command":
+            return f"give a command: {', '.join(self.commands.choices)}"
+        return f"give the {missing.upper()}, e.g. {self.prog} resnet18 (a timm name, or package.module:callable)"
+
+    def unexpected(self, token: str) -> str:
+        """The error for an argument the parser does not know, with the closest option."""
+        if token.startswith("-"):
+            flags = [f for a in self._actions for f in a.option_strings]
+            close = difflib.get_close_matches(token.split("=")[0], flags, n=1)
+            return f"unknown option {token!r}; " + (f"did you mean {close[0]}?" if close else "leave it out")
+        words = " ".join(self._metavar(a) for a in self._actions if not a.option_strings)
+        return f"unexpected argument {token!r}: {self.prog} takes {words} and options; write lists comma-separated"
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}; pass e.g. 8") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}; pass e.g. --n 8")
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}; pass e.g. 8")
     return value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="timm name, or package.module:callable returning a model")
     p.add_argument("--checkpoint", help="local weights: .safetensors or a torch.save'd state dict")
-    p.add_argument("--pretrained", action="store_true", help="let timm download pretrained weights")
+    p.add_argument("--pretrained", action="store_true",
+                   help="timm's pretrained weights, from the local cache or downloaded")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--float64", action="store_true", help="compute in double precision")
     p.add_argument("--images", help="folder of images (labels from subfolders); default: embedded photos")
@@ -69,7 +133,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerlie", description=(
+    parser = ArgumentParser(prog="layerlie", description=(
         "Measure how equivariant an image model is, and which layers break it."))
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -81,8 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("e2e", help="end-to-end Lie derivative (the published LEE) per group",
                        epilog=EXAMPLES["e2e"], formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
-    p.add_argument("--groups", default="all",
-                   help=f"'all' or a comma-separated list of: {', '.join(list_groups(compat=True))}")
+    p.add_argument("--groups", default="all", help=GROUPS_HELP + ", ".join(list_groups(compat=True)))
     p.add_argument("--scheme", default="central", choices=list_schemes())
     p.add_argument("--method", default="jvp", choices=METHODS)
     p.add_argument("--batch", type=_positive, default=4, help="images per pass (default 4)")
@@ -92,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES["layers"], formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
     p.set_defaults(n=2)
-    p.add_argument("--group", default="translate_x", help="one group (default translate_x)")
+    p.add_argument("--group", default="translate_x",
+                   help="one group: a name or 'affine:NAME=a,b,c;d,e,f' (default translate_x)")
     p.add_argument("--method", default="exact", choices=ESTIMATORS)
     p.add_argument("--scheme", default="central", choices=list_schemes())
     p.add_argument("--probes", type=_positive, default=100, help="Hutchinson probes (default 100)")
@@ -114,13 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(n=2)
     p.add_argument("--variants", default="blurpool,filtered,aps,all",
                    help=f"comma-separated, from: {', '.join(VARIANTS)} (default blurpool,filtered,aps,all)")
-    p.add_argument("--groups", default="translate_x,rotate", help="groups of the end-to-end LEE; the first is "
-                   "also attributed per layer type (default translate_x,rotate)")
+    p.add_argument("--groups", default="translate_x,rotate", help="groups of the end-to-end LEE, the first "
+                   "also attributed per layer type (default translate_x,rotate): " + GROUPS_HELP + "see e2e --help")
     p.add_argument("--method", default="exact", choices=ESTIMATORS)
     p.add_argument("--scheme", default="central", choices=list_schemes())
     p.add_argument("--filter-size", type=_positive, default=3, help="binomial taps (default 3)")
     p.add_argument("--where", help="restrict the surgery: node names or layer types, comma-separated globs")
-    p.add_argument("--plot", default="ablation.png", help="before/after figure (default ablation.png)")
+    p.add_argument("--plot", help="write the before/after figure to this PNG/PDF")
     _add_output_args(p)
     return parser
 
@@ -170,6 +234,14 @@ def _model_and_images(args: argparse.Namespace) -> tuple[torch.nn.Module, Images
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                        device=device, dtype=dtype)
     batch = images(args.images, model, args.n) if args.images else photo_batch(model, args.n)
+    try:  # a model built for other inputs fails here, in one line, rather than deep in a pass
+        with torch.no_grad():
+            model(batch.x[:1])
+    except RuntimeError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        shape = tuple(batch.x.shape[1:])
+        raise LayerlieError(f"model {args.model!r} fails on images of shape {shape} ({first}); give it a timm "
+                            "pretrained_cfg with its input_size, or use a model for this input") from None
     return model, batch
 
 
@@ -203,9 +275,24 @@ def write_table(table: pd.DataFrame, out: Path) -> None:
                             "path") from None
 
 
+def to_json(payload: object) -> str:
+    """Strict JSON: NaN and inf (a spread over one image, say) become null."""
+    def finite(v: object) -> object:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(payload), default=str, allow_nan=False)
+
+
 def progress_bar() -> Progress:
+    err = Console(stderr=True)  # off when stderr is a file or pipe, where it would leave a blank line
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), transient=True, console=Console(stderr=True))
+                    TimeElapsedColumn(), transient=True, console=err, disable=not err.is_terminal)
 
 
 def cmd_e2e(args: argparse.Namespace) -> int:
@@ -222,9 +309,9 @@ def cmd_e2e(args: argparse.Namespace) -> int:
         write_table(table, out)
     stats = summarize(table)
     if args.json:
-        print(json.dumps({"model": args.model, "scheme": args.scheme, "method": args.method,
-                          "images": len(batch.x),
-                          "groups": {g: {"mean": r["mean"], "std": r["std"]} for g, r in stats.iterrows()}}))
+        print(to_json({"model": args.model, "scheme": args.scheme, "method": args.method,
+                       "images": len(batch.x),
+                       "groups": {g: {"mean": r["mean"], "std": r["std"]} for g, r in stats.iterrows()}}))
         return 0
     grid = Table(title=f"{args.model}: end-to-end LEE over {len(batch.x)} images ({args.scheme} scheme)")
     grid.add_column("group")
@@ -308,9 +395,9 @@ def cmd_aliasing(args: argparse.Namespace) -> int:
         write_table(measured.assign(model=args.model), out)
     shown = measured if args.all else measured[measured["flagged"]]
     if args.json:
-        print(json.dumps({"model": args.model, "thresholds": ALIAS_THRESHOLDS, "measured": len(measured),
-                          "flagged": shown[shown["flagged"]][["node", "alias_kind", "alias_ratio"]]
-                          .to_dict(orient="records")}))
+        print(to_json({"model": args.model, "thresholds": ALIAS_THRESHOLDS, "measured": len(measured),
+                       "flagged": shown[shown["flagged"]][["node", "alias_kind", "alias_ratio"]]
+                       .to_dict(orient="records")}))
         return 0
     grid = Table(title=f"{args.model}: {int(measured['flagged'].sum())} of {len(measured)} measured nodes "
                        f"flagged (thresholds {ALIAS_THRESHOLDS})")
@@ -350,13 +437,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     table = result.table.assign(model=args.model, scheme=args.scheme)
     if out is not None:
         write_table(table, out)
-    try:
-        result.plot().savefig(args.plot, dpi=120)
-    except OSError as err:
-        raise LayerlieError(f"cannot write --plot {args.plot!r} ({err.strerror})") from None
+    if args.plot:
+        try:
+            result.plot().savefig(args.plot, dpi=120)
+        except OSError as err:
+            raise LayerlieError(f"cannot write --plot {args.plot!r} ({err.strerror})") from None
     if args.json:
-        print(json.dumps({"model": args.model, "images": len(batch.x), "settings": result.settings,
-                          "variants": result.table.to_dict(orient="records")}, default=str))
+        print(to_json({"model": args.model, "images": len(batch.x), "settings": result.settings,
+                       "variants": result.table.to_dict(orient="records")}))
         return 0
     groups = result.settings["groups"]
     grid = Table(title=f"{args.model}: anti-aliased variants over {len(batch.x)} images ({args.scheme} scheme)")
@@ -379,7 +467,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     for t, r in result.by_type.iterrows():
         types.add_row(str(t), *[f"{x:.2e}" for x in r])
     console.print(types)
-    console.print(f"wrote {args.plot}" + (f" and {out}" if out is not None else ""))
+    written = [str(f) for f in (args.plot, out) if f is not None]
+    if written:
+        console.print(f"wrote {' and '.join(written)}")
     return 0
 
 

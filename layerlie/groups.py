@@ -9,7 +9,9 @@ A channel group acts on the values of every pixel: ``T_t h = exp(t A) h`` along 
 channel axis, for a ``C x C`` generator ``A``.
 
 Groups live in a registry: :func:`group` finds one by name, :func:`list_groups` lists
-them, :func:`register_group` adds a custom one.
+them, :func:`register_group` adds a custom one. A custom group can also be written as text,
+the same text on the command line and in Python (:func:`parse_group`), or defined in a TOML
+file (:func:`load_groups`).
 
 Example:
     >>> import layerlie as ll
@@ -20,14 +22,22 @@ Example:
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from layerlie.errors import LayerlieError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 GroupKind = Literal["affine", "channel"]
 
@@ -159,7 +169,7 @@ def list_groups(compat: bool = False) -> list[str]:
 
 
 def group(spec: str | Group) -> Group:
-    """A group by name (or the group itself).
+    """A group by name, by its text form (see :func:`parse_group`), or the group itself.
 
     Example:
         >>> group("translate_x").generator[0, 2].item()
@@ -167,21 +177,138 @@ def group(spec: str | Group) -> Group:
     """
     if isinstance(spec, Group):
         return spec
-    if spec not in _GROUPS:
-        raise LayerlieError(f"unknown group {spec!r}; valid groups: {', '.join(list_groups(compat=True))}")
-    return _GROUPS[spec]
+    return parse_group(spec)
+
+
+_CUSTOM = re.compile(r"(affine|channel):([^=]*)=(.*)", re.DOTALL)
+_FORM = ("write a custom group as 'affine:NAME=a,b,c;d,e,f' (the rows of the 2x3 generator) or "
+         "'channel:NAME=row1;row2;row3' (a C x C generator)")
+
+
+def parse_group(spec: str) -> Group:
+    """A group from its text: a registered name, or a generator written row by row (METHOD 1).
+
+    ``"affine:NAME=a,b,c;d,e,f"`` is ``Group.affine(NAME, [[a, b, c], [d, e, f]])``;
+    ``"channel:NAME=row1;...;rowC"`` is ``Group.channel``. Both are validated as those are.
+
+    Example:
+        >>> parse_group("affine:tilt=0,0.5,0;0,0,0").generator.tolist()
+        [[0.0, 0.5, 0.0], [0.0, 0.0, 0.0]]
+    """
+    text = spec.strip()
+    custom = _CUSTOM.fullmatch(text)
+    if custom is None:
+        if text.startswith(("affine:", "channel:")):
+            raise LayerlieError(f"cannot read group {spec!r}: {_FORM}")
+        if text not in _GROUPS:
+            raise LayerlieError(f"unknown group {spec!r}; valid groups: {', '.join(list_groups(compat=True))}, "
+                                f"or {_FORM}")
+        return _GROUPS[text]
+    kind, name, body = custom.group(1), custom.group(2).strip(), custom.group(3)
+    if not re.fullmatch(r"[A-Za-z_][\w.-]*", name):
+        raise LayerlieError(f"group {spec!r}: the name {name!r} must start with a letter and hold only letters, "
+                            f"digits, '_', '.', '-'; {_FORM}")
+    try:
+        rows = [[float(v) for v in row.split(",")] for row in body.split(";")]
+    except ValueError:
+        raise LayerlieError(f"group {spec!r}: the generator must be numbers; {_FORM}") from None
+    shape = [len(r) for r in rows]
+    if len(set(shape)) != 1 or (kind == "affine" and shape != [3, 3]):
+        raise LayerlieError(f"cannot read group {spec!r}: rows of {shape} numbers; {_FORM}")
+    return Group.affine(name, rows) if kind == "affine" else Group.channel(name, rows)
+
+
+def load_groups(path: str | Path) -> list[Group]:
+    """The groups a TOML file defines, in file order.
+
+    Each ``[groups.NAME]`` table holds ``affine = [[a, b, c], [d, e, f]]`` (a 2x3 generator)
+    or ``channel = [[...], ...]`` (a C x C generator), and may hold ``convention = "..."``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "groups.toml"
+        >>> _ = f.write_text("[groups.tilt]\\naffine = [[0, 0.5, 0], [0, 0, 0]]\\n")
+        >>> [g.name for g in load_groups(f)]
+        ['tilt']
+    """
+    form = "write each group as [groups.NAME] with affine = [[a, b, c], [d, e, f]] or channel = [[...], ...]"
+    try:
+        with open(path, "rb") as file:
+            spec = tomllib.load(file)
+    except OSError as err:
+        raise LayerlieError(f"cannot read groups file {str(path)!r} ({err.strerror}); give the path of a "
+                            "TOML file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise LayerlieError(f"groups file {str(path)!r} is not valid TOML ({err}); {form}") from None
+    tables = spec.get("groups")
+    if not isinstance(tables, dict) or not tables or set(spec) != {"groups"}:
+        raise LayerlieError(f"groups file {str(path)!r} defines no [groups.NAME] tables only; {form}")
+    groups = []
+    for name, table in tables.items():
+        kinds = [k for k in ("affine", "channel") if isinstance(table, dict) and k in table]
+        if len(kinds) != 1 or set(table) - {"affine", "channel", "convention"}:
+            raise LayerlieError(f"groups file {str(path)!r}, group {name!r}: {form} (and an optional "
+                                "convention = \"...\")")
+        make = Group.affine if kinds[0] == "affine" else Group.channel
+        groups.append(make(name, table[kinds[0]], str(table.get("convention", f"custom {kinds[0]} generator"))))
+    return groups
 
 
 def resolve_groups(spec: str | Group | Iterable[str | Group]) -> list[Group]:
-    """Groups from ``"all"`` (the ten built-ins), a comma-separated string, or a list."""
+    """Groups from ``"all"`` (the ten built-ins), names, text forms (:func:`parse_group`),
+    TOML files (:func:`load_groups`), or groups: a comma-separated string or a list.
+
+    Example:
+        >>> [g.name for g in resolve_groups("rotate,affine:tilt=0,0.5,0;0,0,0")]
+        ['rotate', 'tilt']
+    """
     if isinstance(spec, Group):
         return [spec]
-    if isinstance(spec, str):
-        spec = _BUILTIN if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    groups = [group(s) for s in spec]
+    items = _split(spec) if isinstance(spec, str) else list(spec)
+    groups: dict[str, Group] = {}
+    for item in items:
+        for g in _expand(item):
+            seen = groups.setdefault(g.name, g)
+            if not _same(seen, g):
+                raise LayerlieError(f"two different groups are named {g.name!r}; give the custom one another "
+                                    "name")
     if not groups:
-        raise LayerlieError(f"no group given; valid groups: {', '.join(list_groups())}")
-    return groups
+        raise LayerlieError(f"no group given; valid groups: {', '.join(list_groups())}, or {_FORM}")
+    return list(groups.values())
+
+
+def _split(spec: str) -> list[str]:
+    """Split at commas, except those between the numbers of a written generator."""
+    items: list[str] = []
+    for token in (t.strip() for t in spec.split(",")):
+        if items and _CUSTOM.fullmatch(items[-1]) and _numbers(token):
+            items[-1] += "," + token
+        elif token:
+            items.append(token)
+    return items
+
+
+def _numbers(token: str) -> bool:
+    try:
+        [float(v) for v in token.split(";")]
+    except ValueError:
+        return False
+    return True
+
+
+def _expand(item: str | Group) -> list[Group]:
+    if isinstance(item, Group):
+        return [item]
+    if item == "all":
+        return [_GROUPS[n] for n in _BUILTIN]
+    if item.endswith(".toml"):
+        return load_groups(item)
+    return [parse_group(item)]
+
+
+def _same(a: Group, b: Group) -> bool:
+    origins_match = (a.origin is None) == (b.origin is None) and (a.origin is None or torch.equal(a.origin, b.origin))
+    return a is b or (a.kind == b.kind and torch.equal(a.generator, b.generator) and origins_match)
 
 
 _AFFINE = {

@@ -1,13 +1,14 @@
 """Layouts of a graph's tensors and where their samples sit in the input (METHOD 5).
 
 A :class:`Layout` says which axes of a node's tensor are spatial (``grid``: an H and a W
-axis; ``tokens``: one axis of ``P + H * W`` tokens; ``windows``: a grid cut into windows,
-rolled, or both, :mod:`layerlie.windows`), and the input-pixel position of every sample,
-as a stride and an offset per axis found by receptive-field arithmetic. Layouts are
-inferred by propagating the input's geometry through the graph (convolution, pooling,
-flatten, transpose, permute, reshape, roll, window partition and reverse, patch merging,
-cat of prefix tokens or of channels, slicing); a tensor whose layout cannot be inferred is
-``unknown``, and ``G`` acts on it as zero.
+axis; ``tokens``: one axis of ``P + H * W`` tokens; ``pair``: two token axes, as in an
+attention map; ``windows``: a grid cut into windows, rolled, or both, :mod:`layerlie.windows`),
+and the input-pixel position of every sample, as a stride and an offset per axis found by
+receptive-field arithmetic. Layouts are inferred by propagating the input's geometry through
+the graph (convolution, pooling, flatten, transpose, permute, reshape, roll, window partition
+and reverse, patch merging, cat of prefix tokens or of channels, slicing, ``q @ k^T`` and
+``A @ V``); a tensor whose layout cannot be inferred is ``unknown``, and ``G`` acts on it as
+zero.
 
 Example:
     >>> import torch, layerlie as ll
@@ -32,11 +33,13 @@ from timm.layers import _fx as timm_fx
 from torch import nn
 
 from layerlie.groups import Group
-from layerlie.propagate import Propagator, node_callable, pointwise_targets
+from layerlie import ops
+from layerlie.ops import Window, is_pointwise
+from layerlie.propagate import Propagator, node_callable
 from layerlie.tangent import Frame, tangent
 from layerlie.windows import Windows
 
-Kind = Literal["grid", "tokens", "windows", "none", "unknown", "tuple"]
+Kind = Literal["grid", "tokens", "none", "unknown", "tuple", "pair", "windows"]
 Coords = Literal["receptive_field", "published"]
 
 
@@ -47,16 +50,21 @@ class Layout:
     Attributes:
         kind: ``grid`` (axes ``y_dim``, ``x_dim``), ``tokens`` (axis ``token_dim`` holds
             ``prefix`` position-less tokens then an ``hw`` grid, row-major), ``none`` (no
-            spatial axes), ``unknown``, ``tuple`` (a tuple of tensors), or ``windows`` (a
+            spatial axes), ``unknown``, ``tuple`` (a tuple of tensors), ``pair``: a map
+            indexed by two token sets, e.g. attention ``(B, heads, N_q, N_k)``, whose query
+            axis is described like ``tokens`` and whose key axis is ``key``, or ``windows`` (a
             relabelling of a grid's samples, described by ``windows``).
         y, x: ``(stride, offset)`` in input pixels: sample j sits at ``offset + stride * j``.
         input_hw: the input's spatial size.
+        key: for a ``pair``, the ``tokens`` layout of its key axis (its own prefix, grid and
+            sample positions: queries and keys may sit on different grids).
         windows: for ``windows``, how the tensor's axes are cut from the grid (axes
             ``y_dim``, ``x_dim``, size ``hw``) whose samples it holds (METHOD 5, Windows).
-        keys: for an attention map inside windows, the same for its key axis, ``windows``
-            holding the query axis: ``G`` is the sum of the two (METHOD 5, Pair layouts).
-            The key index counts within the window, so at a window border ``G`` compares the
-            attention paid to the neighbouring window's keys: where windows break equivariance.
+        key_windows: for an attention map inside windows, the same for its key axis,
+            ``windows`` holding the query axis: ``G`` is the sum of the two (METHOD 5, Pair
+            layouts). The key index counts within the window, so at a window border ``G``
+            compares the attention paid to the neighbouring window's keys: where windows break
+            equivariance.
     """
 
     kind: Kind
@@ -69,20 +77,36 @@ class Layout:
     x: tuple[float, float] = (1.0, 0.0)
     input_hw: tuple[int, int] = (0, 0)
     item: Layout | None = None
+    key: Layout | None = None
     windows: Windows | None = None
-    keys: Windows | None = None
+    key_windows: Windows | None = None
 
     @property
     def spatial(self) -> bool:
-        return self.kind in ("grid", "tokens", "windows")
+        return self.kind in ("grid", "tokens")
+
+    @property
+    def moves(self) -> bool:
+        """Whether ``G`` acts on the tensor: image-like, a pair of token axes, or windowed
+        (METHOD 5)."""
+        return self.spatial or self.kind in ("pair", "windows")
+
+    @property
+    def query(self) -> Layout:
+        """The ``tokens`` layout of a pair's query axis."""
+        return replace(self, kind="tokens", key=None)
 
     def describe(self) -> str:
+        if self.kind == "pair":
+            q, k = self.query, self.key
+            return (f"pair(q=dim{q.token_dim},P={q.prefix},{q.hw[0]}x{q.hw[1]}; "
+                    f"k=dim{k.token_dim},P={k.prefix},{k.hw[0]}x{k.hw[1]})")
         if self.kind == "grid":
             return f"grid(y={self.y_dim},x={self.x_dim})"
         if self.kind == "tokens":
             return f"tokens(dim={self.token_dim},P={self.prefix},{self.hw[0]}x{self.hw[1]})"
         if self.kind == "windows":
-            pair = ",pair" if self.keys is not None else ""
+            pair = ",pair" if self.key_windows is not None else ""
             return f"windows({self.hw[0]}x{self.hw[1]},roll={self.windows.roll}{pair})"
         return self.kind
 
@@ -108,50 +132,32 @@ TUPLE = Layout("tuple")
 def layout_tangent(h: torch.Tensor, layout: Layout, group: Group, scheme: str = "central",
                    coords: Coords = "receptive_field") -> torch.Tensor:
     """``G_v h`` for a tensor of known layout (METHOD 5); zero for non-spatial layouts and
-    for channel groups, which act on the input alone."""
-    if not layout.spatial or not group.spatial:
+    for channel groups, which act on the input alone. On a pair map ``G A = G_q A + G_k A``:
+    the derivative along each token axis at that axis's own sample positions."""
+    if not layout.moves or not group.spatial:
         return torch.zeros_like(h)
+    if layout.kind == "pair":
+        return layout_tangent(h, layout.query, group, scheme, coords) + \
+            layout_tangent(h, layout.key, group, scheme, coords)
     if layout.kind == "grid":
         return tangent(h, group, scheme, layout.frame(coords))
     if layout.kind == "windows":
         frame = layout.frame(coords)
-        views = (layout.windows,) if layout.keys is None else (layout.windows, layout.keys)
+        views = (layout.windows,) if layout.key_windows is None else (layout.windows, layout.key_windows)
         return sum(w.partition(tangent(w.assemble(h), group, scheme, frame), h.shape) for w in views)
-    d, p = layout.token_dim, layout.prefix
+    d, p = _norm_dim(layout.token_dim, h.ndim), layout.prefix
+    n = p + layout.hw[0] * layout.hw[1]
+    if h.shape[d] != n:  # several sequences folded into the token axis: one at a time
+        folded = replace(layout, token_dim=d + 1)
+        return layout_tangent(h.unflatten(d, (-1, n)), folded, group, scheme, coords).flatten(d, d + 1)
     grid = h.narrow(d, p, h.shape[d] - p).unflatten(d, layout.hw)
     g = tangent(grid, group, scheme, layout.frame(coords)).flatten(d, d + 1)
     return torch.cat([torch.zeros_like(h.narrow(d, 0, p)), g], d)
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _window(fn: Any, args: Sequence[Any], kwargs: dict) -> tuple[tuple[int, int], ...] | None:
-    """(kernel, stride, padding, dilation) of a spatial window op, or None."""
-    if isinstance(fn, nn.Conv2d):
-        pad = fn.padding
-        if isinstance(pad, str):
-            pad = (0, 0) if pad == "valid" else tuple(d * (k - 1) // 2 for k, d in zip(fn.kernel_size, fn.dilation))
-        return _pair(fn.kernel_size), _pair(fn.stride), _pair(pad), _pair(fn.dilation)
-    if isinstance(fn, (nn.MaxPool2d, nn.AvgPool2d)):
-        stride = fn.stride if fn.stride is not None else fn.kernel_size
-        dil = getattr(fn, "dilation", 1)
-        return _pair(fn.kernel_size), _pair(stride), _pair(fn.padding), _pair(dil)
-    if fn in (F.max_pool2d, F.avg_pool2d, torch.max_pool2d, torch._C._nn.avg_pool2d):
-        names = ["kernel_size", "stride", "padding"]
-        vals = dict(zip(names, args[1:4]))
-        vals.update({k: v for k, v in kwargs.items() if k in names})
-        k = vals["kernel_size"]
-        s = vals.get("stride") or k
-        return _pair(k), _pair(s), _pair(vals.get("padding", 0)), (1, 1)
-    if fn is F.conv2d:
-        w = args[1]
-        s = kwargs.get("stride", args[3] if len(args) > 3 else 1)
-        p = kwargs.get("padding", args[4] if len(args) > 4 else 0)
-        d = kwargs.get("dilation", args[5] if len(args) > 5 else 1)
-        return tuple(w.shape[-2:]), _pair(s), _pair(p), _pair(d)
-    return None
+def _window(fn: Any, args: Sequence[Any], kwargs: dict) -> Window | None:
+    """(kernel, stride, padding, dilation) of a spatial window op, from the op registry, or None."""
+    return ops.window(fn, args, kwargs)
 
 
 def _norm_dim(d: int, ndim: int) -> int:
@@ -199,7 +205,7 @@ class LayoutProp(Propagator):
         return self.layouts.get(a.name, NONE) if isinstance(a, fx.Node) else NONE
 
     def _infer(self, n: fx.Node, out: Any) -> Layout:
-        if isinstance(out, (tuple, list)):
+        if isinstance(out, (tuple, list)) and not isinstance(out, torch.Size):  # a shape is not a tensor
             return self._split(n, out)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return NONE
@@ -210,12 +216,15 @@ class LayoutProp(Propagator):
             return NONE
         if n.target is torch.cat:
             return self._cat(n, out) or UNKNOWN
+        if n.target is torch.stack:
+            return _stack([self._lay(p) for p in n.args[0]], n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0),
+                          out.ndim)
         if n.target is operator.getitem and self._lay(n.args[0]).kind == "tuple":
             return self._lay(n.args[0]).item or UNKNOWN
-        # map_arg also opens slices and lists: ``x[:, :H]`` with a traced ``H`` (Swin)
-        args = [fx.node.map_arg(a, self.env.__getitem__) for a in n.args]
+        # nested too: slice bounds read from a shape (PiT's x[:, :n_cls]) are values
+        args = list(fx.node.map_arg(n.args, lambda a: self.env.get(a, a)))
         lays = [self._lay(a) for a in n.args]
-        first = next((i for i, lay in enumerate(lays) if lay.spatial), None)
+        first = next((i for i, lay in enumerate(lays) if lay.moves), None)
         if first is None:
             return NONE if all(lay.kind in ("none", "tuple") for lay in lays) else UNKNOWN
         lay, src = lays[first], args[first]
@@ -237,6 +246,10 @@ class LayoutProp(Propagator):
         if lay.kind == "grid" and out.ndim == src.ndim and max(src.shape[lay.y_dim], src.shape[lay.x_dim]) > 1 \
                 and out.shape[lay.y_dim] == out.shape[lay.x_dim] == 1:
             return NONE  # global pooling: no spatial axes left (METHOD 3)
+        if fn in (operator.matmul, torch.matmul, torch.bmm) or any(a.kind == "pair" for a in lays):
+            got = _attention_rule(fn, method, args, lays, out)
+            if got is not None or any(a.kind == "pair" for a in lays):
+                return got or UNKNOWN
         window = _window(fn, args, n.kwargs)
         if window is not None and lay.kind == "grid" and (lay.y_dim, lay.x_dim) == (2, 3):
             (ky, kx), (sy, sx), (py, px), (dy, dx) = window
@@ -248,11 +261,11 @@ class LayoutProp(Propagator):
         if fn is F.scaled_dot_product_attention:
             return lays[0] if lays[0].kind == "tokens" else None
         if fn in (operator.getitem,) and isinstance(src, torch.Tensor):
-            return self._getitem(lay, args[1], src, out)
+            return self._getitem(lay, args[1], src, out) or _index_tokens(lay, args[1], src)
         if method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
             return self._permute(lay, args, method or fn.__name__, src.ndim)
-        if method in ("flatten", "view", "reshape") or fn in (torch.flatten, torch.reshape):
-            return self._reshape(lay, src, out)
+        if method in ("flatten", "view", "reshape", "reshape_as", "view_as") or fn in (torch.flatten, torch.reshape):
+            return self._reshape(lay, src, out) or _fold_tokens(lay, src, out)
         if method in ("mean", "sum", "amax") or fn in (torch.mean, torch.sum):
             return NONE if out.ndim <= 2 else None
         if fn in (operator.matmul, torch.matmul, torch.bmm):
@@ -287,8 +300,8 @@ class LayoutProp(Propagator):
         if len(index) <= d or any(i != slice(None) for i in index[:d]):
             return None
         sel = index[d]
-        if isinstance(sel, int):
-            return NONE if sel < lay.prefix else None
+        if isinstance(sel, int):  # x[:, -1] is the last grid token, not a prefix token
+            return NONE if sel % src.shape[d] < lay.prefix else None
         if isinstance(sel, slice) and sel.step in (None, 1) and (sel.stop is None or sel.stop >= src.shape[d]):
             start = sel.start or 0
             if start <= lay.prefix and out.ndim == src.ndim:
@@ -322,6 +335,9 @@ class LayoutProp(Propagator):
             perm = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
             perm = [_norm_dim(int(p), ndim) for p in perm]
         where = {old: new for new, old in enumerate(perm)}
+        if lay.kind == "pair":
+            return replace(lay, token_dim=where[_norm_dim(lay.token_dim, ndim)],
+                           key=replace(lay.key, token_dim=where[_norm_dim(lay.key.token_dim, ndim)]))
         if lay.kind == "grid":
             return replace(lay, y_dim=where[_norm_dim(lay.y_dim, ndim)], x_dim=where[_norm_dim(lay.x_dim, ndim)])
         return replace(lay, token_dim=where[_norm_dim(lay.token_dim, ndim)])
@@ -351,7 +367,7 @@ class LayoutProp(Propagator):
         if lay.kind == "windows" and all(isinstance(o, torch.Tensor) for o in out):
             return replace(TUPLE, item=self._split_windows(n, out, lay))
         if not lay.spatial or not all(isinstance(o, torch.Tensor) for o in out):
-            return replace(TUPLE, item=None if lay.kind == "none" else UNKNOWN)
+            return replace(TUPLE, item=NONE if lay.kind == "none" else UNKNOWN)
         ndim = self.env[src].ndim
         name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
         default = 0 if name == "unbind" else (-1 if name in ("chunk", "split") else None)
@@ -406,17 +422,17 @@ class LayoutProp(Propagator):
         tokens (METHOD 5, Pair layouts), whose ``G`` acts on both token axes."""
         (a, b), (la, lb) = args[:2], lays[:2]
         out = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
-        if lb.kind == "windows" and lb.keys is None and (la.keys is not None or not la.spatial) \
+        if lb.kind == "windows" and lb.key_windows is None and (la.key_windows is not None or not la.moves) \
                 and out == tuple(b.shape):
             return lb
-        if la.kind == "windows" and la.keys is None and not lb.spatial and b.ndim == 2:
+        if la.kind == "windows" and la.key_windows is None and not lb.moves and b.ndim == 2:
             return _relabelled(la, la.windows, lambda w: w.resized(tuple(a.shape), out), out)
-        if la.kind == lb.kind == "windows" and la.keys is None and lb.keys is None \
+        if la.kind == lb.kind == "windows" and la.key_windows is None and lb.key_windows is None \
                 and tuple(a.shape[:-2]) == tuple(b.shape[:-2]) == out[:-2]:
             queries = la.windows.resized(tuple(a.shape), out)
             keys = lb.windows.resized(tuple(b.shape), out)
             if queries is not None and keys is not None and queries.same_grid(keys):
-                return replace(la, windows=queries, keys=keys)
+                return replace(la, windows=queries, key_windows=keys)
         return None
 
     def _opened(self, n: fx.Node, fn: Any, args: list, lay: Layout) -> Layout | None:
@@ -530,9 +546,9 @@ def _windows_of(lay: Layout, shape: Sequence[int]) -> Windows | None:
 def _relabelled(lay: Layout, win: Windows, op: Callable[[Windows], Windows | None],
                 shape: Sequence[int]) -> Layout | None:
     """The layout after an op that ``op`` applies to a relabelling (to both of a pair map's)."""
-    if lay.kind == "windows" and lay.keys is not None:
-        queries, keys = op(lay.windows), op(lay.keys)
-        return replace(lay, windows=queries, keys=keys) if queries is not None and keys is not None else None
+    if lay.kind == "windows" and lay.key_windows is not None:
+        queries, keys = op(lay.windows), op(lay.key_windows)
+        return replace(lay, windows=queries, key_windows=keys) if queries is not None and keys is not None else None
     new = op(win)
     return _windows_layout(lay, new, shape) if new is not None else None
 
@@ -564,6 +580,108 @@ def _windows_layout(lay: Layout, win: Windows, shape: Sequence[int]) -> Layout |
     return replace(base, kind="windows", y_dim=win.y_dim, x_dim=win.x_dim, windows=win)
 
 
+def _tokens_at(lay: Layout, t: Any, dim: int) -> bool:
+    """Whether tensor ``t`` of layout ``lay`` holds tokens on axis ``dim`` (negative: from the end)."""
+    return lay.kind == "tokens" and isinstance(t, torch.Tensor) and _norm_dim(lay.token_dim, t.ndim) == dim % t.ndim
+
+
+def _on_axis(lay: Layout, dim: int) -> Layout:
+    return replace(lay, token_dim=dim, key=None)
+
+
+def _index_tokens(lay: Layout, index: Any, src: torch.Tensor) -> Layout | None:
+    """Basic indexing of tokens: integers and slices on other axes keep the tokens (an integer
+    drops its axis); on the token axis, a slice of prefix tokens alone has no positions, and a
+    slice that keeps every grid token drops the prefix tokens before its start."""
+    index = index if isinstance(index, tuple) else (index,)
+    if lay.kind != "tokens" or sum(i is Ellipsis for i in index) > 1 \
+            or not all(isinstance(i, (int, slice)) or i is Ellipsis for i in index):
+        return None
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (src.ndim - len(index) + 1) + index[k + 1:]
+    index = index + (slice(None),) * (src.ndim - len(index))
+    d = _norm_dim(lay.token_dim, src.ndim)
+    if isinstance(index[d], int):
+        return NONE if index[d] % src.shape[d] < lay.prefix else None
+    start, stop, step = index[d].indices(src.shape[d])
+    if step == 1 and stop <= lay.prefix:
+        return NONE  # prefix tokens only: no positions, G acts as zero
+    if step != 1 or start > lay.prefix or stop < src.shape[d]:
+        return None
+    dropped = sum(isinstance(i, int) for i in index[:d])
+    return replace(lay, token_dim=d - dropped, prefix=lay.prefix - start)
+
+
+def _fold_tokens(lay: Layout, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
+    """A reshape that merges the axes before the token axis into it (LeViT's ``(B * N, C)``
+    around a BatchNorm1d), or splits the sequences of a folded token axis apart again."""
+    if lay.kind != "tokens":
+        return None
+    s, o, d = list(src.shape), list(out.shape), _norm_dim(lay.token_dim, src.ndim)
+    k = d + len(o) - len(s)
+    n = lay.prefix + lay.hw[0] * lay.hw[1]
+    if k < 0 or o[k + 1:] != s[d + 1:]:
+        return None
+    if k <= d and o[:k] == s[:k] and o[k] == math.prod(s[k:d + 1]) and o[k] % n == 0:
+        return replace(lay, token_dim=k)  # leading axes merged into the tokens
+    if k > d and o[:d] == s[:d] and o[k] == n and math.prod(o[d:k + 1]) == s[d]:
+        return replace(lay, token_dim=k)  # the sequences split out again
+    return None
+
+
+def _stack(lays: list[Layout], dim: int, ndim: int) -> Layout:
+    """``torch.stack`` of tensors of one layout (up to sample positions) along a new axis: the
+    spatial axes at or after it move by one."""
+    first = lays[0]
+    if all(lay.kind == "none" for lay in lays):
+        return NONE
+    if first.kind not in ("grid", "tokens") or any(replace(lay, y=first.y, x=first.x) != first for lay in lays):
+        return UNKNOWN
+    dim = _norm_dim(dim, ndim)
+
+    def moved(d: int | None) -> int | None:
+        return None if d is None else _norm_dim(d, ndim - 1) + (_norm_dim(d, ndim - 1) >= dim)
+
+    return replace(first, y_dim=moved(first.y_dim), x_dim=moved(first.x_dim), token_dim=moved(first.token_dim))
+
+
+def _attention_rule(fn: Any, method: str | None, args: list, lays: list[Layout], out: torch.Tensor
+                    ) -> Layout | None:
+    """Attention (METHOD 5, pair layouts): ``q @ k^T`` makes a pair map, the ops on it (scale,
+    additive bias, softmax over keys, dropout, permutes) keep it, ``A @ V`` gives tokens on the
+    query axis; a product that sums over the tokens (``q^T k`` of cross-covariance attention)
+    leaves a map with no spatial axes, and a channel map times tokens keeps the tokens."""
+    if fn in (operator.matmul, torch.matmul, torch.bmm) and len(args) >= 2:
+        (a, b), (la, lb), nd = args[:2], lays[:2], out.ndim
+        if _tokens_at(la, a, -2) and _tokens_at(lb, b, -1):
+            return replace(_on_axis(la, nd - 2), kind="pair", key=_on_axis(lb, nd - 1))
+        if la.kind == "pair" and _norm_dim(la.key.token_dim, a.ndim) == a.ndim - 1 and _tokens_at(lb, b, -2) \
+                and a.shape[-1] == b.shape[-2]:
+            return _on_axis(la.query, _norm_dim(la.token_dim, a.ndim) + nd - a.ndim)
+        if _tokens_at(la, a, -1) and _tokens_at(lb, b, -2):
+            return NONE  # contracted over the tokens: a channel x channel map
+        if la.kind == "none" and _tokens_at(lb, b, -1) and b.ndim == nd:
+            return lb
+        return None
+    pairs = [lay for lay in lays if lay.kind == "pair"]
+    if not pairs:
+        return None
+    lay = pairs[0]
+    src = args[lays.index(lay)]
+    if method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
+        return LayoutProp._permute(lay, args, method or fn.__name__, src.ndim)
+    if method in ("flatten", "view", "reshape") or fn in (torch.flatten, torch.reshape):
+        q, k = _norm_dim(lay.token_dim, src.ndim), _norm_dim(lay.key.token_dim, src.ndim)
+        first, shift = min(q, k), out.ndim - src.ndim
+        if first + shift >= 0 and out.shape[first + shift:] == src.shape[first:]:  # only leading axes merge
+            return replace(lay, token_dim=q + shift, key=replace(lay.key, token_dim=k + shift))
+        return None
+    if out.shape == src.shape and all(a.kind in ("none", "pair") for a in lays):
+        return lay  # scale, additive bias (no layout of its own), softmax, dropout: pointwise on the map
+    return None
+
+
 def infer_layouts(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Layout]:
     """Every node's :class:`Layout` for input ``x`` (METHOD 5), by name."""
     prop = LayoutProp(gm)
@@ -571,7 +689,11 @@ def infer_layouts(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Layout]:
     return prop.layouts
 
 
-def is_pointwise(gm: fx.GraphModule, n: fx.Node) -> bool:
-    """Whether ``n`` applies a registered pointwise activation."""
-    key = type(gm.get_submodule(n.target)) if n.op == "call_module" else n.target
-    return key in pointwise_targets()
+def unknown_layouts(gm: fx.GraphModule, x: torch.Tensor) -> tuple[list[fx.Node], int]:
+    """The tensor-valued nodes whose layout is ``unknown`` on input ``x``, and the number of
+    tensor-valued nodes (shapes, sizes and other non-tensors are not counted)."""
+    prop = LayoutProp(gm)
+    prop.propagate(x, None)
+    tensors = [n for n in gm.graph.nodes if isinstance(prop.values.get(n), torch.Tensor)]
+    return [n for n in tensors if prop.layouts[n.name].kind == "unknown"], len(tensors)
+

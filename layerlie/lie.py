@@ -151,8 +151,8 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     check_scheme(scheme)
     if method not in METHODS:
         raise LayerlieError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    single = isinstance(group, (Group, str)) and not (isinstance(group, str) and "," in group)
     groups = resolve_groups(group)
+    single = isinstance(group, Group) or (isinstance(group, str) and len(groups) == 1)
     check_images(x)
     results: dict[int, torch.Tensor] = {}
     # Groups that share a base point share one primal pass.

@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import pickle
+import socket
+import threading
+import urllib.request
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import timm
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -35,7 +42,9 @@ def load_model(spec: str | nn.Module, pretrained: bool = False, checkpoint: str 
     Args:
         spec: a timm name (``"resnet18"``), a ``"package.module:callable"`` that returns a
             model, or an ``nn.Module``.
-        pretrained: let timm fetch its pretrained weights (needs network access).
+        pretrained: timm's pretrained weights: from the local Hugging Face or torch hub
+            cache when they are there, else downloaded. Without network access this fails
+            within seconds, naming ``checkpoint=``.
         checkpoint: a local state dict (``.safetensors``, or a file ``torch.load`` reads
             with ``weights_only=True``), loaded strictly.
         device, dtype: where and in what precision to put the model (default: as built).
@@ -44,6 +53,8 @@ def load_model(spec: str | nn.Module, pretrained: bool = False, checkpoint: str 
     Returns:
         The model in eval mode, with in-place activations made out-of-place.
     """
+    if device is not None:
+        _check_device(device)
     if isinstance(spec, nn.Module):
         model = spec
     elif ":" in spec and not Path(spec).exists():
@@ -61,20 +72,99 @@ def load_model(spec: str | nn.Module, pretrained: bool = False, checkpoint: str 
     return model
 
 
+def _check_device(device: str | torch.device) -> None:
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LayerlieError(f"device {str(device)!r} is not usable here ({first}); pass cpu, or cuda / "
+                            "cuda:N on a machine with that GPU") from None
+
+
 def _from_timm(name: str, pretrained: bool, **kwargs: object) -> nn.Module:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; list them with `layerlie models PATTERN`"
         raise LayerlieError(f"unknown model {name!r}{hint}")
+    if pretrained:
+        return _pretrained(name, **kwargs)
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        return timm.create_model(name, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
-        if pretrained:
-            raise LayerlieError(
-                f"cannot download pretrained weights for {name!r} ({type(err).__name__}); without "
-                "network access, pass a local file instead: --checkpoint PATH "
-                "(load_model(name, checkpoint=PATH))") from None
         raise LayerlieError(f"timm could not build {name!r}: {err}") from None
+
+
+def _pretrained(name: str, **kwargs: object) -> nn.Module:
+    """timm's pretrained model: weights from the local caches when they hold them, else
+    downloaded once the weights' host answers (timm alone retries for about a minute)."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        arch = name.split(".")[0]
+        raise LayerlieError(f"timm has no pretrained weights {name!r}; list them with "
+                            f"timm.list_pretrained('{arch}.*')") from None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise LayerlieError(f"timm has no pretrained weights for {name!r}; pass local weights with "
+                            "checkpoint=FILE (--checkpoint FILE)")
+    cached = cfg.file or _cached_weights(cfg.hf_hub_id, cfg.hf_hub_filename, cfg.url)
+    if cached is not None:
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=cached)
+        return _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    host = hf_constants.ENDPOINT if cfg.hf_hub_id else cfg.url
+    offline = "HF_HUB_OFFLINE is set" if hf_constants.HF_HUB_OFFLINE else None
+    if offline or not _reachable(host):
+        reason = offline or f"no network to {urlsplit(host).hostname}"
+        raise LayerlieError(f"cannot download pretrained weights for {name!r} ({reason}): pass local weights "
+                            "with checkpoint=FILE (--checkpoint FILE)")
+    return _create(name, pretrained=True, **kwargs)
+
+
+def _create(name: str, **kwargs: object) -> nn.Module:
+    try:
+        return timm.create_model(name, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LayerlieError(f"cannot load pretrained weights for {name!r} ({first}); pass local weights "
+                            "with checkpoint=FILE (--checkpoint FILE)") from None
+
+
+def _cached_weights(hf_hub_id: str | None, hf_filename: str | None, url: str | None) -> str | None:
+    """The path of weights already in the Hugging Face cache (where timm looks first) or in
+    the torch hub cache, without touching the network."""
+    if hf_hub_id:
+        repo, _, revision = hf_hub_id.partition("@")
+        for filename in [hf_filename] if hf_filename else ["model.safetensors", "pytorch_model.bin"]:
+            path = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(path, str):
+                return path
+    if url:
+        hub_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlsplit(url).path)
+        if hub_file.is_file():
+            return str(hub_file)
+    return None
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host (or its proxy) opens within ``timeout`` s.
+    The connection runs in a thread so that a stalled DNS lookup cannot outlast it."""
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    opened: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
 
 
 def _from_callable(spec: str) -> nn.Module:

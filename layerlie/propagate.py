@@ -8,9 +8,10 @@ applied to its parents' tangents. Sources may inject a tangent at any node.
 - Exact attribution: every node with a defect ``e_v`` is a source in its own slice.
 - Local defects: each node's op linearized at its inputs, applied to ``G_p h_p``.
 
-The linear part of an op comes from a rule registry (:func:`register_rule`): folding the
-K axis into the batch for ops that are linear in their input (convolutions, pooling),
-``s'(h) * t`` for pointwise activations, and ``torch.func.jvp`` under ``vmap`` for the rest.
+The linear part of an op is its linearization rule in the op registry (:mod:`layerlie.ops`,
+:func:`register_rule`): folding the K axis into the batch for ops that are linear in their
+input (convolutions, pooling), ``s'(h) * t`` for pointwise activations; ``torch.func.jvp``
+under ``vmap`` for the rest.
 
 Example:
     >>> import torch, layerlie as ll
@@ -23,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import operator
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 from torch.utils import _pytree as pytree
 
 from layerlie.errors import LayerlieError
+from layerlie.ops import Tangents, linearization, op_key
+from layerlie.ops import register_rule as register_rule  # re-exported: rules are the engine's to extend
 
 
 @dataclass
@@ -57,24 +57,6 @@ class Call:
         return self.fn(*args, **kwargs)
 
 
-Tangents = dict[int, Any]
-Rule = Callable[[Call, Tangents], Any]
-_RULES: dict[Any, Rule] = {}
-
-
-def register_rule(*targets: Any) -> Callable[[Rule], Rule]:
-    """Register a linearization rule for fx call targets (functions, method names, or
-    module classes). A rule gets ``(call, tangents)``, where ``tangents`` maps flat-argument
-    positions to ``(K, *shape)`` stacks, and returns the output's tangent stack."""
-
-    def deco(rule: Rule) -> Rule:
-        for t in targets:
-            _RULES[t] = rule
-        return rule
-
-    return deco
-
-
 def node_callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
     """The function that ``node`` applies to its arguments."""
     if node.op == "call_module":
@@ -82,10 +64,6 @@ def node_callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
     if node.op == "call_method":
         return lambda obj, *a, **k: getattr(obj, node.target)(*a, **k)
     return node.target
-
-
-def rule_key(gm: fx.GraphModule, node: fx.Node) -> Any:
-    return type(gm.get_submodule(node.target)) if node.op == "call_module" else node.target
 
 
 def bind(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, Any],
@@ -103,7 +81,9 @@ def linearize(call: Call, tangents: Tangents, key: Any = None) -> Any:
     arguments; None when no argument carries a tangent or the output holds no float tensor."""
     if not tangents or not _has_tensor(call.out):
         return None
-    return _RULES.get(key, _vmap_jvp)(call, tangents)
+    rule = linearization(key)
+    out = rule(call, tangents) if rule is not None else NotImplemented
+    return _vmap_jvp(call, tangents) if out is NotImplemented else out
 
 
 def _has_tensor(out: Any) -> bool:
@@ -140,125 +120,6 @@ def _dense(t: Any) -> Any:
     if isinstance(t, torch.Tensor) and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
         return t.contiguous()
     return t
-
-
-def _fold(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(0, 1)
-
-
-def _unfold(t: torch.Tensor, k: int) -> torch.Tensor:
-    return t.unflatten(0, (k, -1))
-
-
-def _only_first(call: Call, tangents: Tangents) -> torch.Tensor | None:
-    """The tangent of the first argument when it is the only one, and a plain tensor."""
-    t = tangents.get(0)
-    ok = list(tangents) == [0] and isinstance(t, torch.Tensor) and isinstance(call.flat[0], torch.Tensor)
-    return t if ok else None
-
-
-@register_rule(nn.Conv1d, nn.Conv2d)
-def _conv_module(call, tangents):
-    t = _only_first(call, tangents)
-    if t is None:
-        return _vmap_jvp(call, tangents)
-    return _unfold(call.fn._conv_forward(_fold(t), call.fn.weight, None), t.shape[0])
-
-
-@register_rule(nn.Linear)
-def _linear_module(call, tangents):
-    t = _only_first(call, tangents)
-    if t is None:
-        return _vmap_jvp(call, tangents)
-    return F.linear(t, call.fn.weight)
-
-
-@register_rule(nn.BatchNorm1d, nn.BatchNorm2d)
-def _batchnorm_module(call, tangents):
-    t, fn = _only_first(call, tangents), call.fn
-    if t is None or fn.training or fn.running_var is None:
-        return _vmap_jvp(call, tangents)
-    scale = torch.rsqrt(fn.running_var + fn.eps)
-    if fn.weight is not None:
-        scale = scale * fn.weight
-    return t * scale.reshape(-1, *[1] * (t.ndim - 3))
-
-
-_BATCH_LINEAR = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.Flatten,
-                 nn.Dropout, nn.Identity, F.avg_pool2d, F.adaptive_avg_pool2d, torch.flatten, F.dropout)
-
-
-@register_rule(*_BATCH_LINEAR)
-def _batch_linear(call, tangents):
-    """Ops linear in their first argument that treat the batch axis as a batch."""
-    t = _only_first(call, tangents)
-    args, kwargs = call.rebuild()
-    if t is None or _flattens_batch(call.fn, args, kwargs):
-        return _vmap_jvp(call, tangents)
-    return _unfold(call.fn(_fold(t), *args[1:], **kwargs), t.shape[0])
-
-
-def _flattens_batch(fn: Any, args: tuple, kwargs: dict) -> bool:
-    """A flatten that merges the batch axis with others cannot take K folded into it."""
-    if isinstance(fn, nn.Flatten):
-        return fn.start_dim % args[0].ndim == 0
-    if fn is torch.flatten:
-        start = kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
-        return start % args[0].ndim == 0
-    return False
-
-
-@register_rule(operator.getitem)
-def _getitem(call, tangents):
-    """Indexing a tuple output (``unbind``, ``chunk``) indexes its tangent tuple."""
-    container = call.flat[0]
-    if isinstance(container, torch.Tensor):
-        return _vmap_jvp(call, tangents)
-    if 0 not in tangents:
-        return None
-    return tangents[0][call.flat[1]]
-
-
-_POINTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-              nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, F.relu, F.relu6, F.gelu, F.silu, F.hardswish,
-              F.hardsigmoid, F.leaky_relu, F.elu, F.mish, F.softplus, torch.relu, torch.sigmoid,
-              torch.tanh, torch.exp, "relu", "sigmoid", "tanh", "exp", "sin", "cos")
-
-
-@register_rule(*_POINTWISE)
-def _pointwise(call, tangents):
-    """``s'(h) * t``: the derivative is computed once, for all K tangents."""
-    t = _only_first(call, tangents)
-    if t is None:
-        return _vmap_jvp(call, tangents)
-    h = call.flat[0]
-    slope = torch.func.jvp(lambda z: call([z, *call.flat[1:]]), (h,), (torch.ones_like(h),))[1]
-    return slope * t
-
-
-@register_rule(torch.softmax, F.softmax, nn.Softmax, "softmax")
-def _softmax(call, tangents):
-    """``p * (t - <p, t>)``, with ``t`` first shifted by its value at the most likely class.
-
-    The shift leaves the product unchanged (it is zero on constants along ``dim``). Without it,
-    a nearly one-hot ``p`` makes the top class's term the difference of two numbers of the size
-    of ``t``: in float32 that rounding is larger than the result (dla34's random-init softmax
-    lost four digits of its completeness to it)."""
-    t = _only_first(call, tangents)
-    args, kwargs = call.rebuild()
-    dim = call.fn.dim if isinstance(call.fn, nn.Softmax) else kwargs.get("dim", args[1] if len(args) > 1 else None)
-    if t is None or not isinstance(dim, int) or kwargs.get("dtype") is not None or len(args) > 2:
-        return _vmap_jvp(call, tangents)
-    p = call.out
-    d = dim % p.ndim + 1
-    top = p.argmax(dim % p.ndim, keepdim=True).expand_as(t[0])[None].expand_as(t)
-    t = t - t.gather(d, top)
-    return p * (t - (p * t).sum(d, keepdim=True))
-
-
-def pointwise_targets() -> tuple[Any, ...]:
-    """The call targets treated as pointwise activations."""
-    return _POINTWISE
 
 
 class Propagator(fx.Interpreter):
@@ -302,7 +163,7 @@ class Propagator(fx.Interpreter):
             tan = None
         else:
             call, tangents = bind(self.module, n, self.env, self.tangents, out)
-            tan = linearize(call, tangents, rule_key(self.module, n))
+            tan = linearize(call, tangents, op_key(self.module, n))
         if n.name in self.inject:
             src = self.inject[n.name](out)
             tan = src if tan is None else tan + src
@@ -323,6 +184,35 @@ class Propagator(fx.Interpreter):
         with torch.no_grad():
             out = self.run(x)
         return out, self.out_tangent
+
+
+class Recorder(fx.Interpreter):
+    """Runs a GraphModule once, without tangents, keeping ``keep(node, value)`` for each node
+    where it is not None (``.kept``, by node name); a failing node is named in the error.
+
+    Example:
+        >>> import torch, layerlie as ll
+        >>> gm = ll.trace(ll.load_model("resnet18"))
+        >>> shapes = Recorder(gm, lambda n, v: v.shape if isinstance(v, torch.Tensor) else None)
+        >>> _ = shapes.run(torch.randn(1, 3, 64, 64))
+        >>> tuple(shapes.kept["conv1"])
+        (1, 64, 32, 32)
+    """
+
+    def __init__(self, gm: fx.GraphModule, keep: Callable[[fx.Node, Any], Any]) -> None:
+        super().__init__(gm)
+        self.keep = keep
+        self.kept: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            out = super().run_node(n)
+        except LayerlieError as err:
+            raise LayerlieError(f"node {n.name}: {err}") from None
+        kept = self.keep(n, out)
+        if kept is not None:
+            self.kept[n.name] = kept
+        return out
 
 
 def propagate(gm: fx.GraphModule, x: torch.Tensor, tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Union
+from typing import NamedTuple, Union
 
 import torch
 import torch.fx as fx
@@ -51,11 +51,12 @@ import torch.nn.functional as F
 from timm.layers import _fx as timm_fx
 from torch import nn
 
-from layerlie.attribution import LAYER_TYPES, layer_type, register_layer_type
 from layerlie.errors import LayerlieError
-from layerlie.layout import Layout, LayoutProp, is_pointwise
+from layerlie.layout import Layout, LayoutProp
 from layerlie.lie import check_images
-from layerlie.propagate import register_rule
+from layerlie.ops import (LAYER_TYPES, Tangents, get_op, layer_type, module_example, pair, register_op, stride_one,
+                          strided)
+from layerlie.propagate import Call, Recorder
 from layerlie.trace import trace
 
 class NothingToReplace(LayerlieError):
@@ -70,10 +71,6 @@ Where = Union[None, Callable[[fx.Node], bool], str, Iterable[str], range, slice]
 def binomial(size: int) -> torch.Tensor:
     """The normalized binomial filter of ``size`` taps, ``C(size - 1, i) / 2^(size - 1)``: (size,)."""
     return torch.tensor([math.comb(size - 1, i) for i in range(size)], dtype=torch.float64) / 2 ** (size - 1)
-
-
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[-1]))
 
 
 def _too_small(what: str, n: int, need: int) -> LayerlieError:
@@ -204,7 +201,7 @@ class PolyphaseSample(nn.AvgPool2d):
 
     def _phases(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, sy * sx, C, ceil(H / sy), ceil(W / sx))``."""
-        sy, sx = _pair(self.stride)
+        sy, sx = pair(self.stride)
         pad_y, pad_x = -x.shape[-2] % sy, -x.shape[-1] % sx
         if pad_y or pad_x:  # edge values: a LayerNorm after would be singular at an all-zero pixel
             x = F.pad(x, (0, pad_x, 0, pad_y), mode="replicate")
@@ -322,19 +319,10 @@ class FilteredActivation(nn.Module):
         return f"filter_size={self.filter_size}, {where}"
 
 
-def stride_one(layer: nn.Module) -> nn.Module:
-    """A shallow twin of ``layer`` at stride 1: the same class (so the same forward, timm's conv
-    subclasses included), sharing its parameter and buffer tensors."""
-    twin = copy.copy(layer)
-    twin.__dict__.update({k: copy.copy(v) for k, v in layer.__dict__.items() if isinstance(v, dict)})
-    twin.stride = (1, 1) if isinstance(layer.stride, tuple) else 1
-    return twin
-
-
 def _is_patch_embedding(conv: nn.Conv2d) -> bool:
     """A convolution over non-overlapping patches: kernel == stride > 1, no padding."""
-    return _pair(conv.kernel_size) == _pair(conv.stride) and max(_pair(conv.stride)) > 1 \
-        and _pair(conv.padding) == (0, 0)
+    return pair(conv.kernel_size) == pair(conv.stride) and max(pair(conv.stride)) > 1 \
+        and pair(conv.padding) == (0, 0)
 
 
 class Resampled(nn.Sequential):
@@ -361,13 +349,13 @@ class Resampled(nn.Sequential):
         """The substitute of a strided convolution (any ``nn.Conv2d`` subclass)."""
         if _is_patch_embedding(conv) and not aps:
             return cls(OrderedDict(blur=BlurPool2d(filter_size, 1, conv.padding_mode), layer=conv))
-        return cls._split(stride_one(conv), _pair(conv.stride), conv.padding_mode, filter_size, aps, blur)
+        return cls._split(stride_one(conv), pair(conv.stride), conv.padding_mode, filter_size, aps, blur)
 
     @classmethod
     def from_pool(cls, pool: nn.MaxPool2d | nn.AvgPool2d, filter_size: int = 3, aps: bool = False,
                   blur: bool = True) -> Resampled:
         """The substitute of a strided max- or average-pool (kornia's MaxBlurPool2D for a max-pool)."""
-        stride = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
+        stride = pair(pool.stride if pool.stride is not None else pool.kernel_size)
         return cls._split(stride_one(pool), stride, "zeros", filter_size, aps, blur, pool.ceil_mode)
 
     @classmethod
@@ -390,28 +378,30 @@ class Resampled(nn.Sequential):
         return " -> ".join(parts)
 
 
-# Linearization rules for the engine (SPEC 7): K tangents folded into the batch, the
-# primal-dependent parts (slope, phase) computed once from the primal.
+# The substitutes as ops. Their linearization rules (SPEC 7) fold the K tangents into the batch
+# and compute the primal-dependent parts (slope, phase) once; no surgery replaces them again.
 
-register_layer_type(FilteredActivation, "nonlinearity")
-
-
-@register_rule(BlurPool2d)
-def _blurpool_rule(call, tangents):
+def _blurpool_rule(call: Call, tangents: Tangents) -> torch.Tensor:
     my, mx = call.fn.matrices(call.flat[0])
     return my @ tangents[0] @ mx.T
 
 
-@register_rule(PolyphaseSample)
-def _polyphase_rule(call, tangents):
+def _polyphase_rule(call: Call, tangents: Tangents) -> torch.Tensor:
     t = tangents[0]
     phase = call.fn.phase(call.flat[0]).repeat(t.shape[0])
     return call.fn.sample(t.flatten(0, 1), phase).unflatten(0, t.shape[:2])
 
 
-@register_rule(FilteredActivation)
-def _filtered_rule(call, tangents):
+def _filtered_rule(call: Call, tangents: Tangents) -> torch.Tensor:
     return call.fn.linear(call.flat[0], tangents[0])
+
+
+register_op(BlurPool2d, layer_type="conv", linearize=_blurpool_rule, window=get_op(nn.Conv2d).window,
+            dense=get_op(nn.Conv2d).dense, example=module_example(3, 2, "reflect"))
+register_op(PolyphaseSample, layer_type="strided/downsampling", linearize=_polyphase_rule,
+            window=get_op(nn.AvgPool2d).window, dense=get_op(nn.AvgPool2d).dense, example=module_example(2))
+register_op(FilteredActivation, layer_type="nonlinearity", linearize=_filtered_rule,
+            example=lambda cls: (cls(nn.GELU(), 3, 2, 3).double(), (torch.randn(2, 3, 9, 8, dtype=torch.float64),)))
 
 
 # --- policies: what to replace, and by what (STYLE 4) -----------------------------------------
@@ -472,34 +462,24 @@ def list_policies() -> list[str]:
     return sorted(_POLICIES)
 
 
-_SAMPLERS = (BlurPool2d, PolyphaseSample)
-_MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-_FUNCTIONAL_POOLS = {F.max_pool2d: (nn.MaxPool2d, _MAX_POOL_ARGS), torch.max_pool2d: (nn.MaxPool2d, _MAX_POOL_ARGS),
-                     F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode",
-                                                   "count_include_pad", "divisor_override"))}
-
-
-def _strided_layer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The strided convolution or pool that ``node`` applies (a functional pool as a module),
-    or None; samplers and a patch embedding already blurred are left alone, so reapplying is safe."""
+def _strided_layer(gm: fx.GraphModule, node: fx.Node, policy: str) -> nn.Module | None:
+    """The strided convolution or pool that ``node`` applies (a functional pool as a module) when
+    its op lists ``policy`` among its substitutes, or None; a patch embedding already blurred is
+    left alone, so reapplying is safe (the samplers list no substitute)."""
+    op = get_op(gm, node)
+    if op is None or policy not in op.substitutes:
+        return None
     if node.op == "call_module":
         layer = gm.get_submodule(node.target)
-        if isinstance(layer, _SAMPLERS) or not isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            return None
         source = node.args[0] if node.args else None
         if isinstance(layer, nn.Conv2d) and _is_patch_embedding(layer) and isinstance(source, fx.Node) \
                 and source.op == "call_module" and isinstance(gm.get_submodule(source.target), BlurPool2d):
             return None
-    elif node.op == "call_function" and node.target in _FUNCTIONAL_POOLS:
-        cls, names = _FUNCTIONAL_POOLS[node.target]
-        given = dict(zip(names, node.args[1:]), **node.kwargs)
-        if any(isinstance(v, fx.Node) for v in given.values()) or given.pop("return_indices", False):
-            return None
-        layer = cls(**given)
+    elif op.module is not None:
+        layer = op.module(node.args, node.kwargs)
     else:
         return None
-    stride = layer.stride if layer.stride is not None else layer.kernel_size
-    return layer if max(_pair(stride)) > 1 else None
+    return layer if layer is not None and strided(layer) else None
 
 
 def _resampled(layer: nn.Module, options: Options, aps: bool) -> Resampled:
@@ -509,24 +489,25 @@ def _resampled(layer: nn.Module, options: Options, aps: bool) -> Resampled:
 
 @register_policy("blurpool", "strided convolutions and pools (blurpool)")
 def _blurpool(gm: fx.GraphModule, node: fx.Node, options: Options) -> nn.Module | None:
-    layer = _strided_layer(gm, node)
+    layer = _strided_layer(gm, node, "blurpool")
     return _resampled(layer, options, aps=False) if layer is not None else None
 
 
 @register_policy("aps", "strided convolutions and pools (aps)")
 def _aps(gm: fx.GraphModule, node: fx.Node, options: Options) -> nn.Module | None:
-    layer = _strided_layer(gm, node)
+    layer = _strided_layer(gm, node, "aps")
     return _resampled(layer, options, aps=True) if layer is not None else None
 
 
 @register_policy("filtered", "pointwise nonlinearities on image-like tensors (activations='filtered')",
                  activation=True, needs_layouts=True)
 def _filtered(gm: fx.GraphModule, node: fx.Node, options: Options) -> nn.Module | None:
-    if node.op not in ("call_module", "call_function", "call_method") or not is_pointwise(gm, node):
+    op = get_op(gm, node)
+    if op is None or "filtered" not in op.substitutes:
         return None
     layout = options.layouts.get(node.name)
     extra = [*node.args[1:], *node.kwargs.values()]
-    if layout is None or layout.kind not in ("grid", "tokens") or any(isinstance(a, fx.Node) for a in extra):
+    if layout is None or not layout.spatial or any(isinstance(a, fx.Node) for a in extra):
         return None
     if node.op == "call_module":
         act = gm.get_submodule(node.target)
@@ -641,7 +622,19 @@ def _working_copy(model: nn.Module | fx.GraphModule, example: torch.Tensor | Non
         return trace(model, example)
     work = fx.GraphModule(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
     work.meta = dict(model.meta)
+    _own_called_parents(work)
     return work
+
+
+def _own_called_parents(gm: fx.GraphModule) -> None:
+    """fx shares the called modules with the source GraphModule, and a module that is called and
+    also holds a called child (a norm and its activation, :mod:`layerlie.normact`) would take a
+    substitute set below it back to the source: give ``gm`` its own shallow twin (same tensors)."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for path in sorted(called & {t.rpartition(".")[0] for t in called}, key=len):
+        twin = copy.copy(gm.get_submodule(path))
+        twin.__dict__.update({k: copy.copy(v) for k, v in twin.__dict__.items() if isinstance(v, dict)})
+        _set_module(gm, path, twin)
 
 
 def _example_pass(gm: fx.GraphModule, x: torch.Tensor) -> tuple[dict[str, Layout], dict[str, torch.Size]]:
@@ -735,30 +728,13 @@ def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, attr, module)
 
 
-class _Shapes(fx.Interpreter):
-    """Runs the new graph once, recording output shapes and naming the node where it fails."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.shapes: dict[str, torch.Size] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        try:
-            out = super().run_node(n)
-        except LayerlieError as err:
-            raise LayerlieError(f"node {n.name}: {err}") from None
-        if isinstance(out, torch.Tensor):
-            self.shapes[n.name] = out.shape
-        return out
-
-
 def _check_shapes(gm: fx.GraphModule, x: torch.Tensor, before: dict[str, torch.Size],
                   record: dict[str, Replacement]) -> None:
-    run = _Shapes(gm)
+    run = Recorder(gm, lambda n, v: v.shape if isinstance(v, torch.Tensor) else None)
     with torch.no_grad():
         run.run(x)
     for old, rep in record.items():
-        new = run.shapes.get(rep.nodes[-1])
+        new = run.kept.get(rep.nodes[-1])
         if new != before.get(old):
             raise LayerlieError(f"the substitute {rep.substitute} changes node {old}'s output from "
                                 f"{tuple(before.get(old, ()))} to {tuple(new or ())}; leave it out with where=")

@@ -22,6 +22,7 @@ from timm.layers import _fx as timm_fx
 from torch import nn
 
 from layerlie.errors import LayerlieError
+from layerlie.normact import split_norm_acts
 
 
 class TraceError(LayerlieError):
@@ -63,6 +64,7 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, softmax: bool =
     except Exception as err:  # fx raises many types for untraceable code
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {reason}") from None
+    split_norm_acts(copied, graph)  # timm's norm+act leaves: the activation gets its own node
     out = next(n for n in reversed(graph.nodes) if n.op == "output")
     logits = out.args[0]
     if not isinstance(logits, fx.Node):

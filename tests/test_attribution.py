@@ -36,7 +36,8 @@ def test_completeness_on_a_vit_with_a_class_token(group):
     a = ll.attribute(model, small_input(model), group)
     assert a.residual <= TOL[torch.float32]
     layouts = set(a.nodes["layout"])
-    assert "tokens(dim=1,P=1,4x4)" in layouts and "unknown" in layouts  # q @ k^T is listed, not hidden
+    assert "tokens(dim=1,P=1,4x4)" in layouts and "unknown" not in layouts
+    assert "pair(q=dim2,P=1,4x4; k=dim3,P=1,4x4)" in layouts  # q @ k^T: G acts on both token axes
 
 
 def test_completeness_in_float64_and_with_the_published_coordinates():

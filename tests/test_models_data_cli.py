@@ -55,14 +55,6 @@ def test_checkpoint_errors(tmp_path):
         ll.load_model("resnet18", checkpoint=tmp_path / "partial.pth")
 
 
-def test_pretrained_without_network_names_the_local_alternative(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no waiting
-    with pytest.raises(ll.LayerlieError, match="--checkpoint PATH"):
-        ll.load_model("resnet18", pretrained=True)
-
-
 def test_callable_spec_and_modules(tmp_path, monkeypatch):
     (tmp_path / "mynets.py").write_text(
         "import torch\n"
