@@ -60,11 +60,11 @@ class Windows:
         return cls(tuple(int(n) for n in shape), y_dim, x_dim, atoms, tuple(range(len(atoms))))
 
     def same_grid(self, other: Windows) -> bool:
-        """Whether ``other`` cuts the same batch and spatial samples of the same grid."""
-        def spatial(w: Windows) -> tuple:
-            return tuple(a for a in w.atoms if not w.is_channel(w.atoms.index(a)))
-        return (self.y_dim, self.x_dim, self.roll) == (other.y_dim, other.x_dim, other.roll) \
-            and spatial(self) == spatial(other)
+        """Whether ``other`` cuts the batch and the spatial axes of the grid as this one does."""
+        def cut(w: Windows) -> tuple[Atom, ...]:
+            return tuple(a for i, a in enumerate(w.atoms) if not w.is_channel(i))
+
+        return (self.y_dim, self.x_dim, self.roll) == (other.y_dim, other.x_dim, other.roll) and cut(self) == cut(other)
 
     def atoms_of(self, axis: int) -> list[int]:
         """The atoms cut from grid axis ``axis``, outer first."""
@@ -135,7 +135,7 @@ class Windows:
 
     def resized(self, src: Sequence[int], out: Sequence[int]) -> Windows | None:
         """After an op that changes only axes made of channel atoms (a linear layer, a chunk
-        of heads), or removes one (``unbind``, ``out`` one axis shorter, ``dropped`` gives which)."""
+        of heads)."""
         groups = self.groups(src)
         if groups is None or len(out) != len(src):
             return None
