@@ -2,11 +2,13 @@
 
 A :class:`Layout` says which axes of a node's tensor are spatial (``grid``: an H and a W
 axis; ``tokens``: one axis of ``P + H * W`` tokens; ``pair``: two token axes, as in an
-attention map), and the input-pixel position of every sample, as a stride and an offset
-per axis found by receptive-field arithmetic. Layouts are inferred by propagating the
-input's geometry through the graph (convolution, pooling, flatten, transpose, permute,
-reshape, cat of prefix tokens or of channels, slicing, ``q @ k^T`` and ``A @ V``); a
-tensor whose layout cannot be inferred is ``unknown``, and ``G`` acts on it as zero.
+attention map; ``windows``: a grid cut into windows, rolled, or both, :mod:`layerlie.windows`),
+and the input-pixel position of every sample, as a stride and an offset per axis found by
+receptive-field arithmetic. Layouts are inferred by propagating the input's geometry through
+the graph (convolution, pooling, flatten, transpose, permute, reshape, roll, window partition
+and reverse, patch merging, cat of prefix tokens or of channels, slicing, ``q @ k^T`` and
+``A @ V``); a tensor whose layout cannot be inferred is ``unknown``, and ``G`` acts on it as
+zero.
 
 Example:
     >>> import torch, layerlie as ll
@@ -20,21 +22,24 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from timm.layers import _fx as timm_fx
+from torch import nn
 
 from layerlie.groups import Group
 from layerlie import ops
 from layerlie.ops import Window, is_pointwise
 from layerlie.propagate import Propagator, node_callable
 from layerlie.tangent import Frame, tangent
+from layerlie.windows import Windows
 
-Kind = Literal["grid", "tokens", "none", "unknown", "tuple", "pair"]
+Kind = Literal["grid", "tokens", "none", "unknown", "tuple", "pair", "windows"]
 Coords = Literal["receptive_field", "published"]
 
 
@@ -45,13 +50,21 @@ class Layout:
     Attributes:
         kind: ``grid`` (axes ``y_dim``, ``x_dim``), ``tokens`` (axis ``token_dim`` holds
             ``prefix`` position-less tokens then an ``hw`` grid, row-major), ``none`` (no
-            spatial axes), ``unknown``, ``tuple`` (a tuple of tensors), or ``pair``: a map
+            spatial axes), ``unknown``, ``tuple`` (a tuple of tensors), ``pair``: a map
             indexed by two token sets, e.g. attention ``(B, heads, N_q, N_k)``, whose query
-            axis is described like ``tokens`` and whose key axis is ``key``.
+            axis is described like ``tokens`` and whose key axis is ``key``, or ``windows`` (a
+            relabelling of a grid's samples, described by ``windows``).
         y, x: ``(stride, offset)`` in input pixels: sample j sits at ``offset + stride * j``.
         input_hw: the input's spatial size.
         key: for a ``pair``, the ``tokens`` layout of its key axis (its own prefix, grid and
             sample positions: queries and keys may sit on different grids).
+        windows: for ``windows``, how the tensor's axes are cut from the grid (axes
+            ``y_dim``, ``x_dim``, size ``hw``) whose samples it holds (METHOD 5, Windows).
+        key_windows: for an attention map inside windows, the same for its key axis,
+            ``windows`` holding the query axis: ``G`` is the sum of the two (METHOD 5, Pair
+            layouts). The key index counts within the window, so at a window border ``G``
+            compares the attention paid to the neighbouring window's keys: where windows break
+            equivariance.
     """
 
     kind: Kind
@@ -65,6 +78,8 @@ class Layout:
     input_hw: tuple[int, int] = (0, 0)
     item: Layout | None = None
     key: Layout | None = None
+    windows: Windows | None = None
+    key_windows: Windows | None = None
 
     @property
     def spatial(self) -> bool:
@@ -72,8 +87,9 @@ class Layout:
 
     @property
     def moves(self) -> bool:
-        """Whether ``G`` acts on the tensor: image-like, or a pair of token axes (METHOD 5)."""
-        return self.spatial or self.kind == "pair"
+        """Whether ``G`` acts on the tensor: image-like, a pair of token axes, or windowed
+        (METHOD 5)."""
+        return self.spatial or self.kind in ("pair", "windows")
 
     @property
     def query(self) -> Layout:
@@ -89,11 +105,15 @@ class Layout:
             return f"grid(y={self.y_dim},x={self.x_dim})"
         if self.kind == "tokens":
             return f"tokens(dim={self.token_dim},P={self.prefix},{self.hw[0]}x{self.hw[1]})"
+        if self.kind == "windows":
+            pair = ",pair" if self.key_windows is not None else ""
+            return f"windows({self.hw[0]}x{self.hw[1]},roll={self.windows.roll}{pair})"
         return self.kind
 
     def frame(self, coords: Coords = "receptive_field") -> Frame:
-        """The :class:`Frame` of the grid view (for tokens: after :meth:`to_grid`)."""
-        y_dim, x_dim = (self.y_dim, self.x_dim) if self.kind == "grid" else (self.token_dim, self.token_dim + 1)
+        """The :class:`Frame` of the grid view (for tokens: after :meth:`to_grid`; for windows:
+        of the assembled grid)."""
+        y_dim, x_dim = (self.y_dim, self.x_dim) if self.kind != "tokens" else (self.token_dim, self.token_dim + 1)
         if coords == "published":
             return Frame(y_dim=y_dim, x_dim=x_dim, channel_dim=None)
         (hy, wx) = self.input_hw
@@ -121,6 +141,10 @@ def layout_tangent(h: torch.Tensor, layout: Layout, group: Group, scheme: str = 
             layout_tangent(h, layout.key, group, scheme, coords)
     if layout.kind == "grid":
         return tangent(h, group, scheme, layout.frame(coords))
+    if layout.kind == "windows":
+        frame = layout.frame(coords)
+        views = (layout.windows,) if layout.key_windows is None else (layout.windows, layout.key_windows)
+        return sum(w.partition(tangent(w.assemble(h), group, scheme, frame), h.shape) for w in views)
     d, p = _norm_dim(layout.token_dim, h.ndim), layout.prefix
     n = p + layout.hw[0] * layout.hw[1]
     if h.shape[d] != n:  # several sequences folded into the token axis: one at a time
@@ -207,7 +231,10 @@ class LayoutProp(Propagator):
         fn = node_callable(self.module, n)
         method = n.target if n.op == "call_method" else None
         try:
-            got = self._rule(n, fn, method, args, lay, src, out, lays)
+            relabels = lay.kind == "windows" or _is_roll(fn, method)
+            got = None if relabels else self._rule(n, fn, method, args, lay, src, out, lays)
+            if got is None:
+                got = self._windowed(n, fn, method, args, lay, src, out, lays)
         except (IndexError, TypeError, ValueError, ZeroDivisionError):
             got = None
         if got is not None:
@@ -337,6 +364,8 @@ class LayoutProp(Propagator):
         """unbind / chunk / split along a non-spatial axis: every item keeps the layout."""
         src = n.args[0] if n.args else None
         lay = self._lay(src)
+        if lay.kind == "windows" and all(isinstance(o, torch.Tensor) for o in out):
+            return replace(TUPLE, item=self._split_windows(n, out, lay))
         if not lay.spatial or not all(isinstance(o, torch.Tensor) for o in out):
             return replace(TUPLE, item=NONE if lay.kind == "none" else UNKNOWN)
         ndim = self.env[src].ndim
@@ -357,6 +386,84 @@ class LayoutProp(Propagator):
             return replace(TUPLE, item=replace(lay, y_dim=shift[spatial[0]], x_dim=shift[spatial[1]]))
         return replace(TUPLE, item=replace(lay, token_dim=shift[spatial[0]]))
 
+    def _windowed(self, n: fx.Node, fn: Any, method: str | None, args: list, lay: Layout, src: Any,
+                  out: torch.Tensor, lays: list[Layout]) -> Layout | None:
+        """Window partitions and reverses, rolls and space-to-depth (METHOD 5, Windows), and
+        the ops that act on windowed tensors without moving their samples."""
+        win = _windows_of(lay, src.shape) if isinstance(src, torch.Tensor) else None
+        if win is None:
+            return None
+        s, o = tuple(src.shape), tuple(out.shape)
+        if _is_roll(fn, method):
+            shifts = n.kwargs.get("shifts", args[1] if len(args) > 1 else None)
+            dims = n.kwargs.get("dims", args[2] if len(args) > 2 else None)
+            if dims is None:
+                return None
+            shifts, dims = ((shifts,), (dims,)) if isinstance(dims, int) else (shifts, dims)
+            return _relabelled(lay, win, lambda w: w.rolled(s, shifts, dims), o)
+        if method in ("view", "reshape", "flatten", "unflatten") or fn in (torch.reshape, torch.flatten):
+            return _relabelled(lay, win, lambda w: w.reshaped(s, o), o)
+        if method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
+            perm = _axis_order(args, method or fn.__name__, len(s))
+            return _relabelled(lay, win, lambda w: w.permuted(s, perm), o)
+        if n.op == "call_function" and timm_fx.is_notrace_function(fn):
+            return self._opened(n, fn, args, lay)
+        if lay.kind != "windows":
+            return None
+        if fn in (operator.matmul, torch.matmul, torch.bmm):
+            return self._windowed_matmul(args, lays)
+        if fn is operator.getitem:
+            return lay if _whole(args[1], s) else None
+        return _relabelled(lay, win, lambda w: w.resized(s, o), o)
+
+    def _windowed_matmul(self, args: list, lays: list[Layout]) -> Layout | None:
+        """``A @ v`` with ``A`` a map over the window's tokens takes ``v``'s layout; ``h @ W``
+        with ``W`` a weight acts on channels; ``q @ k^T`` is a pair map over the window's
+        tokens (METHOD 5, Pair layouts), whose ``G`` acts on both token axes."""
+        (a, b), (la, lb) = args[:2], lays[:2]
+        out = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+        if lb.kind == "windows" and lb.key_windows is None and (la.key_windows is not None or not la.moves) \
+                and out == tuple(b.shape):
+            return lb
+        if la.kind == "windows" and la.key_windows is None and not lb.moves and b.ndim == 2:
+            return _relabelled(la, la.windows, lambda w: w.resized(tuple(a.shape), out), out)
+        if la.kind == lb.kind == "windows" and la.key_windows is None and lb.key_windows is None \
+                and tuple(a.shape[:-2]) == tuple(b.shape[:-2]) == out[:-2]:
+            queries = la.windows.resized(tuple(a.shape), out)
+            keys = lb.windows.resized(tuple(b.shape), out)
+            if queries is not None and keys is not None and queries.same_grid(keys):
+                return replace(la, windows=queries, key_windows=keys)
+        return None
+
+    def _opened(self, n: fx.Node, fn: Any, args: list, lay: Layout) -> Layout | None:
+        """A function that timm keeps out of the trace (``window_reverse``, ``grid_reverse``):
+        traced here at its constant arguments, and its layout inferred on its own graph."""
+        if not isinstance(args[0], torch.Tensor) or self._lay(n.args[0]) is not lay or n.kwargs \
+                or any(isinstance(a, torch.Tensor) for a in args[1:]):
+            return None
+        try:
+            sub = fx.symbolic_trace(_Bound(fn, tuple(args[1:])))
+        except Exception:  # fx raises many types for untraceable code: the layout stays unknown
+            return None
+        prop = _Seeded(sub, lay)
+        prop.propagate(args[0], None)
+        result = next(m for m in sub.graph.nodes if m.op == "output").args[0]
+        return prop.layouts.get(result.name) if isinstance(result, fx.Node) else None
+
+    def _split_windows(self, n: fx.Node, out: Sequence[torch.Tensor], lay: Layout) -> Layout:
+        """unbind / chunk / split of a windowed tensor along channels."""
+        src = self.env[n.args[0]]
+        shapes = {tuple(o.shape) for o in out}
+        if len(shapes) != 1:
+            return UNKNOWN
+        (shape,) = shapes
+        if len(shape) == src.ndim:
+            new = lay.windows.resized(tuple(src.shape), shape)
+        else:
+            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+            new = lay.windows.dropped(tuple(src.shape), dim % src.ndim)
+        return (_windows_layout(lay, new, shape) if new is not None else None) or UNKNOWN
+
     def _cat(self, n: fx.Node, out: torch.Tensor) -> Layout | None:
         parts = n.args[0]
         dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
@@ -364,6 +471,8 @@ class LayoutProp(Propagator):
         last = lays[-1]
         if all(lay.kind == "none" for lay in lays):
             return NONE
+        if any(lay.kind == "windows" for lay in lays):
+            return None
         if all(lay.spatial for lay in lays) and _joins_channels(lays, dim, out.ndim):
             return lays[0]  # DenseNet, Inception; like an add, it takes the first input's positions
         if last.kind != "tokens" or any(lay.spatial for lay in lays[:-1]):
@@ -372,6 +481,103 @@ class LayoutProp(Propagator):
             return None
         extra = sum(self.env[p].shape[_norm_dim(dim, out.ndim)] for p in parts[:-1])
         return replace(last, prefix=last.prefix + extra)
+
+
+class _Bound(nn.Module):
+    """``fn(x, *constants)`` as a module, for fx to trace."""
+
+    def __init__(self, fn: Any, constants: tuple) -> None:
+        super().__init__()
+        self.fn, self.constants = fn, constants
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.fn(x, *self.constants)
+
+
+class _Seeded(LayoutProp):
+    """Layouts of a sub-graph whose input has a given layout."""
+
+    def __init__(self, gm: fx.GraphModule, seed: Layout) -> None:
+        super().__init__(gm)
+        self.seed = seed
+
+    def _infer(self, n: fx.Node, out: Any) -> Layout:
+        return self.seed if n.op == "placeholder" else super()._infer(n, out)
+
+
+def _is_roll(fn: Any, method: str | None) -> bool:
+    return fn is torch.roll or method == "roll"
+
+
+def _axis_order(args: list, name: str, ndim: int) -> list[int]:
+    """The axis order of ``permute(*dims)`` or ``transpose(a, b)``."""
+    if name == "transpose":
+        a, b = (_norm_dim(int(v), ndim) for v in args[1:3])
+        perm = list(range(ndim))
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    perm = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+    return [_norm_dim(int(p), ndim) for p in perm]
+
+
+def _whole(index: Any, shape: tuple[int, ...]) -> bool:
+    """An index that keeps every element (``x[:, :H, :W]`` with ``H, W`` the full size)."""
+    index = index if isinstance(index, tuple) else (index,)
+    full = [i for i in index if i is not Ellipsis]
+    if len(full) > len(shape) or not all(isinstance(i, slice) for i in full):
+        return False
+    dims = range(len(full)) if Ellipsis not in index else \
+        [*range(index.index(Ellipsis)), *range(len(shape) - len(full) + index.index(Ellipsis), len(shape))]
+    return all(i.indices(shape[d]) == (0, shape[d], 1) for i, d in zip(full, dims))
+
+
+def _windows_of(lay: Layout, shape: Sequence[int]) -> Windows | None:
+    """``lay`` as a relabelling of a grid; None for tokens with prefix tokens."""
+    if lay.kind == "windows":
+        return lay.windows
+    if lay.kind == "grid":
+        return Windows.of_grid(shape, _norm_dim(lay.y_dim, len(shape)), _norm_dim(lay.x_dim, len(shape)))
+    if lay.kind == "tokens" and lay.prefix == 0:
+        d = _norm_dim(lay.token_dim, len(shape))
+        return Windows.of_grid((*shape[:d], *lay.hw, *shape[d + 1:]), d, d + 1)
+    return None
+
+
+def _relabelled(lay: Layout, win: Windows, op: Callable[[Windows], Windows | None],
+                shape: Sequence[int]) -> Layout | None:
+    """The layout after an op that ``op`` applies to a relabelling (to both of a pair map's)."""
+    if lay.kind == "windows" and lay.key_windows is not None:
+        queries, keys = op(lay.windows), op(lay.key_windows)
+        return replace(lay, windows=queries, key_windows=keys) if queries is not None and keys is not None else None
+    new = op(win)
+    return _windows_layout(lay, new, shape) if new is not None else None
+
+
+def _windows_layout(lay: Layout, win: Windows, shape: Sequence[int]) -> Layout | None:
+    """The layout of a tensor of ``shape`` cut from ``lay``'s grid as ``win`` says: a plain grid
+    or tokens when the relabelling leaves the spatial axes whole, a grid of coarser stride for
+    space-to-depth (patch merging), else ``windows``."""
+    groups = win.groups(shape)
+    if groups is None:
+        return None
+    ys, xs, batch = win.atoms_of(win.y_dim), win.atoms_of(win.x_dim), win.atoms_of(0)
+    hw = (win.grid[win.y_dim], win.grid[win.x_dim])
+    base = Layout("grid", hw=hw, y=lay.y, x=lay.x, input_hw=lay.input_hw)
+    clean = not any(win.roll) and groups[0] == batch and ys and xs
+    if clean and ys in groups and xs in groups:
+        return replace(base, y_dim=groups.index(ys), x_dim=groups.index(xs))
+    if clean and ys + xs in groups:
+        return replace(base, kind="tokens", token_dim=groups.index(ys + xs))
+    if clean and [ys[0]] in groups and [xs[0]] in groups and len(ys) > 1 and len(xs) > 1 \
+            and all(any(win.is_channel(i) for i in g) for g in groups if set(g) & set(ys[1:] + xs[1:])):
+        fy, fx = math.prod(win.atoms[i][1] for i in ys[1:]), math.prod(win.atoms[i][1] for i in xs[1:])
+
+        def merged(axis: tuple[float, float], f: int) -> tuple[float, float]:
+            return axis[0] * f, axis[1] + axis[0] * (f - 1) / 2  # the centre of the merged samples
+
+        return replace(base, y_dim=groups.index([ys[0]]), x_dim=groups.index([xs[0]]),
+                       hw=(win.atoms[ys[0]][1], win.atoms[xs[0]][1]), y=merged(lay.y, fy), x=merged(lay.x, fx))
+    return replace(base, kind="windows", y_dim=win.y_dim, x_dim=win.x_dim, windows=win)
 
 
 def _tokens_at(lay: Layout, t: Any, dim: int) -> bool:

@@ -60,9 +60,8 @@ FAMILIES = {f.key: f for f in [
     Family("resnet18", hw=(64, 48)),
     Family("vit_tiny_patch16_224", (("img_size", (64, 48)), ("depth", 4)), hw=(64, 48)),
 ]}
-# Families whose graphs hold tensors that are not images: the token-mixing MLP's hidden
-# units, and Swin's windows (not inferred yet).
-UNKNOWN_EXPECTED = {"swin_tiny_patch4_window7_224", "mixer_b16_224"}
+# Families whose graphs hold tensors that are not images: the token-mixing MLP's hidden units.
+UNKNOWN_EXPECTED = {"mixer_b16_224"}
 ALL_GROUPS = [g for g in ll.list_groups() if ll.group(g).origin is None] + ["custom"]
 EVERY_GROUP = ("resnet18-64x64", "vit_tiny_patch16_224-64x64")
 SLOW = {"inception_v3-75x75"}
