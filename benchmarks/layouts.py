@@ -16,7 +16,9 @@ import layerlie as ll
 from layerlie.layout import unknown_layouts
 
 FAMILIES = ("vit_tiny_patch16_224", "deit3_small_patch16_224", "eva02_tiny_patch14_224", "cait_xxs24_224",
-            "xcit_nano_12_p16_224", "levit_128s", "pit_ti_224", "twins_svt_small", "edgenext_xx_small")
+            "xcit_nano_12_p16_224", "levit_128s", "pit_ti_224", "twins_svt_small", "edgenext_xx_small",
+            "hgnetv2_b0", "resnest14d", "nest_tiny", "crossvit_tiny_240", "pvt_v2_b0", "botnet26t_256",
+            "visformer_tiny", "coat_lite_tiny")
 
 
 def main() -> None:

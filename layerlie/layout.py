@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -35,6 +35,7 @@ from torch import nn
 from layerlie.groups import Group
 from layerlie import ops
 from layerlie.ops import Window, is_pointwise
+from layerlie.probe import probe_axes, relabelled_axes
 from layerlie.propagate import Propagator, node_callable
 from layerlie.tangent import Frame, tangent
 from layerlie.windows import Windows
@@ -65,6 +66,8 @@ class Layout:
             layouts). The key index counts within the window, so at a window border ``G``
             compares the attention paid to the neighbouring window's keys: where windows break
             equivariance.
+        probed: the sample positions (or their absence) come from probing the op's receptive
+            field (:mod:`layerlie.probe`), not from a rule; not part of the layout's identity.
     """
 
     kind: Kind
@@ -80,6 +83,7 @@ class Layout:
     key: Layout | None = None
     windows: Windows | None = None
     key_windows: Windows | None = None
+    probed: bool = field(default=False, compare=False)
 
     @property
     def spatial(self) -> bool:
@@ -97,6 +101,9 @@ class Layout:
         return replace(self, kind="tokens", key=None)
 
     def describe(self) -> str:
+        return f"{self._describe()}, probed" if self.probed else self._describe()
+
+    def _describe(self) -> str:
         if self.kind == "pair":
             q, k = self.query, self.key
             return (f"pair(q=dim{q.token_dim},P={q.prefix},{q.hw[0]}x{q.hw[1]}; "
@@ -181,10 +188,13 @@ class LayoutProp(Propagator):
         super().__init__(gm, keep=True)
         self.layouts: dict[str, Layout] = {}
         self.mismatches: dict[str, str] = {}
+        self.probed: set[str] = set()
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         lay = self._infer(n, out) if n.op != "output" else NONE
+        if lay.probed and n.name not in self.probed:
+            lay = replace(lay, probed=False)  # a rule placed it, from a probed input
         n.meta["layerlie.layout"] = lay
         self.layouts[n.name] = lay
         if lay.spatial and n.op != "output":
@@ -237,9 +247,58 @@ class LayoutProp(Propagator):
                 got = self._windowed(n, fn, method, args, lay, src, out, lays)
         except (IndexError, TypeError, ValueError, ZeroDivisionError):
             got = None
+        if got is None:
+            got = self._probed(n, fn, args, first, lay, out)
         if got is not None:
             return got
         return UNKNOWN if out.ndim >= 3 else NONE
+
+    def _probed(self, n: fx.Node, fn: Any, args: list, first: int, lay: Layout, out: torch.Tensor) -> Layout | None:
+        """The layout of an op that no rule knows, from its receptive field (METHOD 5,
+        :mod:`layerlie.probe`): the grid stays on the same axes; an op that mixes globally gets
+        ``unknown``, said as probed."""
+        if n.op not in ("call_module", "call_function", "call_method") or not isinstance(out, torch.Tensor) \
+                or not out.is_floating_point():
+            return None
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.env.get(a, a))
+        relabelled = self._relabelled(fn, args, kwargs, first, lay)
+        if relabelled is not None:
+            self.probed.add(n.name)
+        if relabelled is not None or lay.kind != "grid" or out.ndim != args[first].ndim:
+            return relabelled
+        rest = args[:first] + args[first + 1:]
+        constant = not any(isinstance(a, torch.Tensor) for a in [*rest, *kwargs.values()])
+        owner = fn if isinstance(fn, nn.Module) else None
+        key = (lay, n.target if owner is None else None, repr((rest, kwargs))) if constant or owner else None
+        dims = (_norm_dim(lay.y_dim, out.ndim), _norm_dim(lay.x_dim, out.ndim))
+        axes = probe_axes(lambda z: fn(*args[:first], z, *args[first + 1:], **kwargs), args[first], dims, key, owner)
+        self.probed.add(n.name)
+        if axes is None:
+            return replace(UNKNOWN, probed=True)
+        (ay, ax) = axes
+        return replace(lay, hw=(out.shape[dims[0]], out.shape[dims[1]]), probed=True,
+                       y=(lay.y[0] * ay[0], lay.y[1] + lay.y[0] * ay[1]),
+                       x=(lay.x[0] * ax[0], lay.x[1] + lay.x[0] * ax[1]))
+
+    def _relabelled(self, fn: Any, args: list, kwargs: dict, first: int, lay: Layout) -> Layout | None:
+        """The layout of an op that only moves samples around (a reshape fx could not open),
+        found by applying it to each sample's grid row and column (:func:`relabelled_axes`)."""
+        src = args[first]
+        win = _windows_of(lay, src.shape)
+        if win is None or isinstance(fn, nn.Module) or src.numel() > 2 ** 22:  # modules compute
+            return None
+        rows = torch.arange(win.grid[win.y_dim], dtype=torch.float64).reshape(
+            [-1 if d == win.y_dim else 1 for d in range(len(win.grid))]).expand(win.grid)
+        cols = torch.arange(win.grid[win.x_dim], dtype=torch.float64).reshape(
+            [-1 if d == win.x_dim else 1 for d in range(len(win.grid))]).expand(win.grid)
+        found = relabelled_axes(lambda z: fn(*args[:first], z, *args[first + 1:], **kwargs),
+                                win.partition(rows, src.shape), win.partition(cols, src.shape))
+        if found is None:
+            return None
+        kind, a, b = found
+        grid = Layout("grid", hw=(win.grid[win.y_dim], win.grid[win.x_dim]), y=lay.y, x=lay.x,
+                      input_hw=lay.input_hw, probed=True)
+        return replace(grid, y_dim=a, x_dim=b) if kind == "grid" else replace(grid, kind="tokens", token_dim=a)
 
     def _rule(self, n: fx.Node, fn: Any, method: str | None, args: list, lay: Layout, src: Any,
               out: torch.Tensor, lays: list[Layout]) -> Layout | None:
@@ -258,6 +317,9 @@ class LayoutProp(Propagator):
                 return axis[0] * s, axis[1] + axis[0] * (d * (k - 1) / 2 - p)
 
             return replace(lay, hw=tuple(out.shape[-2:]), y=rf(lay.y, ky, sy, py, dy), x=rf(lay.x, kx, sx, px, dx))
+        moved = ops.resample(fn, args, n.kwargs, out) if lay.spatial else None
+        if moved is not None:
+            return _resampled(lay, moved, src, out)
         if fn is F.scaled_dot_product_attention:
             return lays[0] if lays[0].kind == "tokens" else None
         if fn in (operator.getitem,) and isinstance(src, torch.Tensor):
@@ -267,7 +329,7 @@ class LayoutProp(Propagator):
         if method in ("flatten", "view", "reshape", "reshape_as", "view_as") or fn in (torch.flatten, torch.reshape):
             return self._reshape(lay, src, out) or _fold_tokens(lay, src, out)
         if method in ("mean", "sum", "amax") or fn in (torch.mean, torch.sum):
-            return NONE if out.ndim <= 2 else None
+            return _reduced(lay, args, n.kwargs, src, out)
         if fn in (operator.matmul, torch.matmul, torch.bmm):
             right = self._lay(n.args[1])
             if right.kind == "tokens" and _norm_dim(right.token_dim, args[1].ndim) == args[1].ndim - 2 \
@@ -503,6 +565,54 @@ class _Seeded(LayoutProp):
 
     def _infer(self, n: fx.Node, out: Any) -> Layout:
         return self.seed if n.op == "placeholder" else super()._infer(n, out)
+
+
+def _resampled(lay: Layout, moved: ops.Axes, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
+    """The layout after an op that moves samples (``ops.Op.resample``): each grid axis maps
+    output sample ``j`` to input sample ``shift + scale * j``; padding before the tokens adds
+    position-less tokens to the prefix (CoaT's ``F.pad`` of a class-token slot)."""
+    if out.ndim != src.ndim:
+        return None
+    if lay.kind == "tokens":
+        d = _norm_dim(lay.token_dim, src.ndim)
+        if d not in moved:
+            return lay if out.shape[d] == src.shape[d] else None
+        scale, shift = moved[d]
+        if scale == 1 and shift <= 0 and out.shape[d] - src.shape[d] == -shift:
+            return replace(lay, prefix=lay.prefix - int(shift))
+        return None
+    axes = {}
+    for name, d in (("y", _norm_dim(lay.y_dim, src.ndim)), ("x", _norm_dim(lay.x_dim, src.ndim))):
+        stride, offset = getattr(lay, name)
+        scale, shift = moved.get(d, (1.0, 0.0))
+        if d not in moved and out.shape[d] != src.shape[d]:
+            return None
+        axes[name] = (stride * scale, offset + stride * shift)
+    return replace(lay, hw=(out.shape[_norm_dim(lay.y_dim, out.ndim)], out.shape[_norm_dim(lay.x_dim, out.ndim)]),
+                   **axes)
+
+
+def _reduced(lay: Layout, args: list, kwargs: dict, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
+    """A sum, mean or max over some axes: over every spatial axis, no positions are left;
+    over channel axes only (ResNeSt's sum over the radix), the spatial axes keep their
+    samples and move up past the axes removed."""
+    dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dims is None:
+        return NONE
+    keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    dims = {_norm_dim(int(d), src.ndim) for d in ((dims,) if isinstance(dims, int) else dims)}
+    spatial = [_norm_dim(d, src.ndim) for d in ((lay.y_dim, lay.x_dim) if lay.kind == "grid" else (lay.token_dim,))]
+    if set(spatial) <= dims:
+        return NONE
+    if dims & set(spatial):
+        return None
+
+    def moved(d: int | None) -> int | None:
+        if d is None or keep:
+            return d
+        return _norm_dim(d, src.ndim) - sum(r < _norm_dim(d, src.ndim) for r in dims)
+
+    return replace(lay, y_dim=moved(lay.y_dim), x_dim=moved(lay.x_dim), token_dim=moved(lay.token_dim))
 
 
 def _is_roll(fn: Any, method: str | None) -> bool:

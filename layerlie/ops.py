@@ -62,6 +62,8 @@ class Window(NamedTuple):
 
 
 WindowFn = Callable[[Any, Sequence[Any], Mapping[str, Any]], Window]
+Axes = dict[int, tuple[float, float]]
+ResampleFn = Callable[[Any, Sequence[Any], Mapping[str, Any], torch.Tensor], Axes]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,12 @@ class Op:
         pointwise: applied elementwise, so pointwise in space (an activation, METHOD 6).
         normalizes: ``(fn, args, kwargs) -> k`` for an op that mixes only its last ``k`` axes
             (a layer norm): pointwise in space where none of them is spatial.
-        window: ``(fn, args, kwargs) -> Window`` for a 2-D window op (convolution, pooling).
+        window: ``(fn, args, kwargs) -> Window`` for a 2-D window op (convolution, pooling,
+            padding modules, space-to-depth).
+        resample: ``(fn, args, kwargs, out) -> {axis: (scale, shift)}`` for an op that moves
+            samples without a window (``F.pad`` on any axes, upsampling, adaptive pooling,
+            depth-to-space): output sample ``j`` of each input axis named sits at input sample
+            ``shift + scale * j``; the axes not named keep their samples (METHOD 5).
         dense: ``call -> output at stride 1`` on the same input (METHOD 6, the alias measure).
         module: ``(node args, node kwargs) -> nn.Module | None``: a functional op as a module.
         substitutes: the surgery policies that may replace it.
@@ -89,6 +96,7 @@ class Op:
     pointwise: bool = False
     normalizes: Callable[[Any, Sequence[Any], Mapping[str, Any]], int] | None = None
     window: WindowFn | None = None
+    resample: ResampleFn | None = None
     dense: Callable[[Call], Any] | None = None
     module: Callable[[tuple, dict], Union[nn.Module, None]] | None = None
     substitutes: tuple[str, ...] = ()
@@ -216,6 +224,12 @@ def window(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Window | 
     """The window of ``fn`` (a module or a function) called on ``args``, or None."""
     op = get_op(_fn_key(fn))
     return op.window(fn, args, kwargs) if op is not None and op.window is not None else None
+
+
+def resample(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor) -> Axes | None:
+    """Where ``fn`` (a module or a function) puts its output samples, per input axis, or None."""
+    op = get_op(_fn_key(fn))
+    return op.resample(fn, args, kwargs, out) if op is not None and op.resample is not None else None
 
 
 def strided(fn: Any, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> bool:
@@ -369,6 +383,83 @@ def _functional_conv_window(fn: Any, args: Sequence[Any], kwargs: Mapping[str, A
     kernel = pair(tuple(weight.shape[-2:])) if isinstance(weight, torch.Tensor) else None
     return Window(kernel, pair(given.get("stride", 1)),
                   pair(given.get("padding", 0)), pair(given.get("dilation", 1)))
+
+
+def _pad_window(pad: nn.modules.padding._ConstantPadNd, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Window:
+    """A 2-D padding module: a kernel-1, stride-1 window whose padding is the module's (left,
+    right, top, bottom) before; the padded border holds real samples of other content."""
+    left, _, top, _ = pad.padding
+    return Window((1, 1), (1, 1), (top, left), (1, 1))
+
+
+def _unshuffle_window(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Window:
+    """Space-to-depth by ``r``: each output sample holds an ``r x r`` block, centred on it."""
+    r = fn.downscale_factor if isinstance(fn, nn.Module) else _given(("downscale_factor",), args, kwargs)[
+        "downscale_factor"]
+    return Window((r, r), (r, r), (0, 0), (1, 1))
+
+
+def _functional_pad(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor) -> Axes:
+    """``F.pad(x, pad)``: ``pad`` lists (before, after) from the last axis backwards; every
+    padded axis shifts by its padding before, in every mode."""
+    pad, ndim = _given(("pad",), args, kwargs)["pad"], args[0].ndim
+    return {ndim - 1 - i: (1.0, -float(pad[2 * i])) for i in range(len(pad) // 2)}
+
+
+def _module_pad(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor) -> Axes:
+    return _functional_pad(F.pad, (args[0], fn.padding), {}, out)
+
+
+def _half_pixel(n_in: int, n_out: int, scale: float | None = None) -> tuple[float, float]:
+    """Output sample ``j`` at input sample ``(j + 1/2) * scale - 1/2``, ``scale = n_in / n_out``
+    unless the op's scale factor says otherwise: the centres of resized pixels, of adaptive
+    pooling's bins, of depth-to-space's sub-samples."""
+    scale = n_in / n_out if scale is None else scale
+    return scale, (scale - 1) / 2
+
+
+def _resized(x: torch.Tensor, out: torch.Tensor, factor: Any, align_corners: bool | None,
+             recompute: bool | None) -> Axes:
+    """Resizing of the axes after the channels (METHOD 5): corners on corners with
+    ``align_corners``, else pixel centres; a scale factor that is not recomputed sets the
+    spacing itself, as in torch's source-index arithmetic."""
+    axes: Axes = {}
+    dims = range(2, x.ndim)
+    factors = [None] * len(dims) if factor is None or recompute else \
+        ([factor] * len(dims) if isinstance(factor, (int, float)) else list(factor))
+    for d, f in zip(dims, factors):
+        n_in, n_out = x.shape[d], out.shape[d]
+        if align_corners:
+            axes[d] = ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0, 0.0)
+        else:
+            axes[d] = _half_pixel(n_in, n_out, 1 / f if f else None)
+    return axes
+
+
+_INTERPOLATE_ARGS = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+
+
+def _interpolate(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor) -> Axes:
+    given = _given(_INTERPOLATE_ARGS, args, kwargs)
+    return _resized(args[0], out, given.get("scale_factor"), given.get("align_corners"),
+                    given.get("recompute_scale_factor"))
+
+
+def _upsample(fn: nn.Upsample, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor) -> Axes:
+    return _resized(args[0], out, fn.scale_factor, fn.align_corners, fn.recompute_scale_factor)
+
+
+def _adaptive(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor) -> Axes:
+    """Adaptive pooling: output sample ``j`` at the centre of its bin (exact where the size
+    divides, within half a pixel otherwise)."""
+    x = args[0]
+    return {d: _half_pixel(x.shape[d], out.shape[d]) for d in (x.ndim - 2, x.ndim - 1)}
+
+
+def _shuffle(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor) -> Axes:
+    """Depth-to-space by ``r``: ``r`` sub-samples per input sample, centred on it."""
+    x = args[0]
+    return {d: _half_pixel(x.shape[d], out.shape[d]) for d in (x.ndim - 2, x.ndim - 1)}
 
 
 # --- stride-1 twins and module forms (METHOD 6) ---------------------------------------------
@@ -634,3 +725,21 @@ register_op(nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswi
 register_op(F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish, F.softplus,
             torch.relu, torch.sigmoid, torch.tanh, torch.exp, example=call_example(), **_ACTIVATION)
 register_op("relu", "sigmoid", "tanh", "exp", "sin", "cos", example=_method_example(), **_ACTIVATION)
+
+# padding, resizing, adaptive pooling and space <-> depth: where they move the samples (METHOD 5)
+_PAD = (1, 2, 0, 3)
+register_op(nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d, window=_pad_window,
+            example=module_example(_PAD))
+register_op(nn.ConstantPad2d, window=_pad_window, example=module_example(_PAD, 0.5))
+register_op(F.pad, torch._C._nn.pad, resample=_functional_pad, example=call_example((1, 2, 0, 3, 1, 0), "reflect"))
+register_op(nn.PixelUnshuffle, window=_unshuffle_window, example=module_example(2, shape=(2, 3, 8, 10)))
+register_op(F.pixel_unshuffle, window=_unshuffle_window, example=lambda fn: (fn, (_randn(2, 3, 8, 10), 2)))
+register_op(nn.PixelShuffle, resample=_shuffle, example=module_example(2, shape=(2, 8, 5, 4)))
+register_op(F.pixel_shuffle, resample=_shuffle, example=lambda fn: (fn, (_randn(2, 8, 5, 4), 2)))
+register_op(F.interpolate, resample=_interpolate, example=call_example(None, 2.0, "bilinear", False))
+register_op(nn.Upsample, resample=_upsample, example=module_example(scale_factor=2, mode="bilinear",
+                                                                          align_corners=True))
+register_op(nn.AdaptiveMaxPool2d, resample=_adaptive, example=module_example((4, 5)))
+register_op(F.adaptive_max_pool2d, resample=_adaptive, example=call_example((4, 5)))
+_update(nn.AdaptiveAvgPool2d, resample=_adaptive, example=module_example((4, 5)))
+_update(F.adaptive_avg_pool2d, resample=_adaptive, example=call_example((4, 5)))
