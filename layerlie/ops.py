@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fractions
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
@@ -418,11 +419,20 @@ def _half_pixel(n_in: int, n_out: int, scale: float | None = None) -> tuple[floa
     return scale, (scale - 1) / 2
 
 
+def _nearest(n_in: int, n_out: int, scale: float | None = None) -> tuple[float, float]:
+    """Legacy ``nearest`` copies pixel ``floor(j * scale)``: the line through the mean of those
+    copies, ``scale * j - (q - 1) / (2 q)`` for ``scale = p / q`` (pixel centres again where the
+    factor is an integer)."""
+    scale = n_in / n_out if scale is None else scale
+    q = fractions.Fraction(scale).limit_denominator(max(n_out, 1)).denominator
+    return scale, -(q - 1) / (2 * q)
+
+
 def _resized(x: torch.Tensor, out: torch.Tensor, factor: Any, align_corners: bool | None,
-             recompute: bool | None) -> Axes:
+             recompute: bool | None, mode: str = "nearest") -> Axes:
     """Resizing of the axes after the channels (METHOD 5): corners on corners with
-    ``align_corners``, else pixel centres; a scale factor that is not recomputed sets the
-    spacing itself, as in torch's source-index arithmetic."""
+    ``align_corners``, else pixel centres, or legacy ``nearest``'s copies; a scale factor that
+    is not recomputed sets the spacing itself, as in torch's source-index arithmetic."""
     axes: Axes = {}
     dims = range(2, x.ndim)
     factors = [None] * len(dims) if factor is None or recompute else \
@@ -432,7 +442,7 @@ def _resized(x: torch.Tensor, out: torch.Tensor, factor: Any, align_corners: boo
         if align_corners:
             axes[d] = ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0, 0.0)
         else:
-            axes[d] = _half_pixel(n_in, n_out, 1 / f if f else None)
+            axes[d] = (_nearest if mode == "nearest" else _half_pixel)(n_in, n_out, 1 / f if f else None)
     return axes
 
 
@@ -442,11 +452,11 @@ _INTERPOLATE_ARGS = ("size", "scale_factor", "mode", "align_corners", "recompute
 def _interpolate(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor) -> Axes:
     given = _given(_INTERPOLATE_ARGS, args, kwargs)
     return _resized(args[0], out, given.get("scale_factor"), given.get("align_corners"),
-                    given.get("recompute_scale_factor"))
+                    given.get("recompute_scale_factor"), given.get("mode", "nearest"))
 
 
 def _upsample(fn: nn.Upsample, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor) -> Axes:
-    return _resized(args[0], out, fn.scale_factor, fn.align_corners, fn.recompute_scale_factor)
+    return _resized(args[0], out, fn.scale_factor, fn.align_corners, fn.recompute_scale_factor, fn.mode)
 
 
 def _adaptive(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor) -> Axes:

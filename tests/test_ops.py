@@ -165,22 +165,30 @@ def _supports(fn: Callable[..., Any], args: tuple) -> tuple[torch.Tensor, torch.
     return moved.any(1).any(-1).T, moved.any(0).any(1).T
 
 
-def _window_error(op: ops.Op) -> float:
+def _window_error(op: ops.Op, slack: float = 0.0) -> float:
     """The largest gap, in input pixels, between where the layout of the one-op graph puts each
     output sample and the middle of the input pixels that move it (samples whose window is whole);
-    infinite where a sample sits outside the pixels that move it."""
+    infinite where a sample sits more than ``slack`` outside the pixels that move it. Samples
+    placed outside the image are a padding's border: real samples of other content (zeros,
+    reflections), which no input pixel at their place moves."""
     fn, args = _example(op)
     gm = _one_op_graph(fn, args)
     node = list(gm.graph.nodes)[-2]
-    lay = ll.infer_layouts(gm, args[0])[node.name]
+    return _placement_error(fn, args, ll.infer_layouts(gm, args[0])[node.name], slack)
+
+
+def _placement_error(fn: Callable[..., Any], args: tuple, lay: Any, slack: float = 0.0) -> float:
+    """:func:`_window_error` for the layout ``lay`` of ``fn(*args)``."""
     assert lay.kind == "grid" and lay.hw == tuple(fn(*args).shape[-2:])
     worst = 0.0
     for (stride, offset), rows in zip((lay.y, lay.x), _supports(fn, args)):
         where = offset + stride * torch.arange(rows.shape[0], dtype=torch.float64)
+        inside = (where >= 0) & (where <= rows.shape[1] - 1)
+        where, rows = where[inside], rows[inside]
         index = torch.arange(rows.shape[1], dtype=torch.float64)
         first = torch.where(rows, index, torch.inf).amin(1)
         last = torch.where(rows, index, -torch.inf).amax(1)
-        if ((where < first) | (where > last)).any():
+        if ((where < first - slack - 1e-9) | (where > last + slack + 1e-9)).any():  # rounding of the positions
             return float("inf")
         whole = (last - first) == (last - first).max()
         assert whole.any()
@@ -198,6 +206,64 @@ def test_window_places_every_output_sample(op):
     """references: the layout that the window gives a one-op graph puts each output sample in
     the middle of the input pixels that move it (timm's 'same' paddings, dilation, reflect)."""
     assert _window_error(op) == 0.0
+
+
+RESAMPLE_OPS = [op for op in OPS if op.resample is not None]
+
+
+@pytest.mark.parametrize("op", RESAMPLE_OPS, ids=_name)
+def test_resample_places_every_output_sample(op):
+    """references: an op that moves samples without a window (``F.pad``, resizing, adaptive
+    pooling, depth-to-space) gives the one-op graph its real output shape, and puts every
+    output sample over the input pixels that move it, to within half a pixel (a resized sample
+    sits between the pixels it blends); ``F.pad``, a pure shift, exactly in their middle."""
+    exact = op.key in (F.pad, torch._C._nn.pad)
+    assert _window_error(op, slack=0.0 if exact else 0.5) <= (0.0 if exact else 0.5 + 1e-9)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact", "bilinear", "bicubic", "area"])
+@pytest.mark.parametrize("corners", [False, True])
+@pytest.mark.parametrize("size", [dict(scale_factor=2.0), dict(scale_factor=1.5), dict(size=(7, 16))])
+def test_interpolate_positions_in_every_mode(mode, corners, size):
+    """references: ``F.interpolate`` in every mode, corners aligned or not, by size or by scale
+    factor: the layout has the real output shape, and each sample sits within half a pixel of
+    the input pixels that move it."""
+    if corners and mode not in ("bilinear", "bicubic"):
+        pytest.skip("align_corners applies to the interpolating modes only")
+    kwargs = dict(mode=mode, **size, **(dict(align_corners=True) if corners else {}))
+    op = ops.Op(F.interpolate, resample=ops.get_op(F.interpolate).resample,
+                example=lambda fn: (lambda x: fn(x, **kwargs), (ops._image(),)))
+    fn, args = _example(op)
+    gm = fx.symbolic_trace(_Call(fn))
+    lay = ll.infer_layouts(gm, args[0])[list(gm.graph.nodes)[-2].name]
+    assert _placement_error(fn, args, lay, slack=0.5) <= 0.5 + 1e-9
+
+
+def test_bilinear_positions_are_the_weights_centroids():
+    """analytic: bilinear resizing blends the two pixels around ``(j + 1/2) / f - 1/2`` (pixel
+    centres) or ``j (n - 1) / (m - 1)`` (corners): the centroid of each interior sample's weights
+    is exactly where the layout puts it."""
+    x = torch.zeros(1, 1, 9, 9, dtype=torch.float64, requires_grad=True)
+    for kwargs in (dict(scale_factor=2.0), dict(scale_factor=1.5), dict(size=(14, 14), align_corners=True)):
+        fn = _Call(lambda z: F.interpolate(z, mode="bilinear", **{"align_corners": False, **kwargs}))
+        gm = fx.symbolic_trace(fn)
+        lay = ll.infer_layouts(gm, x.detach())[list(gm.graph.nodes)[-2].name]
+        y = fn(x)
+        for j in range(2, y.shape[2] - 2):
+            (g,) = torch.autograd.grad(y[0, 0, j, 4], x)
+            centroid = float((g[0, 0].sum(1) * torch.arange(9.0, dtype=torch.float64)).sum() / g.sum())
+            assert abs(lay.y[1] + lay.y[0] * j - centroid) < 1e-9, (kwargs, j)
+
+
+class _Call(nn.Module):
+    """A function as the one module of a graph (fx opens it: its ops are the graph's nodes)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
 
 
 def test_a_wrong_window_is_caught(monkeypatch):
