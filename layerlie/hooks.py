@@ -2,9 +2,11 @@
 
 Without a graph, the nodes are the calls of the model's leaf modules, and the model's own
 code between them (the glue) is one more node in front of every module input and one at
-the output. Each hooked tensor ``h_s`` gets a representation ``G_s`` from a guessed layout
-(a ``(B, C, H, W)`` tensor whose grid divides the input's evenly, sample centres as in
-``align_corners=False`` resizing; anything else is ``unknown`` and ``G_s = 0``). One
+the output. Each hooked tensor ``h_s`` gets a representation ``G_s`` from its layout: a leaf
+module's output by probing the module's receptive field on its input (:mod:`layerlie.probe`,
+METHOD 5), a tensor that reaches a module unchanged keeps its layout, and any other glue output
+gets a guessed one (a ``(B, C, H, W)`` tensor whose grid divides the input's evenly, sample
+centres as in ``align_corners=False`` resizing; anything else is ``unknown`` and ``G_s = 0``). One
 forward-mode pass in which every hook replaces the arriving tangent by ``G_s h_s`` gives
 every site's defect ``e_s = (arriving tangent) - G_s h_s``, and the chain rule gives
 ``L F = sum_s J_{out<-s}[e_s]`` exactly, as on the graph.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -34,6 +36,7 @@ from layerlie.errors import LayerlieError
 from layerlie.groups import Group
 from layerlie.layout import NONE, UNKNOWN, Coords, Layout, layout_tangent
 from layerlie.lie import jvp_ready
+from layerlie.probe import probe_axes
 from layerlie.tangent import tangent
 
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -73,6 +76,53 @@ def guessed_layout(h: torch.Tensor, input_hw: tuple[int, int]) -> Layout:
             pos = (float(s), (s - 1) / 2)
             return Layout("grid", y_dim=2, x_dim=3, hw=(ho, wo), y=pos, x=pos, input_hw=input_hw)
     return UNKNOWN
+
+
+def _probed(module: nn.Module, entering: tuple[torch.Tensor, Layout] | None, h: torch.Tensor,
+            input_hw: tuple[int, int]) -> Layout:
+    """A leaf module's output layout from its receptive field on its one input (METHOD 5);
+    guessed from the shape where the input is not a ``(B, C, H, W)`` grid or the output is not
+    4-D, and ``unknown`` (probed) where the module mixes globally."""
+    if entering is None or h.ndim != 4 or entering[0].ndim != 4 or entering[1].kind != "grid" \
+            or (entering[1].y_dim, entering[1].x_dim) != (2, 3):
+        return guessed_layout(h, input_hw)
+    x, lay = entering
+    axes = probe_axes(module.forward, x, (2, 3), key=lay, owner=module)
+    if axes is None:
+        return replace(UNKNOWN, probed=True)
+    (ay, ax) = axes
+    return replace(lay, hw=tuple(h.shape[-2:]), probed=True, y=(lay.y[0] * ay[0], lay.y[1] + lay.y[0] * ay[1]),
+                   x=(lay.x[0] * ax[0], lay.x[1] + lay.x[0] * ax[1]))
+
+
+def module_layouts(model: nn.Module, x: torch.Tensor, head: Head = lambda y: y.softmax(-1)) -> dict[str, Layout]:
+    """Every site's :class:`Layout`, by site name (METHOD 5): module outputs by probing, a
+    tensor that reaches a module unchanged (the same storage, shape and strides) with the
+    layout it left with, other glue outputs guessed from their shape."""
+    hw = (x.shape[-2], x.shape[-1])
+    leaves = leaf_modules(model)
+    layouts: dict[str, Layout] = {}
+
+    def ident(h: torch.Tensor) -> tuple:
+        return h.data_ptr(), tuple(h.shape), tuple(h.stride())
+
+    seen = {ident(x): Layout("grid", 2, 3, hw=hw, input_hw=hw)}
+    entering: dict[str, tuple[torch.Tensor, Layout] | None] = {}
+
+    def visit(name: str, h: torch.Tensor) -> torch.Tensor:
+        site, _, slot = name.partition(":")
+        if slot:
+            lay = seen.get(ident(h)) or guessed_layout(h, hw)
+            entering[site] = (h, lay) if slot == "in0" else None  # a second input: no probing
+        else:
+            lay = _probed(leaves[_module_of(name)], entering.get(site), h, hw)
+            seen[ident(h)] = lay
+        layouts[name] = lay
+        return h
+
+    with torch.no_grad(), hooked(model, visit):
+        _run(model, head, x)
+    return layouts
 
 
 @contextlib.contextmanager
@@ -146,14 +196,15 @@ def module_defects(model: nn.Module, x: torch.Tensor, group: Group, scheme: str 
     """
     hw = (x.shape[-2], x.shape[-1])
     sites: list[ModuleSite] = []
+    layouts = module_layouts(model, x, head)
 
-    def own(h: torch.Tensor) -> tuple[Layout, torch.Tensor]:
-        lay = guessed_layout(h, hw)
+    def own(h: torch.Tensor, name: str = "output") -> tuple[Layout, torch.Tensor]:
+        lay = layouts.get(name) or guessed_layout(h, hw)
         return lay, layout_tangent(h, lay, group, scheme, coords)
 
     def visit(name: str, h: torch.Tensor) -> torch.Tensor:
         primal, arriving = fwAD.unpack_dual(h)
-        lay, g = own(primal)
+        lay, g = own(primal, name)
         e = g.neg() if arriving is None else arriving - g
         if not torch.isfinite(e.sum()):  # NaN or inf anywhere: one reduction, not a mask
             raise LayerlieError(f"NaN or inf first appears at {name} (module {_module_of(name)}); check the "
