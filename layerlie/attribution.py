@@ -44,7 +44,7 @@ from layerlie.hooks import module_contributions, module_cotangents, module_defec
 from layerlie.lie import check_images, exact_math, jvp_ready, push_tangents
 from layerlie.models import input_channels
 from layerlie.ops import (LAYER_TYPES, get_layer_type, is_strided, layer_type, list_layer_types, module_type, op_key,
-                          register_layer_type)
+                          register_layer_type, softmax_jvp)
 from layerlie.propagate import Propagator, Recorder, bind, linearize
 from layerlie.tangent import check_scheme, tangent
 from layerlie.trace import TraceError, trace, with_output
@@ -301,8 +301,7 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
             raise LayerlieError(f"output {o.output!r} has shape {tuple(y.shape)}, with no batch axis; choose "
                                 "a node whose first axis is the batch")
         x_node = next(iter(gm.graph.nodes))
-        # L F by autograd's forward mode through the module's own code: no rule of the registry
-        total = push_tangents(gm, x, defects.g[x_node][None])[1][0]
+        total = _end_to_end(gm, out_name, x, defects.g[x_node], y)
         if defects.g[out_node] is not None:
             total = total - defects.g[out_node]
         sources = _sources(defects)
@@ -336,6 +335,18 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
     settings = o.settings(dtype=str(x.dtype), degenerate=degenerate, granularity="node")
     e = {n.name: defects.e[n] for n in sources}
     return Attribution(table, total, residual, CHECKS[o.estimator], e, settings)
+
+
+def _end_to_end(gm: fx.GraphModule, out_name: str, x: torch.Tensor, gx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``J_F[G x]`` by autograd's forward mode through the module's own code, no rule of the
+    registry, so that a wrong rule cannot cancel out of the check (METHOD 4). The softmax head
+    that layerlie appends is linearized at the logits in its shifted form (:func:`softmax_jvp`):
+    autograd's formula loses float32 digits on a nearly one-hot softmax."""
+    names = gm.meta.get("layerlie.outputs", {})
+    if out_name != names.get("softmax") or "logits" not in names:
+        return push_tangents(gm, x, gx[None])[1][0]
+    logits = push_tangents(with_output(gm, "logits")[0], x, gx[None])[1][0]
+    return softmax_jvp(y, logits, -1)
 
 
 def _squared_norm(total: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
