@@ -145,29 +145,34 @@ class Attribution:
         return fig
 
 
-class _Defects:
-    """The primal pass (values, layouts) and every node's ``e_v``; ``G_v h_v`` is dropped after
-    its last user, except at the input and the output."""
+class _Defects(LayoutProp):
+    """One walk: each node's value and layout (:class:`LayoutProp`), then its ``G_v h_v`` and
+    ``e_v`` (METHOD 3). ``G_v h_v`` is dropped after its last user, except at the input and the
+    output. Run it with ``propagate(x, None)``."""
 
-    def __init__(self, gm: fx.GraphModule, x: torch.Tensor, group: Group, scheme: str, coords: Coords):
-        prop = LayoutProp(gm)
-        prop.propagate(x, None)
-        self.gm, self.values, self.layouts, self.mismatches = gm, prop.values, prop.layouts, prop.mismatches
-        self.group, self.scheme, self.coords = group, scheme, coords
+    def __init__(self, gm: fx.GraphModule, group: Group, scheme: str, coords: Coords) -> None:
+        super().__init__(gm)
+        self.gm, self.group, self.scheme, self.coords = gm, group, scheme, coords
         self.g: dict[fx.Node, Any] = {}
         self.e: dict[fx.Node, torch.Tensor | None] = {}
         nodes = list(gm.graph.nodes)
-        last_user = {p: n for n in nodes for p in n.all_input_nodes}
         keep = {nodes[0], *nodes[-1].all_input_nodes}
-        with torch.no_grad():
-            for n in nodes:
-                self._visit(n)
-                for p in n.all_input_nodes:
-                    if last_user[p] is n and p not in keep:
-                        self.g.pop(p, None)
+        last_user = {p: n for n in nodes for p in n.all_input_nodes}
+        self._dead: dict[fx.Node, list[fx.Node]] = {}
+        for p, n in last_user.items():
+            if p not in keep:
+                self._dead.setdefault(n, []).append(p)
 
     def layout(self, n: fx.Node) -> Layout:
         return self.layouts.get(n.name, NONE)
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        with torch.no_grad():
+            self._visit(n)
+        for p in self._dead.get(n, []):
+            self.g.pop(p, None)
+        return out
 
     def _visit(self, n: fx.Node) -> None:
         value = self.values.get(n)
@@ -294,7 +299,8 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
     gm, out_name = with_output(gm, o.output)
     rng = torch.Generator(device=x.device).manual_seed(o.seed)
     with torch.no_grad(), jvp_ready(gm):
-        defects = _Defects(gm, x, o.group, o.scheme, o.coords)
+        defects = _Defects(gm, o.group, o.scheme, o.coords)
+        defects.propagate(x, None)
         out_node = next(n for n in gm.graph.nodes if n.name == out_name)
         y = defects.values[out_node]
         if y.ndim == 0 or y.shape[0] != x.shape[0]:
