@@ -9,9 +9,12 @@ from layerlie.errors import LayerlieError
 from layerlie.groups import Group, get_group, group, list_groups, register_group, resolve_groups
 from layerlie.layout import Layout, infer_layouts
 from layerlie.lie import jvp_ready, lee, lie_derivative, summarize
+from layerlie.metrics import consistency, eq_r, eq_t, eq_t_frac, invariance, metrics
 from layerlie.models import load_model
 from layerlie.propagate import Propagator, get_rule, list_rules, propagate, register_rule
+from layerlie.store import load
 from layerlie.surgery import NothingToReplace, antialias, get_policy, list_policies, register_policy
+from layerlie.sweep import sweep
 from layerlie.tangent import IMAGE, Frame, get_scheme, list_schemes, register_scheme, tangent
 from layerlie.trace import TraceError, trace, with_output
 
@@ -24,9 +27,12 @@ __all__ = [
     "Group", "get_group", "group", "list_groups", "register_group", "resolve_groups",
     "Layout", "infer_layouts",
     "jvp_ready", "lee", "lie_derivative", "summarize",
+    "consistency", "eq_r", "eq_t", "eq_t_frac", "invariance", "metrics",
     "load_model",
     "Propagator", "get_rule", "list_rules", "propagate", "register_rule",
+    "load",
     "NothingToReplace", "antialias", "get_policy", "list_policies", "register_policy",
+    "sweep",
     "IMAGE", "Frame", "get_scheme", "list_schemes", "register_scheme", "tangent",
     "TraceError", "trace", "with_output",
 ]

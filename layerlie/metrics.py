@@ -42,7 +42,7 @@ PSNR_CAP = 100.0
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
-def consistency(model: Model, x: torch.Tensor, *, max_shift: int = 32, pairs: int = 1,
+def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, pairs: int = 1,
                 mode: Literal["circular", "crop"] = "circular", seed: int = 0,
                 batch_size: int | None = None) -> torch.Tensor:
     """Shift consistency (Zhang 2019, METHOD 7): does the top-1 class agree at two random shifts?
@@ -55,7 +55,8 @@ def consistency(model: Model, x: torch.Tensor, *, max_shift: int = 32, pairs: in
     Args:
         model: a classifier returning logits ``(B, K)``.
         x: images ``(B, C, H, W)``.
-        max_shift: the largest offset, in pixels.
+        max_shift: the largest offset, in pixels (default: an eighth of the shorter side, as
+            Zhang's 32 of 256).
         pairs: pairs of shifts per image.
         mode: ``"circular"`` or ``"crop"``.
         seed: seeds the offsets.
@@ -67,6 +68,7 @@ def consistency(model: Model, x: torch.Tensor, *, max_shift: int = 32, pairs: in
     check_images(x)
     if mode not in ("circular", "crop"):
         raise LayerlieError(f"consistency: unknown mode {mode!r}; use 'circular' or 'crop'")
+    max_shift = max(1, min(x.shape[-2:]) // 8) if max_shift is None else max_shift
     if not 1 <= max_shift < min(x.shape[-2:]):
         raise LayerlieError(f"consistency: max_shift must be between 1 and the image side - 1, got {max_shift}")
     gen = torch.Generator().manual_seed(seed)
