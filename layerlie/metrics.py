@@ -112,7 +112,8 @@ def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int 
         draws: shifts per image; the PSNR is taken over their pooled squared error.
         shifts: explicit shifts in input pixels, used for every image instead of random draws.
         node: a feature map to measure: a node name of the traced model, or ``"features"`` for
-            its last ``(B, C, H, W)`` node with more than one pixel.
+            its last ``(B, C, H, W)`` node with more than one pixel and no token sequence
+            ``(B, N, C)`` after it (the input of a CNN's global pooling).
         peak: the signal range of the PSNR (default: the peak-to-peak range of ``f(x)``).
         seed: seeds the shifts.
         batch_size: images per pass (default: all).
@@ -362,15 +363,18 @@ def _feature_map(model: Model, x: torch.Tensor, node: str | None, metric: str) -
 
 
 def _last_feature_map(gm: fx.GraphModule, x: torch.Tensor) -> str:
-    """The last node, in graph order, whose output is ``(B, C, H, W)`` with ``H, W > 1``."""
+    """The last node, in graph order, whose output is ``(B, C, H, W)`` with ``H, W > 1``, where
+    no token sequence ``(B, N, C)`` follows it (a ViT's patch embedding is not its features)."""
     ShapeProp(gm).propagate(x)
     found = None
     for n in gm.graph.nodes:
-        meta = n.meta.get("tensor_meta")
-        if hasattr(meta, "shape") and len(meta.shape) == 4 and min(meta.shape[-2:]) > 1:
+        shape = getattr(n.meta.get("tensor_meta"), "shape", ())
+        if len(shape) == 4 and min(shape[-2:]) > 1:
             found = n.name
+        elif len(shape) == 3:
+            found = None
     if found is None:
-        raise LayerlieError("no (B, C, H, W) feature map in this model's graph (a token model?); pass "
+        raise LayerlieError("no (B, C, H, W) feature map ends this model's graph (a token model?); pass "
                             "node= a node name whose output is an image-shaped feature map")
     return found
 
