@@ -73,7 +73,8 @@ def create(store: str | Path, spec: dict[str, Any], *, fresh: bool = False) -> P
     Args:
         store: the folder (created when missing).
         spec: the sweep spec, as plain data.
-        fresh: remove the parts and failures of an earlier sweep first.
+        fresh: remove the parts and failures of an earlier sweep first. Temporary files that
+            a killed sweep left are removed either way.
 
     Returns:
         The store's path.
@@ -82,10 +83,9 @@ def create(store: str | Path, spec: dict[str, Any], *, fresh: bool = False) -> P
     try:
         for sub in ("parts", "failures"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-            if fresh:
-                for f in (root / sub).iterdir():
-                    if f.suffix in (".parquet", ".json", ".tmp"):
-                        f.unlink()
+            for f in (root / sub).iterdir():  # temporary files of a killed writer; all, when fresh
+                if f.suffix == ".tmp" or (fresh and f.suffix in (".parquet", ".json")):
+                    f.unlink()
         data = dict(schema=SCHEMA, spec=spec, seeds={"seed": spec.get("seed", 0)},
                     versions=_versions(), machine=_machine())
         _atomic_write(root / "manifest.json", json.dumps(data, indent=2, default=str).encode())
