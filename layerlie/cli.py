@@ -419,11 +419,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     skipped = set(result.skipped)
     if args.dry_run:
         for t in result.tasks:
-            console.print(f"{t.id}  {'(done)' if t.id in skipped else ''}", highlight=False)
+            console.print(f"{t.id}  {'(done)' if t.id in skipped else ''}", highlight=False, soft_wrap=True)
         console.print(f"[dim]{len(result.tasks)} tasks, {len(skipped)} done[/dim]")
         return 0
     console.print(f"{len(result.ran)} tasks ran, {len(skipped)} skipped as done, {len(result.failed)} failed; "
-                  f"store {result.store}", highlight=False)
+                  f"store {result.store}", highlight=False, soft_wrap=True)
     for task, err in result.failed.items():
         print(f"layerlie: failed: {task}: {err['type']}: {err['message'].splitlines()[0] if err['message'] else ''}",
               file=sys.stderr)
