@@ -3,7 +3,7 @@
 The same spec runs three times into fresh stores: ``workers=0`` (serial, in this process),
 then ``workers=1`` and ``workers=2`` (a local Ray started by the sweep, its start included).
 It reports each run's wall time and tasks per minute, Ray's overhead as the 1-worker time over
-the serial time, the 2-worker speed-up over 1 worker, and checks that the three stores hold the
+the serial time, the 2-worker speed-up over 1 worker, the cost of a bare Ray start, and checks that the three stores hold the
 same tables.
 
 Run: ``python benchmarks/sweep.py [--spec sweeps/smoke.toml]``.
@@ -48,8 +48,20 @@ def main() -> None:
         for workers in (1, 2):
             for t in TABLES:
                 pd.testing.assert_frame_equal(ll.load(stores[0], t), ll.load(stores[workers], t))
-    print(f"Ray overhead (1 worker / serial): {seconds[1] / seconds[0]:.2f}x; "
+    print(f"Ray start and stop alone: {ray_start():.1f} s; Ray overhead (1 worker / serial): "
+          f"{seconds[1] / seconds[0]:.2f}x; "
           f"2 workers over 1: {seconds[1] / seconds[2]:.2f}x faster; tables equal across the three runs")
+
+
+def ray_start() -> float:
+    """Seconds to start a local 2-CPU Ray, run one trivial task on it, and stop it."""
+    import ray
+
+    start = time.perf_counter()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.get(ray.remote(lambda: None).remote())
+    ray.shutdown()
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
