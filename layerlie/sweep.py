@@ -23,8 +23,8 @@ are stable: the same spec gives the same ids. Each task writes one part of the s
 Example:
     >>> import layerlie as ll
     >>> spec = {"models": ["resnet18"], "groups": ["translate_x"], "measures": ["e2e"], "n": 1}
-    >>> [t.id for t in ll.sweep(spec, "out/", dry_run=True).tasks]  # doctest: +SKIP
-    ['e2e-resnet18-translate_x-3c1f0a']
+    >>> [t.id for t in ll.sweep(spec, "out/", dry_run=True).tasks]  # lists, runs and writes nothing
+    ['e2e-resnet18-translate_x-31fd0f']
 """
 
 from __future__ import annotations
