@@ -3,8 +3,8 @@
 The same spec runs three times into fresh stores: ``workers=0`` (serial, in this process),
 then ``workers=1`` and ``workers=2`` (a local Ray started by the sweep, its start included).
 It reports each run's wall time and tasks per minute, Ray's overhead as the 1-worker time over
-the serial time, the 2-worker speed-up over 1 worker, the cost of a bare Ray start, and checks that the three stores hold the
-same tables.
+the serial time, the 2-worker speed-up over 1 worker and the cost of a bare Ray start, and
+checks that the three stores hold the same tables.
 
 Run: ``python benchmarks/sweep.py [--spec sweeps/smoke.toml]``.
 """

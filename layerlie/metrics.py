@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -298,7 +297,8 @@ def metrics(model: Model, x: torch.Tensor, which: Iterable[str] = ("consistency"
 
 def fourier_shift(h: torch.Tensor, shift: tuple[float, float]) -> torch.Tensor:
     """The ideal band-limited circular shift of ``h: (..., H, W)`` by ``(dy, dx)`` pixels
-    (content moves down and right); an integer shift equals ``torch.roll``."""
+    (content moves down and right), as EQ-T_frac uses it (METHOD 7); an integer shift is
+    ``torch.roll``."""
     out = h
     for dim, s in zip((-2, -1), shift):
         if float(s).is_integer():  # exact, and the common case of a stride-1 map
@@ -325,7 +325,7 @@ def _capped(peak: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
 def _psnr_metric(f: Model, x: torch.Tensor, chosen: list[list[Any]],
                  pair: Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, ...]],
                  peak: float | None, batch_size: int | None) -> torch.Tensor:
-    """Pool the squared error over each image's draws, then one PSNR per image."""
+    """Pool the squared error over each image's draws, then one PSNR per image (METHOD 7)."""
     out = torch.zeros(x.shape[0], dtype=torch.float64)
     for start, xb in _batches(x, batch_size):
         with torch.no_grad():
@@ -346,7 +346,7 @@ def _psnr_metric(f: Model, x: torch.Tensor, chosen: list[list[Any]],
 
 
 def _feature_map(model: Model, x: torch.Tensor, node: str | None, metric: str) -> tuple[Model, tuple[float, float]]:
-    """The function to measure, and its input-to-output stride per axis."""
+    """The function to measure, and its input-to-output stride per axis (METHOD 7)."""
     check_images(x)
     f = model
     if node is not None:
@@ -380,7 +380,7 @@ def _last_feature_map(gm: fx.GraphModule, x: torch.Tensor) -> str:
 
 
 def _integer_shift(hw: tuple[int, int], max_shift: float, gen: torch.Generator) -> tuple[int, int]:
-    """A nonzero integer shift, uniform within ``max_shift`` times each side (at least 1 px)."""
+    """A nonzero integer shift, uniform within ``max_shift`` times each side, at least 1 px (METHOD 7)."""
     lim = [max(1, int(max_shift * s)) for s in hw]
     while True:
         dy = int(torch.randint(-lim[0], lim[0] + 1, (), generator=gen))
@@ -390,7 +390,8 @@ def _integer_shift(hw: tuple[int, int], max_shift: float, gen: torch.Generator) 
 
 
 def _shift_mask(hw: tuple[int, int], shift: tuple[float, float]) -> torch.Tensor:
-    """``(H, W)`` True where the content did not wrap around under the circular shift."""
+    """``(H, W)`` True where the content did not wrap around under the circular shift: EQ-T's
+    valid region (METHOD 7)."""
     mask = torch.ones(hw, dtype=torch.bool)
     for dim, s in zip((0, 1), shift):
         band = math.ceil(abs(s))
@@ -403,11 +404,13 @@ def _shift_mask(hw: tuple[int, int], shift: tuple[float, float]) -> torch.Tensor
 
 
 def _output_ndim(model: Model, x: torch.Tensor) -> int:
+    """2 for a classifier, 4 for an image-to-image model (METHOD 7: which metrics need ``node=``)."""
     with torch.no_grad():
         return model(x[:1]).ndim
 
 
 def _batches(x: torch.Tensor, batch_size: int | None) -> Iterable[tuple[int, torch.Tensor]]:
+    """``(start, x[start:start + batch_size])`` over ``x``: every metric's ``batch_size`` (METHOD 7)."""
     step = batch_size or len(x)
     if step < 1:
         raise LayerlieError(f"batch_size must be 1 or more, got {batch_size}")

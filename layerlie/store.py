@@ -117,7 +117,7 @@ def write_failure(store: str | Path, task: str, error: dict[str, str]) -> Path:
 
 
 def describe(err: BaseException) -> dict[str, str]:
-    """An exception as the record :func:`write_failure` stores."""
+    """An exception as the record :func:`write_failure` stores (SPEC 4)."""
     return {"type": type(err).__name__, "message": str(err),
             "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))}
 
@@ -129,7 +129,7 @@ def done(store: str | Path) -> set[str]:
 
 
 def failures(store: str | Path) -> dict[str, dict[str, str]]:
-    """The recorded failures, by task id."""
+    """The recorded failures, by task id (SPEC 4)."""
     folder = Path(store) / "failures"
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
@@ -172,6 +172,8 @@ def load(store: str | Path, table: str, *, errors: Literal["raise", "skip"] = "r
 
 
 def _read_part(path: Path) -> tuple[dict[str, Any], pa.Table]:
+    """A part's layerlie metadata and its rows; a truncated or foreign file is an error that
+    names it (SPEC 4)."""
     try:
         arrow = pq.read_table(path)
     except (OSError, pa.ArrowException) as err:
@@ -193,7 +195,8 @@ def _read_part(path: Path) -> tuple[dict[str, Any], pa.Table]:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary name beside ``path``, flush to disk, rename, and flush the folder,
-    so that ``path`` either does not exist or is complete, even after SIGKILL or power loss."""
+    so that ``path`` either does not exist or is complete, even after SIGKILL or power loss
+    (SPEC 4)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -211,6 +214,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _versions() -> dict[str, str]:
+    """The package versions a manifest records (SPEC 4)."""
     out = {"python": platform.python_version()}
     for pkg in ("layerlie", "torch", "timm", "numpy", "pandas", "pyarrow", "ray"):
         try:
@@ -221,5 +225,6 @@ def _versions() -> dict[str, str]:
 
 
 def _machine() -> dict[str, Any]:
+    """The machine a manifest records (SPEC 4)."""
     return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
             "executable": sys.executable}

@@ -177,10 +177,12 @@ def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: i
         return result
     if workers is not None and workers < 0:
         raise LayerlieError(f"workers must be 0 (serial) or more, got {workers}")
+    if workers == 0 and address:
+        raise LayerlieError("workers=0 runs serially in this process; drop it to run on the cluster at --address")
     st.create(root, _plain(checked), fresh=changed)
     pending = [t for t in todo if t.id not in finished]
 
-    with _bar(progress, len(todo), len(result.skipped)) as advance:
+    with _ProgressBar(progress, len(todo), len(result.skipped)) as advance:
         def record(task: Task, outcome: tuple[str, Any, Any]) -> None:
             kind, table, payload = outcome
             if kind == "ok":
@@ -191,7 +193,7 @@ def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: i
             result.ran.append(task.id)
             advance()
 
-        if workers == 0 and address is None:
+        if workers == 0:
             for task in pending:
                 record(task, run_guarded(task, checked))
         elif pending:
@@ -200,7 +202,7 @@ def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: i
 
 
 def run_task(task: Task, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
-    """Compute one task: its table's name and its rows, with model and settings columns."""
+    """Compute one task: its table's name and its rows, with model and settings columns (SPEC 4)."""
     torch.manual_seed(spec["seed"])  # the random-init weights, the same in every process
     model = _model(task.model, spec["size"])
     batch = (images(spec["images"], model, n=spec["n"]) if spec["images"] else photo_batch(model, n=spec["n"]))
@@ -231,7 +233,7 @@ def run_task(task: Task, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
 
 
 def run_guarded(task: Task, spec: Mapping[str, Any]) -> tuple[str, Any, Any]:
-    """:func:`run_task` on one thread, as ``("ok", table, frame)`` or ``("failed", None, error)``.
+    """:func:`run_task` on one thread, as ``("ok", table, frame)`` or ``("failed", None, error)`` (SPEC 4).
 
     One thread per task keeps N workers on N cores, and makes the serial path compute what a
     Ray worker does, bit for bit.
@@ -248,7 +250,7 @@ def run_guarded(task: Task, spec: Mapping[str, Any]) -> tuple[str, Any, Any]:
 
 
 def _metrics(model: torch.nn.Module, x: torch.Tensor, names: list[str], spec: Mapping[str, Any]) -> pd.DataFrame:
-    """The metrics table: ``invariance`` once per group of the spec, the others once."""
+    """The metrics table: ``invariance`` once per group of the spec, the others once (SPEC 4, METHOD 7)."""
     opts = spec["metrics"]
     which = list(opts.get("which", ["consistency", "eq_t", "eq_t_frac", "eq_r"]))
     options = dict(opts.get("options", {}))
@@ -269,7 +271,7 @@ def _metrics(model: torch.nn.Module, x: torch.Tensor, names: list[str], spec: Ma
 
 
 def _model(name: str, size: int | None) -> torch.nn.Module:
-    """A random-init model; ``img_size=size`` for the models whose constructor takes it."""
+    """A random-init model; ``img_size=size`` for the models whose constructor takes it (SPEC 4)."""
     if size is None or ":" in name:
         return load_model(name)
     try:
@@ -282,7 +284,7 @@ def _model(name: str, size: int | None) -> torch.nn.Module:
 
 def _run_on_ray(pending: list[Task], spec: Mapping[str, Any], record: Callable[[Task, tuple], None],
                 workers: int, address: str | None) -> None:
-    """Run ``pending`` on Ray, and ``record`` each outcome in the order they finish."""
+    """Run ``pending`` on Ray, and ``record`` each outcome in the order they finish (SPEC 4)."""
     try:
         import ray
     except ImportError:
@@ -314,8 +316,8 @@ def _run_on_ray(pending: list[Task], spec: Mapping[str, Any], record: Callable[[
             ray.shutdown()
 
 
-class _bar:
-    """A rich progress bar of finished tasks, or nothing; the context yields ``advance()``."""
+class _ProgressBar:
+    """A rich progress bar of finished tasks, or nothing; the context yields ``advance()`` (SPEC 3)."""
 
     def __init__(self, show: bool, total: int, done: int) -> None:
         self.progress = (Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -335,18 +337,19 @@ class _bar:
 
 
 def _task_id(model: str, measure: str, group: str | None) -> str:
-    """``measure-model[-group]-hash``: readable, file-safe, and the same for the same task."""
+    """``measure-model[-group]-hash``: readable, file-safe, and the same for the same task (SPEC 4)."""
     key = json.dumps([measure, model, group])
     slug = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", s) for s in (measure, model, group) if s)
     return f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
 
 
 def _plain(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The spec as JSON data, as the manifest stores it."""
+    """The spec as JSON data, as the manifest stores it (SPEC 4)."""
     return json.loads(json.dumps(spec))
 
 
 def _checked(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec with defaults filled in; a bad key or value is a one-line :class:`SpecError` (SPEC 4)."""
     unknown = [k for k in spec if k not in KEYS]
     if unknown:
         raise SpecError(f"spec key {unknown[0]!r} is unknown; valid keys: {', '.join(KEYS)}")
@@ -383,6 +386,7 @@ def _checked(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _options(out: dict[str, Any]) -> None:
+    """Check the measures' own tables: estimators, groups, metrics, variants (SPEC 4)."""
     layers, mets, abl = out["layers"], out["metrics"], out["ablation"]
     for key, opts in (("layers", layers), ("ablation", abl)):
         if opts.get("estimator", "exact") not in ESTIMATORS:
@@ -397,13 +401,15 @@ def _options(out: dict[str, Any]) -> None:
     if any(w not in METRICS for w in named):
         bad = next(w for w in named if w not in METRICS)
         raise SpecError(f"spec key 'metrics.which': unknown metric {bad!r}; valid: {', '.join(METRICS)}")
-    bad_variants = [v for v in _strings("ablation.variants", abl.get("variants", list(VARIANTS))) if v not in list_variants()]
+    variants = _strings("ablation.variants", abl.get("variants", list(VARIANTS)))
+    bad_variants = [v for v in variants if v not in list_variants()]
     if bad_variants:
         raise SpecError(f"spec key 'ablation.variants': unknown variant {bad_variants[0]!r}; valid: "
                         f"{', '.join(list_variants())}")
 
 
 def _strings(key: str, value: Any) -> list[str]:
+    """A string or a list of strings, as a list (SPEC 4)."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
         raise SpecError(f"spec key {key!r}: expected a string or a non-empty list of strings, got {value!r}")
@@ -411,6 +417,7 @@ def _strings(key: str, value: Any) -> list[str]:
 
 
 def _groups(key: str, value: Any) -> list[str]:
+    """Group names, ``"all"`` expanded (SPEC 4)."""
     names = _strings(key, value)
     if names == ["all"]:
         return [g.name for g in resolve_groups("all")]
@@ -422,6 +429,8 @@ def _groups(key: str, value: Any) -> list[str]:
 
 
 def _models(patterns: Iterable[str]) -> list[str]:
+    """timm names from names and fnmatch patterns, in order, each once; ``pkg.module:factory``
+    as given (SPEC 4)."""
     import timm
 
     names: list[str] = []
