@@ -21,9 +21,10 @@ are stable: the same spec gives the same ids. Each task writes one part of the s
 (:mod:`layerlie.store`); a task that raises is recorded and the others go on.
 
 Example:
-    >>> import layerlie as ll
+    >>> import tempfile, layerlie as ll
     >>> spec = {"models": ["resnet18"], "groups": ["translate_x"], "measures": ["e2e"], "n": 1}
-    >>> [t.id for t in ll.sweep(spec, "out/", dry_run=True).tasks]  # lists, runs and writes nothing
+    >>> store = tempfile.mkdtemp()
+    >>> [t.id for t in ll.sweep(spec, store, dry_run=True).tasks]  # lists, runs and writes nothing
     ['e2e-resnet18-translate_x-31fd0f']
 """
 
