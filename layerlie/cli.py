@@ -388,12 +388,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-
 # --- sweep ---------------------------------------------------------------------------------
 
 SWEEP_EXAMPLES = ("examples:\n  layerlie sweep sweeps/smoke.toml --store out/\n"
                   "  layerlie sweep sweeps/smoke.toml --store out/ --resume     # after a crash or kill\n"
-                  "  layerlie sweep big.toml --store runs/big --address ray://head:10001\n"
+                  "  layerlie sweep big.toml --store big/ --address auto       # a cluster this node is in\n"
                   "  layerlie sweep sweeps/smoke.toml --store out/ --workers 0  # serial, no Ray")
 
 
