@@ -339,8 +339,9 @@ def _psnr_metric(f: Model, x: torch.Tensor, chosen: list[list[Any]],
                     count += int(mask.sum()) * a.shape[1]
                 ref = ranges[i] if peak is None else torch.tensor(float(peak), dtype=torch.float64)
                 if count == 0:
-                    raise LayerlieError("the valid region is empty: the shift or angle leaves no pixel "
-                                        "inside the image; draw smaller transforms")
+                    raise LayerlieError(f"the valid region of the {tuple(y.shape[-2:])} output is empty under "
+                                        f"{chosen[start + i]}; draw smaller transforms (max_shift=, max_angle=) "
+                                        "or give larger images")
                 out[start + i] = _capped(ref, torch.tensor(se / count, dtype=torch.float64))
     return out
 

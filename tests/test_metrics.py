@@ -176,3 +176,5 @@ def test_metric_errors_are_one_line():
         ll.eq_t(ll.load_model("vit_tiny_patch16_224", img_size=32), torch.zeros(1, 3, 32, 32), node="features")
     with pytest.raises(ll.LayerlieError, match="max_shift"):
         ll.consistency(model, x, max_shift=40)
+    with pytest.raises(ll.LayerlieError, match=r"valid region of the \(32, 32\) output is empty under \[\(0, 32\)\]"):
+        ll.eq_t(nn.Identity(), x, shifts=[(0, 32)])

@@ -119,6 +119,20 @@ def test_a_raising_task_is_recorded_and_the_rest_finish(tmp_path, capsys):
     assert ll.load(store, "metrics").model.unique().tolist() == ["resnet18"]
 
 
+def test_layers_and_ablation_tasks_carry_their_settings(tmp_path):
+    spec = {**TINY, "measures": ["layers", "ablation"], "layers": {"estimator": "shares", "top": 5},
+            "ablation": {"variants": ["blurpool"]}}
+    result = ll.sweep(spec, tmp_path / "s", workers=0, progress=False)
+    assert result.failed == {}
+    layers = ll.load(tmp_path / "s", "layers")
+    assert len(layers) == 5 and layers.share.abs().is_monotonic_decreasing
+    assert set(layers[["model", "group", "scheme", "seed", "estimator"]].drop_duplicates().itertuples(index=False)) \
+        == {("resnet18", "translate_x", "central", 0, "shares")}
+    ablation = ll.load(tmp_path / "s", "ablation")
+    assert ablation.variant.tolist() == ["original", "blurpool"] and (ablation.model == "resnet18").all()
+    assert ablation.factor_translate_x.iloc[1] > 1  # BlurPool lowers the translation LEE
+
+
 # --- Ray ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
