@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/e2e.py
 	$(BIN)/python benchmarks/layers.py
 	$(BIN)/python benchmarks/ablation.py
+	$(BIN)/python benchmarks/sweep.py
 
 clean:
 	rm -rf $(VENV)

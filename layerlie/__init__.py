@@ -9,10 +9,13 @@ from layerlie.errors import LayerlieError
 from layerlie.groups import Group, get_group, group, list_groups, load_groups, parse_group, register_group, resolve_groups
 from layerlie.layout import Layout, infer_layouts, unknown_layouts
 from layerlie.lie import jvp_ready, lee, lie_derivative, summarize
+from layerlie.metrics import consistency, eq_r, eq_t, eq_t_frac, invariance, metrics
 from layerlie.models import load_model
 from layerlie.ops import Op, get_op, list_ops, register_op
 from layerlie.propagate import Propagator, get_rule, list_rules, propagate, register_rule
+from layerlie.store import load
 from layerlie.surgery import NothingToReplace, antialias, get_policy, list_policies, register_policy
+from layerlie.sweep import sweep
 from layerlie.tangent import IMAGE, Frame, get_scheme, list_schemes, register_scheme, tangent
 from layerlie.trace import TraceError, trace, with_output
 
@@ -25,10 +28,13 @@ __all__ = [
     "Group", "get_group", "group", "list_groups", "load_groups", "parse_group", "register_group", "resolve_groups",
     "Layout", "infer_layouts", "unknown_layouts",
     "jvp_ready", "lee", "lie_derivative", "summarize",
+    "consistency", "eq_r", "eq_t", "eq_t_frac", "invariance", "metrics",
     "load_model",
     "Op", "get_op", "list_ops", "register_op",
     "Propagator", "get_rule", "list_rules", "propagate", "register_rule",
+    "load",
     "NothingToReplace", "antialias", "get_policy", "list_policies", "register_policy",
+    "sweep",
     "IMAGE", "Frame", "get_scheme", "list_schemes", "register_scheme", "tangent",
     "TraceError", "trace", "with_output",
 ]

@@ -44,7 +44,7 @@ from layerlie.hooks import module_contributions, module_cotangents, module_defec
 from layerlie.lie import check_images, exact_math, jvp_ready, push_tangents
 from layerlie.models import input_channels
 from layerlie.ops import (LAYER_TYPES, get_layer_type, is_strided, layer_type, list_layer_types, module_type, op_key,
-                          register_layer_type)
+                          register_layer_type, softmax_jvp)
 from layerlie.propagate import Propagator, Recorder, bind, linearize
 from layerlie.tangent import check_scheme, tangent
 from layerlie.trace import TraceError, trace, with_output
@@ -145,29 +145,34 @@ class Attribution:
         return fig
 
 
-class _Defects:
-    """The primal pass (values, layouts) and every node's ``e_v``; ``G_v h_v`` is dropped after
-    its last user, except at the input and the output."""
+class _Defects(LayoutProp):
+    """One walk: each node's value and layout (:class:`LayoutProp`), then its ``G_v h_v`` and
+    ``e_v`` (METHOD 3). ``G_v h_v`` is dropped after its last user, except at the input and the
+    output. Run it with ``propagate(x, None)``."""
 
-    def __init__(self, gm: fx.GraphModule, x: torch.Tensor, group: Group, scheme: str, coords: Coords):
-        prop = LayoutProp(gm)
-        prop.propagate(x, None)
-        self.gm, self.values, self.layouts, self.mismatches = gm, prop.values, prop.layouts, prop.mismatches
-        self.group, self.scheme, self.coords = group, scheme, coords
+    def __init__(self, gm: fx.GraphModule, group: Group, scheme: str, coords: Coords) -> None:
+        super().__init__(gm)
+        self.gm, self.group, self.scheme, self.coords = gm, group, scheme, coords
         self.g: dict[fx.Node, Any] = {}
         self.e: dict[fx.Node, torch.Tensor | None] = {}
         nodes = list(gm.graph.nodes)
-        last_user = {p: n for n in nodes for p in n.all_input_nodes}
         keep = {nodes[0], *nodes[-1].all_input_nodes}
-        with torch.no_grad():
-            for n in nodes:
-                self._visit(n)
-                for p in n.all_input_nodes:
-                    if last_user[p] is n and p not in keep:
-                        self.g.pop(p, None)
+        last_user = {p: n for n in nodes for p in n.all_input_nodes}
+        self._dead: dict[fx.Node, list[fx.Node]] = {}
+        for p, n in last_user.items():
+            if p not in keep:
+                self._dead.setdefault(n, []).append(p)
 
     def layout(self, n: fx.Node) -> Layout:
         return self.layouts.get(n.name, NONE)
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        with torch.no_grad():
+            self._visit(n)
+        for p in self._dead.get(n, []):
+            self.g.pop(p, None)
+        return out
 
     def _visit(self, n: fx.Node) -> None:
         value = self.values.get(n)
@@ -294,15 +299,15 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
     gm, out_name = with_output(gm, o.output)
     rng = torch.Generator(device=x.device).manual_seed(o.seed)
     with torch.no_grad(), jvp_ready(gm):
-        defects = _Defects(gm, x, o.group, o.scheme, o.coords)
+        defects = _Defects(gm, o.group, o.scheme, o.coords)
+        defects.propagate(x, None)
         out_node = next(n for n in gm.graph.nodes if n.name == out_name)
         y = defects.values[out_node]
         if y.ndim == 0 or y.shape[0] != x.shape[0]:
             raise LayerlieError(f"output {o.output!r} has shape {tuple(y.shape)}, with no batch axis; choose "
                                 "a node whose first axis is the batch")
         x_node = next(iter(gm.graph.nodes))
-        # L F by autograd's forward mode through the module's own code: no rule of the registry
-        total = push_tangents(gm, x, defects.g[x_node][None])[1][0]
+        total = _end_to_end(gm, out_name, x, defects.g[x_node], y)
         if defects.g[out_node] is not None:
             total = total - defects.g[out_node]
         sources = _sources(defects)
@@ -336,6 +341,18 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
     settings = o.settings(dtype=str(x.dtype), degenerate=degenerate, granularity="node")
     e = {n.name: defects.e[n] for n in sources}
     return Attribution(table, total, residual, CHECKS[o.estimator], e, settings)
+
+
+def _end_to_end(gm: fx.GraphModule, out_name: str, x: torch.Tensor, gx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``J_F[G x]`` by autograd's forward mode through the module's own code, no rule of the
+    registry, so that a wrong rule cannot cancel out of the check (METHOD 4). The softmax head
+    that layerlie appends is linearized at the logits in its shifted form (:func:`softmax_jvp`):
+    autograd's formula loses float32 digits on a nearly one-hot softmax."""
+    names = gm.meta.get("layerlie.outputs", {})
+    if out_name != names.get("softmax") or "logits" not in names:
+        return push_tangents(gm, x, gx[None])[1][0]
+    logits = push_tangents(with_output(gm, "logits")[0], x, gx[None])[1][0]
+    return softmax_jvp(y, logits, -1)
 
 
 def _squared_norm(total: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:

@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--where", help="restrict the surgery: node names or layer types, comma-separated globs")
     p.add_argument("--plot", help="write the before/after figure to this PNG/PDF")
     _add_output_args(p)
+    _add_sweep_parser(sub)
     return parser
 
 
@@ -195,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "models": cmd_models, "e2e": cmd_e2e, "layers": cmd_layers, "aliasing": cmd_aliasing,
-        "ablate": cmd_ablate}
+        "ablate": cmd_ablate, "sweep": cmd_sweep}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -478,6 +479,47 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if written:
         console.print(f"wrote {' and '.join(written)}")
     return 0
+
+
+# --- sweep ---------------------------------------------------------------------------------
+
+SWEEP_EXAMPLES = ("examples:\n  layerlie sweep sweeps/smoke.toml --store out/\n"
+                  "  layerlie sweep sweeps/smoke.toml --store out/ --resume     # after a crash or kill\n"
+                  "  layerlie sweep big.toml --store big/ --address auto       # a cluster this node is in\n"
+                  "  layerlie sweep sweeps/smoke.toml --store out/ --workers 0  # serial, no Ray")
+
+
+def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run a TOML spec of models x measures x groups into a store",
+                       epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="the sweep spec, a TOML file (keys: models, groups, measures, n, seed, ...)")
+    p.add_argument("--store", required=True, help="the store folder: manifest.json, parts/, failures/")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local Ray workers (default: the machine's CPUs); 0 runs serially without Ray")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--resume", action="store_true", help="skip the tasks whose part exists")
+    p.add_argument("--dry-run", action="store_true", help="list the tasks and run nothing")
+    p.add_argument("--force-new", action="store_true",
+                   help="start afresh when the store holds a different spec (removes its parts)")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from layerlie.sweep import sweep
+
+    result = sweep(args.spec, args.store, workers=args.workers, address=args.address, resume=args.resume,
+                   dry_run=args.dry_run, force_new=args.force_new)
+    skipped = set(result.skipped)
+    if args.dry_run:
+        for t in result.tasks:
+            console.print(f"{t.id}  {'(done)' if t.id in skipped else ''}", highlight=False, soft_wrap=True)
+        console.print(f"[dim]{len(result.tasks)} tasks, {len(skipped)} done[/dim]")
+        return 0
+    console.print(f"{len(result.ran)} tasks ran, {len(skipped)} skipped as done, {len(result.failed)} failed; "
+                  f"store {result.store}", highlight=False, soft_wrap=True)
+    for task, err in result.failed.items():
+        print(f"layerlie: failed: {task}: {err['type']}: {err['message'].splitlines()[0] if err['message'] else ''}",
+              file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 if __name__ == "__main__":

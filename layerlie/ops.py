@@ -578,23 +578,27 @@ def _pointwise_rule(call: Call, tangents: Tangents) -> Any:
     return slope * t
 
 
-def _softmax_rule(call: Call, tangents: Tangents) -> Any:
-    """``p * (t - <p, t>)``, with ``t`` first shifted by its value at the most likely entry.
+def softmax_jvp(p: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``J_softmax[t] = p * (t - <p, t>)`` along ``dim`` at the output ``p``; ``t`` may carry extra
+    leading (stack) axes. ``t`` is first shifted by its value at the most likely entry.
 
     The shift leaves the product unchanged (it is zero on constants along ``dim``). Without it,
     a nearly one-hot ``p`` makes the top entry's term the difference of two numbers of the size
     of ``t``: in float32 that rounding is larger than the result (dla34's random-init softmax
     lost four digits of its completeness to it)."""
+    dim = dim - p.ndim if dim >= 0 else dim  # from the end, so that leading stack axes do not count
+    top = p.argmax(dim, keepdim=True)
+    t = t - t.gather(dim, top.expand(*t.shape[:t.ndim - p.ndim], *top.shape))
+    return p * (t - (p * t).sum(dim, keepdim=True))
+
+
+def _softmax_rule(call: Call, tangents: Tangents) -> Any:
     t = _only_first(call, tangents)
     args, kwargs = call.rebuild()
     dim = call.fn.dim if isinstance(call.fn, nn.Softmax) else kwargs.get("dim", args[1] if len(args) > 1 else None)
     if t is None or not isinstance(dim, int) or kwargs.get("dtype") is not None or len(args) > 2:
         return NotImplemented
-    p = call.out
-    d = dim % p.ndim + 1
-    top = p.argmax(dim % p.ndim, keepdim=True).expand_as(t[0])[None].expand_as(t)
-    t = t - t.gather(d, top)
-    return p * (t - (p * t).sum(d, keepdim=True))
+    return softmax_jvp(call.out, t, dim)
 
 
 # --- tiny examples, float64 (the conformance tests) -----------------------------------------

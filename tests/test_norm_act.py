@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import timm
-from conftest import TOL, timm_model
+from conftest import TOL
 from timm.layers import BatchNormAct2d, DropBlock2d, GroupNormAct, LayerNormAct2d, convert_sync_batchnorm, \
     freeze_batch_norm_2d
 from timm.layers import _fx as timm_fx
@@ -199,7 +199,7 @@ def test_filtered_substitute_replaces_the_activations(name):
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_100"])
 def test_attribution_charges_the_activation_not_the_norm(name):
-    model = timm_model(name)
+    model = raw(name)
     x = F.interpolate(ll.photos(model, n=1), size=(64, 64), mode="bilinear", align_corners=False)
     a = ll.attribute(model, x, "translate_x")
     assert not a.degenerate and a.residual <= TOL[torch.float32]

@@ -1,0 +1,419 @@
+"""Finite equivariance metrics beside the Lie derivative (METHOD 7).
+
+Each metric is one function of a model and images ``x: (B, C, H, W)`` that returns one value
+per image, ``(B,)`` float64. Each draws its transforms from a ``torch.Generator`` of its own
+(``seed=``), so the global random state is left alone, and runs ``batch_size`` images per pass.
+
+The PSNR metrics (EQ-T, EQ-T_frac, EQ-R, after StyleGAN3) compare ``f(T x)`` with ``T f(x)``
+inside the valid region, the output pixels whose source lies inside the image for the drawn
+transform. ``peak`` is the signal range in the PSNR ``10 log10(peak^2 / MSE)``: by default the
+peak-to-peak range of ``f(x)`` per image, so that the figure does not depend on the feature
+scale. An exact match has an infinite PSNR; it is reported as :data:`PSNR_CAP` (100 dB), and
+every PSNR is capped there: float32 round-off alone stays near 140 dB.
+
+Example:
+    >>> import layerlie as ll
+    >>> m = ll.load_model("resnet18")
+    >>> x = ll.photos(m, n=1)
+    >>> ll.metrics(m, x, which=["consistency", "eq_t"]).metric.tolist()
+    ['consistency', 'eq_t']
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from layerlie.errors import LayerlieError
+from layerlie.groups import Group, get_group
+from layerlie.lie import check_images
+from layerlie.trace import trace, with_output
+
+PSNR_CAP = 100.0
+"""dB: the value of an exact match, and the cap of every PSNR."""
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+
+def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, pairs: int = 1,
+                mode: Literal["circular", "crop"] = "circular", seed: int = 0,
+                batch_size: int | None = None) -> torch.Tensor:
+    """Shift consistency (Zhang 2019, METHOD 7): does the top-1 class agree at two random shifts?
+
+    Convention: per image, ``pairs`` pairs of integer offsets ``(dy, dx)`` are drawn uniformly
+    in ``[0, max_shift]``. ``"circular"`` rolls the whole image by each offset (content moves
+    down and right); ``"crop"`` takes the ``(H - max_shift, W - max_shift)`` window at each
+    offset, as Zhang's 224 crops of 256 images, so the model sees smaller images.
+
+    Args:
+        model: a classifier returning logits ``(B, K)``.
+        x: images ``(B, C, H, W)``.
+        max_shift: the largest offset, in pixels (default: an eighth of the shorter side, as
+            Zhang's 32 of 256).
+        pairs: pairs of shifts per image.
+        mode: ``"circular"`` or ``"crop"``.
+        seed: seeds the offsets.
+        batch_size: images per pass (default: all).
+
+    Returns:
+        ``(B,)``: the share of an image's pairs whose top-1 classes agree.
+    """
+    check_images(x)
+    if mode not in ("circular", "crop"):
+        raise LayerlieError(f"consistency: unknown mode {mode!r}; use 'circular' or 'crop'")
+    max_shift = max(1, min(x.shape[-2:]) // 8) if max_shift is None else max_shift
+    if not 1 <= max_shift < min(x.shape[-2:]):
+        raise LayerlieError(f"consistency: max_shift must be between 1 and the image side - 1, got {max_shift}")
+    gen = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(0, max_shift + 1, (x.shape[0], pairs, 2, 2), generator=gen)
+    h, w = x.shape[-2] - max_shift, x.shape[-1] - max_shift
+
+    def moved(xb: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+        if mode == "circular":
+            return torch.stack([xi.roll((int(dy), int(dx)), (-2, -1)) for xi, (dy, dx) in zip(xb, off)])
+        return torch.stack([xi[:, dy:dy + h, dx:dx + w] for xi, (dy, dx) in zip(xb, off.tolist())])
+
+    agree = torch.zeros(x.shape[0], pairs, dtype=torch.float64)
+    for start, xb in _batches(x, batch_size):
+        off = offsets[start:start + len(xb)]
+        with torch.no_grad():
+            for p in range(pairs):
+                a = model(moved(xb, off[:, p, 0])).argmax(-1)
+                b = model(moved(xb, off[:, p, 1])).argmax(-1)
+                agree[start:start + len(xb), p] = (a == b).double().cpu()
+    return agree.mean(1)
+
+
+def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int = 1,
+         shifts: Sequence[tuple[int, int]] | None = None, node: str | None = None,
+         peak: float | None = None, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """EQ-T (StyleGAN3, METHOD 7): PSNR in dB between ``f(shift x)`` and ``shift f(x)`` for
+    integer translations of the input.
+
+    Convention: a shift ``(dy, dx)`` is counted in input pixels and moves content down and
+    right, as a circular roll of the input. The output moves by ``shift / stride`` pixels, where
+    ``stride`` is the input side over the output side: a roll when that is an integer, else the
+    ideal band-limited (Fourier) shift, as for a strided feature map. The band of
+    ``ceil(|shift| / stride)`` output pixels that wrapped around is left out (the valid region).
+
+    Args:
+        model: an image-to-image model ``(B, C, H, W) -> (B, C', H', W')``, or a classifier with
+            ``node=``.
+        x: images ``(B, C, H, W)``.
+        max_shift: the largest shift, as a fraction of the image side (StyleGAN3: 0.125); each
+            draw is uniform over the nonzero integer shifts within it.
+        draws: shifts per image; the PSNR is taken over their pooled squared error.
+        shifts: explicit shifts in input pixels, used for every image instead of random draws.
+        node: a feature map to measure: a node name of the traced model, or ``"features"`` for
+            its last ``(B, C, H, W)`` node with more than one pixel and no token sequence
+            ``(B, N, C)`` after it (the input of a CNN's global pooling).
+        peak: the signal range of the PSNR (default: the peak-to-peak range of ``f(x)``).
+        seed: seeds the shifts.
+        batch_size: images per pass (default: all).
+
+    Returns:
+        ``(B,)`` PSNR in dB, capped at :data:`PSNR_CAP`.
+    """
+    f, stride = _feature_map(model, x, node, "eq_t")
+    if shifts is None:
+        gen = torch.Generator().manual_seed(seed)
+        chosen = [[_integer_shift(x.shape[-2:], max_shift, gen) for _ in range(draws)] for _ in range(len(x))]
+    else:
+        chosen = [[(int(dy), int(dx)) for dy, dx in shifts]] * len(x)
+
+    def pair(xb: torch.Tensor, yb: torch.Tensor, s: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        out = (s[0] / stride[0], s[1] / stride[1])
+        return f(xb.roll(s, (-2, -1))), fourier_shift(yb, out), _shift_mask(yb.shape[-2:], out)
+
+    return _psnr_metric(f, x, chosen, pair, peak, batch_size)
+
+
+def eq_t_frac(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int = 1,
+              shifts: Sequence[tuple[float, float]] | None = None, node: str | None = None,
+              peak: float | None = None, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """EQ-T_frac (StyleGAN3, METHOD 7): as :func:`eq_t` for fractional translations.
+
+    Convention: shifts are uniform in ``[-max_shift, max_shift]`` times the image side, in input
+    pixels, moving content down and right. The input is shifted by the ideal band-limited
+    (Fourier phase) shift, which is circular, and the output by ``shift / stride`` the same way;
+    the band of ``ceil(|shift| / stride)`` output pixels that wrapped around is left out.
+
+    Args:
+        model, x, max_shift, draws, node, peak, seed, batch_size: as in :func:`eq_t`.
+        shifts: explicit shifts ``(dy, dx)`` in input pixels, for every image.
+
+    Returns:
+        ``(B,)`` PSNR in dB, capped at :data:`PSNR_CAP`.
+    """
+    f, stride = _feature_map(model, x, node, "eq_t_frac")
+    if shifts is None:
+        gen = torch.Generator().manual_seed(seed)
+        side = torch.tensor(x.shape[-2:], dtype=torch.float64)
+        chosen = [[tuple(((torch.rand(2, generator=gen, dtype=torch.float64) * 2 - 1) * max_shift * side).tolist())
+                   for _ in range(draws)] for _ in range(len(x))]
+    else:
+        chosen = [[(float(dy), float(dx)) for dy, dx in shifts]] * len(x)
+
+    def pair(xb: torch.Tensor, yb: torch.Tensor, s: tuple[float, float]) -> tuple[torch.Tensor, ...]:
+        out = (s[0] / stride[0], s[1] / stride[1])
+        return f(fourier_shift(xb, s)), fourier_shift(yb, out), _shift_mask(yb.shape[-2:], out)
+
+    return _psnr_metric(f, x, chosen, pair, peak, batch_size)
+
+
+def eq_r(model: Model, x: torch.Tensor, *, max_angle: float = 180.0, draws: int = 1,
+         angles: Sequence[float] | None = None, node: str | None = None, peak: float | None = None,
+         seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """EQ-R (StyleGAN3, METHOD 7): PSNR in dB between ``f(R x)`` and ``R f(x)`` for rotations.
+
+    Convention: ``R`` is the ``rotate`` group's finite transform (bilinear, zero padding) by an
+    angle uniform in ``[-max_angle, max_angle]`` degrees, about the image centre, in normalized
+    coordinates (a true rotation on square images). The valid region is where ``R`` of an
+    all-ones image is 1 at the output's resolution.
+
+    Args:
+        model, x, draws, node, peak, seed, batch_size: as in :func:`eq_t`.
+        max_angle: the largest angle in degrees (StyleGAN3 draws in the full circle: 180).
+        angles: explicit angles in degrees, for every image.
+
+    Returns:
+        ``(B,)`` PSNR in dB, capped at :data:`PSNR_CAP`.
+    """
+    f, _ = _feature_map(model, x, node, "eq_r")
+    rotate = get_group("rotate")
+    if angles is None:
+        gen = torch.Generator().manual_seed(seed)
+        chosen = [[float((torch.rand((), generator=gen, dtype=torch.float64) * 2 - 1) * max_angle)
+                   for _ in range(draws)] for _ in range(len(x))]
+    else:
+        chosen = [[float(a) for a in angles]] * len(x)
+
+    def pair(xb: torch.Tensor, yb: torch.Tensor, angle: float) -> tuple[torch.Tensor, ...]:
+        t = math.radians(angle)
+        ones = yb.new_ones(1, 1, *yb.shape[-2:])
+        mask = rotate.transform(ones, t)[0, 0] > 1 - 1e-6
+        return f(rotate.transform(xb, t)), rotate.transform(yb, t), mask
+
+    return _psnr_metric(f, x, chosen, pair, peak, batch_size)
+
+
+def invariance(model: Model, x: torch.Tensor, group: Group | str, magnitude: float, *, draws: int = 4,
+               softmax: bool = True, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """Finite-sample invariance (METHOD 7): the mean squared change of the output under the
+    group's finite transform ``T_t`` with ``|t| = magnitude``.
+
+    Convention: per draw, the sign of ``t`` is random (``t = ±magnitude``, in the group's units:
+    normalized coordinates, so 1 is half the image for ``translate_x``, radians for ``rotate``);
+    ``T_t`` is :meth:`Group.transform` (bilinear, zero padding). The change is averaged over the
+    output's entries and the draws. A classifier's logits go through a softmax first, as in the
+    published LEE, unless ``softmax=False``.
+
+    Args:
+        model: the model.
+        x: images ``(B, C, H, W)``.
+        group: a group or its name.
+        magnitude: ``|t|``.
+        draws: transforms per image.
+        softmax: compare ``softmax(model(x), -1)`` rather than ``model(x)``.
+        seed: seeds the signs.
+        batch_size: images per pass (default: all).
+
+    Returns:
+        ``(B,)`` mean squared change.
+    """
+    check_images(x)
+    g = get_group(group)
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (x.shape[0], draws), generator=gen) * 2 - 1
+    out = torch.zeros(x.shape[0], dtype=torch.float64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        y = model(z)
+        return y.softmax(-1) if softmax else y
+
+    for start, xb in _batches(x, batch_size):
+        with torch.no_grad():
+            y = f(xb)
+            for d in range(draws):
+                s = signs[start:start + len(xb), d]
+                moved = torch.cat([g.transform(xi[None], float(si) * magnitude) for xi, si in zip(xb, s)])
+                change = (f(moved) - y).double().pow(2).flatten(1).mean(1)
+                out[start:start + len(xb)] += change.cpu() / draws
+    return out
+
+
+METRICS: dict[str, Callable[..., torch.Tensor]] = {
+    "consistency": consistency, "eq_t": eq_t, "eq_t_frac": eq_t_frac, "eq_r": eq_r, "invariance": invariance}
+"""The metrics by name, in the order :func:`metrics` reports them."""
+
+
+def metrics(model: Model, x: torch.Tensor, which: Iterable[str] = ("consistency", "eq_t", "eq_t_frac", "eq_r"),
+            *, names: Sequence[str] | None = None, seed: int = 0, batch_size: int | None = None,
+            **options: dict[str, Any]) -> pd.DataFrame:
+    """Several finite metrics of one model at images ``x: (B, C, H, W)`` (METHOD 7).
+
+    Args:
+        model: the model; a classifier's PSNR metrics read its last feature map
+            (``node="features"``) unless their options name another node.
+        x: images.
+        which: metric names from :data:`METRICS`.
+        names: one name per image (default: the image index).
+        seed, batch_size: passed to every metric.
+        **options: per metric, its keyword options, e.g. ``eq_r={"max_angle": 45}`` or
+            ``invariance={"group": "rotate", "magnitude": 0.1}`` (the default group is
+            ``translate_x`` and magnitude ``0.125``).
+
+    Returns:
+        A DataFrame with columns ``image, metric, value``; ``.attrs`` holds the options.
+    """
+    which = list(which)
+    unknown = [w for w in [*which, *options] if w not in METRICS]
+    if unknown or not which:
+        raise LayerlieError(f"unknown metric(s) {unknown or which}; valid metrics: {', '.join(METRICS)}")
+    names = [str(i) for i in range(len(x))] if names is None else list(names)
+    is_classifier = _output_ndim(model, x) == 2
+    rows = []
+    settings: dict[str, dict[str, Any]] = {}
+    for name in which:
+        kwargs = dict(options.get(name, {}))
+        if name == "invariance":
+            kwargs.setdefault("group", "translate_x")
+            kwargs.setdefault("magnitude", 0.125)
+        elif name != "consistency" and is_classifier:
+            kwargs.setdefault("node", "features")
+        settings[name] = dict(kwargs)
+        values = METRICS[name](model, x, seed=seed, batch_size=batch_size, **kwargs)
+        rows += [(names[i], name, float(v)) for i, v in enumerate(values)]
+    table = pd.DataFrame(rows, columns=["image", "metric", "value"])
+    table.attrs.update(seed=seed, options=settings, psnr_cap=PSNR_CAP)
+    return table
+
+
+def fourier_shift(h: torch.Tensor, shift: tuple[float, float]) -> torch.Tensor:
+    """The ideal band-limited circular shift of ``h: (..., H, W)`` by ``(dy, dx)`` pixels
+    (content moves down and right), as EQ-T_frac uses it (METHOD 7); an integer shift is
+    ``torch.roll``."""
+    out = h
+    for dim, s in zip((-2, -1), shift):
+        if float(s).is_integer():  # exact, and the common case of a stride-1 map
+            out = out.roll(int(s), dim)
+            continue
+        n = h.shape[dim]
+        k = torch.fft.fftfreq(n, dtype=torch.float64, device=h.device)
+        phase = torch.exp(-2j * math.pi * k * s)
+        if n % 2 == 0:  # the Nyquist bin: a real shift keeps it real (cos), else the output is complex
+            phase[n // 2] = math.cos(math.pi * s)
+        shape = [1] * h.ndim
+        shape[dim] = n
+        spec = torch.fft.fft(out.double(), dim=dim) * phase.reshape(shape)
+        out = torch.fft.ifft(spec, dim=dim).real.to(h.dtype)
+    return out
+
+
+def _capped(peak: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
+    """``10 log10(peak^2 / MSE)``, capped at :data:`PSNR_CAP` (METHOD 7)."""
+    ratio = peak.double().pow(2) / mse
+    return torch.where(mse > 0, 10 * torch.log10(ratio), torch.inf).clamp(max=PSNR_CAP)
+
+
+def _psnr_metric(f: Model, x: torch.Tensor, chosen: list[list[Any]],
+                 pair: Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, ...]],
+                 peak: float | None, batch_size: int | None) -> torch.Tensor:
+    """Pool the squared error over each image's draws, then one PSNR per image (METHOD 7)."""
+    out = torch.zeros(x.shape[0], dtype=torch.float64)
+    for start, xb in _batches(x, batch_size):
+        with torch.no_grad():
+            y = f(xb)
+            ranges = (y.amax((1, 2, 3)) - y.amin((1, 2, 3))).double().cpu()
+            for i in range(len(xb)):
+                se, count = 0.0, 0
+                for s in chosen[start + i]:
+                    a, b, mask = pair(xb[i:i + 1], y[i:i + 1], s)
+                    se += float(((a - b).double().pow(2) * mask.to(a.device)).sum())
+                    count += int(mask.sum()) * a.shape[1]
+                ref = ranges[i] if peak is None else torch.tensor(float(peak), dtype=torch.float64)
+                if count == 0:
+                    raise LayerlieError(f"the valid region of the {tuple(y.shape[-2:])} output is empty under "
+                                        f"{chosen[start + i]}; draw smaller transforms (max_shift=, max_angle=) "
+                                        "or give larger images")
+                out[start + i] = _capped(ref, torch.tensor(se / count, dtype=torch.float64))
+    return out
+
+
+def _feature_map(model: Model, x: torch.Tensor, node: str | None, metric: str) -> tuple[Model, tuple[float, float]]:
+    """The function to measure, and its input-to-output stride per axis (METHOD 7)."""
+    check_images(x)
+    f = model
+    if node is not None:
+        if not isinstance(model, nn.Module):
+            raise LayerlieError(f"{metric}: node= needs an nn.Module to trace, got {type(model).__name__}")
+        gm = model if isinstance(model, fx.GraphModule) else trace(model)
+        f = with_output(gm, _last_feature_map(gm, x[:1]) if node == "features" else node)[0]
+    with torch.no_grad():
+        y = f(x[:1])
+    if y.ndim != 4:
+        raise LayerlieError(f"{metric}: the output has shape {tuple(y.shape)}, not (B, C, H, W); for a "
+                            "classifier pass node= a feature map's node name, or node='features'")
+    return f, (x.shape[-2] / y.shape[-2], x.shape[-1] / y.shape[-1])
+
+
+def _last_feature_map(gm: fx.GraphModule, x: torch.Tensor) -> str:
+    """The last node, in graph order, whose output is ``(B, C, H, W)`` with ``H, W > 1``, where
+    no token sequence ``(B, N, C)`` follows it (a ViT's patch embedding is not its features)."""
+    ShapeProp(gm).propagate(x)
+    found = None
+    for n in gm.graph.nodes:
+        shape = getattr(n.meta.get("tensor_meta"), "shape", ())
+        if len(shape) == 4 and min(shape[-2:]) > 1:
+            found = n.name
+        elif len(shape) == 3:
+            found = None
+    if found is None:
+        raise LayerlieError("no (B, C, H, W) feature map ends this model's graph (a token model?); pass "
+                            "node= a node name whose output is an image-shaped feature map")
+    return found
+
+
+def _integer_shift(hw: tuple[int, int], max_shift: float, gen: torch.Generator) -> tuple[int, int]:
+    """A nonzero integer shift, uniform within ``max_shift`` times each side, at least 1 px (METHOD 7)."""
+    lim = [max(1, int(max_shift * s)) for s in hw]
+    while True:
+        dy = int(torch.randint(-lim[0], lim[0] + 1, (), generator=gen))
+        dx = int(torch.randint(-lim[1], lim[1] + 1, (), generator=gen))
+        if dy or dx:
+            return dy, dx
+
+
+def _shift_mask(hw: tuple[int, int], shift: tuple[float, float]) -> torch.Tensor:
+    """``(H, W)`` True where the content did not wrap around under the circular shift: EQ-T's
+    valid region (METHOD 7)."""
+    mask = torch.ones(hw, dtype=torch.bool)
+    for dim, s in zip((0, 1), shift):
+        band = math.ceil(abs(s))
+        if band == 0:
+            continue
+        idx = torch.arange(hw[dim])
+        keep = idx >= band if s > 0 else idx < hw[dim] - band
+        mask &= keep[:, None] if dim == 0 else keep[None, :]
+    return mask
+
+
+def _output_ndim(model: Model, x: torch.Tensor) -> int:
+    """2 for a classifier, 4 for an image-to-image model (METHOD 7: which metrics need ``node=``)."""
+    with torch.no_grad():
+        return model(x[:1]).ndim
+
+
+def _batches(x: torch.Tensor, batch_size: int | None) -> Iterable[tuple[int, torch.Tensor]]:
+    """``(start, x[start:start + batch_size])`` over ``x``: every metric's ``batch_size`` (METHOD 7)."""
+    step = batch_size or len(x)
+    if step < 1:
+        raise LayerlieError(f"batch_size must be 1 or more, got {batch_size}")
+    for start in range(0, len(x), step):
+        yield start, x[start:start + step]
