@@ -63,8 +63,9 @@ class Attribution:
 
     Attributes:
         nodes: one row per graph node: node, op, target, module, layer_type, depth, layout,
-            local_norm, contribution_norm, share, stderr, position_mismatch (where the inputs
-            of an op disagree on their sample positions, METHOD 5; else empty).
+            tensor (its value is a tensor: the unknown count counts these), local_norm,
+            contribution_norm, share, stderr, position_mismatch (where the inputs of an op
+            disagree on their sample positions, METHOD 5; else empty).
         total: ``L F(x)``, by forward-mode AD of the whole model (independent of the parts).
         residual: the value of ``check``: ``||L F - sum_v c_v|| / ||L F||`` (exact),
             ``|sum_v share_v - 1|`` (shares), NaN (Hutchinson); absolute when ``L F`` is about 0.
@@ -110,8 +111,19 @@ class Attribution:
         ranked = self.nodes.sort_values("contribution_norm", ascending=False, na_position="last")
         lines.append(ranked[cols].head(top).to_string(index=False))
         lines.append(self.by_type().to_string())
+        lines.append(self.unknown_line())
         lines.append(self.check_line())
         return "\n".join(lines)
+
+    def unknown_line(self) -> str:
+        """How many tensor nodes have an ``unknown`` layout (``G`` acts on them as zero, METHOD
+        5), and the first of them, where layout inference stopped; shapes and other non-tensor
+        nodes are not counted."""
+        tensors = self.nodes[self.nodes["tensor"]]
+        unknown = tensors[tensors["layout"].str.startswith("unknown")]
+        first = f"; the first is {unknown['node'].iloc[0]}" if len(unknown) else ""
+        return (f"unknown layouts: {len(unknown)} of {len(tensors)} tensor nodes "
+                f"({len(unknown) / max(len(tensors), 1):.1%}){first}")
 
     def check_line(self) -> str:
         """The check by its name and its value, e.g. ``completeness residual (relative): 3.1e-07``."""
@@ -413,7 +425,7 @@ def _attribute_modules(model: nn.Module, x: torch.Tensor, o: _Options) -> Attrib
             node=s.name, op="call_module" if m is not None else "glue",
             target=type(m).__name__ if m is not None else "glue", module=s.module,
             layer_type=(module_type(m) if m is not None else None) or "reshape/other", depth=depth,
-            layout=s.layout.describe(), local_norm=float(s.defect.norm()),
+            layout=s.layout.describe(), tensor=True, local_norm=float(s.defect.norm()),
             contribution_norm=contrib.get(s.name, 0.0 if not s.defect.any() else float("nan")),
             share=share / lf2 if share is not None and not degenerate else (0.0 if not s.defect.any() else float("nan")),
             stderr=stderr.get(s.name, float("nan"))))
@@ -508,6 +520,7 @@ def _table(gm: fx.GraphModule, d: _Defects, contrib: dict, shares: dict, stderr:
         rows.append(dict(
             node=n.name, op=n.op, target=str(getattr(n.target, "__name__", n.target)), module=str(module),
             layer_type=layer_type(gm, n, strided), depth=depth, layout=lay.describe(),
+            tensor=isinstance(d.values.get(n), torch.Tensor),
             local_norm=float(e.norm()) if e is not None else 0.0,
             contribution_norm=contrib.get(n, 0.0 if e is None or not e.any() else float("nan")),
             share=(share / lf2 if share is not None and not degenerate else (0.0 if e is None else float("nan"))),
