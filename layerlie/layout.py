@@ -235,8 +235,9 @@ class LayoutProp(Propagator):
         args = list(fx.node.map_arg(n.args, lambda a: self.env.get(a, a)))
         lays = [self._lay(a) for a in n.args]
         first = next((i for i, lay in enumerate(lays) if lay.moves), None)
-        if first is None:
-            return NONE if all(lay.kind in ("none", "tuple") for lay in lays) else UNKNOWN
+        if first is None:  # a (B, C) tensor has no spatial axes, whatever came before it
+            none = all(lay.kind in ("none", "tuple") for lay in lays) or isinstance(out, torch.Tensor) and out.ndim <= 2
+            return NONE if none else UNKNOWN
         lay, src = lays[first], args[first]
         fn = node_callable(self.module, n)
         method = n.target if n.op == "call_method" else None

@@ -3,13 +3,14 @@
 An op that moves samples locally (a convolution, a pool, a padding, a module of them) puts
 each output sample over a compact set of input pixels. The gradient of one output sample with
 respect to the input (one random cotangent over the batch and the channels, on the op's own
-input and on noise, so that a max pool's switches or a dead ReLU do not hide pixels) marks
+input and on noise inputs, so that a max pool's switches or a dead ReLU do not hide pixels) marks
 that set along each spatial axis; the middle of the set is where the sample sits. A few samples
-per axis, away from the borders, give the stride and the offset, and they must agree with one
-affine map. A resampling op (bilinear or bicubic resizing) has supports whose middles are
-quantized to half pixels; for it, the centroid of each sample's weights (all channels and
-batch items summed, so that the weights sum to one) gives the position. Where neither is one
-affine map, the op mixes globally (or irregularly) and the axis has no positions.
+per axis, away from the borders, give the stride and the offset; they must agree with one
+affine map, and their windows must not grow along the axis (a cumulative sum). A resampling
+op (bilinear or bicubic resizing) has supports whose middles are quantized to half pixels;
+for it, the centroid of each sample's weights (all channels and batch items summed, so that
+the weights sum to one) gives the position. Where neither is one affine map, the op mixes
+globally (or irregularly) and the axis has no positions.
 Results are cached per (op, input layout, input shape).
 
 An op that only relabels samples (a reshape, a permute, a window reverse that fx cannot open)
@@ -36,6 +37,9 @@ Axis = tuple[float, float]
 
 SAMPLES = 4
 """Output samples probed per axis."""
+NOISE = 8
+"""Noise inputs probed besides the op's own: enough that a max pool's switches visit every
+pixel of its window (a 3-wide window misses a column with odds (2/3)^(8 C))."""
 FIT_TOL = 1e-3
 """How far (in input pixels) a sample's middle may sit from the fitted line."""
 CENTROID_TOL = 0.1
@@ -68,7 +72,8 @@ def _support(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dims: 
     first, last = None, None
     gen = torch.Generator().manual_seed(0)
     rest = [d for d in range(x.ndim) if d != dims[axis]]
-    for base in (x.detach(), torch.randn(x.shape, generator=gen, dtype=x.dtype)):
+    noise = [torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(NOISE)]
+    for base in (x.detach(), *noise):
         g = _response(op, base, dims, axis, index, other, lambda shape: torch.randn(shape, generator=gen))
         mass = g.abs().sum(rest)
         hit = torch.nonzero(mass > 1e-12 * float(mass.max())).flatten() if mass.max() > 0 else mass.new_zeros(0)
@@ -92,13 +97,16 @@ def _fit_axis(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_s
         return None
     lo, hi = m // 4, max((3 * m) // 4, m // 4 + 1)
     js = sorted({round(lo + (hi - lo) * k / (SAMPLES - 1)) for k in range(SAMPLES)})
-    middles, centroids = [], []
+    middles, centroids, widths = [], [], []
     for j in js:
         span = _support(op, x, dims, axis, j, other)
         if span is None or span[:2] == (0, x.shape[dims[axis]] - 1) and x.shape[dims[axis]] > 2:
             return None  # no response, or every input pixel moves it: global mixing
         middles.append((span[0] + span[1]) / 2)
         centroids.append(span[2])
+        widths.append(span[1] - span[0])
+    if max(widths) - min(widths) > 1:
+        return None  # a window that grows along the axis (a cumulative sum) is no local window
     return _line(js, middles, FIT_TOL) or _line(js, centroids, CENTROID_TOL)
 
 
