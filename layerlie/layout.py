@@ -801,10 +801,12 @@ def infer_layouts(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Layout]:
 
 
 def unknown_layouts(gm: fx.GraphModule, x: torch.Tensor) -> tuple[list[fx.Node], int]:
-    """The tensor-valued nodes whose layout is ``unknown`` on input ``x``, and the number of
-    tensor-valued nodes (shapes, sizes and other non-tensors are not counted)."""
+    """The tensor-valued op nodes whose layout is ``unknown`` on input ``x``, and the number of
+    tensor-valued op nodes: the rows of the attribution table that hold tensors (shapes, sizes
+    and other non-tensors are not counted, nor the input and the parameters)."""
     prop = LayoutProp(gm)
     prop.propagate(x, None)
-    tensors = [n for n in gm.graph.nodes if isinstance(prop.values.get(n), torch.Tensor)]
+    calls = ("call_module", "call_function", "call_method")
+    tensors = [n for n in gm.graph.nodes if n.op in calls and isinstance(prop.values.get(n), torch.Tensor)]
     return [n for n in tensors if prop.layouts[n.name].kind == "unknown"], len(tensors)
 
