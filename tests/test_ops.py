@@ -239,6 +239,18 @@ def test_interpolate_positions_in_every_mode(mode, corners, size):
     assert _placement_error(fn, args, lay, slack=0.5) <= 0.5 + 1e-9
 
 
+def test_a_wrong_resample_is_caught(monkeypatch):
+    """The check can fail: an ``F.pad`` rule that shifts the wrong way puts every sample a
+    pixel or more from the pixel that it copies."""
+    op = ops.get_op(F.pad)
+
+    def backwards(fn, args, kwargs, out):
+        return {d: (scale, -shift) for d, (scale, shift) in op.resample(fn, args, kwargs, out).items()}
+
+    monkeypatch.setitem(ops._OPS, F.pad, ops.Op(**{**op.__dict__, "resample": backwards}))
+    assert _window_error(ops.get_op(F.pad)) >= 1.0
+
+
 def test_bilinear_positions_are_the_weights_centroids():
     """analytic: bilinear resizing blends the two pixels around ``(j + 1/2) / f - 1/2`` (pixel
     centres) or ``j (n - 1) / (m - 1)`` (corners): the centroid of each interior sample's weights
@@ -248,11 +260,21 @@ def test_bilinear_positions_are_the_weights_centroids():
         fn = _Call(lambda z: F.interpolate(z, mode="bilinear", **{"align_corners": False, **kwargs}))
         gm = fx.symbolic_trace(fn)
         lay = ll.infer_layouts(gm, x.detach())[list(gm.graph.nodes)[-2].name]
+        assert lay.kind == "grid"
         y = fn(x)
         for j in range(2, y.shape[2] - 2):
             (g,) = torch.autograd.grad(y[0, 0, j, 4], x)
             centroid = float((g[0, 0].sum(1) * torch.arange(9.0, dtype=torch.float64)).sum() / g.sum())
             assert abs(lay.y[1] + lay.y[0] * j - centroid) < 1e-9, (kwargs, j)
+
+
+def test_corners_taken_for_centres_are_caught(monkeypatch):
+    """The centroid check can fail: a rule that ignores ``align_corners`` misplaces the samples."""
+    op = ops.get_op(F.interpolate)
+    monkeypatch.setitem(ops._OPS, F.interpolate, ops.Op(**{**op.__dict__, "resample": lambda fn, a, k, out: op.resample(
+        fn, a, {**k, "align_corners": False}, out)}))
+    with pytest.raises(AssertionError, match="align_corners"):
+        test_bilinear_positions_are_the_weights_centroids()
 
 
 class _Call(nn.Module):
