@@ -266,3 +266,33 @@ def test_plain_modules_get_every_layout_and_a_blur_pool_lowers_the_defect(group)
         value = next(v for n, v in prop.values.items() if n.name == node)
         relative[blur] = a.nodes.set_index("node").loc[node, "local_norm"] / float(value.norm())
     assert relative[True] < 0.75 * relative[False]
+
+
+class Rolled(nn.Module):
+    """A roll of an NCHW feature map, a channel mixing, and the roll back, as a user writes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.mix = nn.Conv2d(4, 4, 1, bias=False)  # a bias is a constant, whose tangent at the border is not 0
+        self.head = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mix(torch.roll(torch.relu(self.conv(x)), (1, -2), (2, 3)))
+        return self.head(torch.roll(h, (-1, 2), (2, 3))).mean((2, 3))
+
+
+def test_roll_of_a_plain_grid_is_a_relabelling():
+    """A roll of a (B, C, H, W) grid is known (the grid's samples, relabelled) and has no defect
+    of its own, nor has the channel mixing in the rolled frame; rolled back, it is the grid
+    again, for the strided convolution after it; the attribution is complete."""
+    torch.manual_seed(0)
+    x = smooth_image(1, 3, 16, 16)
+    gm = ll.trace(Rolled().double().eval())
+    assert unknown_layouts(gm, x)[0] == []
+    a = ll.attribute(gm, x, "rotate", output="logits")
+    table = a.nodes.set_index("node")
+    assert table.loc["roll", "layout"] == "windows(16x16,roll=(1, 14))"  # -2 columns of 16
+    assert table.loc["roll_1", "layout"] == table.loc["head", "layout"] == "grid(y=2,x=3)"
+    assert table.loc[["roll", "mix", "roll_1"], "local_norm"].max() < 1e-9 * table["local_norm"].max()
+    assert a.residual <= TOL[torch.float64]
