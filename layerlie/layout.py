@@ -340,6 +340,11 @@ class LayoutProp(Propagator):
                     and out.shape[-2] == src.shape[-2] and lays[0].spatial:
                 return lay if lays[1].kind != "tokens" else UNKNOWN
             return None
+        if lay.kind == "tokens" and _norm_dim(lay.token_dim, src.ndim) == src.ndim - 1 \
+                and (isinstance(fn, nn.Linear) or fn is F.linear) and out.shape[-1] != src.shape[-1]:
+            # a token-mixing layer (MLP-Mixer) to hidden units: they sit at no position, and the
+            # mixing weight's own defect is charged here (METHOD 5: a fixed pair map is genuine)
+            return NONE
         return self._same_positions(lay, src, out)
 
     @staticmethod

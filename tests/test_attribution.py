@@ -95,6 +95,28 @@ def test_facts_of_method_3():
     assert norms[1] > norms[0]
 
 
+def test_an_affine_offset_has_a_border_only_defect_under_the_zero_padded_scheme():
+    """METHOD 3 says a pointwise affine op has ``e_v = 0`` exactly. That holds for a linear op, and
+    for an offset under a periodic scheme (above); with ``central``'s zeros beyond the border, the
+    offset ``c`` of an eval BatchNorm is content that the motion brings in from outside, so its
+    defect is ``-v c / 2`` on the first and last columns (translate_x) and zero inside."""
+    x = smooth_image(b=1, h=10, w=12)
+    net = tiny_cnn(act=False)
+    e = ll.attribute(net, x, "translate_x", estimator="shares", output="logits").defects["_1"]
+    bn = net[1]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    offset = (bn.bias - bn.running_mean * scale).detach()
+    v = 2 / (x.shape[-1] - 1)  # translate_x moves u_x at unit speed; one pixel is 2 / (W - 1)
+    border = torch.zeros_like(e)
+    border[..., 0] = -offset.view(-1, 1) / (2 * v)
+    border[..., -1] = offset.view(-1, 1) / (2 * v)
+    assert offset.abs().min() > 0.01 and float((e - border).abs().max()) < 1e-9
+    with torch.no_grad():
+        bn.bias.copy_(bn.running_mean * scale)  # no offset: a linear map, exactly no defect
+    e = ll.attribute(net, x, "translate_x", estimator="shares", output="logits").defects.get("_1")
+    assert e is None or float(e.abs().max()) < 1e-12
+
+
 def test_exact_equals_brute_force_and_shares_and_hutchinson_agree():
     model = tiny_cnn(act=True, padding_mode="zeros")
     x = smooth_image(h=10, w=10)

@@ -62,8 +62,6 @@ FAMILIES = {f.key: f for f in [
     Family("resnet18", hw=(64, 48)),
     Family("vit_tiny_patch16_224", (("img_size", (64, 48)), ("depth", 4)), hw=(64, 48)),
 ]}
-# Families whose graphs hold tensors that are not images: the token-mixing MLP's hidden units.
-UNKNOWN_EXPECTED = {"mixer_b16_224"}
 ALL_GROUPS = [g for g in ll.list_groups() if ll.group(g).origin is None] + ["custom"]
 EVERY_GROUP = ("resnet18-64x64", "vit_tiny_patch16_224-64x64")
 SLOW = {"inception_v3-75x75"}
@@ -94,9 +92,8 @@ def test_completeness(family, group):
     a = ll.attribute(gm, x, g, estimator="exact", output=FAMILIES[family].output)
     assert not a.degenerate and a.residual <= TOL[torch.float32]
     assert a.nodes["share"].sum() == pytest.approx(1.0, abs=1e-3)
-    if FAMILIES[family].name not in UNKNOWN_EXPECTED:
-        unknown = a.nodes[a.nodes["layout"].str.startswith("unknown")]["node"]
-        assert unknown.empty, f"layouts not inferred: {list(unknown)[:5]}"
+    unknown = a.nodes[a.nodes["layout"].str.startswith("unknown")]["node"]
+    assert unknown.empty, f"layouts not inferred: {list(unknown)[:5]}"
 
 
 def test_non_square_layouts():
