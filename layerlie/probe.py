@@ -135,7 +135,14 @@ def probe_axes(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dims
         store, full = _CACHE, (key, tuple(x.shape), dims)
     if key is not None and full in store:
         return store[full]
-    got = _probe(op, x, dims)
+    training = owner is not None and owner.training
+    if training:  # dozens of forward passes must not move a batch norm's statistics
+        owner.eval()
+    try:
+        got = _probe(op, x, dims)
+    finally:
+        if training:
+            owner.train()
     if key is not None:
         store[full] = got
     return got

@@ -181,6 +181,31 @@ def test_probing_runs_once_per_op_layout_and_shape(monkeypatch):
     assert len(calls) == 2
 
 
+class NormPool(nn.Module):
+    """A module with no entry that holds a batch norm: probing must not train it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(3)
+        self.pool = nn.LPPool2d(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.norm(x))
+
+
+def test_probing_leaves_a_training_module_as_it_was():
+    """A module in training mode is probed in eval mode and put back: its running statistics
+    move by the one forward pass of the propagation, not by the probe's dozens."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    probed, plain = NormPool().train(), NormPool().train()
+    lay = ll.infer_layouts(_graph(probed), x)["op"]
+    plain(x)
+    assert lay.x == (2.0, 0.5) and lay.probed and probed.training
+    assert torch.equal(probed.norm.running_mean, plain.norm.running_mean)
+    assert int(probed.norm.num_batches_tracked) == 1
+
+
 # --- the hooks fallback -------------------------------------------------------------------
 
 class ValidStride(nn.Module):
