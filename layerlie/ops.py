@@ -459,15 +459,10 @@ def _upsample(fn: nn.Upsample, args: Sequence[Any], kwargs: Mapping[str, Any], o
     return _resized(args[0], out, fn.scale_factor, fn.align_corners, fn.recompute_scale_factor, fn.mode)
 
 
-def _adaptive(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor) -> Axes:
-    """Adaptive pooling: output sample ``j`` at the centre of its bin (exact where the size
-    divides, within half a pixel otherwise)."""
-    x = args[0]
-    return {d: _half_pixel(x.shape[d], out.shape[d]) for d in (x.ndim - 2, x.ndim - 1)}
-
-
-def _shuffle(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor) -> Axes:
-    """Depth-to-space by ``r``: ``r`` sub-samples per input sample, centred on it."""
+def _centres(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor) -> Axes:
+    """Adaptive pooling, each output sample at the centre of its bin (exact where the size
+    divides, within half a pixel otherwise), and depth-to-space by ``r``, ``r`` sub-samples
+    per input sample centred on it: both are pixel centres on the last two axes."""
     x = args[0]
     return {d: _half_pixel(x.shape[d], out.shape[d]) for d in (x.ndim - 2, x.ndim - 1)}
 
@@ -748,12 +743,12 @@ register_op(nn.ConstantPad2d, window=_pad_window, example=module_example(_PAD, 0
 register_op(F.pad, torch._C._nn.pad, resample=_functional_pad, example=call_example((1, 2, 0, 3, 1, 0), "reflect"))
 register_op(nn.PixelUnshuffle, window=_unshuffle_window, example=module_example(2, shape=(2, 3, 8, 10)))
 register_op(F.pixel_unshuffle, window=_unshuffle_window, example=lambda fn: (fn, (_randn(2, 3, 8, 10), 2)))
-register_op(nn.PixelShuffle, resample=_shuffle, example=module_example(2, shape=(2, 8, 5, 4)))
-register_op(F.pixel_shuffle, resample=_shuffle, example=lambda fn: (fn, (_randn(2, 8, 5, 4), 2)))
+register_op(nn.PixelShuffle, resample=_centres, example=module_example(2, shape=(2, 8, 5, 4)))
+register_op(F.pixel_shuffle, resample=_centres, example=lambda fn: (fn, (_randn(2, 8, 5, 4), 2)))
 register_op(F.interpolate, resample=_interpolate, example=call_example(None, 2.0, "bilinear", False))
 register_op(nn.Upsample, resample=_upsample, example=module_example(scale_factor=2, mode="bilinear",
                                                                           align_corners=True))
-register_op(nn.AdaptiveMaxPool2d, resample=_adaptive, example=module_example((4, 5)))
-register_op(F.adaptive_max_pool2d, resample=_adaptive, example=call_example((4, 5)))
-_update(nn.AdaptiveAvgPool2d, resample=_adaptive, example=module_example((4, 5)))
-_update(F.adaptive_avg_pool2d, resample=_adaptive, example=call_example((4, 5)))
+register_op(nn.AdaptiveMaxPool2d, resample=_centres, example=module_example((4, 5)))
+register_op(F.adaptive_max_pool2d, resample=_centres, example=call_example((4, 5)))
+_update(nn.AdaptiveAvgPool2d, resample=_centres, example=module_example((4, 5)))
+_update(F.adaptive_avg_pool2d, resample=_centres, example=call_example((4, 5)))
