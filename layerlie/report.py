@@ -109,7 +109,8 @@ def render(store: str | Path, path: str | Path = "report.html", *, model: str | 
     layers = tables["layers"]
     if group is None and not layers.empty:
         group = layers["group"].iloc[0]
-    sections = [_header(model, spec, info, timings), _notes(layers, notes, failed, model),
+    sections = [f"<h1>layerlie report: {html.escape(model)}</h1>", _notes(layers, notes, failed, model),
+                _header(spec, info, timings),
                 _e2e(tables["e2e"]), _layers(layers, group), _figures(tables, spec, model),
                 _ablation(tables["ablation"]), _layouts(layers)]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>layerlie report: "
@@ -127,7 +128,7 @@ def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.3g}", escape=True)
 
 
-def _header(model: str, spec: Mapping[str, Any], info: Mapping[str, Any],
+def _header(spec: Mapping[str, Any], info: Mapping[str, Any],
             timings: Mapping[str, float] | None) -> str:
     shown = {k: spec.get(k) for k in ("groups", "n", "images", "size", "seed", "scheme", "batch_size")}
     shown["weights"] = f"random init (seed {spec.get('seed', 0)})"
@@ -136,7 +137,7 @@ def _header(model: str, spec: Mapping[str, Any], info: Mapping[str, Any],
     if not timings:
         rows.append(("timings", "not recorded (rendered from an existing store)"))
     frame = pd.DataFrame(rows, columns=["setting", "value"]).astype(str)
-    return f"<h1>layerlie report: {html.escape(model)}</h1><h2>Settings, versions and timings</h2>{_table(frame)}"
+    return f"<h2>Settings, versions and timings</h2>{_table(frame)}"
 
 
 def _notes(layers: pd.DataFrame, notes: Iterable[str], failed: Mapping[str, Mapping[str, str]], model: str) -> str:
@@ -204,9 +205,11 @@ def _ablation(table: pd.DataFrame) -> str:
 
 def _layouts(layers: pd.DataFrame) -> str:
     if layers.empty or "layout" not in layers:
-        return ""
+        return ("<h2>Unknown layouts and position mismatches (METHOD 5)</h2><p>not inferred at module "
+                "granularity</p>" if not layers.empty else "")
     unknown = layers[layers["layout"].astype(str).str.startswith("unknown")]
-    mismatch = layers[layers["position_mismatch"].fillna("").astype(str) != ""]
+    mismatch = (layers[layers["position_mismatch"].fillna("").astype(str) != ""] if "position_mismatch" in layers
+                else layers.iloc[:0].assign(position_mismatch=""))
     body = (f"<p>{len(unknown)} nodes of unknown layout, {len(mismatch)} position mismatches.</p>"
             + (_table(unknown[["group", "node", "layer_type", "layout"]]) if len(unknown) else "")
             + (_table(mismatch[["group", "node", "position_mismatch"]]) if len(mismatch) else ""))
