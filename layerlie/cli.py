@@ -561,18 +561,19 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from layerlie import report, store
+    from layerlie import store
+    from layerlie.report import render, report
 
     held = []
     if args.store and store.manifest(args.store) is not None:
         held = list(store.load(args.store, "e2e").get("model", pd.Series(dtype=str)).unique())
     if held and (args.model is None or args.model in held):
-        out = report.render(args.store, args.out, model=args.model, group=args.group)
+        out = render(args.store, args.out, model=args.model, group=args.group)
     elif args.model is None:
         raise LayerlieError("give a MODEL, e.g. layerlie report resnet18, or --store of a sweep that holds one")
     else:
-        out = report.report(args.model, args.out, group=args.group or "translate_x", n=args.n, size=args.size,
-                            seed=args.seed, store=args.store)
+        out = report(args.model, args.out, group=args.group or "translate_x", n=args.n, size=args.size,
+                     seed=args.seed, store=args.store)
     console.print(f"wrote {out}", highlight=False, soft_wrap=True)
     return 0
 
