@@ -24,6 +24,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import NullFormatter
 from scipy import stats
 
 from layerlie import store as st
@@ -124,7 +127,7 @@ def depth(layers: pd.DataFrame, *, group: str | None = None, spec: Mapping[str, 
     ax.set(xlabel="depth (node index / last node, 0-1)", ylabel=unit, yscale="log", xlim=(0, 1),
            title=f"contribution by depth, {g}\n{settings(layers, spec)}")
     types = [k for k in LAYER_TYPES if k in set(rows["layer_type"])]
-    markers = [mpl.lines.Line2D([], [], ls="", marker="o", ms=3, color=PALETTE[k], label=k) for k in types]
+    markers = [Line2D([], [], ls="", marker="o", ms=3, color=PALETTE[k], label=k) for k in types]
     fig.legend(handles=[*ax.get_lines(), *markers], ncols=2, loc="outside lower center", frameon=False)
     return fig
 
@@ -141,7 +144,7 @@ def by_type(layers: pd.DataFrame, *, spec: Mapping[str, Any] | None = None, ax: 
     sums = layers.assign(value=value).pivot_table(index=["model", "group"], columns="layer_type",
                                                   values="value", aggfunc="sum", sort=False).fillna(0)
     sums = sums.div(sums.sum(axis=1), axis=0)
-    sums = sums[[k for k in LAYER_TYPES if k in sums]]
+    sums = sums[[k for k in LAYER_TYPES if k in sums and sums[k].any()]]
     fig, ax = _axes(ax, (COLUMN[0], 1.6 + 0.22 * len(sums)))
     left = np.zeros(len(sums))
     labels = [f"{m} / {g}" for m, g in sums.index]
@@ -241,9 +244,10 @@ def lee_vs_metrics(e2e: pd.DataFrame, metrics: pd.DataFrame, *, group: str | Non
         for model, part in pts.groupby("model", sort=False):
             ax.scatter(part["lee"], part["value"], s=8, label=model)
         rho, p = spearman(pts["lee"], pts["value"])
-        ax.text(0.02, 0.95, f"Spearman rho = {rho:.2f}, p = {p:.2g} (n = {len(pts)})", transform=ax.transAxes,
-                va="top")
+        said = f"rho = {rho:.2f}, p = {p:.2g}" if math.isfinite(rho) else "rho undefined (ties or n < 3)"
+        ax.text(0.02, 0.95, f"Spearman {said} (n = {len(pts)})", transform=ax.transAxes, va="top")
         ax.set(xlabel=f"LEE, {pair_group} (output units)", ylabel=f"{name} (metric units)", xscale="log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks collide on short spans
     axes[0].set_title(f"LEE against each metric\n{settings(e2e, spec)}")
     axes[0].legend(frameon=False, loc="lower right")
     return fig
@@ -274,7 +278,7 @@ def ablation(table: pd.DataFrame, *, group: str | None = None, spec: Mapping[str
     ax.set(xlabel="output change (total variation of softmax, %)",
            ylabel=f"LEE reduction, {g} (before / after, x)", yscale="log",
            title=f"anti-aliasing: LEE reduction against output change\n{settings(table, spec)}")
-    model_keys = [mpl.lines.Line2D([], [], ls="", marker=s, color="k", ms=3, label=m) for m, s in shapes.items()]
+    model_keys = [Line2D([], [], ls="", marker=s, color="k", ms=3, label=m) for m, s in shapes.items()]
     ax.legend(handles=[*ax.get_legend_handles_labels()[0], *model_keys], frameon=False, ncols=2)
     return fig
 
@@ -295,17 +299,17 @@ def top_layers(layers: pd.DataFrame, *, model: str | None = None, group: str | N
     value, unit = _magnitude(rows)
     top = rows.assign(value=value).nlargest(k, "value").iloc[::-1]
     flagged = top["flagged"].fillna(False).astype(bool) if "flagged" in top else pd.Series(False, top.index)
-    fig, ax = _axes(ax, (COLUMN[0], 0.9 + 0.16 * len(top)))
+    fig, ax = _axes(ax, (COLUMN[0], 1.4 + 0.16 * len(top)))
     ax.barh(top["node"], top["value"], color=[PALETTE.get(t, "k") for t in top["layer_type"]],
             hatch=["////" if f else "" for f in flagged], edgecolor="k", linewidth=0.3)
     for y, (v, f) in enumerate(zip(top["value"], flagged)):
         if f:
             ax.text(v, y, " *", va="center")
     ax.set(xlabel=unit, xscale="log", title=f"top {len(top)} nodes of {model}, {g}\n{settings(rows, spec)}")
-    handles = [mpl.patches.Patch(color=PALETTE[t], label=t) for t in LAYER_TYPES if t in set(top["layer_type"])]
+    handles = [Patch(color=PALETTE[t], label=t) for t in LAYER_TYPES if t in set(top["layer_type"])]
     if "flagged" in top:
-        handles.append(mpl.patches.Patch(facecolor="w", edgecolor="k", hatch="////", label="* alias-flagged"))
-    ax.legend(handles=handles, frameon=False, loc="lower right")
+        handles.append(Patch(facecolor="w", edgecolor="k", hatch="////", label="* alias-flagged"))
+    fig.legend(handles=handles, frameon=False, ncols=2, loc="outside lower center")
     return fig
 
 
