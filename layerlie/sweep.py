@@ -399,6 +399,8 @@ def _options(out: dict[str, Any]) -> None:
                             f"{', '.join(ESTIMATORS)}")
     if "groups" in layers:
         layers["groups"] = _groups("layers.groups", layers["groups"])
+    if not isinstance(layers.get("alias", False), bool):
+        raise SpecError(f"spec key 'layers.alias': expected true or false, got {layers['alias']!r}")
     if "top" in layers and (not isinstance(layers["top"], int) or layers["top"] < 1):
         raise SpecError(f"spec key 'layers.top': expected a positive integer, got {layers['top']!r}")
     which = _strings("metrics.which", mets.get("which", list(METRICS)))
