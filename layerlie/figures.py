@@ -81,8 +81,8 @@ def settings(frame: pd.DataFrame, spec: Mapping[str, Any] | None = None) -> str:
     scheme = ", ".join(sorted(frame["scheme"].astype(str).unique())) if "scheme" in frame else spec.get("scheme", "?")
     n = frame["image"].nunique() if "image" in frame else spec.get("n")
     seeds = sorted(frame["seed"].unique()) if "seed" in frame else [spec.get("seed", 0)]
-    weights = spec.get("weights") or f"random init (seed {', '.join(map(str, seeds))})"
-    return f"{scheme} scheme, n={n if n is not None else '?'}, {weights}"
+    # a sweep builds every model from its seed: there is no pretrained key to report
+    return f"{scheme} scheme, n={n if n is not None else '?'}, random init (seed {', '.join(map(str, seeds))})"
 
 
 def _group(frame: pd.DataFrame, group: str | None) -> str:
