@@ -30,7 +30,7 @@ import pandas as pd
 from layerlie import figures
 from layerlie import store as st
 from layerlie.errors import LayerlieError
-from layerlie.sweep import sweep
+from layerlie.sweep import SpecError, sweep
 
 MEASURES = ("e2e", "layers", "metrics", "ablation")
 """What a report's sweep measures."""
@@ -83,7 +83,13 @@ def report(model: str, path: str | Path = "report.html", *, group: str = "transl
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sweep(spec, root, workers=0, resume=True, progress=False)
+            try:
+                sweep(spec, root, workers=0, resume=True, progress=False)
+            except SpecError as err:
+                if "different spec" not in str(err):
+                    raise
+                raise ReportError(f"the store {str(root)!r} holds another sweep; render it with `layerlie report "
+                                  f"--store {root}`, or choose another --store for {model}") from None
         elapsed = time.perf_counter() - start
         notes = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught
                                    if issubclass(w.category, UserWarning)))
