@@ -136,7 +136,9 @@ def _table(frame: pd.DataFrame) -> str:
 
 def _header(spec: Mapping[str, Any], info: Mapping[str, Any],
             timings: Mapping[str, float] | None) -> str:
-    shown = {k: spec.get(k) for k in ("groups", "n", "images", "size", "seed", "scheme", "batch_size")}
+    shown = {k: spec.get(k) for k in ("n", "size", "seed", "scheme", "batch_size")}
+    shown["groups"] = ", ".join(spec.get("groups", []))
+    shown["images"] = spec.get("images") or "embedded photos"
     shown["weights"] = f"random init (seed {spec.get('seed', 0)})"
     rows = [*shown.items(), *(info.get("versions") or {}).items(),
             *((k, f"{v:.1f}") for k, v in (timings or {}).items())]
