@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/layerlie e2e resnet18 --n 4
+	$(BIN)/layerlie report resnet18 --n 2 --out report.html
+	@echo "the report of resnet18 is $(CURDIR)/report.html; open it in a browser"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -13,6 +13,7 @@ from layerlie.metrics import consistency, eq_r, eq_t, eq_t_frac, invariance, met
 from layerlie.models import load_model
 from layerlie.ops import Op, get_op, list_ops, register_op
 from layerlie.propagate import Propagator, get_rule, list_rules, propagate, register_rule
+from layerlie.report import report
 from layerlie.store import load
 from layerlie.surgery import NothingToReplace, antialias, get_policy, list_policies, register_policy
 from layerlie.sweep import sweep
@@ -33,6 +34,7 @@ __all__ = [
     "Op", "get_op", "list_ops", "register_op",
     "Propagator", "get_rule", "list_rules", "propagate", "register_rule",
     "load",
+    "report",
     "NothingToReplace", "antialias", "get_policy", "list_policies", "register_policy",
     "sweep",
     "IMAGE", "Frame", "get_scheme", "list_schemes", "register_scheme", "tangent",

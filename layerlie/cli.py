@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the before/after figure to this PNG/PDF")
     _add_output_args(p)
     _add_sweep_parser(sub)
+    _add_view_parsers(sub)
     return parser
 
 
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "models": cmd_models, "e2e": cmd_e2e, "layers": cmd_layers, "aliasing": cmd_aliasing,
-        "ablate": cmd_ablate, "sweep": cmd_sweep}
+        "ablate": cmd_ablate, "sweep": cmd_sweep, "figures": cmd_figures, "report": cmd_report}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -520,6 +521,61 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"layerlie: failed: {task}: {err['type']}: {err['message'].splitlines()[0] if err['message'] else ''}",
               file=sys.stderr)
     return 1 if result.failed else 0
+
+
+# --- views ---------------------------------------------------------------------------------
+
+VIEW_EXAMPLES = {
+    "figures": "examples:\n  layerlie figures out/ --out figs/",
+    "report": ("examples:\n  layerlie report resnet18\n"
+               "  layerlie report vit_tiny_patch16_224 --group rotate --n 4 --out vit.html\n"
+               "  layerlie report --store out/ --out report.html        # from an existing sweep"),
+}
+
+
+def _add_view_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("figures", help="draw every paper figure of a store as PNG and PDF",
+                       epilog=VIEW_EXAMPLES["figures"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("store", help="a sweep's store folder")
+    p.add_argument("--out", default="figures", help="the folder to write into (default figures/)")
+
+    p = sub.add_parser("report", help="one self-contained HTML report of a model",
+                       epilog=VIEW_EXAMPLES["report"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="timm name or package.module:callable (default: the store's first)")
+    p.add_argument("--group", default=None, help="the group of the layer table (default translate_x)")
+    p.add_argument("--out", default="report.html", help="the HTML file (default report.html)")
+    p.add_argument("--store", help="render from this store when it holds the model; else sweep into it")
+    p.add_argument("--n", type=_positive, default=2, help="number of images (default 2)")
+    p.add_argument("--size", type=_positive, default=None, help="resize images to SIZE x SIZE pixels")
+    p.add_argument("--seed", type=int, default=0, help="seed for random-init weights (default 0)")
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from layerlie.figures import render
+
+    written, notes = render(args.store, args.out)
+    for note in notes:
+        print(f"layerlie: note: {note}", file=sys.stderr)
+    console.print(f"wrote {len(written)} files to {args.out}", highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from layerlie import store
+    from layerlie.report import render, report
+
+    held = []
+    if args.store and store.manifest(args.store) is not None:
+        held = list(store.load(args.store, "e2e").get("model", pd.Series(dtype=str)).unique())
+    if held and (args.model is None or args.model in held):
+        out = render(args.store, args.out, model=args.model, group=args.group)
+    elif args.model is None:
+        raise LayerlieError("give a MODEL, e.g. layerlie report resnet18, or --store of a sweep that holds one")
+    else:
+        out = report(args.model, args.out, group=args.group or "translate_x", n=args.n, size=args.size,
+                     seed=args.seed, store=args.store)
+    console.print(f"wrote {out}", highlight=False, soft_wrap=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ A spec is TOML (or a dict) with fixed keys::
     batch_size = 8                        # optional: images per pass
     size = 64                             # optional: images resized to size x size pixels, and
                                           # img_size=size for models that take it (ViTs)
-    [layers]                              # optional: estimator, groups, top, output, probes
+    [layers]                              # optional: estimator, groups, top, output, probes, and
+                                          # alias = true to join the alias flags (METHOD 6)
     [metrics]                             # optional: which, options = {eq_r = {max_angle = 45}}
     [ablation]                            # optional: variants, estimator, filter_size
 
@@ -50,6 +51,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from layerlie import store as st
 from layerlie.ablation import ablate, list_variants
+from layerlie.aliasing import with_aliasing
 from layerlie.attribution import ESTIMATORS, attribute
 from layerlie.data import images, photo_batch
 from layerlie.errors import LayerlieError
@@ -66,7 +68,7 @@ KEYS = ("models", "groups", "measures", "n", "images", "seed", "scheme", "batch_
 VARIANTS = ("blurpool", "filtered", "aps", "all")
 """The ablation variants of a sweep unless ``[ablation] variants`` says otherwise."""
 
-OPTIONS = {"layers": ("estimator", "groups", "top", "output", "probes"),
+OPTIONS = {"layers": ("estimator", "groups", "top", "output", "probes", "alias"),
            "metrics": ("which", "options"),
            "ablation": ("variants", "estimator", "filter_size")}
 """The keys of each measure's optional table."""
@@ -217,8 +219,10 @@ def run_task(task: Task, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
         opts = spec["layers"]
         a = attribute(model, x, task.group, scheme=spec["scheme"], estimator=opts.get("estimator", "exact"),
                       output=opts.get("output", "softmax"), probes=opts.get("probes", 100), seed=spec["seed"])
+        if opts.get("alias") and a.settings.get("granularity") == "node":
+            a = with_aliasing(a, model, x)
         table = a.nodes.assign(group=task.group, estimator=opts.get("estimator", "exact"), check=a.check,
-                               residual=a.residual)
+                               residual=a.residual, granularity=a.settings.get("granularity", "node"))
         if "top" in opts:
             key = "share" if opts.get("estimator") == "shares" else "contribution_norm"
             table = table.sort_values(key, ascending=False, key=lambda c: c.abs()).head(opts["top"])
@@ -395,6 +399,8 @@ def _options(out: dict[str, Any]) -> None:
                             f"{', '.join(ESTIMATORS)}")
     if "groups" in layers:
         layers["groups"] = _groups("layers.groups", layers["groups"])
+    if not isinstance(layers.get("alias", False), bool):
+        raise SpecError(f"spec key 'layers.alias': expected true or false, got {layers['alias']!r}")
     if "top" in layers and (not isinstance(layers["top"], int) or layers["top"] < 1):
         raise SpecError(f"spec key 'layers.top': expected a positive integer, got {layers['top']!r}")
     which = _strings("metrics.which", mets.get("which", list(METRICS)))

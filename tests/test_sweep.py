@@ -51,6 +51,7 @@ def assert_same_tables(a: Path, b: Path) -> None:
     ({"n": 0}, "spec key 'n': expected a positive integer, got 0"),
     ({"layers": {"estimater": "exact"}}, "spec key 'layers.estimater' is unknown; valid keys: estimator"),
     ({"metrics": {"which": ["eq_x"]}}, "spec key 'metrics.which': unknown metric 'eq_x'"),
+    ({"layers": {"alias": "yes"}}, "spec key 'layers.alias': expected true or false, got 'yes'"),
 ])
 def test_bad_specs_are_refused_before_anything_runs(tmp_path, change, message):
     with pytest.raises(SpecError, match=message) as info:
