@@ -26,7 +26,7 @@ import layerlie as ll
 from layerlie.normact import get_norm_act, list_norm_acts, norm_part
 from layerlie.surgery import FilteredActivation
 
-# The families of the issue; in mobilenetv2_100 and regnetx_002 every norm-act leaf has an activation too.
+# EfficientNet, MobileNet and RegNet; in mobilenetv2_100 and regnetx_002 every norm-act leaf has an activation too.
 FAMILIES = ["efficientnet_b0", "mobilenetv3_small_100", "mobilenetv2_100", "regnetx_002"]
 # Families whose only activations on feature maps are those of norm-act leaves (the others act on
 # 1 x 1 squeeze-excitation maps or after the global pool); regnetx_002 has ReLUs after its adds.
