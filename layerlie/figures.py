@@ -275,10 +275,11 @@ def ablation(table: pd.DataFrame, *, group: str | None = None, spec: Mapping[str
     g = group or (table["group"].iloc[0] if "group" in table else factors[0])
     if g not in factors:
         raise FigureError(f"group {g!r} is not in the ablation table; it holds {', '.join(factors)}")
-    fig, ax = _axes(ax)
     variants = table[table["variant"] != "original"]
     # fifteen filled markers, reused beyond: a sweep may hold more models than that
     shapes = dict(zip(variants["model"].unique(), itertools.cycle("os^DvP*Xph<>8Hd")))
+    entries = variants["variant"].nunique() + len(shapes)
+    fig, ax = _axes(ax, (COLUMN[0], COLUMN[1] + _LEGEND_ROW * math.ceil(entries / 2)))
     for variant, part in variants.groupby("variant", sort=False):
         color = None
         for model, row in part.set_index("model").iterrows():
@@ -290,7 +291,8 @@ def ablation(table: pd.DataFrame, *, group: str | None = None, spec: Mapping[str
            ylabel=f"LEE reduction, {g} (before / after, x)", yscale="log",
            title=f"anti-aliasing: LEE reduction against output change\n{settings(table, spec)}")
     model_keys = [Line2D([], [], ls="", marker=s, color="k", ms=3, label=m) for m, s in shapes.items()]
-    ax.legend(handles=[*ax.get_legend_handles_labels()[0], *model_keys], frameon=False, ncols=2)
+    fig.legend(handles=[*ax.get_legend_handles_labels()[0], *model_keys], ncols=2, loc="outside lower center",
+               frameon=False)
     return fig
 
 
