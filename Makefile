@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench figures clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/layers.py
 	$(BIN)/python benchmarks/ablation.py
 	$(BIN)/python benchmarks/sweep.py
+
+# the committed figures/: random-init models on this CPU; --resume goes on after a kill
+figures: $(STAMP)
+	$(BIN)/layerlie sweep sweeps/paper-cpu.toml --store out/paper-cpu --resume
+	$(BIN)/layerlie figures out/paper-cpu --out figures/
 
 clean:
 	rm -rf $(VENV)

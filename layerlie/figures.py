@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,8 +44,14 @@ COLUMN = (3.4, 2.6)
 _BINS = 20
 """Depth bins of the contribution-by-depth line."""
 
+_LEGEND_ROW = 0.12
+"""Inches per row of a legend below the axes, at the legend's font size."""
+
 _STYLE = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "legend.fontsize": 6,
-          "xtick.labelsize": 6, "ytick.labelsize": 6, "lines.markersize": 4, "savefig.dpi": 200}
+          "xtick.labelsize": 6, "ytick.labelsize": 6, "lines.markersize": 4, "savefig.dpi": 200,
+          # twenty colours, tab10's first and their light shades next, so that up to twenty models differ
+          "axes.prop_cycle": mpl.cycler(color=[*mpl.colormaps["tab20"].colors[0::2],
+                                               *mpl.colormaps["tab20"].colors[1::2]])}
 
 
 class FigureError(LayerlieError):
@@ -111,10 +118,11 @@ def depth(layers: pd.DataFrame, *, group: str | None = None, spec: Mapping[str, 
     bins) over depth normalised to [0, 1], with a marker per node coloured by layer type (METHOD 3)."""
     _need(layers, "layers", ("model", "depth", "layer_type", "contribution_norm", "share", "group"))
     g = _group(layers, group)
-    fig, ax = _axes(ax, (COLUMN[0], 3.2))
     rows = layers[layers["group"] == g]
     value, unit = _magnitude(rows)
     rows = rows.assign(value=value)[value > 0]
+    entries = rows["model"].nunique() + rows["layer_type"].nunique()
+    fig, ax = _axes(ax, (COLUMN[0], 2.4 + _LEGEND_ROW * math.ceil(entries / 2)))
     for model, part in rows.groupby("model", sort=False):
         part = part.sort_values("depth")
         span = max(part["depth"].max() - part["depth"].min(), 1)
@@ -152,8 +160,9 @@ def by_type(layers: pd.DataFrame, *, spec: Mapping[str, Any] | None = None, ax: 
         ax.barh(labels, sums[kind], left=left, color=PALETTE[kind], label=kind, height=0.7)
         left += sums[kind].to_numpy()
     ax.invert_yaxis()
-    ax.set(xlabel=f"fraction of the sum of {unit.split(' (')[0]} (0-1)", xlim=(0, 1),
-           title=f"share of the Lie derivative by layer type\n{settings(layers, spec)}")
+    ax.set(xlabel=f"fraction of the sum of {unit.split(' (')[0]} (0-1)", xlim=(0, 1))
+    # right-aligned: the model labels leave the axes too narrow for a centred title
+    ax.set_title(f"share of the Lie derivative by layer type\n{settings(layers, spec)}", x=1.0, ha="right")
     fig.legend(handles=ax.get_legend_handles_labels()[0], ncols=3, loc="outside lower center", frameon=False)
     return fig
 
@@ -163,9 +172,9 @@ def e2e_groups(e2e: pd.DataFrame, *, spec: Mapping[str, Any] | None = None, ax: 
     """End-to-end LEE per group across models: each image a dot, each model's mean a marker
     with a bar over the images' range (METHOD 2)."""
     _need(e2e, "e2e", ("model", "group", "image", "lee"))
-    fig, ax = _axes(ax)
     groups = list(e2e["group"].unique())
     models = list(e2e["model"].unique())
+    fig, ax = _axes(ax, (COLUMN[0], COLUMN[1] + _LEGEND_ROW * math.ceil(len(models) / 2)))
     width = 0.7 / max(len(models), 1)
     for i, (model, part) in enumerate(e2e.groupby("model", sort=False)):
         stats_ = part.groupby("group")["lee"].agg(["mean", "min", "max"]).reindex(groups)
@@ -177,7 +186,7 @@ def e2e_groups(e2e: pd.DataFrame, *, spec: Mapping[str, Any] | None = None, ax: 
     ax.set_xticks(range(len(groups)), groups)
     ax.set(ylabel="LEE ||L F(x)|| (output units)", xlabel="group", yscale="log",
            title=f"end-to-end LEE per group (dots: images, bars: range)\n{settings(e2e, spec)}")
-    ax.legend(frameon=False)
+    fig.legend(handles=ax.get_legend_handles_labels()[0], ncols=2, loc="outside lower center", frameon=False)
     return fig
 
 
@@ -231,7 +240,8 @@ def lee_vs_metrics(e2e: pd.DataFrame, metrics: pd.DataFrame, *, group: str | Non
     _need(metrics, "metrics", ("model", "image", "metric", "value"))
     g = _group(e2e, group)
     names = list(metrics["metric"].unique())
-    fig = Figure(figsize=(COLUMN[0], 1.9 * len(names) + 0.4), layout="constrained")
+    rows = math.ceil(metrics["model"].nunique() / 2)
+    fig = Figure(figsize=(COLUMN[0], 1.9 * len(names) + 0.4 + _LEGEND_ROW * rows), layout="constrained")
     axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
     for ax, name in zip(axes, names):
         m = metrics[metrics["metric"] == name]
@@ -249,7 +259,7 @@ def lee_vs_metrics(e2e: pd.DataFrame, metrics: pd.DataFrame, *, group: str | Non
         ax.set(xlabel=f"LEE, {pair_group} (output units)", ylabel=f"{name} (metric units)", xscale="log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks collide on short spans
     axes[0].set_title(f"LEE against each metric\n{settings(e2e, spec)}")
-    axes[0].legend(frameon=False, loc="lower right")
+    fig.legend(handles=axes[0].get_legend_handles_labels()[0], ncols=2, loc="outside lower center", frameon=False)
     return fig
 
 
@@ -265,9 +275,11 @@ def ablation(table: pd.DataFrame, *, group: str | None = None, spec: Mapping[str
     g = group or (table["group"].iloc[0] if "group" in table else factors[0])
     if g not in factors:
         raise FigureError(f"group {g!r} is not in the ablation table; it holds {', '.join(factors)}")
-    fig, ax = _axes(ax)
     variants = table[table["variant"] != "original"]
-    shapes = dict(zip(variants["model"].unique(), "os^DvP*X"))
+    # fifteen filled markers, reused beyond: a sweep may hold more models than that
+    shapes = dict(zip(variants["model"].unique(), itertools.cycle("os^DvP*Xph<>8Hd")))
+    entries = variants["variant"].nunique() + len(shapes)
+    fig, ax = _axes(ax, (COLUMN[0], COLUMN[1] + _LEGEND_ROW * math.ceil(entries / 2)))
     for variant, part in variants.groupby("variant", sort=False):
         color = None
         for model, row in part.set_index("model").iterrows():
@@ -279,7 +291,8 @@ def ablation(table: pd.DataFrame, *, group: str | None = None, spec: Mapping[str
            ylabel=f"LEE reduction, {g} (before / after, x)", yscale="log",
            title=f"anti-aliasing: LEE reduction against output change\n{settings(table, spec)}")
     model_keys = [Line2D([], [], ls="", marker=s, color="k", ms=3, label=m) for m, s in shapes.items()]
-    ax.legend(handles=[*ax.get_legend_handles_labels()[0], *model_keys], frameon=False, ncols=2)
+    fig.legend(handles=[*ax.get_legend_handles_labels()[0], *model_keys], ncols=2, loc="outside lower center",
+               frameon=False)
     return fig
 
 
