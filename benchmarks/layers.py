@@ -276,7 +276,7 @@ def main() -> None:
         with torch.no_grad():
             gm(x)
             t_fwd = best_time(lambda: gm(x), args.repeat, warmup=False)
-            t_defects = best_time(lambda: _Defects(gm, x, group, "central", "receptive_field"), args.repeat, warmup=False)
+            t_defects = best_time(lambda: _Defects(gm, ll.group(group), "central", "receptive_field").propagate(x, None), args.repeat, warmup=False)
         t_shares = best_time(lambda: ll.attribute(gm, x, group, estimator="shares"), args.repeat, warmup=False)
         torch.manual_seed(0)
         start = time.perf_counter()

@@ -2,8 +2,7 @@
 
 from layerlie.ablation import Ablation, ablate, get_variant, list_variants, register_variant
 from layerlie.aliasing import aliasing, with_aliasing
-from layerlie.attribution import (CHECKS, ESTIMATORS, Attribution, attribute, get_layer_type, list_layer_types,
-                                  register_layer_type)
+from layerlie.attribution import CHECKS, ESTIMATORS, Attribution, attribute
 from layerlie.data import Images, images, photo_batch, photos
 from layerlie.errors import LayerlieError
 from layerlie.groups import Group, get_group, group, list_groups, load_groups, parse_group, register_group, resolve_groups
@@ -11,8 +10,9 @@ from layerlie.layout import Layout, infer_layouts, unknown_layouts
 from layerlie.lie import jvp_ready, lee, lie_derivative, summarize
 from layerlie.metrics import consistency, eq_r, eq_t, eq_t_frac, invariance, metrics
 from layerlie.models import load_model
-from layerlie.ops import Op, get_op, list_ops, register_op
-from layerlie.propagate import Propagator, get_rule, list_rules, propagate, register_rule
+from layerlie.ops import (Op, get_layer_type, get_op, get_rule, list_layer_types, list_ops, list_rules,
+                          register_layer_type, register_op, register_rule)
+from layerlie.propagate import Propagator, propagate
 from layerlie.report import report
 from layerlie.store import load
 from layerlie.surgery import NothingToReplace, antialias, get_policy, list_policies, register_policy

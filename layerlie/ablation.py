@@ -24,7 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from layerlie.attribution import CHECKS, ESTIMATORS, LAYER_TYPES, Estimator, attribute
+from layerlie.attribution import CHECKS, ESTIMATORS, Estimator, attribute
+from layerlie.ops import LAYER_TYPES
 from layerlie.errors import LayerlieError
 from layerlie.groups import resolve_groups
 from layerlie.lie import check_images, lee, summarize

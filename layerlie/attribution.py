@@ -43,8 +43,7 @@ from layerlie.layout import NONE, Coords, Layout, LayoutProp, layout_tangent
 from layerlie.hooks import module_contributions, module_cotangents, module_defects
 from layerlie.lie import check_images, exact_math, jvp_ready, push_tangents
 from layerlie.models import input_channels
-from layerlie.ops import (LAYER_TYPES, get_layer_type, is_strided, layer_type, list_layer_types, module_type, op_key,
-                          register_layer_type, softmax_jvp)
+from layerlie.ops import is_strided, layer_type, module_type, op_key, softmax_jvp
 from layerlie.propagate import Propagator, Recorder, bind, linearize
 from layerlie.tangent import check_scheme, tangent
 from layerlie.trace import TraceError, trace, with_output
@@ -515,7 +514,7 @@ def _table(gm: fx.GraphModule, d: _Defects, contrib: dict, shares: dict, stderr:
         lay = d.layout(n)
         stack = n.meta.get("nn_module_stack") or {}
         module = n.target if n.op == "call_module" else (list(stack.values())[-1][0] if stack else "")
-        strided = _is_strided(gm, n, d)
+        strided = is_strided(gm, n, d.values, d.layout)
         share = shares.get(n)
         rows.append(dict(
             node=n.name, op=n.op, target=str(getattr(n.target, "__name__", n.target)), module=str(module),
@@ -527,9 +526,3 @@ def _table(gm: fx.GraphModule, d: _Defects, contrib: dict, shares: dict, stderr:
             stderr=stderr.get(n, float("nan")), position_mismatch=d.mismatches.get(n.name, ""),
         ))
     return pd.DataFrame(rows)
-
-
-def _is_strided(gm: fx.GraphModule, n: fx.Node, d: _Defects) -> bool:
-    """A node that lowers the resolution of a spatial input (stride, pooling, patches)."""
-    return is_strided(gm, n, d.values, d.layout)
-

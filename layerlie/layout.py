@@ -34,7 +34,7 @@ from torch import nn
 
 from layerlie.groups import Group
 from layerlie import ops
-from layerlie.ops import Window, is_pointwise
+from layerlie.ops import Window
 from layerlie.probe import probe_axes, relabelled_axes
 from layerlie.propagate import Propagator, node_callable
 from layerlie.tangent import Frame, tangent

@@ -9,7 +9,7 @@ applied to its parents' tangents. Sources may inject a tangent at any node.
 - Local defects: each node's op linearized at its inputs, applied to ``G_p h_p``.
 
 The linear part of an op is its linearization rule in the op registry (:mod:`layerlie.ops`,
-:func:`register_rule`): folding the K axis into the batch for ops that are linear in their
+:func:`layerlie.ops.register_rule`): folding the K axis into the batch for ops that are linear in their
 input (convolutions, pooling), ``s'(h) * t`` for pointwise activations; ``torch.func.jvp``
 under ``vmap`` for the rest.
 
@@ -35,7 +35,6 @@ from torch.utils import _pytree as pytree
 
 from layerlie.errors import LayerlieError
 from layerlie.ops import Tangents, linearization, op_key
-from layerlie.ops import get_rule, list_rules, register_rule  # re-exported: rules are the engine's to extend
 
 
 @dataclass

@@ -364,7 +364,7 @@ def test_register_layer_type_and_register_op_check_the_kind():
             return x * 2
 
     try:
-        ll.attribution.register_layer_type(Gate, "norm")
+        ll.register_layer_type(Gate, "norm")
         gm = _one_op_graph(Gate(), (torch.zeros(1),))
         node = next(n for n in gm.graph.nodes if n.op == "call_module")
         assert ops.layer_type(gm, node) == "norm" and ops.module_type(Gate()) == "norm"
