@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench figures clean
+.PHONY: venv demo test bench figures experiment clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ bench: $(STAMP)
 figures: $(STAMP)
 	$(BIN)/layerlie sweep sweeps/paper-cpu.toml --store out/paper-cpu --resume
 	$(BIN)/layerlie figures out/paper-cpu --out figures/
+
+# figures/learned/: small models trained on this CPU (~25 min on 2 cores); --resume goes on after a kill
+experiment: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/layerlie experiment learned-equivariance --store out/learned --out figures/learned --resume
 
 clean:
 	rm -rf $(VENV)

@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p)
     _add_sweep_parser(sub)
     _add_view_parsers(sub)
+    _add_experiment_parser(sub)
     return parser
 
 
@@ -197,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "models": cmd_models, "e2e": cmd_e2e, "layers": cmd_layers, "aliasing": cmd_aliasing,
-        "ablate": cmd_ablate, "sweep": cmd_sweep, "figures": cmd_figures, "report": cmd_report}
+        "ablate": cmd_ablate, "sweep": cmd_sweep, "figures": cmd_figures, "report": cmd_report,
+        "experiment": cmd_experiment}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -575,6 +577,51 @@ def cmd_report(args: argparse.Namespace) -> int:
         out = report(args.model, args.out, group=args.group or "translate_x", n=args.n, size=args.size,
                      seed=args.seed, store=args.store)
     console.print(f"wrote {out}", highlight=False, soft_wrap=True)
+    return 0
+
+
+# --- experiments ---------------------------------------------------------------------------
+
+EXPERIMENT_EXAMPLES = ("examples:\n  layerlie experiment learned-equivariance                # the full grid, ~25 min\n"
+                       "  layerlie experiment learned-equivariance --resume       # go on after a kill\n"
+                       "  layerlie experiment learned-equivariance --tiny --store out/tiny --out tiny/\n"
+                       "  layerlie experiment learned-equivariance --datasets digits --models resnet10t --steps 50")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _add_experiment_parser(sub: argparse._SubParsersAction) -> None:
+    from layerlie.experiments.learned import CONDITIONS, DATASETS, MODELS
+
+    p = sub.add_parser("experiment", help="train small models here and measure their equivariance along the way",
+                       epilog=EXPERIMENT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=["learned-equivariance"], help="the experiment")
+    p.add_argument("--store", default="out/learned", help="the results store (default out/learned)")
+    p.add_argument("--out", default="figures/learned", help="figures and SUMMARY.md (default figures/learned)")
+    p.add_argument("--resume", action="store_true", help="skip the runs the store has finished")
+    p.add_argument("--tiny", action="store_true", help="a few steps per run, small probes (a smoke test)")
+    p.add_argument("--datasets", type=_names, help=f"comma-separated, from: {', '.join(DATASETS)} (default all)")
+    p.add_argument("--models", type=_names, help=f"comma-separated, from: {', '.join(MODELS)} (default all)")
+    p.add_argument("--conditions", type=_names,
+                   help=f"comma-separated, from: {', '.join(CONDITIONS)} (default all)")
+    p.add_argument("--steps", type=_positive, help="training steps per run (default 200; 4 with --tiny)")
+    p.add_argument("--seed", type=int, help="seeds the split, weights, batches and augmentation (default 0)")
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from layerlie.experiments.learned import FULL, TINY, experiment
+
+    chosen = {k: getattr(args, k) for k in ("datasets", "models", "conditions", "steps", "seed")
+              if getattr(args, k) is not None}
+    config = dataclasses.replace(TINY if args.tiny else FULL, **chosen).check()
+    result = experiment(args.store, args.out, config=config, resume=args.resume,
+                        log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    console.print(f"{len(result.ran)} runs ran, {len(result.skipped)} skipped as done; store {result.store}; "
+                  f"wrote {len(result.written)} files to {args.out}", highlight=False, soft_wrap=True)
     return 0
 
 
