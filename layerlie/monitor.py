@@ -149,9 +149,8 @@ class Monitor:
         self.model, self.x = model, x_probe.detach().clone()
         self.every, self.layers, self.scheme = every, layers, scheme
         self.store, self.run = (None if store is None else Path(store)), run
-        self._gm = self._soft = None
-        if layers or self.which:
-            self._gm, self._soft = self._trace()
+        self._gm = self._trace() if layers or self.which else None
+        self._soft = with_output(self._gm, "softmax")[0] if layers else None
         if self.store is not None:
             if st.manifest(self.store) is None:
                 st.create(self.store, self.settings())
@@ -221,9 +220,9 @@ class Monitor:
         seconds, count = self._train
         return seconds / count if count and seconds > 0 else float("nan")
 
-    def _trace(self) -> tuple[fx.GraphModule, fx.GraphModule]:
-        """The model's graph, and the same graph ending in the softmax; parameters frozen, since
-        the shares' reverse pass needs only the input's cotangent."""
+    def _trace(self) -> fx.GraphModule:
+        """The model's graph, traced once; its parameters are frozen, since the shares' reverse
+        pass needs only the input's cotangent, and :meth:`_sync` refreshes them."""
         with untouched(self.model):
             try:
                 gm = trace(self.model, self.x)
@@ -236,7 +235,7 @@ class Monitor:
         if stale:
             raise MonitorError(f"the traced graph holds {stale[0]!r}, which the model does not; the monitor could "
                                "not follow training: pass layers=False, metrics=False")
-        return gm, with_output(gm, "softmax")[0]
+        return gm
 
     def _sync(self) -> None:
         """Copy the live model's parameters and buffers into the traced graph."""

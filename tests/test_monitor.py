@@ -21,6 +21,7 @@ from layerlie.monitor import untouched
 from conftest import TOL
 
 GROUPS = ["translate_x", "rotate"]
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 def small_cnn() -> torch.nn.Module:
@@ -35,13 +36,13 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 3])
 
 
-def train(steps: int, monitor: dict | None = None, lr: float = 0.02) -> dict:
+def train(steps: int, monitor: dict | None = None, lr: float = 0.02, device: str = "cpu") -> dict:
     """A few SGD steps with momentum; the monitor (when given its options) runs between the
     backward pass and the optimizer step, where the gradients are live."""
-    model = small_cnn()
-    x, y = batch()
+    model = small_cnn().to(device)
+    x, y = (t.to(device) for t in batch())
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    mon = ll.Monitor(model, x[:1], GROUPS, **monitor) if monitor is not None else None
+    mon = ll.Monitor(model, x[:2], GROUPS, **monitor) if monitor is not None else None
     model.train()
     for i in range(steps):
         opt.zero_grad()
@@ -49,18 +50,20 @@ def train(steps: int, monitor: dict | None = None, lr: float = 0.02) -> dict:
         if mon is not None:
             mon.step(i)
         opt.step()
-    return dict(model=model, opt=opt, mon=mon, next=torch.rand(3))
+    return dict(model=model, opt=opt, mon=mon, next=torch.rand(3), next_here=torch.rand(3, device=device))
 
 
-def test_training_is_bit_identical_with_the_monitor():
-    plain = train(3)
-    watched = train(3, dict(every=1, layers=True, metrics=["consistency"]))
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_is_bit_identical_with_the_monitor(device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # else two plain runs differ on CUDA
+    plain = train(3, device=device)
+    watched = train(3, dict(every=1, layers=True, metrics=["consistency"]), device=device)
     assert len(watched["mon"].table()) == 3 * len(GROUPS)
     a, b = plain["model"].state_dict(), watched["model"].state_dict()  # weights and BN running statistics
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = plain["opt"].state_dict()["state"], watched["opt"].state_dict()["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"]) for k in sa)
-    assert torch.equal(plain["next"], watched["next"])
+    assert torch.equal(plain["next"], watched["next"]) and torch.equal(plain["next_here"], watched["next_here"])
     assert all(m.training for m in watched["model"].modules())
 
 
@@ -112,7 +115,7 @@ def test_table_has_one_row_per_measured_step_and_group():
 def test_measurements_follow_training():
     run = train(4, dict(every=2, layers=True, metrics=["consistency", "eq_t"]), lr=0.05)
     model, mon = run["model"], run["mon"]
-    x = batch()[0][:1]
+    x = batch()[0][:2]
     first = mon.table().set_index(["step", "group"])
     last = mon.measure(4).set_index("group")
     model.eval()
