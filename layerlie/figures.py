@@ -340,7 +340,8 @@ def monitor(table: pd.DataFrame, *, run: str | None = None, ax: Axes | Sequence[
     _need(table, "monitor", ("step", "group", "lee"))
     runs = list(table["run"].dropna().unique()) if "run" in table else []
     if run is not None and run not in runs:
-        raise FigureError(f"run {run!r} is not in the monitor table; it holds {', '.join(map(str, runs)) or 'no run column'}")
+        held = ", ".join(map(str, runs)) or "no run column"
+        raise FigureError(f"run {run!r} is not in the monitor table; it holds {held}")
     if run is None and len(runs) > 1:
         raise FigureError(f"the monitor table holds several runs ({', '.join(map(str, runs))}); pass run= one of them")
     rows = table[table["run"] == run] if run is not None else table

@@ -53,6 +53,9 @@ FINITE = ("consistency", "eq_t", "eq_t_frac", "eq_r")
 TABLE = "monitor"
 """The store table the monitor writes."""
 
+Metrics = bool | Sequence[str] | Mapping[str, Mapping[str, Any]]
+"""``metrics=``: True for :data:`FINITE`, metric names, or metric names mapped to their options."""
+
 
 class MonitorError(LayerlieError):
     """A monitor that cannot be set up: one line that names the argument and the fix."""
@@ -122,7 +125,7 @@ class Monitor:
 
     def __init__(self, model: nn.Module, x_probe: torch.Tensor,
                  groups: str | Group | Iterable[str | Group] = ("translate_x", "rotate"), *, every: int = 50,
-                 layers: bool = False, metrics: bool | Sequence[str] | Mapping[str, Mapping[str, Any]] = False, scheme: str = "central",
+                 layers: bool = False, metrics: Metrics = False, scheme: str = "central",
                  store: str | Path | None = None, run: str | None = None) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise MonitorError(f"every must be a positive integer (measure every that many steps), got {every!r}")
@@ -137,8 +140,7 @@ class Monitor:
         if param is not None and (x_probe.dtype, x_probe.device) != (param.dtype, param.device):
             raise MonitorError(f"the probe batch is {x_probe.dtype} on {x_probe.device}, the model "
                                f"{param.dtype} on {param.device}; pass x_probe.to(param)")
-        self.options = {m: {} for m in FINITE} if metrics is True else (
-            {m: dict(o) for m, o in metrics.items()} if isinstance(metrics, Mapping) else {m: {} for m in metrics or []})
+        self.options = _metric_options(metrics)
         self.which = list(self.options)
         unknown = [w for w in self.which if w not in METRICS]
         if unknown:
@@ -233,8 +235,8 @@ class Monitor:
         live = _tensors(self.model)
         stale = [name for name in _tensors(gm) if name not in live]
         if stale:
-            raise MonitorError(f"the traced graph holds {stale[0]!r}, which the model does not; the monitor could "
-                               "not follow training: pass layers=False, metrics=False")
+            raise MonitorError(f"the traced graph holds {stale[0]!r}, which the model does not, so it could not "
+                               "follow training; pass layers=False, metrics=False")
         return gm
 
     def _sync(self) -> None:
@@ -245,8 +247,8 @@ class Monitor:
 
     def _values(self) -> dict[str, dict[str, float]]:
         """One measurement, by group: ``lee`` and the optional share and metric columns."""
-        table = lee(self.model, self.x, self.groups, scheme=self.scheme)
-        out = {g: {"lee": float(v)} for g, v in table.groupby("group", sort=False)["lee"].mean().items()}
+        per_image = lee(self.model, self.x, self.groups, scheme=self.scheme)
+        out = {g: {"lee": float(v)} for g, v in per_image.groupby("group", sort=False)["lee"].mean().items()}
         if self._gm is None:
             return out
         self._sync()
@@ -257,8 +259,8 @@ class Monitor:
                 out[g.name].update({f"share_{t}": float(by_type.get(t, 0.0)) for t in list_layer_types()})
                 out[g.name]["share_residual"] = a.residual
         if self.which:
-            table = finite_metrics(self._gm, self.x, self.which, **self.options)
-            means = table.groupby("metric", sort=False)["value"].mean()
+            per_image = finite_metrics(self._gm, self.x, self.which, **self.options)
+            means = per_image.groupby("metric", sort=False)["value"].mean()
             for v in out.values():
                 v.update({m: float(means[m]) for m in self.which})
         return out
@@ -266,7 +268,17 @@ class Monitor:
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer by name, tied ones under each of their names."""
-    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    return {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def _metric_options(metrics: Metrics) -> dict[str, dict[str, Any]]:
+    """``metrics=`` as ``{name: options}``, in the order given."""
+    if metrics is True:
+        return {m: {} for m in FINITE}
+    if isinstance(metrics, Mapping):
+        return {m: dict(o) for m, o in metrics.items()}
+    return {m: {} for m in metrics or []}
 
 
 def _part(run: str | None, step: int) -> str:

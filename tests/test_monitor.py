@@ -113,7 +113,7 @@ def test_table_has_one_row_per_measured_step_and_group():
 
 
 def test_measurements_follow_training():
-    run = train(4, dict(every=2, layers=True, metrics=["consistency", "eq_t"]), lr=0.05)
+    run = train(4, dict(every=2, layers=True, metrics={"consistency": {}, "eq_t": {"max_shift": 0.25}}), lr=0.05)
     model, mon = run["model"], run["mon"]
     x = batch()[0][:2]
     first = mon.table().set_index(["step", "group"])
@@ -127,7 +127,7 @@ def test_measurements_follow_training():
         by_type = ll.attribute(model, x, g, estimator="shares").nodes.groupby("layer_type")["share"].sum()
         for t, share in by_type.items():
             assert last[f"share_{t}"][g] == pytest.approx(share, rel=1e-3, abs=1e-5)
-    want = ll.metrics(model, x, ["consistency", "eq_t"]).groupby("metric")["value"].mean()
+    want = ll.metrics(model, x, ["consistency", "eq_t"], eq_t={"max_shift": 0.25}).groupby("metric")["value"].mean()
     assert last.eq_t.iloc[0] == pytest.approx(want["eq_t"], rel=TOL[torch.float32])
     assert last.eq_t.iloc[0] != pytest.approx(first.eq_t[0, GROUPS[0]], rel=1e-3)
 
@@ -185,3 +185,5 @@ def test_figure_draws_lee_and_shares():
     with pytest.raises(figures.FigureError, match="several runs"):
         figures.monitor(two)
     assert len(figures.monitor(two, run="b").axes[0].get_lines()) == len(GROUPS)
+    with pytest.raises(figures.FigureError, match="run 'c' is not in the monitor table; it holds a, b"):
+        figures.monitor(two, run="c")
