@@ -10,6 +10,7 @@ from layerlie.layout import Layout, infer_layouts, unknown_layouts
 from layerlie.lie import jvp_ready, lee, lie_derivative, summarize
 from layerlie.metrics import consistency, eq_r, eq_t, eq_t_frac, invariance, metrics
 from layerlie.models import load_model
+from layerlie.monitor import Monitor
 from layerlie.ops import (Op, get_layer_type, get_op, get_rule, list_layer_types, list_ops, list_rules,
                           register_layer_type, register_op, register_rule)
 from layerlie.propagate import Propagator, propagate
@@ -31,6 +32,7 @@ __all__ = [
     "jvp_ready", "lee", "lie_derivative", "summarize",
     "consistency", "eq_r", "eq_t", "eq_t_frac", "invariance", "metrics",
     "load_model",
+    "Monitor",
     "Op", "get_op", "list_ops", "register_op",
     "Propagator", "get_rule", "list_rules", "propagate", "register_rule",
     "load",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +323,57 @@ def top_layers(layers: pd.DataFrame, *, model: str | None = None, group: str | N
     if "flagged" in top:
         handles.append(Patch(facecolor="w", edgecolor="k", hatch="////", label="* alias-flagged"))
     fig.legend(handles=handles, frameon=False, ncols=2, loc="outside lower center")
+    return fig
+
+
+@_paper
+def monitor(table: pd.DataFrame, *, run: str | None = None, ax: Axes | Sequence[Axes] | None = None) -> Figure:
+    """Equivariance along training: the e2e LEE per group against the step on a log scale
+    (METHOD 2) and, when the table has layer shares, the signed share of ``L F`` of each layer
+    type against the step, one line style per group (METHOD 4).
+
+    Args:
+        table: :meth:`layerlie.Monitor.table`, or a store's ``monitor`` table.
+        run: the run to draw, when the table holds several.
+        ax: the LEE's axes, or the LEE's and the shares' axes (default: a new figure with both).
+    """
+    _need(table, "monitor", ("step", "group", "lee"))
+    runs = list(table["run"].dropna().unique()) if "run" in table else []
+    if run is not None and run not in runs:
+        held = ", ".join(map(str, runs)) or "no run column"
+        raise FigureError(f"run {run!r} is not in the monitor table; it holds {held}")
+    if run is None and len(runs) > 1:
+        raise FigureError(f"the monitor table holds several runs ({', '.join(map(str, runs))}); pass run= one of them")
+    rows = table[table["run"] == run] if run is not None else table
+    types = [t for t in LAYER_TYPES if f"share_{t}" in rows and rows[f"share_{t}"].fillna(0).any()]
+    if ax is None:
+        panels = 2 if types else 1
+        fig = Figure(figsize=(COLUMN[0], 2.2 * panels + _LEGEND_ROW * math.ceil((len(types) + 2) / 3)),
+                     layout="constrained")
+        axes = list(fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0])
+    else:
+        axes = [ax] if isinstance(ax, Axes) else list(ax)
+        fig = axes[0].figure
+    styles = dict(zip(rows["group"].unique(), itertools.cycle(["-", "--", ":", "-."])))
+    for group, part in rows.groupby("group", sort=False):
+        part = part.sort_values("step")
+        axes[0].plot(part["step"], part["lee"], marker="o", lw=0.9, label=group)
+    scheme = ", ".join(sorted(rows["scheme"].astype(str).unique())) if "scheme" in rows else "?"
+    axes[0].set(ylabel="mean LEE (output units)", yscale="log",
+                title=f"LEE along training{f', {run}' if run else ''}\n{scheme} scheme, {rows['step'].nunique()} "
+                      "measured steps")
+    axes[0].legend(frameon=False)
+    if types and len(axes) > 1:
+        for group, part in rows.groupby("group", sort=False):
+            part = part.sort_values("step")
+            for t in types:
+                axes[1].plot(part["step"], part[f"share_{t}"], ls=styles[group], lw=0.9, color=PALETTE[t])
+        axes[1].axhline(0, color="k", lw=0.5)
+        axes[1].set(ylabel="signed share of L F (sums to 1)", title="share by layer type")
+        handles = [Patch(color=PALETTE[t], label=t) for t in types]
+        handles += [Line2D([], [], color="k", ls=styles[g], label=g) for g in styles]
+        fig.legend(handles=handles, ncols=3, loc="outside lower center", frameon=False)
+    axes[-1].set(xlabel="training step")
     return fig
 
 

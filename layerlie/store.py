@@ -37,8 +37,9 @@ from layerlie.errors import LayerlieError
 SCHEMA = 1
 """The store layout version this code writes and reads; a newer store is refused."""
 
-TABLES = ("e2e", "layers", "metrics", "ablation")
-"""The tables a store holds, one per measure."""
+TABLES = ("e2e", "layers", "metrics", "ablation", "monitor")
+"""The tables a store holds: one per sweep measure, and the measurements along training
+(:class:`layerlie.Monitor`)."""
 
 _KEY = b"layerlie"
 

@@ -65,6 +65,9 @@ KEYS = ("models", "groups", "measures", "n", "images", "seed", "scheme", "batch_
         "layers", "metrics", "ablation")
 """The keys a spec may hold."""
 
+MEASURES = ("e2e", "layers", "metrics", "ablation")
+"""The measures a spec may list; each writes the store table of its name."""
+
 VARIANTS = ("blurpool", "filtered", "aps", "all")
 """The ablation variants of a sweep unless ``[ablation] variants`` says otherwise."""
 
@@ -364,9 +367,9 @@ def _checked(spec: dict[str, Any]) -> dict[str, Any]:
     out["models"] = _models(_strings("models", out["models"]))
     out["groups"] = _groups("groups", out["groups"])
     out["measures"] = _strings("measures", out["measures"])
-    bad = [m for m in out["measures"] if m not in st.TABLES]
+    bad = [m for m in out["measures"] if m not in MEASURES]
     if bad:
-        raise SpecError(f"spec key 'measures': unknown measure {bad[0]!r}; valid: {', '.join(st.TABLES)}")
+        raise SpecError(f"spec key 'measures': unknown measure {bad[0]!r}; valid: {', '.join(MEASURES)}")
     for key in ("n", "batch_size", "size"):
         value = out[key]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -1,0 +1,286 @@
+"""Equivariance measured along training, from inside a plain PyTorch loop (METHOD 2, 4, 7).
+
+A :class:`Monitor` measures a fixed probe batch every ``every`` steps: the published e2e LEE
+per group (METHOD 2), optionally the signed layer shares by layer type with their check
+(METHOD 4), and optionally the finite metrics (METHOD 7). Each measurement runs in eval mode
+and puts back exactly what it touched, so training with a monitor is bit-identical to training
+without one: every module's training flag, every parameter's ``.grad``, the buffers
+(BatchNorm running statistics) and the random states of the CPU and of CUDA.
+
+The shares and metrics run on a graph traced once at construction; its weights are copied
+from the live model at every measurement, so they follow training.
+
+Example:
+    >>> import torch, layerlie as ll
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.ReLU(),
+    ...                             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    >>> mon = ll.Monitor(model, torch.randn(1, 3, 16, 16), groups=["translate_x", "rotate"], every=2)
+    >>> [mon.step(i) for i in range(4)]  # here, a training step before each call
+    [True, False, True, False]
+    >>> mon.table()[["step", "group"]].values.tolist()
+    [[0, 'translate_x'], [0, 'rotate'], [2, 'translate_x'], [2, 'rotate']]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import fx, nn
+
+from layerlie import store as st
+from layerlie.attribution import attribute
+from layerlie.errors import LayerlieError
+from layerlie.groups import Group, resolve_groups
+from layerlie.lie import check_images, lee
+from layerlie.metrics import METRICS, metrics as finite_metrics
+from layerlie.models import input_channels
+from layerlie.ops import list_layer_types
+from layerlie.tangent import check_scheme
+from layerlie.trace import TraceError, trace, with_output
+
+FINITE = ("consistency", "eq_t", "eq_t_frac", "eq_r")
+"""The finite metrics that ``metrics=True`` records (METHOD 7)."""
+
+TABLE = "monitor"
+"""The store table the monitor writes."""
+
+Metrics = bool | Sequence[str] | Mapping[str, Mapping[str, Any]]
+"""``metrics=``: True for :data:`FINITE`, metric names, or metric names mapped to their options."""
+
+
+class MonitorError(LayerlieError):
+    """A monitor that cannot be set up: one line that names the argument and the fix."""
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Run the body in eval mode under ``torch.no_grad`` and put back what it may touch.
+
+    Restored afterwards: every module's ``training`` flag, every parameter's ``.grad`` (the
+    same tensor objects, held aside so that nothing accumulates into them), the buffers' values
+    (BatchNorm running statistics), and the CPU and CUDA random states.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    for p, _ in grads:
+        p.grad = None
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, g in grads:
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class Monitor:
+    """Measure a model's equivariance on a probe batch along training (METHOD 2, 4, 7).
+
+    Args:
+        model: the model being trained; it returns logits ``(B, K)``.
+        x_probe: the probe images ``(B, C, H, W)``, normalized as the model expects, on its
+            device and in its dtype; a copy is kept.
+        groups: names or groups, as :func:`layerlie.resolve_groups` takes them.
+        every: :meth:`step` measures when ``step % every == 0``.
+        layers: also record the signed shares of ``L F`` by layer type, from
+            ``layerlie.attribute(..., estimator="shares")`` (METHOD 4), as ``share_<layer type>``
+            columns, and their check ``|sum share - 1|`` as ``share_residual``.
+        metrics: also record finite metrics (METHOD 7), the mean over the probe images, one
+            column each: True for :data:`FINITE`, names from :data:`layerlie.metrics.METRICS`,
+            or a mapping of names to their options (``{"eq_t": {"max_shift": 0.25}}``), as
+            :func:`layerlie.metrics` takes them. They do not depend on the group.
+        scheme: the derivative scheme of ``G``.
+        store: a results store folder (:mod:`layerlie.store`): each measurement is written
+            as the part ``monitor-<run>-<step>`` of the table ``monitor``; an existing manifest
+            is kept. Measuring a step again replaces its part.
+        run: the training run's name, required with ``store``; a ``run`` column of the table.
+
+    Raises:
+        MonitorError: ``every`` below 1, unknown metrics, a probe on another device or in
+            another dtype than the model, ``store`` without ``run``, or a model whose graph
+            cannot be traced when ``layers`` or ``metrics`` needs it.
+        LayerlieError: a probe batch of the wrong shape, dtype or channels; an unknown group or
+            scheme.
+    """
+
+    def __init__(self, model: nn.Module, x_probe: torch.Tensor,
+                 groups: str | Group | Iterable[str | Group] = ("translate_x", "rotate"), *, every: int = 50,
+                 layers: bool = False, metrics: Metrics = False, scheme: str = "central",
+                 store: str | Path | None = None, run: str | None = None) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise MonitorError(f"every must be a positive integer (measure every that many steps), got {every!r}")
+        check_scheme(scheme)
+        self.groups = resolve_groups(groups)
+        compat = [g.name for g in self.groups if g.origin is not None]
+        if layers and compat:
+            raise MonitorError(f"group {compat[0]!r} is a compatibility map, which layer shares cannot take; "
+                               "drop it from groups= or pass layers=False")
+        check_images(x_probe, input_channels(model))
+        param = next(iter(model.parameters()), None)
+        if param is not None and (x_probe.dtype, x_probe.device) != (param.dtype, param.device):
+            raise MonitorError(f"the probe batch is {x_probe.dtype} on {x_probe.device}, the model "
+                               f"{param.dtype} on {param.device}; pass x_probe.to(param)")
+        self.options = _metric_options(metrics)
+        self.which = list(self.options)
+        unknown = [w for w in self.which if w not in METRICS]
+        if unknown:
+            raise MonitorError(f"unknown metric {unknown[0]!r}; pass metrics=True or names from "
+                               f"{', '.join(METRICS)}")
+        if store is not None and not run:
+            raise MonitorError("store= needs run=, the name of this training run, e.g. run='resnet10t-seed0'")
+        self.model, self.x = model, x_probe.detach().clone()
+        self.every, self.layers, self.scheme = every, layers, scheme
+        self.store, self.run = (None if store is None else Path(store)), run
+        self._gm = self._trace() if layers or self.which else None
+        self._soft = with_output(self._gm, "softmax")[0] if layers else None
+        if self.store is not None:
+            if st.manifest(self.store) is None:
+                st.create(self.store, self.settings())
+            (self.store / "parts").mkdir(parents=True, exist_ok=True)
+        self._rows: dict[int, list[dict[str, Any]]] = {}
+        self._seconds: list[float] = []
+        self._train = [0.0, 0]  # seconds and count of training steps timed between calls
+        self._since: float | None = None  # when the monitor last handed control back
+
+    def settings(self) -> dict[str, Any]:
+        """What the monitor measures, as plain data (a new store's manifest records it)."""
+        return dict(monitor=dict(groups=[g.name for g in self.groups], every=self.every, layers=self.layers,
+                                 metrics=self.options, scheme=self.scheme, run=self.run,
+                                 probe=list(self.x.shape)))
+
+    def step(self, step: int) -> bool:
+        """Call once per training step: measure when ``step % every == 0`` (or when nothing has
+        been measured yet) and that step has not been measured. Returns whether it measured."""
+        now = time.perf_counter()
+        if self._since is not None:
+            self._train[0] += now - self._since
+            self._train[1] += 1
+        due = (step % self.every == 0 or not self._rows) and step not in self._rows
+        if due:
+            self.measure(step)
+        self._since = time.perf_counter()
+        return due
+
+    def measure(self, step: int) -> pd.DataFrame:
+        """Measure now (at initialisation, at the end); replaces the rows of ``step`` if it was
+        measured before. Returns this measurement's rows."""
+        start = time.perf_counter()
+        with untouched(self.model):
+            values = self._values()
+        seconds = time.perf_counter() - start
+        self._seconds.append(seconds)
+        train = self._train_step()
+        rows = [dict(step=step, group=g, **v, scheme=self.scheme, seconds=seconds, overhead=seconds / train)
+                for g, v in values.items()]
+        if self.run is not None:
+            rows = [dict(r, run=self.run) for r in rows]
+        self._rows[step] = rows
+        frame = pd.DataFrame(rows)
+        if self.store is not None:
+            st.write_part(self.store, _part(self.run, step), TABLE, frame)
+        self._since = time.perf_counter()
+        return frame
+
+    def table(self) -> pd.DataFrame:
+        """One row per measured step and group, in step order: ``step, group, lee, scheme,
+        seconds, overhead`` (with ``layers``: ``share_<layer type>``, ``share_residual``; with
+        ``metrics``: one column per metric; with ``run``: ``run``)."""
+        rows = [r for step in sorted(self._rows) for r in self._rows[step]]
+        table = pd.DataFrame(rows)
+        table.attrs.update(self.settings()["monitor"])
+        return table
+
+    @property
+    def overhead(self) -> float:
+        """Mean measurement time over mean training-step time (the time between calls to
+        :meth:`step`, measurements excluded); NaN until both are known."""
+        if not self._seconds:
+            return float("nan")
+        return sum(self._seconds) / len(self._seconds) / self._train_step()
+
+    def _train_step(self) -> float:
+        seconds, count = self._train
+        return seconds / count if count and seconds > 0 else float("nan")
+
+    def _trace(self) -> fx.GraphModule:
+        """The model's graph, traced once; its parameters are frozen, since the shares' reverse
+        pass needs only the input's cotangent, and :meth:`_sync` refreshes them."""
+        with untouched(self.model):
+            try:
+                gm = trace(self.model, self.x)
+            except TraceError as err:
+                raise MonitorError(f"{err}; layers= and metrics= need the graph: pass layers=False, "
+                                   "metrics=False") from None
+        gm.eval().requires_grad_(False)
+        live = _tensors(self.model)
+        stale = [name for name in _tensors(gm) if name not in live]
+        if stale:
+            raise MonitorError(f"the traced graph holds {stale[0]!r}, which the model does not, so it could not "
+                               "follow training; pass layers=False, metrics=False")
+        return gm
+
+    def _sync(self) -> None:
+        """Copy the live model's parameters and buffers into the traced graph."""
+        live = _tensors(self.model)
+        for name, t in _tensors(self._gm).items():
+            t.copy_(live[name])
+
+    def _values(self) -> dict[str, dict[str, float]]:
+        """One measurement, by group: ``lee`` and the optional share and metric columns."""
+        per_image = lee(self.model, self.x, self.groups, scheme=self.scheme)
+        out = {g: {"lee": float(v)} for g, v in per_image.groupby("group", sort=False)["lee"].mean().items()}
+        if self._gm is None:
+            return out
+        self._sync()
+        if self.layers:
+            for g in self.groups:
+                a = attribute(self._soft, self.x, g, estimator="shares", scheme=self.scheme)
+                by_type = a.nodes.groupby("layer_type")["share"].sum()
+                out[g.name].update({f"share_{t}": float(by_type.get(t, 0.0)) for t in list_layer_types()})
+                out[g.name]["share_residual"] = a.residual
+        if self.which:
+            per_image = finite_metrics(self._gm, self.x, self.which, **self.options)
+            means = per_image.groupby("metric", sort=False)["value"].mean()
+            for v in out.values():
+                v.update({m: float(means[m]) for m in self.which})
+        return out
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, tied ones under each of their names."""
+    return {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def _metric_options(metrics: Metrics) -> dict[str, dict[str, Any]]:
+    """``metrics=`` as ``{name: options}``, in the order given."""
+    if metrics is True:
+        return {m: {} for m in FINITE}
+    if isinstance(metrics, Mapping):
+        return {m: dict(o) for m, o in metrics.items()}
+    return {m: {} for m in metrics or []}
+
+
+def _part(run: str | None, step: int) -> str:
+    """``monitor-<run>-<step>``: file-safe, and in step order when sorted by name."""
+    return f"{TABLE}-{re.sub(r'[^A-Za-z0-9_.]+', '_', str(run))}-{step:09d}"
