@@ -33,9 +33,10 @@ figures: $(STAMP)
 	$(BIN)/layerlie sweep sweeps/paper-cpu.toml --store out/paper-cpu --resume
 	$(BIN)/layerlie figures out/paper-cpu --out figures/
 
-# figures/learned/: small models trained on this CPU (~25 min on 2 cores); --resume goes on after a kill
+# figures/learned/: small models trained on this CPU (~15-25 min); --resume goes on after a kill.
+# One thread: these small tensors ran ~30x slower with two OpenMP threads on a busy 2-core machine.
 experiment: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/layerlie experiment learned-equivariance --store out/learned --out figures/learned --resume
+	OMP_NUM_THREADS=1 $(BIN)/layerlie experiment learned-equivariance --store out/learned --out figures/learned --resume
 
 clean:
 	rm -rf $(VENV)

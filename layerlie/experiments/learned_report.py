@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,11 +46,16 @@ class Tables(NamedTuple):
         return tables
 
 
-def per_run(t: Tables, scheme: str = "central") -> pd.DataFrame:
+OUTPUTS = {"softmax": "published LEE of the softmax", "logits_relative": "relative LEE of the centred logits"}
+"""The e2e table's outputs: the published measure, and the scale-free one that compares a
+trained model with its initialisation (:func:`layerlie.experiments.learned.relative_lee`)."""
+
+
+def per_run(t: Tables, scheme: str = "central", output: str = "softmax") -> pd.DataFrame:
     """One row per run: accuracy and the mean LEE per group (over the probe images), at
     initialisation and at the end, with the groups' mean as ``lee``."""
     keys = ["dataset", "model", "condition"]
-    e2e = t.e2e[t.e2e["scheme"] == scheme]
+    e2e = t.e2e[(t.e2e["scheme"] == scheme) & (t.e2e["output"] == output)]
     lee = e2e.groupby([*keys, "phase", "group"], sort=False)["lee"].mean().unstack("group")
     lee["lee"] = lee.mean(axis=1)
     acc = t.metrics[t.metrics["metric"] == "accuracy"].groupby([*keys, "phase"], sort=False)["value"].first()
@@ -97,7 +103,7 @@ def shares_by_type(t: Tables) -> Figure:
     types = [k for k in PALETTE if k in set(lay["layer_type"])]
     with mpl.rc_context(_STYLE):
         n_rows = lay.groupby(["model", "condition", "phase"]).ngroups
-        fig = Figure(figsize=(3.2 * len(panels), 0.17 * n_rows + 1.4), layout="constrained")
+        fig = Figure(figsize=(4.2 * len(panels), 0.17 * n_rows + 1.6), layout="constrained")
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for ax, (d, g) in zip(axes, panels):
             part = lay[(lay["dataset"] == d) & (lay["group"] == g)]
@@ -105,7 +111,7 @@ def shares_by_type(t: Tables) -> Figure:
                                     aggfunc="sum", sort=False).reindex(columns=types).fillna(0.0)
             image = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
             for (r, c), v in np.ndenumerate(grid.to_numpy()):
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=4.5)
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=5)
             ax.set_xticks(range(len(types)), [k.replace("/", "/\n") for k in types], rotation=90)
             ax.set_yticks(range(len(grid)), [" · ".join(idx) for idx in grid.index])
             ax.set_title(f"{d}, {g}", loc="left")
@@ -116,21 +122,24 @@ def shares_by_type(t: Tables) -> Figure:
 
 def lee_vs_accuracy(t: Tables, scheme: str = "central") -> Figure:
     """End-of-training LEE (mean over groups and probe images) against held-out accuracy, one
-    point per run, a panel per dataset, with Spearman's rho over the panel's runs."""
-    runs = per_run(t, scheme)
-    datasets, models = _ordered(runs, "dataset"), _ordered(runs, "model")
-    conditions = _ordered(runs, "condition")
+    point per run; a row per output (:data:`OUTPUTS`), a column per dataset, with Spearman's
+    rho over the panel's runs."""
+    outputs = [o for o in OUTPUTS if o in set(t.e2e["output"])]
+    first = per_run(t, scheme, outputs[0])
+    datasets, models = _ordered(first, "dataset"), _ordered(first, "model")
+    conditions = _ordered(first, "condition")
     colours = dict(zip(conditions, mpl.colormaps["tab10"].colors))
     with mpl.rc_context(_STYLE):
-        fig = Figure(figsize=(3.0 * len(datasets), 2.8), layout="constrained")
-        axes = fig.subplots(1, len(datasets), squeeze=False)[0]
-        for ax, d in zip(axes, datasets):
+        fig = Figure(figsize=(3.0 * len(datasets), 2.5 * len(outputs) + 0.5), layout="constrained")
+        axes = fig.subplots(len(outputs), len(datasets), squeeze=False)
+        for (i, output), (j, d) in itertools.product(enumerate(outputs), enumerate(datasets)):
+            ax, runs = axes[i, j], per_run(t, scheme, output)
             part = runs[runs["dataset"] == d]
             for _, r in part.iterrows():
                 ax.scatter(r["lee_end"], 100 * r["accuracy_end"], color=colours[r["condition"]],
                            marker=_MARKERS[models.index(r["model"]) % len(_MARKERS)])
             rho, p = spearman(part["lee_end"], part["accuracy_end"])
-            ax.set(xscale="log", xlabel=f"LEE after training ({scheme}, mean over groups)",
+            ax.set(xscale="log", xlabel=f"{OUTPUTS[output]} after training ({scheme}, mean over groups)",
                    ylabel="held-out accuracy (%)", title=f"{d}: Spearman rho {rho:.2f} (p {p:.2g}, n={len(part)})")
         handles = [mpl.lines.Line2D([], [], color="0.3", marker=_MARKERS[i % len(_MARKERS)], ls="", label=m)
                    for i, m in enumerate(models)]
@@ -156,10 +165,10 @@ class Claim(NamedTuple):
         return "holds mostly" if self.agree > self.total / 2 else "does not hold"
 
 
-def claims(t: Tables, scheme: str = "central") -> list[Claim]:
+def claims(t: Tables, scheme: str = "central", output: str = "softmax") -> list[Claim]:
     """The four claims: trained below init, augmentation lowers the LEE, anti-aliasing lowers
     it, and the LEE tracks accuracy across runs (Spearman, negative)."""
-    runs = per_run(t, scheme).set_index(["dataset", "model", "condition"])
+    runs = per_run(t, scheme, output).set_index(["dataset", "model", "condition"])
     groups = [c.removesuffix("_end") for c in runs if c.endswith("_end") and c not in ("lee_end", "accuracy_end")]
     out = []
     lower = runs["lee_end"] < runs["lee_init"]
@@ -206,31 +215,36 @@ def _fmt(v: Any) -> str:
 
 
 def summary(t: Tables, spec: dict[str, Any] | None = None) -> str:
-    """``SUMMARY.md``: the setup, a table of every run, the shares before and after, and the claims."""
-    central, spectral = per_run(t, "central"), per_run(t, "spectral")
+    """``SUMMARY.md``: the setup, a table of every run, the finite metrics, the shares before
+    and after, and the claims under each output."""
     config = (spec or {}).get("config", {})
+    groups = config.get("groups", [])
+    soft, spectral = per_run(t, "central", "softmax"), per_run(t, "spectral", "softmax")
+    relative = per_run(t, "central", "logits_relative")
     lines = ["# Learned equivariance, measured on this CPU", "",
              f"Random-init timm models trained for {config.get('steps', '?')} steps (batch "
              f"{config.get('batch_size', '?')}, seed {config.get('seed', '?')}) on data bundled with scikit-learn "
-             "and scikit-image. LEE: the published end-to-end LEE (mean over classes of |L softmax|), mean over "
-             f"{config.get('probe', '?')} held-out probe images. A small task at small scale, not ImageNet.", "",
+             "and scikit-image; a small task at small scale, not ImageNet. LEE: the published end-to-end LEE "
+             "(mean over classes of |L softmax|), and the relative LEE of the logits centred over the classes, "
+             f"||L z|| / ||z||, which does not grow when training only scales the logits up. Each is the mean over "
+             f"{config.get('probe', '?')} held-out probe images and over the groups ({', '.join(groups)}).", "",
              "## Runs", "",
-             "| data | model | condition | accuracy init → end | LEE init → end (central) | "
-             "LEE init → end (spectral) | " + " | ".join(f"{g} end" for g in config.get("groups", [])) + " |",
-             "|" + "---|" * (6 + len(config.get("groups", [])))]
-    for (_, c), (_, s) in zip(central.iterrows(), spectral.iterrows()):
-        groups = " | ".join(_fmt(c.get(f"{g}_end")) for g in config.get("groups", []))
+             "| data | model | condition | accuracy init → end | LEE init → end | LEE spectral init → end | "
+             "relative LEE init → end | " + " | ".join(f"LEE {g} end" for g in groups) + " |",
+             "|" + "---|" * (7 + len(groups))]
+    for (_, c), (_, s), (_, r) in zip(soft.iterrows(), spectral.iterrows(), relative.iterrows()):
+        cells = " | ".join(_fmt(c.get(f"{g}_end")) for g in groups)
         lines.append(f"| {c['dataset']} | {c['model']} | {c['condition']} | {c['accuracy_init']:.2f} → "
                      f"{c['accuracy_end']:.2f} | {c['lee_init']:.3g} → {c['lee_end']:.3g} | "
-                     f"{s['lee_init']:.3g} → {s['lee_end']:.3g} | {groups} |")
-    lines += ["", "## Finite metrics (end of training)", "",
+                     f"{s['lee_init']:.3g} → {s['lee_end']:.3g} | {r['lee_init']:.3g} → {r['lee_end']:.3g} | {cells} |")
+    lines += ["", "## Finite metrics", "",
               "| data | model | condition | consistency init → end | EQ-T dB init → end |", "|---|---|---|---|---|"]
     fin = t.metrics[t.metrics["metric"].isin(["consistency", "eq_t"])]
-    fin = fin.groupby(["dataset", "model", "condition", "metric", "phase"], sort=False)["value"].mean().unstack(
-        ["metric", "phase"])
-    for (d, m, c), r in fin.iterrows():
-        cells = [f"{_fmt(r.get((k, 'init')))} → {_fmt(r.get((k, 'end')))}" if (k, "end") in r else "n/a (tokens)"
-                 for k in ("consistency", "eq_t")]
+    fin = fin.groupby(["dataset", "model", "condition", "metric", "phase"], sort=False)["value"].mean()
+    for (d, m, c), part in fin.groupby(level=[0, 1, 2], sort=False):
+        part = part.droplevel([0, 1, 2])
+        cells = [f"{part[(k, 'init')]:.3g} → {part[(k, 'end')]:.3g}" if (k, "end") in part.index
+                 else "n/a (token features)" for k in ("consistency", "eq_t")]
         lines.append(f"| {d} | {m} | {c} | {' | '.join(cells)} |")
     lines += ["", "## Layer-type shares of L logits, init → end", ""]
     lay = t.layers.groupby(["dataset", "model", "condition", "group", "layer_type", "phase"], sort=False)[
@@ -242,10 +256,12 @@ def summary(t: Tables, spec: dict[str, Any] | None = None) -> str:
         cells = [f"{part.loc[k, 'init']:+.2f} → {part.loc[k, 'end']:+.2f}" if k in part.index else "" for k in types]
         lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} |")
     lines += ["", "## The paper's claims, here", ""]
-    for claim in claims(t):
-        lines.append(f"- **{claim.name}**: {claim.verdict} ({claim.agree} of {claim.total}). {claim.detail}.")
-    lines += ["", "Figures: `lee_vs_step.png`, `shares_by_type.png`, `lee_vs_accuracy.png`; redraw them with "
-              "`layerlie experiment learned-equivariance --resume` on the same store.", ""]
+    for output, label in OUTPUTS.items():
+        lines += [f"With the {label} (central scheme):", ""]
+        lines += [f"- **{c.name}**: {c.verdict} ({c.agree} of {c.total}). {c.detail}." for c in claims(t, output=output)]
+        lines.append("")
+    lines += ["Figures: `lee_vs_step.png` (the monitor's published LEE along training), `shares_by_type.png`, "
+              "`lee_vs_accuracy.png`.", ""]
     return "\n".join(lines)
 
 
