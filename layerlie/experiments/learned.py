@@ -72,6 +72,8 @@ class Split:
         classes: the class names.
         padding: how a warp fills pixels from outside the sample (``grid_sample``'s mode).
         recipe: how the split was made, as plain data (it goes into the store's manifest).
+        origin_train, origin_test: where each sample comes from, ``(N, k)``: its index in the
+            source (digits), or its photo, top row and left column (textures).
     """
 
     x_train: torch.Tensor
@@ -81,6 +83,8 @@ class Split:
     classes: list[str]
     padding: str
     recipe: dict[str, Any]
+    origin_train: torch.Tensor
+    origin_test: torch.Tensor
 
     @property
     def mean_std(self) -> tuple[float, float]:
@@ -123,7 +127,9 @@ def digits(seed: int = 0) -> Split:
     test = torch.from_numpy(_held_out(data.target, 0.2, seed))
     recipe = dict(source="sklearn.datasets.load_digits", images=len(x), size="8x8 -> 32x32 bilinear, "
                   f"centred on {CANVAS}x{CANVAS} zeros", held_out="20% of each class", seed=seed)
-    return Split(x[~test], y[~test], x[test], y[test], [str(c) for c in range(10)], "zeros", recipe)
+    index = torch.arange(len(x))[:, None]
+    return Split(x[~test], y[~test], x[test], y[test], [str(c) for c in range(10)], "zeros", recipe,
+                 index[~test], index[test])
 
 
 TEXTURE_SOURCES = ("astronaut", "camera", "coffee", "chelsea", "rocket", "brick", "grass", "gravel", "coins", "moon")
@@ -138,22 +144,25 @@ def textures(seed: int = 0, crop: int = 64, train_per_class: int = 150, test_per
     from skimage.util import img_as_float32
 
     rng = np.random.default_rng(seed)
-    parts: dict[str, tuple[list[np.ndarray], list[int]]] = {"train": ([], []), "test": ([], [])}
+    crops: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    origins: dict[str, list[tuple[int, int, int]]] = {"train": [], "test": []}
     for label, name in enumerate(TEXTURE_SOURCES):
         photo = getattr(skimage.data, name)()
         grey = img_as_float32(rgb2gray(photo) if photo.ndim == 3 else photo)
         cut = grey.shape[1] * 3 // 4
-        for part, region, count in (("train", grey[:, :cut], train_per_class), ("test", grey[:, cut:], test_per_class)):
-            tops = rng.integers(0, region.shape[0] - crop + 1, count)
-            lefts = rng.integers(0, region.shape[1] - crop + 1, count)
-            parts[part][0].extend(region[t:t + crop, s:s + crop] for t, s in zip(tops, lefts))
-            parts[part][1].extend([label] * count)
-    x_train, y_train, x_test, y_test = (torch.tensor(np.stack(v) if i == 0 else np.array(v))
-                                        for part in ("train", "test") for i, v in enumerate(parts[part]))
+        for part, (start, stop), count in (("train", (0, cut), train_per_class),
+                                           ("test", (cut, grey.shape[1]), test_per_class)):
+            tops = rng.integers(0, grey.shape[0] - crop + 1, count)
+            lefts = rng.integers(start, stop - crop + 1, count)
+            crops[part] += [grey[t:t + crop, s:s + crop] for t, s in zip(tops, lefts)]
+            origins[part] += [(label, int(t), int(s)) for t, s in zip(tops, lefts)]
+    x_train, x_test = (torch.from_numpy(np.stack(crops[p]))[:, None] for p in ("train", "test"))
+    o_train, o_test = (torch.tensor(origins[p]) for p in ("train", "test"))
     recipe = dict(source="skimage.data", photos=list(TEXTURE_SOURCES), crop=crop, grey="skimage.color.rgb2gray",
                   window=f"central {CANVAS}x{CANVAS}", train=f"{train_per_class} crops per photo, left 3/4",
                   held_out=f"{test_per_class} crops per photo, right 1/4", seed=seed)
-    return Split(x_train[:, None], y_train, x_test[:, None], y_test, list(TEXTURE_SOURCES), "reflection", recipe)
+    return Split(x_train, o_train[:, 0], x_test, o_test[:, 0], list(TEXTURE_SOURCES), "reflection", recipe,
+                 o_train, o_test)
 
 
 DATASETS: dict[str, Callable[[int], Split]] = {"digits": digits, "textures": textures}
