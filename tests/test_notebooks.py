@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "notebooks"
-NOTEBOOKS = ("quickstart", "layer_attribution", "aliasing_ablation", "reproduce_figures")
+NOTEBOOKS = ("quickstart", "layer_attribution", "aliasing_ablation", "reproduce_figures", "learned_equivariance")
 
 
 def execute(name: str) -> nbformat.NotebookNode:
