@@ -99,13 +99,13 @@ def shares_by_type(t: Tables) -> Figure:
     """Signed shares of ``L logits`` by layer type at initialisation and at the end, one
     heatmap per (dataset, group); rows are runs."""
     lay = t.layers
-    panels = [(d, g) for d in _ordered(lay, "dataset") for g in _ordered(lay, "group")]
+    datasets, groups = _ordered(lay, "dataset"), _ordered(lay, "group")
     types = [k for k in PALETTE if k in set(lay["layer_type"])]
     with mpl.rc_context(_STYLE):
         n_rows = lay.groupby(["model", "condition", "phase"]).ngroups
-        fig = Figure(figsize=(4.2 * len(panels), 0.17 * n_rows + 1.6), layout="constrained")
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        for ax, (d, g) in zip(axes, panels):
+        fig = Figure(figsize=(4.2 * len(groups), (0.17 * n_rows + 1.2) * len(datasets) + 0.4), layout="constrained")
+        axes = fig.subplots(len(datasets), len(groups), squeeze=False)
+        for ax, (d, g) in zip(axes.flat, itertools.product(datasets, groups)):
             part = lay[(lay["dataset"] == d) & (lay["group"] == g)]
             grid = part.pivot_table(index=["model", "condition", "phase"], columns="layer_type", values="share",
                                     aggfunc="sum", sort=False).reindex(columns=types).fillna(0.0)
@@ -115,7 +115,7 @@ def shares_by_type(t: Tables) -> Figure:
             ax.set_xticks(range(len(types)), [k.replace("/", "/\n") for k in types], rotation=90)
             ax.set_yticks(range(len(grid)), [" · ".join(idx) for idx in grid.index])
             ax.set_title(f"{d}, {g}", loc="left")
-        fig.colorbar(image, ax=list(axes), shrink=0.6, label="share of L logits")
+        fig.colorbar(image, ax=list(axes.flat), shrink=0.6, label="share of L logits")
         fig.suptitle("layer-type shares before (init) and after (end) training")
     return fig
 
@@ -130,7 +130,7 @@ def lee_vs_accuracy(t: Tables, scheme: str = "central") -> Figure:
     conditions = _ordered(first, "condition")
     colours = dict(zip(conditions, mpl.colormaps["tab10"].colors))
     with mpl.rc_context(_STYLE):
-        fig = Figure(figsize=(3.0 * len(datasets), 2.5 * len(outputs) + 0.5), layout="constrained")
+        fig = Figure(figsize=(3.6 * len(datasets), 2.5 * len(outputs) + 0.5), layout="constrained")
         axes = fig.subplots(len(outputs), len(datasets), squeeze=False)
         for (i, output), (j, d) in itertools.product(enumerate(outputs), enumerate(datasets)):
             ax, runs = axes[i, j], per_run(t, scheme, output)
@@ -139,7 +139,7 @@ def lee_vs_accuracy(t: Tables, scheme: str = "central") -> Figure:
                 ax.scatter(r["lee_end"], 100 * r["accuracy_end"], color=colours[r["condition"]],
                            marker=_MARKERS[models.index(r["model"]) % len(_MARKERS)])
             rho, p = spearman(part["lee_end"], part["accuracy_end"])
-            ax.set(xscale="log", xlabel=f"{OUTPUTS[output]} after training ({scheme}, mean over groups)",
+            ax.set(xscale="log", xlabel=f"{output} LEE after training ({scheme}, mean over groups)",
                    ylabel="held-out accuracy (%)", title=f"{d}: Spearman rho {rho:.2f} (p {p:.2g}, n={len(part)})")
         handles = [mpl.lines.Line2D([], [], color="0.3", marker=_MARKERS[i % len(_MARKERS)], ls="", label=m)
                    for i, m in enumerate(models)]
