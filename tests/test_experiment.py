@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from layerlie import store as st
 from layerlie.cli import main
 from layerlie.experiments import learned as L
-from layerlie.experiments.learned_report import Tables, claims
+from layerlie.experiments.learned_report import Tables, after_warmup, claims
 
 SMALL = ["--tiny", "--datasets", "digits", "--models", "resnet10t,vit_tiny_p6", "--conditions", "none,translate"]
 RUNS = [L.run_id("digits", m, c) for m in ("resnet10t", "vit_tiny_p6") for c in ("none", "translate")]
@@ -210,3 +210,11 @@ def test_experiment_end_to_end_then_resume(capsys, tmp_path):
 def test_unknown_names_are_one_line_errors(capsys, tmp_path, args, message):
     code, _, err = run(capsys, "--tiny", "--store", str(tmp_path), *args)
     assert code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_after_warmup_counts_runs_that_fall_after_the_first_measurement():
+    rows = [dict(run=r, step=s, group=g, lee=v, scheme="central")
+            for r, values in (("falls", (0.01, 1.0, 0.5)), ("rises", (0.01, 0.2, 0.3)))
+            for s, v in zip((0, 50, 100), values) for g in ("translate_x", "rotate")]
+    t = Tables(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame(), pd.DataFrame())
+    assert after_warmup(t) == (50, 1, 2)

@@ -210,6 +210,18 @@ def claims(t: Tables, scheme: str = "central", output: str = "softmax") -> list[
     return out
 
 
+def after_warmup(t: Tables, scheme: str = "central") -> tuple[int, int, int]:
+    """The monitor's first step after initialisation, and in how many of how many runs the mean
+    LEE over groups is lower at the last step than there."""
+    mon = t.monitor[t.monitor["scheme"] == scheme]
+    steps = sorted(mon["step"].unique())
+    if len(steps) < 3:
+        return (steps[-1] if steps else 0), 0, 0
+    mean = mon.groupby(["run", "step"])["lee"].mean().unstack("step")
+    lower = mean[steps[-1]] < mean[steps[1]]
+    return int(steps[1]), int(lower.sum()), len(lower)
+
+
 def _fmt(v: Any) -> str:
     return "" if pd.isna(v) else (f"{v:.3g}" if isinstance(v, float) else str(v))
 
@@ -256,6 +268,11 @@ def summary(t: Tables, spec: dict[str, Any] | None = None) -> str:
         cells = [f"{part.loc[k, 'init']:+.2f} → {part.loc[k, 'end']:+.2f}" if k in part.index else "" for k in types]
         lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} |")
     lines += ["", "## The paper's claims, here", ""]
+    early, fell, total = after_warmup(t)
+    if total:
+        lines += [f"Along training (the monitor, published LEE, central scheme, mean over groups): from the first "
+                  f"measurement after initialisation (step {early}) to the end, the LEE fell in {fell} of "
+                  f"{total} runs.", ""]
     for output, label in OUTPUTS.items():
         lines += [f"With the {label} (central scheme):", ""]
         lines += [f"- **{c.name}**: {c.verdict} ({c.agree} of {c.total}). {c.detail}." for c in claims(t, output=output)]
