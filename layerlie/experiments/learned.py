@@ -398,13 +398,13 @@ def train_run(split: Split, model_name: str, condition: str, config: Config) -> 
         idx = torch.randint(len(split.y_train), (config.batch_size,), generator=gen)
         x = split.normalize(augment(split.x_train[idx], split.padding, gen))
         loss = F.cross_entropy(model(x), split.y_train[idx])
+        if not math.isfinite(loss.item()):
+            raise ExperimentError(f"{model_name} on {condition}: the loss is {loss.item()} at step {step}; "
+                                  "lower Config.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         schedule.step()
-        if not math.isfinite(loss.item()):
-            raise ExperimentError(f"{model_name} on {condition}: the loss is {float(loss)} at step {step}; "
-                                  "lower Config.lr")
         measured = [mon.step(step) for mon in monitors]
         if any(measured) and step < config.steps:
             trace.append(dict(step=step, accuracy=accuracy(model, split, config.test_limit)))

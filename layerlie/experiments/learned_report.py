@@ -248,7 +248,8 @@ def summary(t: Tables, spec: dict[str, Any] | None = None) -> str:
         cells = " | ".join(_fmt(c.get(f"{g}_end")) for g in groups)
         lines.append(f"| {c['dataset']} | {c['model']} | {c['condition']} | {c['accuracy_init']:.2f} → "
                      f"{c['accuracy_end']:.2f} | {c['lee_init']:.3g} → {c['lee_end']:.3g} | "
-                     f"{s['lee_init']:.3g} → {s['lee_end']:.3g} | {r['lee_init']:.3g} → {r['lee_end']:.3g} | {cells} |")
+                     f"{s['lee_init']:.3g} → {s['lee_end']:.3g} | {r['lee_init']:.3g} → {r['lee_end']:.3g} | "
+                     f"{cells} |")
     lines += ["", "## Finite metrics", "",
               "| data | model | condition | consistency init → end | EQ-T dB init → end |", "|---|---|---|---|---|"]
     fin = t.metrics[t.metrics["metric"].isin(["consistency", "eq_t"])]
@@ -275,7 +276,8 @@ def summary(t: Tables, spec: dict[str, Any] | None = None) -> str:
                   f"{total} runs.", ""]
     for output, label in OUTPUTS.items():
         lines += [f"With the {label} (central scheme):", ""]
-        lines += [f"- **{c.name}**: {c.verdict} ({c.agree} of {c.total}). {c.detail}." for c in claims(t, output=output)]
+        lines += [f"- **{c.name}**: {c.verdict} ({c.agree} of {c.total}). {c.detail}."
+                  for c in claims(t, output=output)]
         lines.append("")
     lines += ["Figures: `lee_vs_step.png` (the monitor's published LEE along training), `shares_by_type.png`, "
               "`lee_vs_accuracy.png`.", ""]
