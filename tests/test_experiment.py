@@ -5,6 +5,8 @@ the claims on known numbers, and the command end to end with resume."""
 from __future__ import annotations
 
 import itertools
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -218,3 +220,16 @@ def test_after_warmup_counts_runs_that_fall_after_the_first_measurement():
             for s, v in zip((0, 50, 100), values) for g in ("translate_x", "rotate")]
     t = Tables(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame(), pd.DataFrame())
     assert after_warmup(t) == (50, 1, 2)
+
+
+def test_make_experiment_resumes_and_stays_out_of_make_test():
+    recipes: dict[str, str] = {}
+    target = None
+    for line in (Path(__file__).resolve().parents[1] / "Makefile").read_text().splitlines():
+        if re.match(r"^[\w-]+:", line):
+            target = line.split(":", 1)[0]
+            recipes[target] = ""
+        elif line.startswith("\t") and target is not None:
+            recipes[target] += line
+    assert "experiment learned-equivariance" in recipes["experiment"] and "--resume" in recipes["experiment"]
+    assert "experiment" not in recipes["test"] and "pytest" in recipes["test"]
