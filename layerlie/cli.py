@@ -582,7 +582,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # --- experiments ---------------------------------------------------------------------------
 
-EXPERIMENT_EXAMPLES = ("examples:\n  layerlie experiment learned-equivariance                # the full grid, ~25 min\n"
+EXPERIMENT_EXAMPLES = ("examples:\n  layerlie experiment learned-equivariance                # the full grid, ~15 min\n"
                        "  layerlie experiment learned-equivariance --resume       # go on after a kill\n"
                        "  layerlie experiment learned-equivariance --tiny --store out/tiny --out tiny/\n"
                        "  layerlie experiment learned-equivariance --datasets digits --models resnet10t --steps 50")
