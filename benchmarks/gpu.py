@@ -49,7 +49,14 @@ def extra_memory(fn: Callable[[], object], device: str) -> float | None:
     return torch.cuda.max_memory_allocated() - before
 
 
+def forward_time(model: torch.nn.Module, x: torch.Tensor, device: str, repeat: int) -> float:
+    """The best time of a no-grad forward of ``x``."""
+    with torch.no_grad():
+        return best_time(lambda: model(x), device, repeat)
+
+
 def ratio(a: float | None, b: float | None, fmt: str = ".2f") -> str:
+    """``a / b`` formatted, or a dash where either was not measured."""
     return "-" if a is None or b is None else format(a / b, fmt)
 
 
@@ -57,12 +64,10 @@ def measure(name: str, args: argparse.Namespace) -> list[object]:
     """One table row for ``name``; prints the checks that go with it."""
     device, repeat = args.device, args.repeat
     model, x = setup(name, args.batch, args.res, device)
-    _, big = setup(name, 11 * args.batch, args.res, device)
+    t_fwd = forward_time(model, x, device, repeat)
+    t_floor = forward_time(model, x.repeat(11, 1, 1, 1), device, repeat)
     with torch.no_grad():
-        t_fwd = best_time(lambda: model(x), device, repeat)
-        t_floor = best_time(lambda: model(big), device, repeat)
         mem_fwd = extra_memory(lambda: model(x), device)
-    del big
     t_one = best_time(lambda: ll.lee(model, x, "translate_x"), device, repeat)
     t_all = best_time(lambda: ll.lee(model, x, "all"), device, repeat)
     mem_lee = extra_memory(lambda: ll.lee(model, x, "all"), device)
@@ -79,8 +84,7 @@ def measure(name: str, args: argparse.Namespace) -> list[object]:
         (model(x8).softmax(-1) * z).sum().backward()
         model.zero_grad(set_to_none=True)
 
-    with torch.no_grad():
-        t_fwd8 = best_time(lambda: gm(x8), device, repeat)
+    t_fwd8 = forward_time(gm, x8, device, repeat)
     exact = ll.attribute(gm, x8, "translate_x")
     t_exact = best_time(lambda: ll.attribute(gm, x8, "translate_x"), device, 1, warmup=False)
     t_shares = best_time(lambda: ll.attribute(gm, x8, "translate_x", estimator="shares"), device, 1)

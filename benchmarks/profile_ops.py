@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    cuda = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"{where}, torch {torch.__version__}; batch {args.batch} for lee, {args.attr_batch} for attribution, "
           f"input {args.res or 'each model own'}\n")
     for name in filter(None, args.models.split(",")):

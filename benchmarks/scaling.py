@@ -96,9 +96,9 @@ def tables(table: pd.DataFrame) -> str:
     ten = batch["groups"].max()
     rows = []
     for (name, b), r in batch.groupby(["model", "batch"], sort=False):
-        rows.append([name, b, f"{r['forward_s'].iloc[0]:.3f}", f"{r.loc[r['groups'] == 1, 'ratio'].iloc[0]:.2f}",
+        rows.append([name, b, f"{r['forward_s'].iloc[0] * 1e3:.1f}", f"{r.loc[r['groups'] == 1, 'ratio'].iloc[0]:.2f}",
                      f"{r.loc[r['groups'] == ten, 'ratio'].iloc[0]:.2f}"])
-    first = markdown(["model", "batch", "forward (s)", "lee 1 group / fwd", f"lee {ten} groups / fwd"], rows, 1)
+    first = markdown(["model", "batch", "forward (ms)", "lee 1 group / fwd", f"lee {ten} groups / fwd"], rows, 1)
     by_groups = table[table["sweep"] == "groups"]
     ks = sorted(by_groups["groups"].unique())
     rows = [[name, *[f"{r.loc[r['groups'] == k, 'ratio'].iloc[0]:.2f}" for k in ks]]
