@@ -32,15 +32,14 @@ from bench import best_time, markdown, setup, sync
 
 def top_ops(fn: Callable[[], object], device: str, top: int) -> tuple[float, str]:
     """Seconds of one profiled call of ``fn`` and the markdown table of its ``top`` ops."""
+    cuda = device.startswith("cuda")
     fn()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     sync(device)
     start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         fn()
         sync(device)
     seconds = time.perf_counter() - start
-    cuda = device.startswith("cuda")
     key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     # the ops, not their kernels: a kernel's time is also the self device time of the op that launched it
     events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU and key(e) > 0]
@@ -56,6 +55,7 @@ def top_ops(fn: Callable[[], object], device: str, top: int) -> tuple[float, str
 def vmap_fallbacks(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
     """The ops that ``vmap`` of ``jvp`` over two tangents runs as a loop on this model."""
     torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+
     def f(inp: torch.Tensor) -> torch.Tensor:  # the map whose tangents lee stacks
         return model(inp).softmax(-1)
 
