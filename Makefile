@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench figures experiment clean
+.PHONY: venv demo test bench bench-gpu figures experiment clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/layers.py
 	$(BIN)/python benchmarks/ablation.py
 	$(BIN)/python benchmarks/sweep.py
+	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/profile_ops.py
+
+# on a machine with a GPU; under 5 minutes
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu.py
 
 # the committed figures/: random-init models on this CPU; --resume goes on after a kill
 figures: $(STAMP)
