@@ -44,7 +44,7 @@ from layerlie.hooks import module_contributions, module_cotangents, module_defec
 from layerlie.lie import check_images, exact_math, jvp_ready, push_tangents
 from layerlie.models import input_channels
 from layerlie.ops import is_strided, layer_type, module_type, op_key, softmax_jvp
-from layerlie.propagate import Propagator, Recorder, bind, linearize
+from layerlie.propagate import Propagator, Recorder, bind, linearize, padded
 from layerlie.tangent import check_scheme, tangent
 from layerlie.trace import TraceError, trace, with_output
 
@@ -156,16 +156,30 @@ class Attribution:
         return fig
 
 
+def rounding_floor(dtype: torch.dtype) -> float:
+    """The relative size below which ``e_v = J[G h] - G h_v`` is the rounding of two equal terms:
+    ``sqrt(eps)``, half the digits of ``dtype``.
+
+    Ops that commute with ``G`` (METHOD 3: linear layers on channels, eval BatchNorm, adds,
+    layer scales, ``q k^T`` and ``A v`` under translation) leave a difference of about ``1e-7`` of
+    the terms in float32 and ``1e-16`` in float64; the defects of non-linear and strided ops
+    measure ``1e-2`` and more (``benchmarks/RESULTS.md``). Such a node is no source: exact
+    attribution does not propagate its noise."""
+    return torch.finfo(dtype).eps ** 0.5
+
+
 class _Defects(LayoutProp):
     """One walk: each node's value and layout (:class:`LayoutProp`), then its ``G_v h_v`` and
     ``e_v`` (METHOD 3). ``G_v h_v`` is dropped after its last user, except at the input and the
-    output. Run it with ``propagate(x, None)``."""
+    output. An ``e_v`` under :func:`rounding_floor` of its two terms is zero (``.rounded``).
+    Run it with ``propagate(x, None)``."""
 
     def __init__(self, gm: fx.GraphModule, group: Group, scheme: str, coords: Coords) -> None:
         super().__init__(gm)
         self.gm, self.group, self.scheme, self.coords = gm, group, scheme, coords
         self.g: dict[fx.Node, Any] = {}
         self.e: dict[fx.Node, torch.Tensor | None] = {}
+        self.rounded: set[fx.Node] = set()
         nodes = list(gm.graph.nodes)
         keep = {nodes[0], *nodes[-1].all_input_nodes}
         last_user = {p: n for n in nodes for p in n.all_input_nodes}
@@ -206,12 +220,17 @@ class _Defects(LayoutProp):
         self.g[n] = own
         if pushed is None:
             self.e[n] = None if own is None else -own
-        else:
-            self.e[n] = pushed if own is None else pushed - own
-        # a NaN or inf anywhere makes the sum non-finite: one reduction, not a mask per node
-        if self.e[n] is not None and not torch.isfinite(self.e[n].sum()):
+            return
+        e = pushed if own is None else pushed - own
+        size = e.norm()
+        # a NaN or inf anywhere makes the norm non-finite: one reduction, not a mask per node
+        if not torch.isfinite(size):
             raise LayerlieError(f"NaN or inf first appears at node {n.format_node()}; check the model's "
                                 "weights or use dtype=torch.float64")
+        if own is not None and size <= rounding_floor(e.dtype) * torch.maximum(pushed.norm(), own.norm()):
+            self.rounded.add(n)
+            e = None
+        self.e[n] = e
 
 
 def _sources(defects: _Defects) -> list[fx.Node]:
@@ -220,21 +239,12 @@ def _sources(defects: _Defects) -> list[fx.Node]:
 
 def _propagate_sources(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node],
                        defects: _Defects) -> torch.Tensor:
-    """``J_{out<-v}[e_v]`` for each source, stacked: ``(len(sources), *out.shape)``."""
-    k = len(sources)
-
-    def injector(i: int, e: torch.Tensor):
-        def inject(_: torch.Tensor) -> torch.Tensor:
-            stack = e.new_zeros((k, *e.shape))
-            stack[i] = e
-            return stack
-        return inject
-
-    inject = {n.name: injector(i, defects.e[n]) for i, n in enumerate(sources)}
-    out, tan = Propagator(gm, inject=inject, primal=defects.values).propagate(x, None)
-    if tan is None:
-        return out.new_zeros((k, *out.shape))
-    return tan
+    """``J_{out<-v}[e_v]`` for each source, stacked: ``(len(sources), *out.shape)``. Each source's
+    slice starts where it enters (:class:`Propagator` ``sources``), so the chunk pays for the path
+    below each source, not for zeros carried from the chunk's first one (METHOD 4)."""
+    entering = {n.name: defects.e[n] for n in sources}
+    out, tan = Propagator(gm, primal=defects.values, sources=entering).propagate(x, None)
+    return padded(tan, len(sources), out)
 
 
 def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group | str, *,
@@ -349,7 +359,7 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
     lf2, degenerate = _squared_norm(total, y)
     residual = _check(o.estimator, total, summed, shares.values(), lf2, degenerate)
     table = _table(gm, defects, contrib, shares, stderr, lf2, degenerate)
-    settings = o.settings(dtype=str(x.dtype), degenerate=degenerate, granularity="node")
+    settings = o.settings(dtype=str(x.dtype), degenerate=degenerate, granularity="node", rounded=len(defects.rounded))
     e = {n.name: defects.e[n] for n in sources}
     return Attribution(table, total, residual, CHECKS[o.estimator], e, settings)
 
