@@ -43,8 +43,9 @@ from layerlie.layout import NONE, Coords, Layout, LayoutProp, layout_tangent
 from layerlie.hooks import module_contributions, module_cotangents, module_defects
 from layerlie.lie import check_images, exact_math, jvp_ready, push_tangents
 from layerlie.models import input_channels
-from layerlie.ops import is_strided, layer_type, module_type, op_key, softmax_jvp
-from layerlie.propagate import Propagator, Recorder, bind, linearize, padded
+from layerlie import ops
+from layerlie.ops import is_strided, layer_type, linearization, module_type, op_key, softmax_jvp
+from layerlie.propagate import Propagator, Recorder, bind, jvp_call, linearize, padded
 from layerlie.tangent import check_scheme, tangent
 from layerlie.trace import TraceError, trace, with_output
 
@@ -168,15 +169,73 @@ def rounding_floor(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** 0.5
 
 
+Offset = torch.Tensor | None
+
+
+def _channel_linear(fn: Any, args: Sequence[Any], lay: Layout) -> tuple[bool, Offset]:
+    """A linear layer on the last axis, which is not spatial; its bias is the offset."""
+    x = args[0]
+    spatial = (lay.y_dim, lay.x_dim) if lay.kind == "grid" else (lay.token_dim,)
+    ok = isinstance(x, torch.Tensor) and all(d % x.ndim != x.ndim - 1 for d in spatial)
+    bias = fn.bias if isinstance(fn, nn.Module) else (args[2] if len(args) > 2 else None)
+    return ok, bias
+
+
+def _pointwise_conv(fn: nn.Conv2d, args: Sequence[Any], lay: Layout) -> tuple[bool, Offset]:
+    """A 1x1 convolution at stride 1 without padding, on the grid's own axes."""
+    w = ops.window(fn, args, {})
+    ok = lay.kind == "grid" and (lay.y_dim, lay.x_dim) == (2, 3) and w is not None and w.kernel == (1, 1) \
+        and w.stride == (1, 1) and w.padding == (0, 0)
+    return ok, fn.bias.reshape(-1, 1, 1) if fn.bias is not None else None
+
+
+_COMMUTING: dict[Any, Callable[[Any, Sequence[Any], Layout], tuple[bool, Offset]]] = {
+    nn.Linear: _channel_linear,
+    torch.nn.functional.linear: _channel_linear,
+    nn.Conv2d: _pointwise_conv,
+}
+"""Affine maps ``h -> W h + b`` that act on each sample alone, the same at every position: where
+they keep their input's layout, ``W`` commutes with ``G`` and ``e_v = -G b`` (METHOD 3; the
+offset ``b``, constant in space, has a defect only where the scheme's border brings in zeros).
+Each entry says whether the call is one, and its offset ``b`` shaped to broadcast. By exact type:
+a subclass may compute something else. The linearization ``W G h``, a second forward of the
+layer, is then not computed."""
+
+
+_RELABELLING = {nn.Identity, nn.Dropout, "reshape", "view", "flatten", "unflatten", "permute", "transpose",
+                "contiguous", torch.reshape, torch.flatten, torch.permute, torch.transpose}
+"""Ops that only relabel samples (or pass them through, as eval dropout): where the output has a
+spatial layout, it was inferred from the op (METHOD 5), and ``G`` of the output is the relabelled
+``G`` of the input, exactly; the pushed tangent serves as ``G_v h_v`` and ``e_v = 0``."""
+
+
+def _relabels(key: Any, fn: Any) -> bool:
+    """Whether the op of registry key ``key`` (:func:`layerlie.ops.op_key`) is in :data:`_RELABELLING`
+    (dropout only in eval mode)."""
+    try:
+        return key in _RELABELLING and not getattr(fn, "training", False)
+    except TypeError:  # an unhashable call target
+        return False
+
+
 class _Defects(LayoutProp):
     """One walk: each node's value and layout (:class:`LayoutProp`), then its ``G_v h_v`` and
     ``e_v`` (METHOD 3). ``G_v h_v`` is dropped after its last user, except at the input and the
     output. An ``e_v`` under :func:`rounding_floor` of its two terms is zero (``.rounded``).
-    Run it with ``propagate(x, None)``."""
+    Run it with ``propagate(x, None)``.
 
-    def __init__(self, gm: fx.GraphModule, group: Group, scheme: str, coords: Coords) -> None:
+    With ``shortcuts`` (the default), an op of :data:`_COMMUTING` that keeps its input's layout
+    gets ``e_v = 0`` without its linearization being computed (``.commuting``): for linear layers
+    that is the cost of a second forward. ``shortcuts=False`` computes both terms at every node,
+    the reference that the tests compare with."""
+
+    def __init__(self, gm: fx.GraphModule, group: Group, scheme: str, coords: Coords,
+                 shortcuts: bool = True) -> None:
         super().__init__(gm)
         self.gm, self.group, self.scheme, self.coords = gm, group, scheme, coords
+        self.shortcuts = shortcuts
+        self.commuting: set[fx.Node] = set()
+        self._pushed: dict[fx.Node, Any] = {}
         self.g: dict[fx.Node, Any] = {}
         self.e: dict[fx.Node, torch.Tensor | None] = {}
         self.rounded: set[fx.Node] = set()
@@ -192,12 +251,30 @@ class _Defects(LayoutProp):
         return self.layouts.get(n.name, NONE)
 
     def run_node(self, n: fx.Node) -> Any:
+        if n.op in ("call_module", "call_function", "call_method") and linearization(op_key(self.gm, n)) is None:
+            self._joint(n)
         out = super().run_node(n)
+        self.primal.pop(n, None)
         with torch.no_grad():
             self._visit(n)
         for p in self._dead.get(n, []):
             self.g.pop(p, None)
         return out
+
+    def _joint(self, n: fx.Node) -> None:
+        """An op with no rule of its own is linearized by ``torch.func.jvp``, which computes its
+        value too: take both from one call (``.primal``, ``._pushed``) instead of running the op
+        again for the tangent. Where the jvp fails, the plain path runs and names the node."""
+        call, incoming = bind(self.gm, n, self.values, self.g, None)
+        if not incoming:
+            return
+        try:
+            with torch.no_grad():
+                out, pushed = jvp_call(call, incoming)
+        except Exception:  # no forward-mode formula, non-tensor outputs: the plain path reports it
+            return
+        self.primal[n] = out
+        self._pushed[n] = pushed
 
     def _visit(self, n: fx.Node) -> None:
         value = self.values.get(n)
@@ -208,12 +285,28 @@ class _Defects(LayoutProp):
             self.g[n] = tangent(value, self.group, self.scheme) if first else None
             return
         call, incoming = bind(self.gm, n, self.values, self.g, value)
-        incoming = {i: pytree.tree_map(lambda t: t[None], g) for i, g in incoming.items()}
-        pushed = linearize(call, incoming, op_key(self.gm, n)) if n.op != "get_attr" else None
-        pushed = pytree.tree_map(lambda t: t[0], pushed) if pushed is not None else None
         lay = self.layout(n)
+        offset = self._commutes(n, call, incoming, lay) if self.shortcuts else False
+        if offset is not False:
+            self.g[n] = self._own(n, value, lay)
+            moved = offset is not None and bool(offset.any())
+            self.e[n] = -layout_tangent(offset.expand_as(value), lay, self.group, self.scheme, self.coords) \
+                if moved else None
+            self.commuting.add(n)
+            return
+        if n in self._pushed:
+            pushed = self._pushed.pop(n) if _has_float(value) else None
+        else:
+            incoming = {i: pytree.tree_map(lambda t: t[None], g) for i, g in incoming.items()}
+            pushed = linearize(call, incoming, op_key(self.gm, n)) if n.op != "get_attr" else None
+            pushed = pytree.tree_map(lambda t: t[0], pushed) if pushed is not None else None
         if lay.kind == "tuple" or not isinstance(value, torch.Tensor) or not value.is_floating_point():
             self.g[n], self.e[n] = pushed, None  # the representation on tuples is the incoming one
+            return
+        if self.shortcuts and lay.spatial and list(incoming) == [0] and isinstance(pushed, torch.Tensor) \
+                and _relabels(op_key(self.gm, n), call.fn):
+            self.g[n], self.e[n] = pushed, None
+            self.commuting.add(n)
             return
         own = layout_tangent(value, lay, self.group, self.scheme, self.coords) \
             if lay.moves and self.group.spatial else None
@@ -227,10 +320,49 @@ class _Defects(LayoutProp):
         if not torch.isfinite(size):
             raise LayerlieError(f"NaN or inf first appears at node {n.format_node()}; check the model's "
                                 "weights or use dtype=torch.float64")
-        if own is not None and size <= rounding_floor(e.dtype) * torch.maximum(pushed.norm(), own.norm()):
+        if own is not None and self._rounding(size, pushed, own):
             self.rounded.add(n)
             e = None
         self.e[n] = e
+
+
+    @staticmethod
+    def _rounding(size: torch.Tensor, pushed: torch.Tensor, own: torch.Tensor) -> bool:
+        """``||e|| <= floor * max(||pushed||, ||own||)``; since ``||pushed|| <= ||own|| + ||e||``, a
+        defect above ``floor * (||own|| + ||e||)`` is genuine without a third norm."""
+        floor, own_size = rounding_floor(own.dtype), own.norm()
+        if size > floor * (own_size + size):
+            return False
+        return bool(size <= floor * torch.maximum(own_size, pushed.norm()))
+
+    def _own(self, n: fx.Node, value: torch.Tensor, lay: Layout) -> torch.Tensor:
+        """``G_v h_v``, checked for NaN and inf (one reduction) where no ``e_v`` is formed."""
+        own = layout_tangent(value, lay, self.group, self.scheme, self.coords)
+        if not torch.isfinite(own.sum()):
+            raise LayerlieError(f"NaN or inf first appears at node {n.format_node()}; check the model's "
+                                "weights or use dtype=torch.float64")
+        return own
+
+    def _commutes(self, n: fx.Node, call: Any, incoming: Mapping[int, Any], lay: Layout) -> Offset | bool:
+        """``n`` applies an op of :data:`_COMMUTING` to its first argument alone, which carries
+        ``G h`` and has the layout of ``n`` (the same samples at the same positions): its offset
+        (None: none), or False."""
+        if not self.group.spatial or list(incoming) != [0] or not lay.spatial or n.op == "get_attr":
+            return False
+        try:
+            rule = _COMMUTING.get(type(call.fn) if isinstance(call.fn, nn.Module) else call.fn)
+        except TypeError:  # an unhashable call target
+            return False
+        first = n.all_input_nodes[0] if n.all_input_nodes else None
+        if rule is None or first is None or self.layout(first) != lay:
+            return False
+        args, _ = call.rebuild()
+        ok, offset = rule(call.fn, args, lay)
+        return offset if ok else False
+
+
+def _has_float(value: Any) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in pytree.tree_leaves(value))
 
 
 def _sources(defects: _Defects) -> list[fx.Node]:
@@ -359,7 +491,8 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
     lf2, degenerate = _squared_norm(total, y)
     residual = _check(o.estimator, total, summed, shares.values(), lf2, degenerate)
     table = _table(gm, defects, contrib, shares, stderr, lf2, degenerate)
-    settings = o.settings(dtype=str(x.dtype), degenerate=degenerate, granularity="node", rounded=len(defects.rounded))
+    settings = o.settings(dtype=str(x.dtype), degenerate=degenerate, granularity="node",
+                          rounded=len(defects.rounded), commuting=len(defects.commuting))
     e = {n.name: defects.e[n] for n in sources}
     return Attribution(table, total, residual, CHECKS[o.estimator], e, settings)
 

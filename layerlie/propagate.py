@@ -116,6 +116,23 @@ def _vmap_jvp(call: Call, tangents: Tangents) -> Any:
         return torch.func.vmap(lambda *ts: torch.func.jvp(f, primals, ts)[1])(*stacks)
 
 
+def jvp_call(call: Call, tangents: Tangents) -> tuple[Any, Any]:
+    """``call``'s output and its tangent, given one tangent (no stack axis) for some of its flat
+    arguments, from one ``torch.func.jvp``: the op runs once for both, where running it and then
+    :func:`linearize` runs it twice. ``call.out`` is not read."""
+    where = sorted(tangents)
+
+    def f(*primals):
+        leaves = list(call.flat)
+        for i, p in zip(where, primals):
+            leaves[i] = p
+        return call(leaves)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        return torch.func.jvp(f, tuple(_dense(call.flat[i]) for i in where), tuple(tangents[i] for i in where))
+
+
 def _dense(t: Any) -> Any:
     """Broadcast views (``expand``) cannot carry a dual tangent: materialize them."""
     if isinstance(t, torch.Tensor) and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
@@ -166,7 +183,7 @@ class Propagator(fx.Interpreter):
         elif n.op == "output":
             self.out_tangent = self._gather(n.args[0])
             return out
-        elif n.op == "get_attr":
+        elif n.op == "get_attr" or all(self.tangents.get(a) is None for a in n.all_input_nodes):
             tan = None
         else:
             call, tangents = bind(self.module, n, self.env, self.tangents, out)
