@@ -382,7 +382,7 @@ def _propagate_sources(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Nod
 def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group | str, *,
               estimator: Estimator = "exact", scheme: str = "central", output: str = "softmax",
               probes: int = 100, seed: int = 0, coords: Coords = "receptive_field",
-              memory_budget: float = 1e8, granularity: Literal["node", "module"] = "node") -> Attribution:
+              memory_budget: float | None = None, granularity: Literal["node", "module"] = "node") -> Attribution:
     """Attribute the Lie derivative of ``model`` at ``x`` to the nodes of its graph (METHOD 3-4).
 
     Args:
@@ -398,7 +398,9 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
             on a generator of their own; the global random state is left alone.
         coords: ``"receptive_field"`` sample positions (METHOD 5) or the ``"published"``
             per-tensor ``[-1, 1]`` convention.
-        memory_budget: bytes for one chunk of stacked source tangents (exact estimator).
+        memory_budget: bytes for the largest stacked tangent of one chunk of sources (exact
+            estimator); by default a sixteenth of the measured bytes of one forward's activations,
+            so that exact attribution holds about three forwards' worth at most.
         granularity: ``"node"`` (the fx graph) or ``"module"`` (leaf-module forward hooks,
             :mod:`layerlie.hooks`). A model that fx cannot trace falls back to ``"module"``
             with a one-line warning that says why.
@@ -441,7 +443,7 @@ class _Options(NamedTuple):
     probes: int
     seed: int
     coords: Coords
-    memory_budget: float
+    memory_budget: float | None
 
     def settings(self, **more: Any) -> dict[str, Any]:
         return dict(group=self.group.name, scheme=self.scheme, estimator=self.estimator, output=self.output,
@@ -451,6 +453,7 @@ class _Options(NamedTuple):
 def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attribution:
     gm, out_name = with_output(gm, o.output)
     rng = torch.Generator(device=x.device).manual_seed(o.seed)
+    reaching = _reaching(gm, x, rng) if o.estimator == "exact" else None
     with torch.no_grad(), jvp_ready(gm):
         defects = _Defects(gm, o.group, o.scheme, o.coords)
         defects.propagate(x, None)
@@ -469,16 +472,14 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
         stderr: dict[fx.Node, float] = {}
         summed = torch.zeros_like(total)
         if o.estimator == "exact":
-            per = int(o.memory_budget // max(1, _largest_bytes(defects)))
-            if per < 1:
-                raise LayerlieError(f"memory_budget={o.memory_budget:.0f} bytes is too small for one source "
-                                    f"({_largest_bytes(defects)} bytes per stacked activation); raise it")
-            live = _reaching(gm, x, sources, y, rng)
+            live = [n for n in sources if n.name in reaching]
             for n in sources:
                 if n not in live:
                     contrib[n] = shares[n] = 0.0
-            for start in range(0, len(live), per):
-                chunk = live[start:start + per]
+            # a chunk's walk holds a few stacks at once (an op's input, its temporaries, the residual
+            # stream): a sixteenth of the activations keeps it to a fraction of one forward's
+            budget = o.memory_budget if o.memory_budget is not None else _footprint(defects) / 16
+            for chunk in _chunks(gm, live, defects, budget):
                 c = _propagate_sources(gm, x, chunk, defects)
                 for n, cv in zip(chunk, c):
                     contrib[n] = float(cv.norm())
@@ -582,9 +583,49 @@ def _traced(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
         return trace(model, x)
 
 
-def _largest_bytes(defects: _Defects) -> int:
-    sizes = [v.numel() * v.element_size() for v in defects.values.values() if isinstance(v, torch.Tensor)]
-    return max(sizes, default=1)
+def _bytes(value: Any) -> int:
+    return sum(v.numel() * v.element_size() for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor))
+
+
+def _footprint(defects: _Defects) -> int:
+    """The bytes of every node's value, views counted once: what one forward with all its
+    activations kept holds, measured on the defects pass that keeps them."""
+    storages = {}
+    for v in pytree.tree_leaves(list(defects.values.values())):
+        if isinstance(v, torch.Tensor):
+            storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def _chunks(gm: fx.GraphModule, sources: list[fx.Node], defects: _Defects, budget: float) -> list[list[fx.Node]]:
+    """Consecutive sources (in graph order), as many per chunk as keep every stacked tangent under
+    ``budget`` bytes: below a node, the stack holds one slice per chunk source entered above it
+    (:func:`_propagate_sources`), so sources late in the graph, where few nodes follow, share
+    chunks more cheaply than early ones."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    size = [_bytes(defects.values.get(n)) for n in gm.graph.nodes]
+    after = list(size)  # the largest value from each node to the output
+    for i in range(len(after) - 2, -1, -1):
+        after[i] = max(after[i], after[i + 1])
+    if sources and after[order[sources[0]]] > budget:
+        raise LayerlieError(f"memory_budget={budget:.0f} bytes is too small for one source "
+                            f"({after[order[sources[0]]]} bytes per stacked activation); raise it")
+    chunks: list[list[fx.Node]] = []
+    for n in sources:
+        chunk = chunks[-1] if chunks else None
+        if chunk is not None and _peak(chunk + [n], order, size, after) <= budget:
+            chunk.append(n)
+        else:
+            chunks.append([n])
+    return chunks
+
+
+def _peak(chunk: list[fx.Node], order: dict[fx.Node, int], size: list[int], after: list[int]) -> int:
+    """The largest stacked tangent of a chunk: ``j`` slices between its ``j``-th and next source."""
+    starts = [order[n] for n in chunk]
+    ends = starts[1:] + [len(size)]
+    return max(j * max(size[a:b] or [0]) if b < len(size) else j * after[a]
+               for j, (a, b) in enumerate(zip(starts, ends), start=1))
 
 
 def _shares(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects: _Defects,
@@ -593,35 +634,44 @@ def _shares(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects
     return _cotangents(gm, x, sources, [total], lambda n, g: float((g * defects.e[n]).sum()))[0]
 
 
-def _reaching(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], y: torch.Tensor,
-              rng: torch.Generator) -> list[fx.Node]:
-    """The sources whose ``J_{out<-v}`` is not zero: ``J^T z != 0`` for one Gaussian ``z``, almost
+def _reaching(gm: fx.GraphModule, x: torch.Tensor, rng: torch.Generator) -> set[str]:
+    """The nodes whose ``J_{out<-v}`` is not zero: ``J^T z != 0`` for one Gaussian ``z``, almost
     surely. One reverse pass spares forward propagations of defects that never reach the output
-    (e.g. inside residual branches whose last BatchNorm is zero-initialised, as in timm)."""
-    z = torch.randn(y.shape, dtype=y.dtype, device=y.device, generator=rng)
-    reach = _cotangents(gm, x, sources, [z], lambda n, g: float(g.any()))[0]
-    return [n for n in sources if reach[n]]
+    (e.g. inside residual branches whose last BatchNorm is zero-initialised, as in timm). It runs
+    before the defects pass, over every node, so that its graph and the stored activations of
+    that pass are never held at once."""
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+
+    def probe(out: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=rng)]
+
+    reach = _cotangents(gm, x, nodes, probe, lambda n, g: float(g.any()))[0]
+    return {n.name for n in nodes if reach[n]}
 
 
-def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node], weights: list[torch.Tensor],
+def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node],
+                weights: Sequence[torch.Tensor] | Callable[[torch.Tensor], Sequence[torch.Tensor]],
                 reduce: Callable[[fx.Node, torch.Tensor], float]) -> list[dict[fx.Node, float]]:
     """``reduce(v, J_{out<-v}^T w)`` for every node ``v`` in ``nodes`` and every ``w`` in
-    ``weights``: one reverse pass each. Each cotangent is reduced by a tensor hook the moment the
-    pass reaches it, so no cotangent outlives its step."""
-    names = {n.name for n in nodes}
-    recorder = Recorder(gm, lambda n, v: v if n.name in names and isinstance(v, torch.Tensor) else None)
+    ``weights`` (or ``weights(output)``): one reverse pass each. Each cotangent is reduced by a
+    tensor hook, registered as the forward computes the node, the moment the pass reaches it, so
+    neither the node's value nor its cotangent is kept for it."""
+    by_name = {n.name: n for n in nodes}
     reduced: dict[fx.Node, float] = {}
+
+    def hook(n: fx.Node, v: Any) -> None:
+        if n.name in by_name and isinstance(v, torch.Tensor) and v.requires_grad:
+            v.register_hook(lambda g, n=by_name[n.name]: reduced.__setitem__(n, reduce(n, g)))
+
+    recorder = Recorder(gm, hook)
     results = []
     with torch.enable_grad(), jvp_ready(gm):
         xr = x.detach().requires_grad_(True)
         out = recorder.run(xr)
-        for n in nodes:
-            kept = recorder.kept.get(n.name)
-            if kept is not None and kept.requires_grad:
-                kept.register_hook(lambda g, n=n: reduced.__setitem__(n, reduce(n, g)))
-        for i, w in enumerate(weights):
+        ws = weights(out) if callable(weights) else weights
+        for i, w in enumerate(ws):
             reduced.clear()
-            torch.autograd.backward(out, w, retain_graph=i < len(weights) - 1, inputs=[xr])
+            torch.autograd.backward(out, w, retain_graph=i < len(ws) - 1, inputs=[xr])
             results.append({n: reduced.get(n, 0.0) for n in nodes})
     return results
 
