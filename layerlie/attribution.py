@@ -479,7 +479,7 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
             # a chunk's walk holds a few stacks at once (an op's input, its temporaries, the residual
             # stream): a sixteenth of the activations keeps it to a fraction of one forward's
             budget = o.memory_budget if o.memory_budget is not None else _footprint(defects) / 16
-            for chunk in _chunks(gm, live, defects, budget):
+            for chunk in _chunks(gm, live, defects, budget, strict=o.memory_budget is not None):
                 c = _propagate_sources(gm, x, chunk, defects)
                 for n, cv in zip(chunk, c):
                     contrib[n] = float(cv.norm())
@@ -597,16 +597,20 @@ def _footprint(defects: _Defects) -> int:
     return sum(storages.values())
 
 
-def _chunks(gm: fx.GraphModule, sources: list[fx.Node], defects: _Defects, budget: float) -> list[list[fx.Node]]:
+def _chunks(gm: fx.GraphModule, sources: list[fx.Node], defects: _Defects, budget: float,
+            strict: bool = True) -> list[list[fx.Node]]:
     """Consecutive sources (in graph order), as many per chunk as keep every stacked tangent under
     ``budget`` bytes: below a node, the stack holds one slice per chunk source entered above it
     (:func:`_propagate_sources`), so sources late in the graph, where few nodes follow, share
-    chunks more cheaply than early ones."""
+    chunks more cheaply than early ones. A budget too small for one source is an error where the
+    caller chose it (``strict``), and otherwise raised to one source per chunk."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     size = [_bytes(defects.values.get(n)) for n in gm.graph.nodes]
     after = list(size)  # the largest value from each node to the output
     for i in range(len(after) - 2, -1, -1):
         after[i] = max(after[i], after[i + 1])
+    if sources and after[order[sources[0]]] > budget and not strict:
+        budget = after[order[sources[0]]]
     if sources and after[order[sources[0]]] > budget:
         raise LayerlieError(f"memory_budget={budget:.0f} bytes is too small for one source "
                             f"({after[order[sources[0]]]} bytes per stacked activation); raise it")
