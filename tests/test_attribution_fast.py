@@ -142,3 +142,19 @@ def test_rounding_level_defects_are_not_sources():
     names = {n.name: n for n in d.e}
     assert names["_0"] in d.rounded and d.e[names["_0"]] is None
     assert names["_1"] in _sources(d) and names["_1"] not in d.rounded
+
+
+def test_chunking_does_not_change_the_contributions():
+    """references: one chunk for all sources, the default budget, and one source per chunk give
+    the same contributions; the chunks follow the graph, more sources per chunk below small maps."""
+    gm, x = _case("resnet18")
+    d = _defects(gm, x, "rotate", True)
+    sources = _sources(d)
+    one = attribution._chunks(gm, sources, d, 1e12)
+    assert len(one) == 1 and len(attribution._chunks(gm, sources, d, 0, strict=False)) > 1
+    with pytest.raises(ll.LayerlieError, match="too small for one source"):
+        attribution._chunks(gm, sources, d, 0)
+    small = attribution._chunks(gm, sources, d, 3 * max(attribution._bytes(d.values[n]) for n in sources))
+    assert 1 < len(small) < len(sources) and max(len(c) for c in small[1:]) > len(small[0])
+    tables = [ll.attribute(gm, x, "rotate", memory_budget=b).nodes["contribution_norm"] for b in (1e12, None)]
+    assert float(((tables[0] - tables[1]).abs() / tables[0].clip(lower=1e-30)).max()) < AGREE
