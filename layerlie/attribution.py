@@ -72,7 +72,9 @@ class Attribution:
         check: its name, from :data:`CHECKS`.
         defects: the local defect ``e_v`` of every node where it is not zero, by node name,
             shaped like the node's output (nodes absent from it have ``e_v = 0``).
-        settings: group, scheme, estimator, output, coords, dtype.
+        settings: group, scheme, estimator, output, coords, dtype; on graphs also ``rounded`` (nodes
+            whose ``e_v`` is under :func:`rounding_floor`) and ``commuting`` (nodes given ``e_v``
+            without their linearization: affine channel maps, relabelling ops).
     """
 
     nodes: pd.DataFrame
