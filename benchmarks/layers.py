@@ -216,7 +216,8 @@ def _probe(name: str, kind: str, args: argparse.Namespace) -> None:
         (model(x).softmax(-1) * z).sum().backward()
         extra = {}
     else:
-        a = ll.attribute(gm, x, args.group, estimator="exact", memory_budget=args.memory_budget * args.batch)
+        budget = args.memory_budget * args.batch if args.memory_budget is not None else None
+        a = ll.attribute(gm, x, args.group, estimator="exact", memory_budget=budget)
         extra = dict(sources=int((a.nodes["local_norm"] > 0).sum()),
                      reaching=int((a.nodes["contribution_norm"] > 0).sum()), residual=a.residual)
     seconds = time.perf_counter() - start
@@ -225,8 +226,9 @@ def _probe(name: str, kind: str, args: argparse.Namespace) -> None:
 
 def in_fresh_process(name: str, kind: str, args: argparse.Namespace) -> dict:
     """Exact attribution or a forward-with-grad, timed and measured in a fresh process."""
+    budget = ["--memory-budget", str(args.memory_budget)] if args.memory_budget is not None else []
     out = subprocess.run([sys.executable, __file__, "--probe", kind, "--models", name, "--batch", str(args.batch),
-                          "--group", args.group, "--memory-budget", str(args.memory_budget)],
+                          "--group", args.group, *budget],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -247,9 +249,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--probes", type=int, default=100, help="Hutchinson probes of the baseline")
     parser.add_argument("--group", default="translate_x")
-    parser.add_argument("--memory-budget", type=float, default=2.5e7,
-                        help="exact: bytes per chunk of stacked source tangents, per image (memory_budget = "
-                             "this times the batch; the default is the library's 1e8 at batch 4)")
+    parser.add_argument("--memory-budget", type=float, default=None,
+                        help="exact: bytes of the largest stacked tangent of a chunk, per image (memory_budget "
+                             "= this times the batch); by default the library's, half of a forward's activations")
     parser.add_argument("--repeat", type=int, default=3, help="best of N for the cheap timings")
     parser.add_argument("--check", action="store_true",
                         help="instead of timing: the baseline beside exact attribution in the published "
@@ -264,7 +266,8 @@ def main() -> None:
         return check(args.models.split(","), args.batch, group, args.probes)
     print(f"machine: {machine()}")
     print(f"batch {args.batch} photos, group {group.name}, baseline {args.probes} probes, "
-          f"exact memory budget {args.memory_budget:.2g} B per image; times in s, memory in MiB added")
+          f"exact memory budget {'the default' if args.memory_budget is None else f'{args.memory_budget:.2g} B per image'}; "
+          "times in s, memory in MiB added")
     header = (f"{'model':24s} {'fwd':>6s} {'baseline':>9s} {'exact':>7s} {'shares':>7s} {'base/exact':>11s} "
               f"{'base/shares':>12s} {'mem exact':>10s} {'mem grad':>9s} {'mem ratio':>10s} {'defects/fwd':>12s}")
     goals = (f"{'goal':24s} {'':>6s} {'':>9s} {'':>7s} {'':>7s} {'>= 3':>11s} {'>= 30':>12s} {'':>10s} "

@@ -43,8 +43,9 @@ from layerlie.layout import NONE, Coords, Layout, LayoutProp, layout_tangent
 from layerlie.hooks import module_contributions, module_cotangents, module_defects
 from layerlie.lie import check_images, exact_math, jvp_ready, push_tangents
 from layerlie.models import input_channels
-from layerlie.ops import is_strided, layer_type, module_type, op_key, softmax_jvp
-from layerlie.propagate import Propagator, Recorder, bind, linearize
+from layerlie import ops
+from layerlie.ops import is_strided, layer_type, linearization, module_type, op_key, softmax_jvp
+from layerlie.propagate import Propagator, Recorder, bind, jvp_call, linearize, padded
 from layerlie.tangent import check_scheme, tangent
 from layerlie.trace import TraceError, trace, with_output
 
@@ -71,7 +72,9 @@ class Attribution:
         check: its name, from :data:`CHECKS`.
         defects: the local defect ``e_v`` of every node where it is not zero, by node name,
             shaped like the node's output (nodes absent from it have ``e_v = 0``).
-        settings: group, scheme, estimator, output, coords, dtype.
+        settings: group, scheme, estimator, output, coords, dtype; on graphs also ``rounded`` (nodes
+            whose ``e_v`` is under :func:`rounding_floor`) and ``commuting`` (nodes given ``e_v``
+            without their linearization: affine channel maps, relabelling ops).
     """
 
     nodes: pd.DataFrame
@@ -156,16 +159,88 @@ class Attribution:
         return fig
 
 
+def rounding_floor(dtype: torch.dtype) -> float:
+    """The relative size below which ``e_v = J[G h] - G h_v`` is the rounding of two equal terms:
+    ``sqrt(eps)``, half the digits of ``dtype``.
+
+    Ops that commute with ``G`` (METHOD 3: linear layers on channels, eval BatchNorm, adds,
+    layer scales, ``q k^T`` and ``A v`` under translation) leave a difference of about ``1e-7`` of
+    the terms in float32 and ``1e-16`` in float64; the defects of non-linear and strided ops
+    measure ``1e-2`` and more (``benchmarks/RESULTS.md``). Such a node is no source: exact
+    attribution does not propagate its noise."""
+    return torch.finfo(dtype).eps ** 0.5
+
+
+Offset = torch.Tensor | None
+
+
+def _channel_linear(fn: Any, args: Sequence[Any], lay: Layout) -> tuple[bool, Offset]:
+    """A linear layer on the last axis, which is not spatial; its bias is the offset."""
+    x = args[0]
+    spatial = (lay.y_dim, lay.x_dim) if lay.kind == "grid" else (lay.token_dim,)
+    ok = isinstance(x, torch.Tensor) and all(d % x.ndim != x.ndim - 1 for d in spatial)
+    bias = fn.bias if isinstance(fn, nn.Module) else (args[2] if len(args) > 2 else None)
+    return ok, bias
+
+
+def _pointwise_conv(fn: nn.Conv2d, args: Sequence[Any], lay: Layout) -> tuple[bool, Offset]:
+    """A 1x1 convolution at stride 1 without padding, on the grid's own axes."""
+    w = ops.window(fn, args, {})
+    ok = lay.kind == "grid" and (lay.y_dim, lay.x_dim) == (2, 3) and w is not None and w.kernel == (1, 1) \
+        and w.stride == (1, 1) and w.padding == (0, 0)
+    return ok, fn.bias.reshape(-1, 1, 1) if fn.bias is not None else None
+
+
+_COMMUTING: dict[Any, Callable[[Any, Sequence[Any], Layout], tuple[bool, Offset]]] = {
+    nn.Linear: _channel_linear,
+    torch.nn.functional.linear: _channel_linear,
+    nn.Conv2d: _pointwise_conv,
+}
+"""Affine maps ``h -> W h + b`` that act on each sample alone, the same at every position: where
+they keep their input's layout, ``W`` commutes with ``G`` and ``e_v = -G b`` (METHOD 3; the
+offset ``b``, constant in space, has a defect only where the scheme's border brings in zeros).
+Each entry says whether the call is one, and its offset ``b`` shaped to broadcast. By exact type:
+a subclass may compute something else. The linearization ``W G h``, a second forward of the
+layer, is then not computed."""
+
+
+_RELABELLING = {nn.Identity, nn.Dropout, "reshape", "view", "flatten", "unflatten", "permute", "transpose",
+                "contiguous", torch.reshape, torch.flatten, torch.permute, torch.transpose}
+"""Ops that only relabel samples (or pass them through, as eval dropout): where the output has a
+spatial layout, it was inferred from the op (METHOD 5), and ``G`` of the output is the relabelled
+``G`` of the input, exactly; the pushed tangent serves as ``G_v h_v`` and ``e_v = 0``."""
+
+
+def _relabels(key: Any, fn: Any) -> bool:
+    """Whether the op of registry key ``key`` (:func:`layerlie.ops.op_key`) is in :data:`_RELABELLING`
+    (dropout only in eval mode)."""
+    try:
+        return key in _RELABELLING and not getattr(fn, "training", False)
+    except TypeError:  # an unhashable call target
+        return False
+
+
 class _Defects(LayoutProp):
     """One walk: each node's value and layout (:class:`LayoutProp`), then its ``G_v h_v`` and
     ``e_v`` (METHOD 3). ``G_v h_v`` is dropped after its last user, except at the input and the
-    output. Run it with ``propagate(x, None)``."""
+    output. An ``e_v`` under :func:`rounding_floor` of its two terms is zero (``.rounded``).
+    Run it with ``propagate(x, None)``.
 
-    def __init__(self, gm: fx.GraphModule, group: Group, scheme: str, coords: Coords) -> None:
+    With ``shortcuts`` (the default), an op of :data:`_COMMUTING` that keeps its input's layout
+    gets ``e_v = 0`` without its linearization being computed (``.commuting``): for linear layers
+    that is the cost of a second forward. ``shortcuts=False`` computes both terms at every node,
+    the reference that the tests compare with."""
+
+    def __init__(self, gm: fx.GraphModule, group: Group, scheme: str, coords: Coords,
+                 shortcuts: bool = True) -> None:
         super().__init__(gm)
         self.gm, self.group, self.scheme, self.coords = gm, group, scheme, coords
+        self.shortcuts = shortcuts
+        self.commuting: set[fx.Node] = set()
+        self._pushed: dict[fx.Node, Any] = {}
         self.g: dict[fx.Node, Any] = {}
         self.e: dict[fx.Node, torch.Tensor | None] = {}
+        self.rounded: set[fx.Node] = set()
         nodes = list(gm.graph.nodes)
         keep = {nodes[0], *nodes[-1].all_input_nodes}
         last_user = {p: n for n in nodes for p in n.all_input_nodes}
@@ -178,12 +253,30 @@ class _Defects(LayoutProp):
         return self.layouts.get(n.name, NONE)
 
     def run_node(self, n: fx.Node) -> Any:
+        if n.op in ("call_module", "call_function", "call_method") and linearization(op_key(self.gm, n)) is None:
+            self._joint(n)
         out = super().run_node(n)
+        self.primal.pop(n, None)
         with torch.no_grad():
             self._visit(n)
         for p in self._dead.get(n, []):
             self.g.pop(p, None)
         return out
+
+    def _joint(self, n: fx.Node) -> None:
+        """An op with no rule of its own is linearized by ``torch.func.jvp``, which computes its
+        value too: take both from one call (``.primal``, ``._pushed``) instead of running the op
+        again for the tangent. Where the jvp fails, the plain path runs and names the node."""
+        call, incoming = bind(self.gm, n, self.values, self.g, None)
+        if not incoming:
+            return
+        try:
+            with torch.no_grad():
+                out, pushed = jvp_call(call, incoming)
+        except Exception:  # no forward-mode formula, non-tensor outputs: the plain path reports it
+            return
+        self.primal[n] = out
+        self._pushed[n] = pushed
 
     def _visit(self, n: fx.Node) -> None:
         value = self.values.get(n)
@@ -194,24 +287,84 @@ class _Defects(LayoutProp):
             self.g[n] = tangent(value, self.group, self.scheme) if first else None
             return
         call, incoming = bind(self.gm, n, self.values, self.g, value)
-        incoming = {i: pytree.tree_map(lambda t: t[None], g) for i, g in incoming.items()}
-        pushed = linearize(call, incoming, op_key(self.gm, n)) if n.op != "get_attr" else None
-        pushed = pytree.tree_map(lambda t: t[0], pushed) if pushed is not None else None
         lay = self.layout(n)
+        offset = self._commutes(n, call, incoming, lay) if self.shortcuts else False
+        if offset is not False:
+            self.g[n] = self._own(n, value, lay)
+            moved = offset is not None and bool(offset.any())
+            self.e[n] = -layout_tangent(offset.expand_as(value), lay, self.group, self.scheme, self.coords) \
+                if moved else None
+            self.commuting.add(n)
+            return
+        if n in self._pushed:
+            pushed = self._pushed.pop(n) if _has_float(value) else None
+        else:
+            incoming = {i: pytree.tree_map(lambda t: t[None], g) for i, g in incoming.items()}
+            pushed = linearize(call, incoming, op_key(self.gm, n)) if n.op != "get_attr" else None
+            pushed = pytree.tree_map(lambda t: t[0], pushed) if pushed is not None else None
         if lay.kind == "tuple" or not isinstance(value, torch.Tensor) or not value.is_floating_point():
             self.g[n], self.e[n] = pushed, None  # the representation on tuples is the incoming one
+            return
+        if self.shortcuts and lay.spatial and list(incoming) == [0] and isinstance(pushed, torch.Tensor) \
+                and _relabels(op_key(self.gm, n), call.fn):
+            self.g[n], self.e[n] = pushed, None
+            self.commuting.add(n)
             return
         own = layout_tangent(value, lay, self.group, self.scheme, self.coords) \
             if lay.moves and self.group.spatial else None
         self.g[n] = own
         if pushed is None:
             self.e[n] = None if own is None else -own
-        else:
-            self.e[n] = pushed if own is None else pushed - own
-        # a NaN or inf anywhere makes the sum non-finite: one reduction, not a mask per node
-        if self.e[n] is not None and not torch.isfinite(self.e[n].sum()):
+            return
+        e = pushed if own is None else pushed - own
+        size = e.norm()
+        # a NaN or inf anywhere makes the norm non-finite: one reduction, not a mask per node
+        if not torch.isfinite(size):
             raise LayerlieError(f"NaN or inf first appears at node {n.format_node()}; check the model's "
                                 "weights or use dtype=torch.float64")
+        if own is not None and self._rounding(size, pushed, own):
+            self.rounded.add(n)
+            e = None
+        self.e[n] = e
+
+
+    @staticmethod
+    def _rounding(size: torch.Tensor, pushed: torch.Tensor, own: torch.Tensor) -> bool:
+        """``||e|| <= floor * max(||pushed||, ||own||)``; since ``||pushed|| <= ||own|| + ||e||``, a
+        defect above ``floor * (||own|| + ||e||)`` is genuine without a third norm."""
+        floor, own_size = rounding_floor(own.dtype), own.norm()
+        if size > floor * (own_size + size):
+            return False
+        return bool(size <= floor * torch.maximum(own_size, pushed.norm()))
+
+    def _own(self, n: fx.Node, value: torch.Tensor, lay: Layout) -> torch.Tensor:
+        """``G_v h_v``, checked for NaN and inf (one reduction) where no ``e_v`` is formed."""
+        own = layout_tangent(value, lay, self.group, self.scheme, self.coords)
+        if not torch.isfinite(own.sum()):
+            raise LayerlieError(f"NaN or inf first appears at node {n.format_node()}; check the model's "
+                                "weights or use dtype=torch.float64")
+        return own
+
+    def _commutes(self, n: fx.Node, call: Any, incoming: Mapping[int, Any], lay: Layout) -> Offset | bool:
+        """``n`` applies an op of :data:`_COMMUTING` to its first argument alone, which carries
+        ``G h`` and has the layout of ``n`` (the same samples at the same positions): its offset
+        (None: none), or False."""
+        if not self.group.spatial or list(incoming) != [0] or not lay.spatial or n.op == "get_attr":
+            return False
+        try:
+            rule = _COMMUTING.get(type(call.fn) if isinstance(call.fn, nn.Module) else call.fn)
+        except TypeError:  # an unhashable call target
+            return False
+        first = n.all_input_nodes[0] if n.all_input_nodes else None
+        if rule is None or first is None or self.layout(first) != lay:
+            return False
+        args, _ = call.rebuild()
+        ok, offset = rule(call.fn, args, lay)
+        return offset if ok else False
+
+
+def _has_float(value: Any) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in pytree.tree_leaves(value))
 
 
 def _sources(defects: _Defects) -> list[fx.Node]:
@@ -220,27 +373,18 @@ def _sources(defects: _Defects) -> list[fx.Node]:
 
 def _propagate_sources(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node],
                        defects: _Defects) -> torch.Tensor:
-    """``J_{out<-v}[e_v]`` for each source, stacked: ``(len(sources), *out.shape)``."""
-    k = len(sources)
-
-    def injector(i: int, e: torch.Tensor):
-        def inject(_: torch.Tensor) -> torch.Tensor:
-            stack = e.new_zeros((k, *e.shape))
-            stack[i] = e
-            return stack
-        return inject
-
-    inject = {n.name: injector(i, defects.e[n]) for i, n in enumerate(sources)}
-    out, tan = Propagator(gm, inject=inject, primal=defects.values).propagate(x, None)
-    if tan is None:
-        return out.new_zeros((k, *out.shape))
-    return tan
+    """``J_{out<-v}[e_v]`` for each source, stacked: ``(len(sources), *out.shape)``. Each source's
+    slice starts where it enters (:class:`Propagator` ``sources``), so the chunk pays for the path
+    below each source, not for zeros carried from the chunk's first one (METHOD 4)."""
+    entering = {n.name: defects.e[n] for n in sources}
+    out, tan = Propagator(gm, primal=defects.values, sources=entering).propagate(x, None)
+    return padded(tan, len(sources), out)
 
 
 def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group | str, *,
               estimator: Estimator = "exact", scheme: str = "central", output: str = "softmax",
               probes: int = 100, seed: int = 0, coords: Coords = "receptive_field",
-              memory_budget: float = 1e8, granularity: Literal["node", "module"] = "node") -> Attribution:
+              memory_budget: float | None = None, granularity: Literal["node", "module"] = "node") -> Attribution:
     """Attribute the Lie derivative of ``model`` at ``x`` to the nodes of its graph (METHOD 3-4).
 
     Args:
@@ -256,7 +400,9 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
             on a generator of their own; the global random state is left alone.
         coords: ``"receptive_field"`` sample positions (METHOD 5) or the ``"published"``
             per-tensor ``[-1, 1]`` convention.
-        memory_budget: bytes for one chunk of stacked source tangents (exact estimator).
+        memory_budget: bytes for the largest stacked tangent of one chunk of sources (exact
+            estimator); by default a sixteenth of the measured bytes of one forward's activations,
+            so that exact attribution holds about three forwards' worth at most.
         granularity: ``"node"`` (the fx graph) or ``"module"`` (leaf-module forward hooks,
             :mod:`layerlie.hooks`). A model that fx cannot trace falls back to ``"module"``
             with a one-line warning that says why.
@@ -299,7 +445,7 @@ class _Options(NamedTuple):
     probes: int
     seed: int
     coords: Coords
-    memory_budget: float
+    memory_budget: float | None
 
     def settings(self, **more: Any) -> dict[str, Any]:
         return dict(group=self.group.name, scheme=self.scheme, estimator=self.estimator, output=self.output,
@@ -309,6 +455,7 @@ class _Options(NamedTuple):
 def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attribution:
     gm, out_name = with_output(gm, o.output)
     rng = torch.Generator(device=x.device).manual_seed(o.seed)
+    reaching = _reaching(gm, x, rng) if o.estimator == "exact" else None
     with torch.no_grad(), jvp_ready(gm):
         defects = _Defects(gm, o.group, o.scheme, o.coords)
         defects.propagate(x, None)
@@ -327,16 +474,14 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
         stderr: dict[fx.Node, float] = {}
         summed = torch.zeros_like(total)
         if o.estimator == "exact":
-            per = int(o.memory_budget // max(1, _largest_bytes(defects)))
-            if per < 1:
-                raise LayerlieError(f"memory_budget={o.memory_budget:.0f} bytes is too small for one source "
-                                    f"({_largest_bytes(defects)} bytes per stacked activation); raise it")
-            live = _reaching(gm, x, sources, y, rng)
+            live = [n for n in sources if n.name in reaching]
             for n in sources:
                 if n not in live:
                     contrib[n] = shares[n] = 0.0
-            for start in range(0, len(live), per):
-                chunk = live[start:start + per]
+            # a chunk's walk holds a few stacks at once (an op's input, its temporaries, the residual
+            # stream): a sixteenth of the activations keeps it to a fraction of one forward's
+            budget = o.memory_budget if o.memory_budget is not None else _footprint(defects) / 16
+            for chunk in _chunks(gm, live, defects, budget, strict=o.memory_budget is not None):
                 c = _propagate_sources(gm, x, chunk, defects)
                 for n, cv in zip(chunk, c):
                     contrib[n] = float(cv.norm())
@@ -349,7 +494,8 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
     lf2, degenerate = _squared_norm(total, y)
     residual = _check(o.estimator, total, summed, shares.values(), lf2, degenerate)
     table = _table(gm, defects, contrib, shares, stderr, lf2, degenerate)
-    settings = o.settings(dtype=str(x.dtype), degenerate=degenerate, granularity="node")
+    settings = o.settings(dtype=str(x.dtype), degenerate=degenerate, granularity="node",
+                          rounded=len(defects.rounded), commuting=len(defects.commuting))
     e = {n.name: defects.e[n] for n in sources}
     return Attribution(table, total, residual, CHECKS[o.estimator], e, settings)
 
@@ -439,9 +585,53 @@ def _traced(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
         return trace(model, x)
 
 
-def _largest_bytes(defects: _Defects) -> int:
-    sizes = [v.numel() * v.element_size() for v in defects.values.values() if isinstance(v, torch.Tensor)]
-    return max(sizes, default=1)
+def _bytes(value: Any) -> int:
+    return sum(v.numel() * v.element_size() for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor))
+
+
+def _footprint(defects: _Defects) -> int:
+    """The bytes of every node's value, views counted once: what one forward with all its
+    activations kept holds, measured on the defects pass that keeps them."""
+    storages = {}
+    for v in pytree.tree_leaves(list(defects.values.values())):
+        if isinstance(v, torch.Tensor):
+            storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def _chunks(gm: fx.GraphModule, sources: list[fx.Node], defects: _Defects, budget: float,
+            strict: bool = True) -> list[list[fx.Node]]:
+    """Consecutive sources (in graph order), as many per chunk as keep every stacked tangent under
+    ``budget`` bytes: below a node, the stack holds one slice per chunk source entered above it
+    (:func:`_propagate_sources`), so sources late in the graph, where few nodes follow, share
+    chunks more cheaply than early ones. A budget too small for one source is an error where the
+    caller chose it (``strict``), and otherwise raised to one source per chunk."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    size = [_bytes(defects.values.get(n)) for n in gm.graph.nodes]
+    after = list(size)  # the largest value from each node to the output
+    for i in range(len(after) - 2, -1, -1):
+        after[i] = max(after[i], after[i + 1])
+    if sources and after[order[sources[0]]] > budget and not strict:
+        budget = after[order[sources[0]]]
+    if sources and after[order[sources[0]]] > budget:
+        raise LayerlieError(f"memory_budget={budget:.0f} bytes is too small for one source "
+                            f"({after[order[sources[0]]]} bytes per stacked activation); raise it")
+    chunks: list[list[fx.Node]] = []
+    for n in sources:
+        chunk = chunks[-1] if chunks else None
+        if chunk is not None and _peak(chunk + [n], order, size, after) <= budget:
+            chunk.append(n)
+        else:
+            chunks.append([n])
+    return chunks
+
+
+def _peak(chunk: list[fx.Node], order: dict[fx.Node, int], size: list[int], after: list[int]) -> int:
+    """The largest stacked tangent of a chunk: ``j`` slices between its ``j``-th and next source."""
+    starts = [order[n] for n in chunk]
+    ends = starts[1:] + [len(size)]
+    return max(j * max(size[a:b] or [0]) if b < len(size) else j * after[a]
+               for j, (a, b) in enumerate(zip(starts, ends), start=1))
 
 
 def _shares(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects: _Defects,
@@ -450,35 +640,44 @@ def _shares(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects
     return _cotangents(gm, x, sources, [total], lambda n, g: float((g * defects.e[n]).sum()))[0]
 
 
-def _reaching(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], y: torch.Tensor,
-              rng: torch.Generator) -> list[fx.Node]:
-    """The sources whose ``J_{out<-v}`` is not zero: ``J^T z != 0`` for one Gaussian ``z``, almost
+def _reaching(gm: fx.GraphModule, x: torch.Tensor, rng: torch.Generator) -> set[str]:
+    """The nodes whose ``J_{out<-v}`` is not zero: ``J^T z != 0`` for one Gaussian ``z``, almost
     surely. One reverse pass spares forward propagations of defects that never reach the output
-    (e.g. inside residual branches whose last BatchNorm is zero-initialised, as in timm)."""
-    z = torch.randn(y.shape, dtype=y.dtype, device=y.device, generator=rng)
-    reach = _cotangents(gm, x, sources, [z], lambda n, g: float(g.any()))[0]
-    return [n for n in sources if reach[n]]
+    (e.g. inside residual branches whose last BatchNorm is zero-initialised, as in timm). It runs
+    before the defects pass, over every node, so that its graph and the stored activations of
+    that pass are never held at once."""
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+
+    def probe(out: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=rng)]
+
+    reach = _cotangents(gm, x, nodes, probe, lambda n, g: float(g.any()))[0]
+    return {n.name for n in nodes if reach[n]}
 
 
-def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node], weights: list[torch.Tensor],
+def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node],
+                weights: Sequence[torch.Tensor] | Callable[[torch.Tensor], Sequence[torch.Tensor]],
                 reduce: Callable[[fx.Node, torch.Tensor], float]) -> list[dict[fx.Node, float]]:
     """``reduce(v, J_{out<-v}^T w)`` for every node ``v`` in ``nodes`` and every ``w`` in
-    ``weights``: one reverse pass each. Each cotangent is reduced by a tensor hook the moment the
-    pass reaches it, so no cotangent outlives its step."""
-    names = {n.name for n in nodes}
-    recorder = Recorder(gm, lambda n, v: v if n.name in names and isinstance(v, torch.Tensor) else None)
+    ``weights`` (or ``weights(output)``): one reverse pass each. Each cotangent is reduced by a
+    tensor hook, registered as the forward computes the node, the moment the pass reaches it, so
+    neither the node's value nor its cotangent is kept for it."""
+    by_name = {n.name: n for n in nodes}
     reduced: dict[fx.Node, float] = {}
+
+    def hook(n: fx.Node, v: Any) -> None:
+        if n.name in by_name and isinstance(v, torch.Tensor) and v.requires_grad:
+            v.register_hook(lambda g, n=by_name[n.name]: reduced.__setitem__(n, reduce(n, g)))
+
+    recorder = Recorder(gm, hook)
     results = []
     with torch.enable_grad(), jvp_ready(gm):
         xr = x.detach().requires_grad_(True)
         out = recorder.run(xr)
-        for n in nodes:
-            kept = recorder.kept.get(n.name)
-            if kept is not None and kept.requires_grad:
-                kept.register_hook(lambda g, n=n: reduced.__setitem__(n, reduce(n, g)))
-        for i, w in enumerate(weights):
+        ws = weights(out) if callable(weights) else weights
+        for i, w in enumerate(ws):
             reduced.clear()
-            torch.autograd.backward(out, w, retain_graph=i < len(weights) - 1, inputs=[xr])
+            torch.autograd.backward(out, w, retain_graph=i < len(ws) - 1, inputs=[xr])
             results.append({n: reduced.get(n, 0.0) for n in nodes})
     return results
 

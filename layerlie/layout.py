@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from layerlie import ops
 from layerlie.ops import Window
 from layerlie.probe import probe_axes, relabelled_axes
 from layerlie.propagate import Propagator, node_callable
-from layerlie.tangent import Frame, tangent
+from layerlie.tangent import Frame, central_difference, get_scheme, tangent
 from layerlie.windows import Windows
 
 Kind = Literal["grid", "tokens", "none", "unknown", "tuple", "pair", "windows"]
@@ -144,10 +145,12 @@ def layout_tangent(h: torch.Tensor, layout: Layout, group: Group, scheme: str = 
     if not layout.moves or not group.spatial:
         return torch.zeros_like(h)
     if layout.kind == "pair":
-        return layout_tangent(h, layout.query, group, scheme, coords) + \
-            layout_tangent(h, layout.key, group, scheme, coords)
+        return layout_tangent(h, layout.query, group, scheme, coords).add_(
+            layout_tangent(h, layout.key, group, scheme, coords))
+    fused = get_scheme(scheme) is central_difference and group.origin is None
     if layout.kind == "grid":
-        return tangent(h, group, scheme, layout.frame(coords))
+        frame = layout.frame(coords)
+        return _central_tangent(h, group, frame, torch.empty_like(h)) if fused else tangent(h, group, scheme, frame)
     if layout.kind == "windows":
         frame = layout.frame(coords)
         views = (layout.windows,) if layout.key_windows is None else (layout.windows, layout.key_windows)
@@ -158,8 +161,55 @@ def layout_tangent(h: torch.Tensor, layout: Layout, group: Group, scheme: str = 
         folded = replace(layout, token_dim=d + 1)
         return layout_tangent(h.unflatten(d, (-1, n)), folded, group, scheme, coords).flatten(d, d + 1)
     grid = h.narrow(d, p, h.shape[d] - p).unflatten(d, layout.hw)
+    if fused:
+        out = torch.empty(h.shape, dtype=h.dtype, device=h.device)  # contiguous: its grid part is a view
+        out.narrow(d, 0, p).zero_()
+        _central_tangent(grid, group, layout.frame(coords), out.narrow(d, p, h.shape[d] - p).unflatten(d, layout.hw))
+        return out
     g = tangent(grid, group, scheme, layout.frame(coords)).flatten(d, d + 1)
     return torch.cat([torch.zeros_like(h.narrow(d, 0, p)), g], d)
+
+
+def _central_tangent(h: torch.Tensor, group: Group, frame: Frame, out: torch.Tensor) -> torch.Tensor:
+    """``tangent(h, group, "central", frame)`` written into ``out`` (a view of ``h``'s shape) in
+    about two passes over ``h`` per moving axis, where the general path allocates and copies
+    some eight times: ``G h = v . grad h`` with the central difference (METHOD 1). The defects
+    pass takes ``G_v h_v`` of every node, so this is most of its cost beyond the forward."""
+    moving = _fields(tuple(group.generator.flatten().tolist()), frame, tuple(h.shape), h.dtype, h.device)
+    if not moving:
+        return out.zero_()
+    for k, (dim, v) in enumerate(moving):
+        target = out if k == 0 else torch.empty_like(out)
+        _difference(h, dim, target)
+        target.mul_(v)
+        if k:
+            out.add_(target)
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def _fields(m: tuple[float, ...], frame: Frame, shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> list[tuple[int, torch.Tensor]]:
+    """The axes along which the field of generator ``m`` (2x3, row-major) moves the samples of a
+    tensor of ``shape`` in ``frame``, each with its velocity component times ``1 / (2 scale)``: the
+    central difference's half and the axis's spacing (:func:`layerlie.tangent.tangent`). They
+    depend on the geometry alone, and the defects pass meets the same geometry at many nodes."""
+    uy, ux = frame.positions(torch.empty((), dtype=dtype, device=device).expand(shape))  # no storage
+    probe = torch.empty(shape, dtype=dtype, device="meta")
+    fields = ((m[0] * ux + m[1] * uy + m[2], frame.x_dim, frame.axis_map(probe, "x")[0]),
+              (m[3] * ux + m[4] * uy + m[5], frame.y_dim, frame.axis_map(probe, "y")[0]))
+    return [(dim, v * (0.5 / scale)) for v, dim, scale in fields if bool((v != 0).any())]
+
+
+def _difference(h: torch.Tensor, dim: int, out: torch.Tensor) -> None:
+    """``h[j+1] - h[j-1]`` along ``dim`` into ``out``, with zeros beyond the border."""
+    n = h.shape[dim]
+    if n == 1:
+        out.zero_()
+        return
+    torch.sub(h.narrow(dim, 2, n - 2), h.narrow(dim, 0, n - 2), out=out.narrow(dim, 1, n - 2))
+    out.narrow(dim, 0, 1).copy_(h.narrow(dim, 1, 1))
+    torch.neg(h.narrow(dim, n - 2, 1), out=out.narrow(dim, n - 1, 1))
 
 
 def _window(fn: Any, args: Sequence[Any], kwargs: dict) -> Window | None:

@@ -5,7 +5,9 @@ value, carries a stack of K tangents ``(K, *shape)``: the linear part of the nod
 applied to its parents' tangents. Sources may inject a tangent at any node.
 
 - End-to-end Lie derivative: one source, ``G x`` at the input, one slice per group.
-- Exact attribution: every node with a defect ``e_v`` is a source in its own slice.
+- Exact attribution: every node with a defect ``e_v`` is a source in its own slice. The
+  stack grows where each source enters (``sources``): the tangents of a node hold only the
+  sources upstream of it, so no zero slice is carried from the chunk's first source on.
 - Local defects: each node's op linearized at its inputs, applied to ``G_p h_p``.
 
 The linear part of an op is its linearization rule in the op registry (:mod:`layerlie.ops`,
@@ -114,6 +116,23 @@ def _vmap_jvp(call: Call, tangents: Tangents) -> Any:
         return torch.func.vmap(lambda *ts: torch.func.jvp(f, primals, ts)[1])(*stacks)
 
 
+def jvp_call(call: Call, tangents: Tangents) -> tuple[Any, Any]:
+    """``call``'s output and its tangent, given one tangent (no stack axis) for some of its flat
+    arguments, from one ``torch.func.jvp``: the op runs once for both, where running it and then
+    :func:`linearize` runs it twice. ``call.out`` is not read."""
+    where = sorted(tangents)
+
+    def f(*primals):
+        leaves = list(call.flat)
+        for i, p in zip(where, primals):
+            leaves[i] = p
+        return call(leaves)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        return torch.func.jvp(f, tuple(_dense(call.flat[i]) for i in where), tuple(tangents[i] for i in where))
+
+
 def _dense(t: Any) -> Any:
     """Broadcast views (``expand``) cannot carry a dual tangent: materialize them."""
     if isinstance(t, torch.Tensor) and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
@@ -131,12 +150,18 @@ class Propagator(fx.Interpreter):
         keep: keep every node's value and tangent (``.values``, ``.tangents``).
         primal: node values from an earlier pass at the same input; given, the ops are
             not run again and only tangents are computed.
+        sources: ``{node name: e}``, in topological order: source ``i`` enters as slice ``i``
+            at its node. A node's stack holds slices ``0 .. k-1`` for the sources entered
+            upstream of it; an op whose arguments hold fewer slices than others sees them
+            padded with zeros, so each source costs only the path below it.
     """
 
     def __init__(self, gm: fx.GraphModule, inject: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-                 keep: bool = False, primal: Mapping[fx.Node, Any] | None = None) -> None:
+                 keep: bool = False, primal: Mapping[fx.Node, Any] | None = None,
+                 sources: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__(gm, garbage_collect_values=not keep)
         self.inject = inject or {}
+        self.sources = {name: (i, e) for i, (name, e) in enumerate((sources or {}).items())}
         self.keep = keep
         self.primal = primal or {}
         self.tangents: dict[fx.Node, Any] = {}
@@ -158,14 +183,18 @@ class Propagator(fx.Interpreter):
         elif n.op == "output":
             self.out_tangent = self._gather(n.args[0])
             return out
-        elif n.op == "get_attr":
+        elif n.op == "get_attr" or all(self.tangents.get(a) is None for a in n.all_input_nodes):
             tan = None
         else:
             call, tangents = bind(self.module, n, self.env, self.tangents, out)
-            tan = linearize(call, tangents, op_key(self.module, n))
+            tan = linearize(call, aligned(tangents) if self.sources else tangents, op_key(self.module, n))
         if n.name in self.inject:
             src = self.inject[n.name](out)
             tan = src if tan is None else tan + src
+        if n.name in self.sources:
+            i, e = self.sources[n.name]
+            tan = padded(tan, i, e)
+            tan = torch.cat([tan, e[None]]) if tan is not None else e[None]
         self.tangents[n] = tan
         if self.keep:
             self.values[n] = out
@@ -183,6 +212,34 @@ class Propagator(fx.Interpreter):
         with torch.no_grad():
             out = self.run(x)
         return out, self.out_tangent
+
+
+def stack_depth(tangent: Any) -> int:
+    """The number of slices of a tangent stack (or of the largest stack of a tuple of them)."""
+    return max((t.shape[0] for t in pytree.tree_leaves(tangent) if isinstance(t, torch.Tensor)), default=0)
+
+
+def padded(tangent: Any, k: int, like: torch.Tensor | None = None) -> Any:
+    """``tangent`` with zero slices appended up to ``k`` (stacks that already hold ``k`` are kept
+    as they are); None stays None unless ``like`` gives the shape of ``k`` zero slices."""
+    if tangent is None:
+        return like.new_zeros((k, *like.shape)) if like is not None and k else None
+
+    def pad(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.shape[0] >= k:
+            return t
+        return torch.cat([t, t.new_zeros((k - t.shape[0], *t.shape[1:]))])
+
+    return pytree.tree_map(pad, tangent)
+
+
+def aligned(tangents: Tangents) -> Tangents:
+    """Every argument's stack padded to the deepest one (the sources entered on any path)."""
+    depths = {i: stack_depth(t) for i, t in tangents.items()}
+    k = max(depths.values(), default=0)
+    if all(d == k for d in depths.values()):
+        return tangents
+    return {i: padded(t, k) for i, t in tangents.items()}
 
 
 class Recorder(fx.Interpreter):

@@ -97,8 +97,9 @@ def composite_defect(new: fx.GraphModule, defects: Mapping[str, torch.Tensor], n
         node = by_name[name]
         m = new.get_submodule(node.target)
         with torch.no_grad():
-            own = defects.get(name, 0.0)  # absent: e = 0
-            e = own if e is None else m(e) - m(torch.zeros_like(e)) + own
+            own = defects.get(name)  # absent: e = 0 (a stage that commutes with G, as a 1x1 conv)
+            pushed = None if e is None else m(e) - m(torch.zeros_like(e))
+            e = own if pushed is None else pushed if own is None else pushed + own
     return e
 
 
