@@ -29,6 +29,7 @@ from torch import nn
 
 from layerlie.errors import LayerlieError
 from layerlie.groups import Group, resolve_groups
+from layerlie.jvprules import FastRules
 from layerlie.memory import Footprint, measure_footprint, plan_chunks
 from layerlie.models import input_channels
 from layerlie.tangent import IMAGE, Frame, base_point, check_scheme, tangent
@@ -96,19 +97,22 @@ def _image_like(y: torch.Tensor) -> bool:
 
 
 def push_tangents(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                  tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  tangents: torch.Tensor, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One primal pass of ``f`` at ``x`` and the Jacobian applied to every tangent.
 
     Args:
         f: a function of one tensor.
         x: the primal point.
         tangents: ``(K, *x.shape)``, K directions.
+        fast: use the cheaper rules of :mod:`layerlie.jvprules` for convolutions, linear
+            layers and batch norms (the same derivative, without the weights' zero terms).
 
     Returns:
         ``(f(x), J_f(x)[tangents])`` with shapes ``out`` and ``(K, *out)``.
     """
-    with torch.no_grad(), warnings.catch_warnings():
-        # functorch's notice that an op falls back to a loop: slower, still exact.
+    with torch.no_grad(), warnings.catch_warnings(), FastRules() if fast else contextlib.nullcontext():
+        # functorch's notice that an op falls back to a loop (as_strided_, in timm's global
+        # pooling): slower, still exact.
         warnings.filterwarnings("ignore", message="There is a performance drop")
         if tangents.shape[0] == 1:
             y, jv = torch.func.jvp(f, (x,), (tangents[0],))
@@ -134,14 +138,14 @@ _FOOTPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def footprint(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-              tangents: torch.Tensor) -> tuple[Footprint, bool]:
+              tangents: torch.Tensor, fast: bool = True) -> tuple[Footprint, bool]:
     """The memory footprint per image of pushing tangents through ``f`` at ``x``, measured
     on the first image and two tangents (see :mod:`layerlie.memory`), and whether ``f``
     keeps the batch axis (so that chunks of images can run apart).
 
-    Cached by ``f`` (weakly) and the image shape, dtype and device.
+    Cached by ``f`` (weakly), the image shape, dtype and device, and ``fast``.
     """
-    where = (tuple(x.shape[1:]), x.dtype, x.device)
+    where = (tuple(x.shape[1:]), x.dtype, x.device, fast)
     try:
         cache = _FOOTPRINTS.setdefault(f, {})
     except TypeError:  # not weakly referenceable: measured on every call
@@ -150,8 +154,8 @@ def footprint(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         x1, t1 = x[:1], tangents[:1, :1]
         with torch.no_grad():
             y = f(x1)
-            fp = measure_footprint(lambda: f(x1), lambda: push_tangents(f, x1, t1),
-                                   lambda: push_tangents(f, x1, t1.expand(2, *t1.shape[1:])))
+            fp = measure_footprint(lambda: f(x1), lambda: push_tangents(f, x1, t1, fast),
+                                   lambda: push_tangents(f, x1, t1.expand(2, *t1.shape[1:]), fast))
         cache[where] = fp, y.ndim > 0 and y.shape[0] == 1
     return cache[where]
 
@@ -159,7 +163,8 @@ def footprint(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                    group: Group | str | Sequence[Group | str], *, scheme: str = "central",
                    output_frame: Frame | None | Literal["auto"] = "auto",
-                   method: Method = "jvp", memory_budget: float | None = None) -> torch.Tensor:
+                   method: Method = "jvp", memory_budget: float | None = None,
+                   fast: bool = True) -> torch.Tensor:
     """The Lie derivative ``L f(x) = J_f(x)[G x] - G f(x)`` (METHOD 2).
 
     Args:
@@ -178,6 +183,8 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             weights. The images and groups are split into chunks that fit, by a footprint
             measured on one image (:func:`footprint`). None: three times what a no-grad
             forward of the batch holds; ``float("inf")``: everything in one pass.
+        fast: the cheaper forward-mode rules of :mod:`layerlie.jvprules` (same numbers);
+            False runs PyTorch's own formulas throughout.
 
     Returns:
         ``L f(x)`` shaped like ``f(x)``, or ``(K, *f(x).shape)`` for a list of K groups.
@@ -200,10 +207,11 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         for idx in by_base.values():
             x0 = base_point(x, groups[idx[0]])
             if method == "jvp":
-                images, per_chunk = _plan(f, x0, [groups[i] for i in idx], scheme, memory_budget)
+                images, per_chunk = _plan(f, x0, [groups[i] for i in idx], scheme, memory_budget, fast)
                 for chunk in _split(idx, per_chunk):
-                    d = torch.cat([_push(f, x0[s:s + images], x[s:s + images], [groups[i] for i in chunk], scheme,
-                                         output_frame) for s in range(0, len(x), images)], 1)
+                    parts = [_push(f, x0[s:s + images], x[s:s + images], [groups[i] for i in chunk], scheme,
+                                   output_frame, fast) for s in range(0, len(x), images)]
+                    d = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
                     for k, i in enumerate(chunk):
                         results[i] = d[k]
             else:
@@ -224,20 +232,20 @@ def _split(idx: list[int], size: int) -> list[list[int]]:
 
 
 def _plan(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, groups: list[Group], scheme: str,
-          memory_budget: float | None) -> tuple[int, int]:
+          memory_budget: float | None, fast: bool) -> tuple[int, int]:
     """``(images, groups)`` per chunk under the budget (all of both without a limit)."""
     if memory_budget == float("inf"):
         return len(x0), len(groups)
-    fp, per_image = footprint(f, x0, tangent(x0[:1], groups[0], scheme)[None])
+    fp, per_image = footprint(f, x0, tangent(x0[:1], groups[0], scheme)[None], fast)
     budget = 3 * fp.forward * len(x0) if memory_budget is None else memory_budget
     images, per_chunk = plan_chunks(fp, len(x0), len(groups), budget)
     return (images if per_image else len(x0)), per_chunk
 
 
 def _push(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, x: torch.Tensor, groups: list[Group],
-          scheme: str, output_frame: Frame | None | Literal["auto"]) -> torch.Tensor:
+          scheme: str, output_frame: Frame | None | Literal["auto"], fast: bool) -> torch.Tensor:
     """``L f`` of a chunk of images ``x`` (base point ``x0``) for a chunk of groups: ``(k, *f(x0).shape)``."""
-    y, jv = push_tangents(f, x0, torch.stack([tangent(x, g, scheme) for g in groups]))
+    y, jv = push_tangents(f, x0, torch.stack([tangent(x, g, scheme) for g in groups]), fast)
     check_finite(y, "model output")
     return torch.stack([_subtract_output_tangent(jv[k], y, g, scheme, output_frame) for k, g in enumerate(groups)])
 
@@ -271,7 +279,7 @@ def probabilities(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
 def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         groups: str | Iterable[str | Group] = "all", *, scheme: str = "central",
         method: Method = "jvp", names: Sequence[str] | None = None,
-        batch_size: int | None = None, memory_budget: float | None = None,
+        batch_size: int | None = None, memory_budget: float | None = None, fast: bool = True,
         progress: Callable[[int], None] | None = None) -> pd.DataFrame:
     """The published end-to-end LEE: per image and group, the mean over classes of
     ``|L softmax(model(x))|`` (METHOD 2).
@@ -280,7 +288,7 @@ def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         model: a classifier returning logits ``(B, K)``.
         x: images ``(B, C, H, W)``, normalized as the model expects.
         groups: ``"all"``, names, or groups.
-        scheme, method, memory_budget: as in :func:`lie_derivative`.
+        scheme, method, memory_budget, fast: as in :func:`lie_derivative`.
         names: one name per image (default: the image index).
         batch_size: images per pass (default: all at once).
         progress: called with the number of images done after each pass.
@@ -305,7 +313,7 @@ def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         xb = x[start:start + step]
         with jvp_ready(model):
             d = lie_derivative(f, xb, gs, scheme=scheme, output_frame=None, method=method,
-                               memory_budget=memory_budget)
+                               memory_budget=memory_budget, fast=fast)
         per_image = d.abs().flatten(2).mean(-1).tolist()  # (K, B)
         for k, g in enumerate(gs):
             rows += [(names[start + b], g.name, v) for b, v in enumerate(per_image[k])]
