@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -62,26 +63,23 @@ class FastRules(TorchFunctionMode):
 
 
 class _Linear(torch.autograd.Function):
-    """``op(x, w, b)`` for constant weights ``w, b``: ``d = op(x_t, w)``, with no term for
-    the weights' (zero) tangents."""
+    """``y = op(x)`` for an op linear in ``x`` up to a constant (its weights and bias are
+    closed over, not inputs, so no zero tangent is made for them): ``d = op_t(x_t)``, the
+    op without the constant."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(op: Callable, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                kw: dict) -> torch.Tensor:
-        return op(x, weight, bias, **kw)
+    def forward(x: torch.Tensor, op: Callable, op_t: Callable) -> torch.Tensor:
+        return op(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        op, x, weight, _, kw = inputs
-        ctx.op, ctx.kw = op, kw
-        ctx.save_for_forward(weight)
+        ctx.op_t = inputs[2]
 
     @staticmethod
-    def jvp(ctx, _op, x_t, _w_t, _b_t, _kw):
-        # w_t and b_t are zeros: the rule is only taken for constant weights.
-        return ctx.op(x_t, ctx.saved_tensors[0], None, **ctx.kw)
+    def jvp(ctx, x_t, _op, _op_t):
+        return ctx.op_t(x_t)
 
 
 def _constant(*tensors: torch.Tensor | None) -> bool:
@@ -93,43 +91,24 @@ def _constant(*tensors: torch.Tensor | None) -> bool:
 def _conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if not _constant(weight, bias):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    return _Linear.apply(F.conv2d, x, weight, bias, dict(stride=stride, padding=padding, dilation=dilation,
-                                                          groups=groups))
+    kw = dict(weight=weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return _Linear.apply(x, partial(F.conv2d, bias=bias, **kw), partial(F.conv2d, **kw))
 
 
 def _linear(x, weight, bias=None):
     if not _constant(weight, bias):
         return F.linear(x, weight, bias)
-    return _Linear.apply(F.linear, x, weight, bias, {})
-
-
-class _EvalNorm(torch.autograd.Function):
-    """Eval-mode batch norm, ``y = x * a + c`` per channel: ``d = x_t * a``."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, mean, var, weight, bias, eps):
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, mean, var, weight, _, eps = inputs
-        a = torch.rsqrt(var + eps)
-        if weight is not None:
-            a = a * weight
-        ctx.save_for_forward(a.reshape(-1, *([1] * (x.ndim - 2))))
-
-    @staticmethod
-    def jvp(ctx, x_t, *_):
-        (a,) = ctx.saved_tensors
-        return x_t * a
+    return _Linear.apply(x, partial(F.linear, weight=weight, bias=bias), partial(F.linear, weight=weight))
 
 
 def _batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     if training or running_mean is None or not _constant(running_mean, running_var, weight, bias):
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    return _EvalNorm.apply(x, running_mean, running_var, weight, bias, eps)
+    # Eval mode: y = x * a + c per channel.
+    a = torch.rsqrt(running_var + eps) if weight is None else weight * torch.rsqrt(running_var + eps)
+    a = a.reshape(-1, *([1] * (x.ndim - 2)))
+    return _Linear.apply(x, partial(F.batch_norm, running_mean=running_mean, running_var=running_var, weight=weight,
+                                    bias=bias, training=False, momentum=0.0, eps=eps), a.mul)
 
 
 register_jvp_rule(F.conv2d)(_conv2d)

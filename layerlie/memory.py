@@ -98,7 +98,9 @@ def plan_chunks(footprint: Footprint, images: int, tangents: int, budget: float)
     pass with all of them fits (a chunk of groups repeats the primal pass, a chunk of
     images does not), with as many images as fit; otherwise one image and as many tangents
     as fit. Never less than one of each, whatever the budget."""
+    if footprint.bytes(images, tangents) <= budget:
+        return images, tangents
     if footprint.bytes(1, tangents) <= budget:
-        return max(1, min(images, int(budget // footprint.bytes(1, tangents)))), tangents
+        return max(1, int(budget // footprint.bytes(1, tangents))), tangents
     fit = int((budget - footprint.base) // footprint.per_tangent)
     return 1, max(1, min(tangents, fit))
