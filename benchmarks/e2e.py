@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -48,14 +47,20 @@ def _probe(name: str, kind: str, batch: int) -> None:
     torch.manual_seed(0)
     model = ll.load_model(name)
     x = ll.photos(model, n=batch)
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the resident set's high-water mark: loading may have set it higher
+    before = _status_kib("VmRSS")
     if kind == "forward":
         with torch.no_grad():
             model(x)
     else:
         ll.lee(model, x, "all", memory_budget=float("inf") if kind == "lee-whole" else None)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    print((_status_kib("VmHWM") - before) / 1024)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def peak_rss_growth(name: str, kind: str, batch: int) -> float:
@@ -102,7 +107,8 @@ def main() -> None:
         with torch.no_grad():
             t_fwd = best_time(lambda: model(x))
         start = time.perf_counter()  # measured once per model and input shape, then cached
-        ll.lie.footprint(ll.lie.probabilities(model), x, ll.tangent(x, ll.group("translate_x"))[None])
+        with ll.jvp_ready(model):
+            ll.lie.footprint(ll.lie.probabilities(model), x, ll.tangent(x, ll.group("translate_x"))[None])
         t_fp = time.perf_counter() - start
         t_one = best_time(lambda: ll.lee(model, x, "translate_x"))
         t_all = best_time(lambda: ll.lee(model, x, "all"))
