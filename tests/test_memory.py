@@ -22,7 +22,7 @@ def test_live_bytes_counts_what_is_created_and_alive():
         del tmp
         view = kept[:10]                   # a view: no new storage
         kept.add_(1)                       # in place: no new storage
-    assert live.peak == 16000 + 8000 and view.numel() == 10
+    assert live.peak == 16000 + 8000 and live.current == 8000 and view.numel() == 10
     assert peak_bytes(lambda: torch.empty(100, dtype=torch.float32)) == 400
 
 
