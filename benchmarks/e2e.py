@@ -38,6 +38,8 @@ def best_time(fn, repeat: int = 2, warmup: bool = True) -> float:
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -70,6 +72,16 @@ def peak_rss_growth(name: str, kind: str, batch: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def cuda_peak_growth(fn) -> float:
+    """Peak CUDA memory that ``fn()`` allocates beyond what was allocated before, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def top_ops(model, x, n: int = 8) -> str:
     """The ``n`` ops with the largest share of the CPU time of ten-group lee."""
     from torch.profiler import ProfilerActivity, profile
@@ -87,19 +99,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="resnet18,vit_tiny_patch16_224,convnext_atto")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (fp32, TF32 off; memory from the allocator)")
     parser.add_argument("--profile", action="store_true", help="print the top ops of ten-group lee per model")
     parser.add_argument("--probe", choices=["forward", "lee", "lee-whole"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     if args.probe:
         return _probe(args.models, args.probe, args.batch)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    print(f"machine: {torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'model':24s} {'fwd s':>7s} {'1 group/fwd':>12s} {'10 groups/fwd':>14s} {'eager 1/10':>11s} "
           f"{'whole 1/10':>11s} {'db/ours (10)':>13s} {'memory/fwd':>11s} {'whole memory/fwd':>17s}")
     for name in args.models.split(","):
         torch.manual_seed(0)
-        model = ll.load_model(name)
+        model = ll.load_model(name, device=args.device)
         x = ll.photos(model, n=args.batch)
         if args.profile:
             print(f"{name}: {top_ops(model, x)}", flush=True)
@@ -121,11 +137,19 @@ def main() -> None:
         base = ll.lee(model, x, "all", method="double_backward")
         t_db = time.perf_counter() - start
         agree = float((ours["lee"] - base["lee"]).abs().max() / base["lee"].abs().max())
-        m_fwd, m_lee, m_whole = (peak_rss_growth(name, k, args.batch) for k in ("forward", "lee", "lee-whole"))
+        eager = ll.lee(model, x, "all", fast=False)
+        agree_fast = float((ours["lee"] - eager["lee"]).abs().max() / eager["lee"].abs().max())
+        if cuda:
+            with torch.no_grad():
+                m_fwd = cuda_peak_growth(lambda: model(x))
+            m_lee = cuda_peak_growth(lambda: ll.lee(model, x, "all"))
+            m_whole = cuda_peak_growth(lambda: ll.lee(model, x, "all", memory_budget=float("inf")))
+        else:
+            m_fwd, m_lee, m_whole = (peak_rss_growth(name, k, args.batch) for k in ("forward", "lee", "lee-whole"))
         print(f"{name:24s} {t_fwd:7.3f} {t_one / t_fwd:12.2f} {t_all / t_fwd:14.2f} "
               f"{e_one / t_fwd:5.2f}/{e_all / t_fwd:5.2f} {w_one / t_fwd:5.2f}/{w_all / t_fwd:5.2f} "
               f"{t_db / t_all:13.2f} {m_lee / m_fwd:11.2f} {m_whole / m_fwd:17.2f}   "
-              f"(max rel. diff db vs ours {agree:.1e}; footprint measured once in {t_fp:.2f} s; MiB: forward {m_fwd:.0f}, lee {m_lee:.0f}, "
+              f"(max rel. diff db vs ours {agree:.1e}, eager vs fast {agree_fast:.1e}; footprint measured once in {t_fp:.2f} s; MiB: forward {m_fwd:.0f}, lee {m_lee:.0f}, "
               f"whole {m_whole:.0f})", flush=True)
 
 
