@@ -17,7 +17,6 @@ Run: ``python benchmarks/e2e.py [--batch 8] [--models resnet18,...] [--profile]`
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import subprocess
 import sys
