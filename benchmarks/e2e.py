@@ -4,18 +4,20 @@ For each model (random init, batch of embedded photos):
 - lee with one group / one no-grad forward pass;
 - lee with all ten groups / one forward pass;
 - the double-backward baseline's time / ours, ten groups, on the same numbers;
-- extra peak memory of lee (ten groups) / that of a no-grad forward, each measured in a
-  fresh process with ``--probe forward`` and ``--probe lee`` (CPU: resident-set growth).
+- the same with PyTorch's own forward-mode formulas (``fast=False``) and with no memory
+  budget (``memory_budget=inf``, every image and group in one pass);
+- extra peak memory of lee (ten groups, default budget and no budget) / that of a no-grad
+  forward, each measured in a fresh process (CPU: resident-set growth);
+- the one-off cost of measuring the footprint (cached per model and input shape);
+- with ``--profile``: the top ops of ten-group lee and their share of the CPU time.
 
-Run: ``python benchmarks/e2e.py [--batch 8] [--models resnet18,...]``.
+Run: ``python benchmarks/e2e.py [--batch 8] [--models resnet18,...] [--profile]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ import warnings
 import torch
 
 import layerlie as ll
+import layerlie.lie
 
 
 def best_time(fn, repeat: int = 2, warmup: bool = True) -> float:
@@ -34,6 +37,8 @@ def best_time(fn, repeat: int = 2, warmup: bool = True) -> float:
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -43,14 +48,20 @@ def _probe(name: str, kind: str, batch: int) -> None:
     torch.manual_seed(0)
     model = ll.load_model(name)
     x = ll.photos(model, n=batch)
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the resident set's high-water mark: loading may have set it higher
+    before = _status_kib("VmRSS")
     if kind == "forward":
         with torch.no_grad():
             model(x)
     else:
-        ll.lee(model, x, "all")
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+        ll.lee(model, x, "all", memory_budget=float("inf") if kind == "lee-whole" else None)
+    print((_status_kib("VmHWM") - before) / 1024)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def peak_rss_growth(name: str, kind: str, batch: int) -> float:
@@ -60,35 +71,85 @@ def peak_rss_growth(name: str, kind: str, batch: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def cuda_peak_growth(fn) -> float:
+    """Peak CUDA memory that ``fn()`` allocates beyond what was allocated before, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def top_ops(model, x, n: int = 8) -> str:
+    """The ``n`` ops with the largest share of the CPU time of ten-group lee."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ll.lee(model, x, "all")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ll.lee(model, x, "all")
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    return ", ".join(f"{e.key.removeprefix('aten::')} {100 * e.self_cpu_time_total / total:.0f}% ({e.count})"
+                     for e in events[:n])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="resnet18,vit_tiny_patch16_224,convnext_atto")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--probe", choices=["forward", "lee"], help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (fp32, TF32 off; memory from the allocator)")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of ten-group lee per model")
+    parser.add_argument("--probe", choices=["forward", "lee", "lee-whole"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     if args.probe:
         return _probe(args.models, args.probe, args.batch)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    print(f"{'model':24s} {'fwd s':>7s} {'1 group/fwd':>12s} {'10 groups/fwd':>14s} "
-          f"{'db/ours (10)':>13s}")
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    print(f"machine: {torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'model':24s} {'fwd s':>7s} {'1 group/fwd':>12s} {'10 groups/fwd':>14s} {'eager 1/10':>11s} "
+          f"{'whole 1/10':>11s} {'db/ours (10)':>13s} {'memory/fwd':>11s} {'whole memory/fwd':>17s}")
     for name in args.models.split(","):
         torch.manual_seed(0)
-        model = ll.load_model(name)
+        model = ll.load_model(name, device=args.device)
         x = ll.photos(model, n=args.batch)
+        if args.profile:
+            print(f"{name}: {top_ops(model, x)}", flush=True)
+            continue
         with torch.no_grad():
             t_fwd = best_time(lambda: model(x))
+        start = time.perf_counter()  # measured once per model and input shape, then cached
+        with ll.jvp_ready(model):
+            ll.lie.footprint(ll.lie.probabilities(model), x, ll.tangent(x, ll.group("translate_x"))[None])
+        t_fp = time.perf_counter() - start
         t_one = best_time(lambda: ll.lee(model, x, "translate_x"))
         t_all = best_time(lambda: ll.lee(model, x, "all"))
+        e_one = best_time(lambda: ll.lee(model, x, "translate_x", fast=False))
+        e_all = best_time(lambda: ll.lee(model, x, "all", fast=False))
+        w_one = best_time(lambda: ll.lee(model, x, "translate_x", memory_budget=float("inf")))
+        w_all = best_time(lambda: ll.lee(model, x, "all", memory_budget=float("inf")))
         ours = ll.lee(model, x, "all")
         start = time.perf_counter()
         base = ll.lee(model, x, "all", method="double_backward")
         t_db = time.perf_counter() - start
         agree = float((ours["lee"] - base["lee"]).abs().max() / base["lee"].abs().max())
+        eager = ll.lee(model, x, "all", fast=False)
+        agree_fast = float((ours["lee"] - eager["lee"]).abs().max() / eager["lee"].abs().max())
+        if cuda:
+            with torch.no_grad():
+                m_fwd = cuda_peak_growth(lambda: model(x))
+            m_lee = cuda_peak_growth(lambda: ll.lee(model, x, "all"))
+            m_whole = cuda_peak_growth(lambda: ll.lee(model, x, "all", memory_budget=float("inf")))
+        else:
+            m_fwd, m_lee, m_whole = (peak_rss_growth(name, k, args.batch) for k in ("forward", "lee", "lee-whole"))
         print(f"{name:24s} {t_fwd:7.3f} {t_one / t_fwd:12.2f} {t_all / t_fwd:14.2f} "
-              f"{t_db / t_all:13.2f}   (max rel. diff db vs ours {agree:.1e})")
-    print("peak memory: run `python benchmarks/e2e.py --probe forward|lee --models NAME` (MiB added, fresh process)")
+              f"{e_one / t_fwd:5.2f}/{e_all / t_fwd:5.2f} {w_one / t_fwd:5.2f}/{w_all / t_fwd:5.2f} "
+              f"{t_db / t_all:13.2f} {m_lee / m_fwd:11.2f} {m_whole / m_fwd:17.2f}   "
+              f"(max rel. diff db vs ours {agree:.1e}, eager vs fast {agree_fast:.1e}; footprint measured once in {t_fp:.2f} s; MiB: forward {m_fwd:.0f}, lee {m_lee:.0f}, "
+              f"whole {m_whole:.0f})", flush=True)
 
 
 if __name__ == "__main__":
