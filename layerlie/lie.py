@@ -97,7 +97,7 @@ def _image_like(y: torch.Tensor) -> bool:
 
 
 def push_tangents(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                  tangents: torch.Tensor, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  tangents: torch.Tensor, fast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One primal pass of ``f`` at ``x`` and the Jacobian applied to every tangent.
 
     Args:
@@ -106,10 +106,15 @@ def push_tangents(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         tangents: ``(K, *x.shape)``, K directions.
         fast: use the cheaper rules of :mod:`layerlie.jvprules` for convolutions, linear
             layers and batch norms (the same derivative, without the weights' zero terms).
+            None: on the CPU only. They save arithmetic, which is what a CPU pass spends
+            its time on; on a GPU at benchmark batches the pass is bound by the host's
+            per-op work, which their dispatch mode adds to (benchmarks/RESULTS.md).
 
     Returns:
         ``(f(x), J_f(x)[tangents])`` with shapes ``out`` and ``(K, *out)``.
     """
+    if fast is None:
+        fast = x.device.type == "cpu"
     with torch.no_grad(), warnings.catch_warnings(), FastRules() if fast else contextlib.nullcontext():
         # functorch's notice that an op falls back to a loop (as_strided_, in timm's global
         # pooling): slower, still exact.
@@ -138,7 +143,7 @@ _FOOTPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def footprint(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-              tangents: torch.Tensor, fast: bool = True) -> tuple[Footprint, bool]:
+              tangents: torch.Tensor, fast: bool | None = None) -> tuple[Footprint, bool]:
     """The memory footprint per image of pushing tangents through ``f`` at ``x``, measured
     on the first image and two tangents (see :mod:`layerlie.memory`), and whether ``f``
     keeps the batch axis (so that chunks of images can run apart).
@@ -164,7 +169,7 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                    group: Group | str | Sequence[Group | str], *, scheme: str = "central",
                    output_frame: Frame | None | Literal["auto"] = "auto",
                    method: Method = "jvp", memory_budget: float | None = None,
-                   fast: bool = True) -> torch.Tensor:
+                   fast: bool | None = None) -> torch.Tensor:
     """The Lie derivative ``L f(x) = J_f(x)[G x] - G f(x)`` (METHOD 2).
 
     Args:
@@ -184,7 +189,8 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             measured on one image (:func:`footprint`). None: three times what a no-grad
             forward of the batch holds; ``float("inf")``: everything in one pass.
         fast: the cheaper forward-mode rules of :mod:`layerlie.jvprules` (same numbers);
-            False runs PyTorch's own formulas throughout.
+            False runs PyTorch's own formulas throughout; None, the default, uses the
+            rules on the CPU only (see :func:`push_tangents`).
 
     Returns:
         ``L f(x)`` shaped like ``f(x)``, or ``(K, *f(x).shape)`` for a list of K groups.
@@ -232,7 +238,7 @@ def _split(idx: list[int], size: int) -> list[list[int]]:
 
 
 def _plan(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, groups: list[Group], scheme: str,
-          memory_budget: float | None, fast: bool) -> tuple[int, int]:
+          memory_budget: float | None, fast: bool | None) -> tuple[int, int]:
     """``(images, groups)`` per chunk under the budget (all of both without a limit)."""
     if memory_budget == float("inf"):
         return len(x0), len(groups)
@@ -243,7 +249,7 @@ def _plan(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, groups: l
 
 
 def _push(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, x: torch.Tensor, groups: list[Group],
-          scheme: str, output_frame: Frame | None | Literal["auto"], fast: bool) -> torch.Tensor:
+          scheme: str, output_frame: Frame | None | Literal["auto"], fast: bool | None) -> torch.Tensor:
     """``L f`` of a chunk of images ``x`` (base point ``x0``) for a chunk of groups: ``(k, *f(x0).shape)``."""
     y, jv = push_tangents(f, x0, torch.stack([tangent(x, g, scheme) for g in groups]), fast)
     check_finite(y, "model output")
@@ -279,7 +285,7 @@ def probabilities(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
 def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         groups: str | Iterable[str | Group] = "all", *, scheme: str = "central",
         method: Method = "jvp", names: Sequence[str] | None = None,
-        batch_size: int | None = None, memory_budget: float | None = None, fast: bool = True,
+        batch_size: int | None = None, memory_budget: float | None = None, fast: bool | None = None,
         progress: Callable[[int], None] | None = None) -> pd.DataFrame:
     """The published end-to-end LEE: per image and group, the mean over classes of
     ``|L softmax(model(x))|`` (METHOD 2).
