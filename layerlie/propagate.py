@@ -95,15 +95,19 @@ def _stack_size(tangents: Tangents) -> int:
     return next(t.shape[0] for t in pytree.tree_leaves(list(tangents.values())))
 
 
-def _vmap_jvp(call: Call, tangents: Tangents) -> Any:
-    where = sorted(tangents)
-
+def _of(call: Call, where: list[int]) -> Callable[..., Any]:
+    """``call`` as a function of its flat arguments at ``where`` (the others held fixed)."""
     def f(*primals):
         leaves = list(call.flat)
         for i, p in zip(where, primals):
             leaves[i] = p
         return call(leaves)
+    return f
 
+
+def _vmap_jvp(call: Call, tangents: Tangents) -> Any:
+    where = sorted(tangents)
+    f = _of(call, where)
     primals = tuple(_dense(call.flat[i]) for i in where)
     stacks = tuple(tangents[i] for i in where)
     with warnings.catch_warnings():
@@ -121,16 +125,9 @@ def jvp_call(call: Call, tangents: Tangents) -> tuple[Any, Any]:
     arguments, from one ``torch.func.jvp``: the op runs once for both, where running it and then
     :func:`linearize` runs it twice. ``call.out`` is not read."""
     where = sorted(tangents)
-
-    def f(*primals):
-        leaves = list(call.flat)
-        for i, p in zip(where, primals):
-            leaves[i] = p
-        return call(leaves)
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        return torch.func.jvp(f, tuple(_dense(call.flat[i]) for i in where), tuple(tangents[i] for i in where))
+        return torch.func.jvp(_of(call, where), tuple(_dense(call.flat[i]) for i in where), tuple(tangents[i] for i in where))
 
 
 def _dense(t: Any) -> Any:
