@@ -651,6 +651,14 @@ def _layer_norm_rule(call: Call, tangents: Tangents) -> Any:
     return out * scale
 
 
+def _as_output(total: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A tangent stack broadcast (and materialized) to ``(K, *out.shape)`` in ``out``'s dtype, as
+    the op's value is: an operand that broadcasts carries a tangent of its own smaller shape."""
+    shape = (total.shape[0], *out.shape)
+    total = total if total.shape == shape else total.expand(shape).contiguous()
+    return total if total.dtype == out.dtype else total.to(out.dtype)
+
+
 def _sum_rule(sign: int) -> Rule:
     """``t_a + sign * alpha * t_b`` (add, sub), only the tangents present, broadcast to the
     output's shape (a tangent of an operand that broadcasts is repeated, as its value is)."""
@@ -666,8 +674,7 @@ def _sum_rule(sign: int) -> Rule:
             if i == 1:
                 t = t * (sign * kwargs.get("alpha", 1))
             total = t if total is None else total + t
-        shape = (total.shape[0], *out.shape)
-        return total if total.shape == shape else total.expand(shape).contiguous()
+        return _as_output(total, out)
 
     return rule
 
@@ -681,8 +688,7 @@ def _mul_rule(call: Call, tangents: Tangents) -> Any:
     out = call.out
     terms = [_lifted(t, out.ndim) * args[1 - i] for i, t in tangents.items()]
     total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-    shape = (total.shape[0], *out.shape)
-    return total if total.shape == shape else total.expand(shape).contiguous()
+    return _as_output(total, out)
 
 
 # --- tiny examples, float64 (the conformance tests) -----------------------------------------

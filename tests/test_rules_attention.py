@@ -209,3 +209,11 @@ def test_a_raw_vit_takes_the_rules_and_matches_jvp(monkeypatch):
     with torch.no_grad(), jvp_ready(model):
         want = torch.stack([torch.func.jvp(model, (x,), (t,))[1] for t in tangents])
     assert rel(got, want) < TOL[torch.float64]
+
+
+def test_a_half_operand_gives_the_output_dtype():
+    """float32 + float16 is float32: so is its tangent."""
+    a, b = torch.randn(2, 3), torch.randn(3, dtype=torch.float16)
+    call = _call(operator.add, (a, b))
+    got = ops.get_rule(operator.add)(call, {1: torch.randn(K, 3, dtype=torch.float16)})
+    assert got.dtype == torch.float32 and got.shape == (K, 2, 3)
