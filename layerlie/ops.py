@@ -596,6 +596,101 @@ def _softmax_rule(call: Call, tangents: Tangents) -> Any:
     return softmax_jvp(call.out, t, dim)
 
 
+def _lifted(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A ``(K, *shape)`` stack with unit axes after K, up to ``ndim`` axes besides K, so that it
+    broadcasts against operands of ``ndim`` axes as its primal does."""
+    return t.reshape(t.shape[0], *[1] * (ndim + 1 - t.ndim), *t.shape[1:])
+
+
+def _tensor_tangents(call: Call, tangents: Tangents, arity: int) -> bool:
+    """Whether the tangents sit on plain tensors among the first ``arity`` arguments."""
+    return all(i < arity and isinstance(t, torch.Tensor) and isinstance(call.flat[i], torch.Tensor)
+               for i, t in tangents.items())
+
+
+def _matmul_rule(call: Call, tangents: Tangents) -> Any:
+    """``tA @ B + A @ tB``, only the terms whose factor carries a tangent; the stack axis leads
+    and broadcasting does the rest (vectors, which matmul treats apart, go to the fallback)."""
+    args, kwargs = call.rebuild()
+    if kwargs or len(args) != 2 or not _tensor_tangents(call, tangents, 2) or min(a.ndim for a in args) < 2:
+        return NotImplemented
+    a, b = args
+    ndim = call.out.ndim
+    terms = []
+    if 0 in tangents:
+        terms.append(torch.matmul(_lifted(tangents[0], ndim), b))
+    if 1 in tangents:
+        terms.append(torch.matmul(a, _lifted(tangents[1], ndim)))
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _layer_norm_rule(call: Call, tangents: Tangents) -> Any:
+    """``w * rstd * (t - mean(t) - xhat * mean(t * xhat))`` over the normalized axes: the
+    statistics of the primal input are computed once, for all K tangents (weight and bias are
+    constants; a tangent on them goes to the fallback)."""
+    t = _only_first(call, tangents)
+    if t is None:
+        return NotImplemented
+    args, kwargs = call.rebuild()
+    if isinstance(call.fn, nn.LayerNorm):
+        norm = call.fn
+        k, weight, eps = len(norm.normalized_shape), norm.weight, norm.eps
+    else:
+        given = _given(("normalized_shape", "weight", "bias", "eps"), args, kwargs)
+        shape = given["normalized_shape"]
+        k = 1 if isinstance(shape, int) else len(shape)
+        weight, eps = given.get("weight"), given.get("eps", 1e-5)
+    x = args[0]
+    dims = tuple(range(-k, 0))
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    xhat = (x - mean) * rstd
+    out = t - t.mean(dims, keepdim=True) - xhat * (t * xhat).mean(dims, keepdim=True)
+    scale = rstd if weight is None else rstd * weight
+    return out * scale
+
+
+def _as_output(total: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A tangent stack broadcast (and materialized) to ``(K, *out.shape)`` in ``out``'s dtype, as
+    the op's value is: an operand that broadcasts carries a tangent of its own smaller shape."""
+    shape = (total.shape[0], *out.shape)
+    total = total if total.shape == shape else total.expand(shape).contiguous()
+    return total if total.dtype == out.dtype else total.to(out.dtype)
+
+
+def _sum_rule(sign: int) -> Rule:
+    """``t_a + sign * alpha * t_b`` (add, sub), only the tangents present, broadcast to the
+    output's shape (a tangent of an operand that broadcasts is repeated, as its value is)."""
+
+    def rule(call: Call, tangents: Tangents) -> Any:
+        args, kwargs = call.rebuild()
+        if len(args) != 2 or set(kwargs) - {"alpha"} or not _tensor_tangents(call, tangents, 2):
+            return NotImplemented
+        out = call.out
+        total = None
+        for i, t in tangents.items():
+            t = _lifted(t, out.ndim)
+            if i == 1:
+                t = t * (sign * kwargs.get("alpha", 1))
+            total = t if total is None else total + t
+        return _as_output(total, out)
+
+    return rule
+
+
+def _mul_rule(call: Call, tangents: Tangents) -> Any:
+    """``t_a * b + a * t_b`` (product rule), only the terms whose factor carries a tangent; a
+    factor may be a number or a tensor that broadcasts."""
+    args, kwargs = call.rebuild()
+    if kwargs or len(args) != 2 or not _tensor_tangents(call, tangents, 2):
+        return NotImplemented
+    out = call.out
+    terms = [_lifted(t, out.ndim) * args[1 - i] for i, t in tangents.items()]
+    total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    return _as_output(total, out)
+
+
 # --- tiny examples, float64 (the conformance tests) -----------------------------------------
 
 def _randn(*shape: int) -> torch.Tensor:
@@ -703,6 +798,8 @@ register_op(nn.GroupNorm, layer_type="norm", example=module_example(1, 3))
 register_op(F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm, layer_type="norm",
             normalizes=_functional_normalizes, example=call_example((10,)))
 register_op(F.group_norm, torch.group_norm, layer_type="norm", example=call_example(3))
+for _key in (nn.LayerNorm, F.layer_norm, torch.layer_norm):
+    _update(_key, linearize=_layer_norm_rule)
 _STATS = (torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
 register_op(F.batch_norm, layer_type="norm", example=call_example(*_STATS))
 register_op(torch.batch_norm, layer_type="norm", example=call_example(None, None, *_STATS, False, 0.1, 1e-5, False))
@@ -710,9 +807,12 @@ register_op(torch.batch_norm, layer_type="norm", example=call_example(None, None
 register_op(nn.Softmax, layer_type="attention", linearize=_softmax_rule, example=module_example(-1))
 register_op(F.softmax, torch.softmax, layer_type="attention", linearize=_softmax_rule, example=call_example(-1))
 register_op("softmax", layer_type="attention", linearize=_softmax_rule, example=_method_example(-1))
-register_op(operator.matmul, torch.matmul, torch.bmm, layer_type="attention",
+register_op(operator.matmul, torch.matmul, torch.bmm, layer_type="attention", linearize=_matmul_rule,
             example=lambda fn: (fn, (_randn(3, 5, 4), _randn(3, 4, 6))))
-register_op("matmul", "bmm", layer_type="attention",
+# the factor with the tangent broadcasts: fewer axes than the other, or a unit batch axis
+_update(operator.matmul, example=lambda fn: (fn, (_randn(5, 4), _randn(2, 3, 4, 6))))
+_update(torch.matmul, example=lambda fn: (fn, (_randn(2, 1, 5, 4), _randn(3, 4, 6))))
+register_op("matmul", "bmm", layer_type="attention", linearize=_matmul_rule,
             example=lambda name: (_method(name), (_randn(3, 5, 4), _randn(3, 4, 6))))
 register_op(torch.baddbmm, layer_type="attention",
             example=lambda fn: (fn, (_randn(3, 5, 6), _randn(3, 5, 4), _randn(3, 4, 6))))
@@ -725,8 +825,17 @@ def _residual_add(node: fx.Node) -> str:
     return "residual add" if sum(isinstance(a, fx.Node) for a in node.args) == 2 else "reshape/other"
 
 
-register_op(operator.add, torch.add, "add", operator.iadd, layer_type=_residual_add, example=_second_image)
+register_op(operator.add, torch.add, "add", operator.iadd, layer_type=_residual_add, linearize=_sum_rule(1),
+            example=_second_image)
 _update("add", example=lambda name: (_method(name), (_image(), _image())))
+# a broadcast operand's tangent is repeated over the output (a bias of shape (C, 1, 1), say)
+register_op(operator.sub, torch.sub, "sub", linearize=_sum_rule(-1),
+            example=lambda fn: (fn, (_randn(3, 1, 1), _image())))
+_update("sub", example=lambda name: (_method(name), (_image(), 0.5)))
+register_op(operator.mul, torch.mul, "mul", linearize=_mul_rule,
+            example=lambda fn: (fn, (_randn(11, 1), _image())))
+_update(torch.mul, example=lambda fn: (fn, (_image(), _randn(3, 1, 1))))
+_update("mul", example=lambda name: (_method(name), (_image(), 0.125)))
 
 _ACTIVATION = dict(layer_type="nonlinearity", linearize=_pointwise_rule, pointwise=True, substitutes=("filtered",))
 register_op(nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
