@@ -317,16 +317,11 @@ class _Defects(LayoutProp):
             self.e[n] = None if own is None else -own
             return
         e = pushed if own is None else pushed - own
-        size = e.norm()
-        # a NaN or inf anywhere makes the norm non-finite: one reduction, not a mask per node
-        if not torch.isfinite(size):
-            raise LayerlieError(f"NaN or inf first appears at node {n.format_node()}; check the model's "
-                                "weights or use dtype=torch.float64")
+        size = _finite(n, e.norm())
         if own is not None and self._rounding(size, pushed, own):
             self.rounded.add(n)
             e = None
         self.e[n] = e
-
 
     @staticmethod
     def _rounding(size: torch.Tensor, pushed: torch.Tensor, own: torch.Tensor) -> bool:
@@ -340,9 +335,7 @@ class _Defects(LayoutProp):
     def _own(self, n: fx.Node, value: torch.Tensor, lay: Layout) -> torch.Tensor:
         """``G_v h_v``, checked for NaN and inf (one reduction) where no ``e_v`` is formed."""
         own = layout_tangent(value, lay, self.group, self.scheme, self.coords)
-        if not torch.isfinite(own.sum()):
-            raise LayerlieError(f"NaN or inf first appears at node {n.format_node()}; check the model's "
-                                "weights or use dtype=torch.float64")
+        _finite(n, own.sum())
         return own
 
     def _commutes(self, n: fx.Node, call: Any, incoming: Mapping[int, Any], lay: Layout) -> Offset | bool:
@@ -361,6 +354,15 @@ class _Defects(LayoutProp):
         args, _ = call.rebuild()
         ok, offset = rule(call.fn, args, lay)
         return offset if ok else False
+
+
+def _finite(n: fx.Node, reduced: torch.Tensor) -> torch.Tensor:
+    """``reduced`` (a sum or norm of a node's tensor), after checking it: a NaN or inf anywhere in
+    the tensor makes it non-finite, so one reduction stands for a mask per node."""
+    if not torch.isfinite(reduced):
+        raise LayerlieError(f"NaN or inf first appears at node {n.format_node()}; check the model's "
+                            "weights or use dtype=torch.float64")
+    return reduced
 
 
 def _has_float(value: Any) -> bool:
