@@ -42,7 +42,8 @@ class TraceError(LayerlieError):
 
 
 class _TimmTracer(fx.Tracer):
-    """fx's tracer with timm's leaf modules and no-trace functions."""
+    """fx's tracer with timm's leaf modules and no-trace functions; each call of
+    ``F.scaled_dot_product_attention`` is written as explicit ops (:mod:`layerlie.attention`)."""
 
     def __init__(self) -> None:
         fns = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
