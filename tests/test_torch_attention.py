@@ -14,9 +14,9 @@ the models a researcher writes and in torchvision's ViT (METHOD 2, 4, 5).
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-import pytest
 import torchvision
 from conftest import TOL, rel, smooth_image
 from torch import nn
@@ -309,6 +309,7 @@ def test_shares_and_hutchinson(name):
     assert h.by_type().loc["attention", "contribution_norm"] > 0
 
 
+@pytest.mark.slow
 def test_antialias_then_lee_and_ablate_on_torchvision_vit():
     model, x = build("torchvision_vit"), images()
     smooth = ll.antialias(model, blurpool=True, example=x)
