@@ -357,7 +357,7 @@ class LayoutProp(Propagator):
                 and out.shape[lay.y_dim] == out.shape[lay.x_dim] == 1:
             return NONE  # global pooling: no spatial axes left (METHOD 3)
         if fn in (operator.matmul, torch.matmul, torch.bmm) or any(a.kind == "pair" for a in lays):
-            got = _attention_rule(fn, method, args, lays, out)
+            got = _attention_rule(fn, method, args, n.kwargs, lays, out)
             if got is not None or any(a.kind == "pair" for a in lays):
                 return got or UNKNOWN
         window = _window(fn, args, n.kwargs)
@@ -812,12 +812,13 @@ def _stack(lays: list[Layout], dim: int, ndim: int) -> Layout:
     return replace(first, y_dim=moved(first.y_dim), x_dim=moved(first.x_dim), token_dim=moved(first.token_dim))
 
 
-def _attention_rule(fn: Any, method: str | None, args: list, lays: list[Layout], out: torch.Tensor
-                    ) -> Layout | None:
+def _attention_rule(fn: Any, method: str | None, args: list, kwargs: dict, lays: list[Layout],
+                    out: torch.Tensor) -> Layout | None:
     """Attention (METHOD 5, pair layouts): ``q @ k^T`` makes a pair map, the ops on it (scale,
-    additive bias, softmax over keys, dropout, permutes) keep it, ``A @ V`` gives tokens on the
-    query axis; a product that sums over the tokens (``q^T k`` of cross-covariance attention)
-    leaves a map with no spatial axes, and a channel map times tokens keeps the tokens."""
+    additive bias, softmax over keys, dropout, permutes, a mean over heads) keep it, ``A @ V``
+    gives tokens on the query axis; a product that sums over the tokens (``q^T k`` of
+    cross-covariance attention) leaves a map with no spatial axes, and a channel map times
+    tokens keeps the tokens."""
     if fn in (operator.matmul, torch.matmul, torch.bmm) and len(args) >= 2:
         (a, b), (la, lb), nd = args[:2], lays[:2], out.ndim
         if _tokens_at(la, a, -2) and _tokens_at(lb, b, -1):
@@ -837,6 +838,8 @@ def _attention_rule(fn: Any, method: str | None, args: list, lays: list[Layout],
     src = args[lays.index(lay)]
     if method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
         return LayoutProp._permute(lay, args, method or fn.__name__, src.ndim)
+    if method in ("mean", "sum") or fn in (torch.mean, torch.sum):
+        return _reduced_pair(lay, args, kwargs, src, out)
     if method in ("flatten", "view", "reshape") or fn in (torch.flatten, torch.reshape):
         q, k = _norm_dim(lay.token_dim, src.ndim), _norm_dim(lay.key.token_dim, src.ndim)
         first, shift = min(q, k), out.ndim - src.ndim
@@ -846,6 +849,17 @@ def _attention_rule(fn: Any, method: str | None, args: list, lays: list[Layout],
     if out.shape == src.shape and all(a.kind in ("none", "pair") for a in lays):
         return lay  # scale, additive bias (no layout of its own), softmax, dropout: pointwise on the map
     return None
+
+
+def _reduced_pair(lay: Layout, args: list, kwargs: dict, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
+    """A mean or sum of a pair map: over other axes (the heads) it stays a pair; over one token
+    axis, the other one's tokens are left."""
+    q, k = _reduced(lay.query, args, kwargs, src, out), _reduced(lay.key, args, kwargs, src, out)
+    if q is None or k is None:
+        return None
+    if q.kind == k.kind == "tokens":
+        return replace(q, kind="pair", key=k)
+    return q if k.kind == "none" else k
 
 
 def infer_layouts(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Layout]:

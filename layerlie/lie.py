@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from layerlie.attention import differentiable_attention
 from layerlie.errors import LayerlieError
 from layerlie.groups import Group, resolve_groups
 from layerlie.jvprules import FastRules
@@ -65,8 +66,9 @@ def check_finite(y: torch.Tensor, what: str) -> torch.Tensor:
 
 @contextlib.contextmanager
 def jvp_ready(model: nn.Module | Callable) -> Iterator[None]:
-    """Switch off timm's fused attention (no forward-mode derivative on CPU) for the
-    duration, and restore it afterwards."""
+    """Switch off timm's fused attention, and run torch's own attention through differentiable
+    kernels (:func:`layerlie.attention.differentiable_attention`), for the duration: the fused
+    kernels have no forward-mode derivative. Everything is restored afterwards."""
     saved = []
     if isinstance(model, nn.Module):
         for m in model.modules():
@@ -74,7 +76,8 @@ def jvp_ready(model: nn.Module | Callable) -> Iterator[None]:
                 saved.append((m, m.fused_attn))
                 m.fused_attn = False
     try:
-        yield
+        with differentiable_attention():
+            yield
     finally:
         for m, flag in saved:
             m.fused_attn = flag

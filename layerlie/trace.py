@@ -32,6 +32,7 @@ from timm.data import resolve_data_config
 from timm.layers import _fx as timm_fx
 from torch import nn
 
+from layerlie.attention import explicit_attention_modules, scaled_dot_product_attention
 from layerlie.errors import LayerlieError
 from layerlie.normact import split_norm_acts
 
@@ -41,7 +42,8 @@ class TraceError(LayerlieError):
 
 
 class _TimmTracer(fx.Tracer):
-    """fx's tracer with timm's leaf modules and no-trace functions."""
+    """fx's tracer with timm's leaf modules and no-trace functions; each call of
+    ``F.scaled_dot_product_attention`` is written as explicit ops (:mod:`layerlie.attention`)."""
 
     def __init__(self) -> None:
         fns = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
@@ -49,6 +51,11 @@ class _TimmTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return timm_fx.is_notrace_module(type(m)) or super().is_leaf_module(m, qualname)
+
+    def create_proxy(self, kind: str, target: fx.node.Target, args: tuple, kwargs: dict, *rest, **more) -> fx.Proxy:
+        if kind == "call_function" and target is F.scaled_dot_product_attention:
+            return scaled_dot_product_attention(*args, **kwargs)  # the attention map as a node (METHOD 5)
+        return super().create_proxy(kind, target, args, kwargs, *rest, **more)
 
 
 def trace(model: nn.Module, example: torch.Tensor | None = None, *, softmax: bool = False) -> fx.GraphModule:
@@ -75,8 +82,10 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, *, softmax: boo
             m.fused_attn = False
         if getattr(m, "inplace", None) is True:  # nn.ReLU(inplace=True) and kin, leaves included
             m.inplace = False
+    tracer = _TimmTracer()
     try:
-        graph = _TimmTracer().trace(copied)
+        explicit_attention_modules(copied, tracer.is_leaf_module)  # nn.MultiheadAttention as ops
+        graph = tracer.trace(copied)
     except Exception as err:  # fx raises many types for untraceable code
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {reason}") from None

@@ -1,0 +1,230 @@
+"""torch's own attention, made measurable (METHOD 2, METHOD 5: pair layouts).
+
+``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` compute the attention map
+inside one kernel. Two things follow, and this module answers both:
+
+- Derivatives. The fused kernels (flash and memory-efficient SDPA, the CPU flash kernel,
+  ``torch._native_multi_head_attention``, the fast path of ``nn.MultiheadAttention`` and
+  ``nn.TransformerEncoderLayer`` in eval mode) have no forward-mode derivative, and some no
+  second derivative. :func:`differentiable_attention` runs them, for its duration, through
+  SDPA's math backend with the fast path off: the same function, differentiable in both
+  modes. Global settings are restored afterwards.
+- The map as a node. Tracing writes each SDPA call as explicit ops (:func:`scaled_dot_product_attention`:
+  ``q k^T * scale``, the masks and the softmax over keys, ``A V``), and replaces every
+  ``nn.MultiheadAttention`` of the trace's private copy by :class:`ExplicitMultiheadAttention`
+  on the same parameters. The attention map is then a node with a pair layout (METHOD 5), and
+  its defect is charged where it arises rather than to one opaque call.
+
+Example:
+    >>> import torch, torch.nn.functional as F
+    >>> q, k, v = torch.randn(3, 1, 2, 5, 4).unbind(0)
+    >>> torch.allclose(scaled_dot_product_attention(q, k, v, is_causal=True),
+    ...                F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from layerlie.errors import LayerlieError
+from layerlie.ops import register_op
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """SDPA in its math backend and ``nn.MultiheadAttention``'s fused fast path off, for the
+    duration: forward-mode and double-backward derivatives then exist on every device; both
+    settings are restored afterwards."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """The softmax over keys of attention ``scores`` ``(..., L, S)`` under SDPA's masks: a boolean
+    ``mask`` keeps the keys where it is True, a float one is added; ``is_causal`` keeps key
+    ``j <= i`` for query ``i``. A query that keeps no key attends to nothing (zeros), as in torch's
+    math backend. One op, so that no node of the graph holds the ``-inf`` of a masked score,
+    where ``G`` of the map (METHOD 5) would be undefined."""
+    if is_causal:
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    attn = scores.softmax(-1)
+    return torch.where(torch.isneginf(scores).all(-1, keepdim=True), 0.0, attn)
+
+
+def _mha_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, batch: int,
+              heads: int) -> torch.Tensor:
+    """``nn.MultiheadAttention``'s ``attn_mask`` ``(L, S)`` or ``(batch * heads, L, S)`` and
+    ``key_padding_mask`` ``(batch, S)`` (boolean: True masks a key out; float: added) as one
+    mask for :func:`masked_softmax` that broadcasts to ``(batch, heads, L, S)``."""
+    masks = []
+    if attn_mask is not None:
+        masks.append(attn_mask.view(batch, heads, *attn_mask.shape[-2:]) if attn_mask.ndim == 3 else attn_mask)
+    if key_padding_mask is not None:
+        masks.append(key_padding_mask.view(batch, 1, 1, key_padding_mask.shape[-1]))
+    if all(m.dtype == torch.bool for m in masks):
+        return ~functools.reduce(operator.or_, masks)
+    dtype = next(m.dtype for m in masks if m.dtype != torch.bool)
+    return sum(m if m.dtype != torch.bool else torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf"))
+               for m in masks)
+
+
+# Calls to these two with traced arguments become single nodes; what they branch on (a mask's
+# dtype and shape) is known only when the graph runs.
+fx.wrap("masked_softmax")
+fx.wrap("_mha_mask")
+
+
+def _constant(value: object, name: str) -> None:
+    if isinstance(value, fx.Proxy):
+        raise LayerlieError(f"{name} is computed in the forward, so the traced graph cannot choose its branch; "
+                            "pass it as a Python constant")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              is_causal: bool = False, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q k^T * scale, masked) v`` as explicit ops, and the map: ``q (..., L, E)``,
+    ``k (..., S, E)``, ``v (..., S, Ev)`` give ``(..., L, Ev)`` and ``A (..., L, S)``
+    (METHOD 5: ``q @ k^T`` is a pair map, ``A @ V`` tokens again)."""
+    _constant(is_causal, "is_causal")
+    scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    attn = scores.softmax(-1) if mask is None and not is_causal else masked_softmax(scores, mask, is_causal)
+    return attn @ v, attn
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` as explicit ops (:func:`attention`); the tracer calls it
+    in place of each SDPA call.
+
+    Raises:
+        LayerlieError: for a ``dropout_p`` other than 0 (SDPA drops at random in eval mode too),
+            or a flag computed in the forward.
+    """
+    _constant(dropout_p, "dropout_p of F.scaled_dot_product_attention")
+    _constant(enable_gqa, "enable_gqa of F.scaled_dot_product_attention")
+    if dropout_p != 0:
+        raise LayerlieError(f"F.scaled_dot_product_attention is called with dropout_p={dropout_p}, which drops "
+                            "at random in eval mode too; pass dropout_p=0.0 outside training")
+    if enable_gqa:  # grouped queries: each key and value head serves query.shape[-3] // key.shape[-3] heads
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], -3)
+    return attention(query, key, value, attn_mask, is_causal, scale)[0]
+
+
+class ExplicitMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` in eval mode, as traceable ops on the same parameters (same
+    names, so the state dict is the same): the projections, :func:`attention` per head, the
+    output projection. Batched inputs, ``batch_first`` both ways, ``need_weights`` and
+    ``average_attn_weights`` both ways, boolean or float ``attn_mask`` and ``key_padding_mask``.
+
+    Example:
+        >>> mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+        >>> x = torch.randn(2, 5, 8)
+        >>> torch.allclose(ExplicitMultiheadAttention(mha)(x, x, x)[0], mha(x, x, x)[0], atol=1e-6)
+        True
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        unsupported = [name for name, on in (("add_bias_kv=True", mha.bias_k is not None),
+                                             ("add_zero_attn=True", mha.add_zero_attn)) if on]
+        if unsupported:
+            raise LayerlieError(f"nn.MultiheadAttention with {unsupported[0]} cannot be traced by layerlie (its extra "
+                                "key has no position); use granularity='module'")
+        self.embed_dim, self.num_heads, self.head_dim = mha.embed_dim, mha.num_heads, mha.head_dim
+        self.batch_first = mha.batch_first
+        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
+            self.register_parameter(name, getattr(mha, name))
+        self.out_proj = mha.out_proj
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As ``nn.MultiheadAttention.forward`` (``is_causal`` is its hint that ``attn_mask`` is
+        causal: the mask decides)."""
+        for flag, name in ((need_weights, "need_weights"), (average_attn_weights, "average_attn_weights"),
+                           (is_causal, "is_causal")):
+            _constant(flag, f"{name} of nn.MultiheadAttention")
+        if is_causal and attn_mask is None:
+            raise LayerlieError("nn.MultiheadAttention is called with is_causal=True and no attn_mask, which torch "
+                                "refuses too; pass the causal mask as attn_mask")
+        q, k, v = self._project(*self._batch_first(query, key, value))
+        batch = q.shape[0]
+        heads = [t.view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v)]
+        mask = None if attn_mask is None and key_padding_mask is None else \
+            _mha_mask(attn_mask, key_padding_mask, batch, self.num_heads)
+        out, attn = attention(*heads, mask, scale=self.head_dim ** -0.5)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        out = out if self.batch_first else out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, attn.mean(1) if average_attn_weights else attn
+
+    def _batch_first(self, *qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(N, L, E)`` inputs, the same object where the caller passed the same one."""
+        if self.batch_first:
+            return qkv
+        moved: dict[int, torch.Tensor] = {}
+        for t in qkv:
+            if id(t) not in moved:
+                moved[id(t)] = t.transpose(0, 1)
+        return tuple(moved[id(t)] for t in qkv)
+
+    def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The input projections: one linear layer for self-attention, three otherwise."""
+        linear = nn.functional.linear
+        if self.in_proj_weight is not None and query is key is value:
+            q, k, v = linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
+            return q, k, v
+        if self.in_proj_weight is not None:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
+        return linear(query, w_q, b_q), linear(key, w_k, b_k), linear(value, w_v, b_v)
+
+
+def explicit_attention_modules(root: nn.Module, is_leaf: Callable[[nn.Module, str], bool]) -> dict[str, nn.Module]:
+    """Replace, in place, every ``nn.MultiheadAttention`` that a tracer with leaf test ``is_leaf``
+    reaches (not inside a leaf) by an :class:`ExplicitMultiheadAttention` on its parameters; call
+    it on a copy. Returns ``{path: replacement}``."""
+    made: dict[int, nn.Module] = {}
+    record: dict[str, nn.Module] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, nn.MultiheadAttention):
+                new = made.setdefault(id(child), ExplicitMultiheadAttention(child))
+                setattr(module, name, new)
+                record[path] = new
+            elif not is_leaf(child, path):
+                visit(child, f"{path}.")
+
+    visit(root, "")
+    return record
+
+
+register_op(masked_softmax, layer_type="attention",
+            example=lambda fn: (fn, (torch.randn(2, 3, 5, 7, dtype=torch.float64),
+                                     torch.rand(5, 7, dtype=torch.float64) > 0.3, True)))
