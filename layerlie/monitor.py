@@ -115,6 +115,11 @@ class Monitor:
             is kept. Measuring a step again replaces its part.
         run: the training run's name, required with ``store``; a ``run`` column of the table.
 
+    Attributes:
+        setup_seconds: the one-time set-up, done at construction: the trace, and one measurement
+            whose values are dropped, which pays the first call's costs (the memory plan, lazy
+            imports). :attr:`overhead` and the ``seconds`` column leave it out.
+
     Raises:
         MonitorError: ``every`` below 1, unknown metrics, a probe on another device or in
             another dtype than the model, ``store`` without ``run``, or a model whose graph
@@ -127,6 +132,7 @@ class Monitor:
                  groups: str | Group | Iterable[str | Group] = ("translate_x", "rotate"), *, every: int = 50,
                  layers: bool = False, metrics: Metrics = False, scheme: str = "central",
                  store: str | Path | None = None, run: str | None = None) -> None:
+        start = time.perf_counter()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise MonitorError(f"every must be a positive integer (measure every that many steps), got {every!r}")
         check_scheme(scheme)
@@ -153,6 +159,9 @@ class Monitor:
         self.store, self.run = (None if store is None else Path(store)), run
         self._gm = self._trace() if layers or self.which else None
         self._soft = with_output(self._gm, "softmax")[0] if layers else None
+        with untouched(self.model):
+            self._values()
+        self.setup_seconds = time.perf_counter() - start
         if self.store is not None:
             if st.manifest(self.store) is None:
                 st.create(self.store, self.settings())
@@ -207,13 +216,14 @@ class Monitor:
         ``metrics``: one column per metric; with ``run``: ``run``)."""
         rows = [r for step in sorted(self._rows) for r in self._rows[step]]
         table = pd.DataFrame(rows)
-        table.attrs.update(self.settings()["monitor"])
+        table.attrs.update(self.settings()["monitor"], setup_seconds=self.setup_seconds)
         return table
 
     @property
     def overhead(self) -> float:
         """Mean measurement time over mean training-step time (the time between calls to
-        :meth:`step`, measurements excluded); NaN until both are known."""
+        :meth:`step`, measurements excluded); NaN until both are known. The one-time set-up is
+        not in it: it is :attr:`setup_seconds`."""
         if not self._seconds:
             return float("nan")
         return sum(self._seconds) / len(self._seconds) / self._train_step()
