@@ -90,9 +90,9 @@ def test_lightning_callback_logs_the_monitor_and_leaves_training_bit_identical(t
 
 def test_lightning_callback_follows_the_module_to_its_dtype(tmp_path):
     callback = LieMonitor(images(1), ["translate_x"], every=100, submodule="net")
-    fit(tmp_path, [callback], dtype=torch.float64)
+    module, _ = fit(tmp_path, [callback], dtype=torch.float64)
     mon = callback.monitor
-    assert mon.x.dtype == torch.float64 and mon.model is not None and len(mon.table()) == 1
+    assert mon.x.dtype == torch.float64 and mon.model is module.net and len(mon.table()) == 1
     with pytest.raises(ll.LayerlieError, match="submodule='body' is not in Classifier; its children are net"):
         fit(tmp_path, [LieMonitor(images(1), every=100, submodule="body")])
 
