@@ -89,6 +89,17 @@ class Attribution:
         """``L F`` is about zero (e.g. a one-hot softmax): shares are undefined."""
         return bool(self.settings.get("degenerate", False))
 
+    def __repr__(self) -> str:
+        """One line, no tensors: the model, the settings, the check and the top three nodes by
+        ``||c_v||`` (by ``|share|`` for the shares estimator), METHOD 3-4."""
+        s = self.settings
+        key = "share" if s.get("estimator") == "shares" else "contribution_norm"
+        top = self.nodes.assign(rank=self.nodes[key].abs()).nlargest(3, "rank")
+        ranked = ", ".join(f"{r.node} ({r.layer_type}) {r[key]:.3g}" for _, r in top.iterrows())
+        return (f"Attribution(model={s.get('model', 'model')!r}, group={s.get('group')!r}, "
+                f"scheme={s.get('scheme')!r}, estimator={s.get('estimator')!r}, nodes={len(self.nodes)}, "
+                f"{self.check_line()}, top by {'share' if key == 'share' else '||c_v||'}: {ranked or 'none'})")
+
     def to_frame(self) -> pd.DataFrame:
         return self.nodes.copy()
 

@@ -34,8 +34,8 @@ from layerlie import store as st
 from layerlie.errors import LayerlieError
 from layerlie.ops import LAYER_TYPES
 
-PALETTE: dict[str, str] = dict(zip(LAYER_TYPES, ("#d62728", "#1f77b4", "#7f7f7f", "#2ca02c", "#9467bd",
-                                                 "#ff7f0e", "#bcbd22")))
+PALETTE: dict[str, str] = dict(zip(LAYER_TYPES, ("#d62728", "#1f77b4", "#7f7f7f", "#8c564b", "#2ca02c",
+                                                 "#9467bd", "#ff7f0e", "#bcbd22", "#17becf")))
 """One colour per layer type, in every figure."""
 
 COLUMN = (3.4, 2.6)

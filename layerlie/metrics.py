@@ -28,10 +28,10 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from layerlie.errors import LayerlieError
 from layerlie.groups import Group, get_group
+from layerlie.layout import Layout, LayoutProp
 from layerlie.lie import check_images
 from layerlie.trace import trace, with_output
 
@@ -98,7 +98,8 @@ def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int 
 
     Convention: a shift ``(dy, dx)`` is counted in input pixels and moves content down and
     right, as a circular roll of the input. The output moves by ``shift / stride`` pixels, where
-    ``stride`` is the input side over the output side: a roll when that is an integer, else the
+    ``stride`` is a node's sample spacing in input pixels (METHOD 5), or for the model's own
+    output the input side over the output side: a roll when that is an integer, else the
     ideal band-limited (Fourier) shift, as for a strided feature map. The band of
     ``ceil(|shift| / stride)`` output pixels that wrapped around is left out (the valid region).
 
@@ -111,8 +112,10 @@ def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int 
         draws: shifts per image; the PSNR is taken over their pooled squared error.
         shifts: explicit shifts in input pixels, used for every image instead of random draws.
         node: a feature map to measure: a node name of the traced model, or ``"features"`` for
-            its last ``(B, C, H, W)`` node with more than one pixel and no token sequence
-            ``(B, N, C)`` after it (the input of a CNN's global pooling).
+            its last feature map with more than one sample per side (the input of a CNN's global
+            pooling, a ViT's last tokens). The node's layout (METHOD 5) says how to read it: a
+            grid ``(B, C, H, W)`` or ``(B, H, W, C)``, or tokens ``(B, P + H W, C)`` whose ``P``
+            prefix tokens are left out.
         peak: the signal range of the PSNR (default: the peak-to-peak range of ``f(x)``).
         seed: seeds the shifts.
         batch_size: images per pass (default: all).
@@ -347,36 +350,75 @@ def _psnr_metric(f: Model, x: torch.Tensor, chosen: list[list[Any]],
 
 
 def _feature_map(model: Model, x: torch.Tensor, node: str | None, metric: str) -> tuple[Model, tuple[float, float]]:
-    """The function to measure, and its input-to-output stride per axis (METHOD 7)."""
+    """The function to measure, as a ``(B, C, H, W)`` map, and the spacing of its samples in input
+    pixels per axis (METHOD 5, 7). A node's map is read through its layout; the model's own output
+    must be ``(B, C, H, W)``, spaced by the input side over the output side."""
     check_images(x)
-    f = model
-    if node is not None:
-        if not isinstance(model, nn.Module):
-            raise LayerlieError(f"{metric}: node= needs an nn.Module to trace, got {type(model).__name__}")
-        gm = model if isinstance(model, fx.GraphModule) else trace(model)
-        f = with_output(gm, _last_feature_map(gm, x[:1]) if node == "features" else node)[0]
-    with torch.no_grad():
-        y = f(x[:1])
-    if y.ndim != 4:
-        raise LayerlieError(f"{metric}: the output has shape {tuple(y.shape)}, not (B, C, H, W); for a "
-                            "classifier pass node= a feature map's node name, or node='features'")
-    return f, (x.shape[-2] / y.shape[-2], x.shape[-1] / y.shape[-1])
+    if node is None:
+        with torch.no_grad():
+            y = model(x[:1])
+        if y.ndim != 4:
+            raise LayerlieError(f"{metric}: the output has shape {tuple(y.shape)}, not (B, C, H, W); for a "
+                                "classifier pass node= a feature map's node name, or node='features'")
+        return model, (x.shape[-2] / y.shape[-2], x.shape[-1] / y.shape[-1])
+    if not isinstance(model, nn.Module):
+        raise LayerlieError(f"{metric}: node= needs an nn.Module to trace, got {type(model).__name__}")
+    gm = model if isinstance(model, fx.GraphModule) else trace(model)
+    prop = LayoutProp(gm)
+    prop.propagate(x[:2], None)
+    values = {n.name: v for n, v in prop.values.items()}
+    name = _last_feature_map(gm, prop.layouts, values) if node == "features" else node
+    f = with_output(gm, name)[0]
+    lay = prop.layouts[name]
+    if not _is_map(lay, values[name]):
+        shape = tuple(values[name].shape) if isinstance(values[name], torch.Tensor) else type(values[name]).__name__
+        raise LayerlieError(f"{metric}: node {name!r} ({shape}) has layout {lay.describe()}, not a grid "
+                            "(B, C, H, W or B, H, W, C) nor tokens (B, N, C) of one image each; pass node= a "
+                            "node whose layout is one of these (layerlie.infer_layouts lists them)")
+    return (lambda z: as_grid(f(z), lay)), (lay.y[0], lay.x[0])
 
 
-def _last_feature_map(gm: fx.GraphModule, x: torch.Tensor) -> str:
-    """The last node, in graph order, whose output is ``(B, C, H, W)`` with ``H, W > 1``, where
-    no token sequence ``(B, N, C)`` follows it (a ViT's patch embedding is not its features)."""
-    ShapeProp(gm).propagate(x)
+def as_grid(h: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """A feature map of a ``grid`` or ``tokens`` layout as ``(B, C, H, W)`` (METHOD 5): the two
+    spatial axes last, every other axis but the batch folded into the channels, and the prefix
+    tokens, which have no position, left out. ``(B, H, W, C)`` and ``(B, P + H W, C)`` give the
+    same map as the ``(B, C, H, W)`` they hold."""
+    if layout.kind == "tokens":
+        d = layout.token_dim % h.ndim
+        h, y, x = h.narrow(d, layout.prefix, h.shape[d] - layout.prefix).unflatten(d, layout.hw), d, d + 1
+    else:
+        y, x = layout.y_dim % h.ndim, layout.x_dim % h.ndim
+    grid = h.movedim((y, x), (-2, -1))
+    return grid.reshape(h.shape[0], -1, *grid.shape[-2:]).contiguous()
+
+
+def _is_map(layout: Layout, value: object) -> bool:
+    """Whether a node holds one feature map per image that :func:`as_grid` can read: a grid or
+    tokens, the batch on axis 0, a token axis of one sequence (METHOD 5)."""
+    if layout.kind not in ("grid", "tokens") or not isinstance(value, torch.Tensor):
+        return False
+    if layout.kind == "grid":
+        return 0 not in (layout.y_dim % value.ndim, layout.x_dim % value.ndim)
+    d = layout.token_dim % value.ndim
+    return d != 0 and value.shape[d] == layout.prefix + layout.hw[0] * layout.hw[1]
+
+
+def _last_feature_map(gm: fx.GraphModule, layouts: dict[str, Layout], values: dict[str, Any]) -> str:
+    """The last op node, in graph order, that holds a feature map (:func:`_is_map`) of more than
+    one sample per side, with no tensor of unknown layout and three or more axes after it: a CNN's
+    last ``(B, C, H, W)`` map, a Swin's last ``(B, H, W, C)`` map, a ViT's last tokens."""
     found = None
     for n in gm.graph.nodes:
-        shape = getattr(n.meta.get("tensor_meta"), "shape", ())
-        if len(shape) == 4 and min(shape[-2:]) > 1:
+        if n.op not in ("call_module", "call_function", "call_method"):
+            continue
+        lay, value = layouts[n.name], values.get(n.name)
+        if _is_map(lay, value) and min(as_grid(value, lay).shape[-2:]) > 1:
             found = n.name
-        elif len(shape) == 3:
+        elif lay.kind == "unknown" and isinstance(value, torch.Tensor) and value.ndim >= 3:
             found = None
     if found is None:
-        raise LayerlieError("no (B, C, H, W) feature map ends this model's graph (a token model?); pass "
-                            "node= a node name whose output is an image-shaped feature map")
+        raise LayerlieError("no feature map (a grid or tokens of known layout) ends this model's graph; pass "
+                            "node= a node name whose output is a feature map")
     return found
 
 

@@ -8,7 +8,9 @@ without one: every module's training flag, every parameter's ``.grad``, the buff
 (BatchNorm running statistics) and the random states of the CPU and of CUDA.
 
 The shares and metrics run on a graph traced once at construction; its weights are copied
-from the live model at every measurement, so they follow training.
+from the live model at every measurement, so they follow training. Each measurement can go to a
+TensorBoard writer (:meth:`Monitor.log_to`); in Lightning, :mod:`layerlie.integrations.lightning`
+builds the monitor at fit start and logs to the trainer's loggers.
 
 Example:
     >>> import torch, layerlie as ll
@@ -115,6 +117,11 @@ class Monitor:
             is kept. Measuring a step again replaces its part.
         run: the training run's name, required with ``store``; a ``run`` column of the table.
 
+    Attributes:
+        setup_seconds: the one-time set-up, done at construction: the trace, and one measurement
+            whose values are dropped, which pays the first call's costs (the memory plan, lazy
+            imports). :attr:`overhead` and the ``seconds`` column leave it out.
+
     Raises:
         MonitorError: ``every`` below 1, unknown metrics, a probe on another device or in
             another dtype than the model, ``store`` without ``run``, or a model whose graph
@@ -127,6 +134,7 @@ class Monitor:
                  groups: str | Group | Iterable[str | Group] = ("translate_x", "rotate"), *, every: int = 50,
                  layers: bool = False, metrics: Metrics = False, scheme: str = "central",
                  store: str | Path | None = None, run: str | None = None) -> None:
+        start = time.perf_counter()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise MonitorError(f"every must be a positive integer (measure every that many steps), got {every!r}")
         check_scheme(scheme)
@@ -153,6 +161,9 @@ class Monitor:
         self.store, self.run = (None if store is None else Path(store)), run
         self._gm = self._trace() if layers or self.which else None
         self._soft = with_output(self._gm, "softmax")[0] if layers else None
+        with untouched(self.model):
+            self._values()
+        self.setup_seconds = time.perf_counter() - start
         if self.store is not None:
             if st.manifest(self.store) is None:
                 st.create(self.store, self.settings())
@@ -161,6 +172,7 @@ class Monitor:
         self._seconds: list[float] = []
         self._train = [0.0, 0]  # seconds and count of training steps timed between calls
         self._since: float | None = None  # when the monitor last handed control back
+        self._writers: list[Any] = []
 
     def settings(self) -> dict[str, Any]:
         """What the monitor measures, as plain data (a new store's manifest records it)."""
@@ -198,8 +210,40 @@ class Monitor:
         frame = pd.DataFrame(rows)
         if self.store is not None:
             st.write_part(self.store, _part(self.run, step), TABLE, frame)
+        for writer in self._writers:
+            _write(writer, self.scalars(step), step)
         self._since = time.perf_counter()
         return frame
+
+    def scalars(self, step: int) -> dict[str, float]:
+        """The measurement of ``step`` as named scalars, the form loggers take:
+        ``layerlie/lee/<group>``; with ``layers``, ``layerlie/share_<layer type>/<group>`` (the
+        type's spaces and slashes as ``_``: ``share_strided_downsampling``) and
+        ``layerlie/share_residual/<group>``; with ``metrics``, ``layerlie/<metric>``."""
+        if step not in self._rows:
+            raise MonitorError(f"step {step} was not measured; measured steps: {sorted(self._rows) or 'none yet'}")
+        out = {}
+        for row in self._rows[step]:
+            out[f"layerlie/lee/{row['group']}"] = row["lee"]
+            out.update({f"layerlie/{re.sub('[ /]', '_', k)}/{row['group']}": v
+                        for k, v in row.items() if k.startswith("share_")})
+            out.update({f"layerlie/{m}": row[m] for m in self.which})
+        return out
+
+    def log_to(self, writer: Any) -> None:
+        """Write every measurement to ``writer``, those made so far and each one to come, as
+        :meth:`scalars` names them, at their training step.
+
+        Args:
+            writer: a TensorBoard ``torch.utils.tensorboard.SummaryWriter``, or anything with
+                its ``add_scalar(tag, value, global_step)``.
+        """
+        if not callable(getattr(writer, "add_scalar", None)):
+            raise MonitorError(f"log_to needs a writer with add_scalar(tag, value, global_step), such as "
+                               f"torch.utils.tensorboard.SummaryWriter; got {type(writer).__name__}")
+        self._writers.append(writer)
+        for step in sorted(self._rows):
+            _write(writer, self.scalars(step), step)
 
     def table(self) -> pd.DataFrame:
         """One row per measured step and group, in step order: ``step, group, lee, scheme,
@@ -207,13 +251,14 @@ class Monitor:
         ``metrics``: one column per metric; with ``run``: ``run``)."""
         rows = [r for step in sorted(self._rows) for r in self._rows[step]]
         table = pd.DataFrame(rows)
-        table.attrs.update(self.settings()["monitor"])
+        table.attrs.update(self.settings()["monitor"], setup_seconds=self.setup_seconds)
         return table
 
     @property
     def overhead(self) -> float:
         """Mean measurement time over mean training-step time (the time between calls to
-        :meth:`step`, measurements excluded); NaN until both are known."""
+        :meth:`step`, measurements excluded); NaN until both are known. The one-time set-up is
+        not in it: it is :attr:`setup_seconds`."""
         if not self._seconds:
             return float("nan")
         return sum(self._seconds) / len(self._seconds) / self._train_step()
@@ -270,6 +315,12 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer by name, tied ones under each of their names."""
     return {**dict(model.named_parameters(remove_duplicate=False)),
             **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def _write(writer: Any, scalars: Mapping[str, float], step: int) -> None:
+    """One measurement's scalars into a TensorBoard-style writer."""
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, global_step=step)
 
 
 def _metric_options(metrics: Metrics) -> dict[str, dict[str, Any]]:

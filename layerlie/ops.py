@@ -41,8 +41,10 @@ if TYPE_CHECKING:
     from layerlie.layout import Layout
     from layerlie.propagate import Call
 
-LAYER_TYPES = ("nonlinearity", "strided/downsampling", "conv", "norm", "attention", "residual add",
-               "reshape/other")
+LAYER_TYPES = ("nonlinearity", "strided/downsampling", "conv", "linear", "norm", "attention", "residual add",
+               "reshape/other", "output")
+"""The layer types of the tables (METHOD 3); ``output`` is the softmax appended as the measured
+output (METHOD 2), which is not a layer of the model."""
 
 Tangents = dict[int, Any]
 Rule = Callable[["Call", Tangents], Any]
@@ -284,13 +286,16 @@ def is_strided(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, Any] 
 def layer_type(gm: fx.GraphModule, node: fx.Node, strided_node: bool | None = None) -> str:
     """The layer type of a node, for aggregation (METHOD 3). A strided node (``strided_node``,
     from :func:`is_strided` with layouts; by default from the op's window) is a downsampling layer
-    unless its op says it is a norm, an activation or an attention op."""
+    unless its op says it is a norm, an activation or an attention op. The softmax that
+    :func:`layerlie.trace.with_output` appends is the ``output``."""
+    if node.name == gm.meta.get("layerlie.outputs", {}).get("softmax"):
+        return "output"
     if strided_node is None:
         strided_node = is_strided(gm, node)
     op = get_op(gm, node)
     if op is not None:
         kind = op.layer_type(node) if callable(op.layer_type) else op.layer_type
-        return "strided/downsampling" if strided_node and kind in ("conv", "reshape/other") else kind
+        return "strided/downsampling" if strided_node and kind in ("conv", "linear", "reshape/other") else kind
     if strided_node:
         return "strided/downsampling"
     target = op_key(gm, node) if node.op in ("call_module", "call_function", "call_method") else node.target
@@ -750,10 +755,10 @@ register_op(nn.Conv2d, layer_type="conv", linearize=_conv_rule, window=_conv_win
             example=module_example(3, 4, 3, stride=2, padding=2, dilation=2, padding_mode="reflect"))
 register_op(Conv2dSame, layer_type="conv", window=_always_same(_conv_window), dense=_module_dense,
             substitutes=_WINDOW_SUBSTITUTES, example=module_example(3, 4, 3, stride=2))
-register_op(nn.Linear, layer_type="conv", linearize=_linear_rule, example=module_example(5, 4, shape=(2, 7, 5)))
+register_op(nn.Linear, layer_type="linear", linearize=_linear_rule, example=module_example(5, 4, shape=(2, 7, 5)))
 register_op(F.conv2d, layer_type="conv", window=_functional_conv_window, dense=_functional_dense(_CONV_ARGS),
             example=call_example(_randn(4, 3, 3, 3), None, 2, 1))
-register_op(F.linear, layer_type="conv", example=lambda fn: (fn, (_randn(2, 7, 5), _randn(4, 5))))
+register_op(F.linear, layer_type="linear", example=lambda fn: (fn, (_randn(2, 7, 5), _randn(4, 5))))
 
 register_op(nn.MaxPool2d, nn.AvgPool2d, layer_type="strided/downsampling", window=_pool_window, dense=_module_dense,
             substitutes=_WINDOW_SUBSTITUTES, example=module_example(3, 2, 1))

@@ -321,3 +321,16 @@ def test_nan_in_an_intermediate_tensor_names_the_first_node():
     with pytest.warns(UserWarning, match="forward hooks"), \
             pytest.raises(ll.LayerlieError, match=r"NaN or inf first appears at log \(module log\)"):
         ll.attribute(NaNInsideUntraceable().eval(), x, "rotate", output="logits")
+
+
+@pytest.mark.parametrize("estimator", ["exact", "shares"])
+def test_repr_is_one_short_line_with_the_settings_check_and_top_nodes(estimator):
+    model = timm_model("resnet18")
+    a = ll.attribute(model, small_input(model, 32, 1), "rotate", estimator=estimator)
+    text = repr(a)
+    assert str(a) == text and "\n" not in text and "tensor" not in text and len(text) < 400
+    key = "share" if estimator == "shares" else "contribution_norm"
+    top = a.nodes.loc[a.nodes[key].abs().idxmax()]
+    assert text.startswith(f"Attribution(model='ResNet', group='rotate', scheme='central', estimator='{estimator}', "
+                           f"nodes={len(a.nodes)}, {a.check_line()}, top by ")
+    assert f"{top.node} ({top.layer_type}) {top[key]:.3g}" in text

@@ -172,9 +172,91 @@ def test_metric_errors_are_one_line():
         ll.eq_t(model, x)
     with pytest.raises(ll.LayerlieError, match="unknown metric.*'eq_x'.*valid metrics"):
         ll.metrics(model, x, which=["eq_x"])
-    with pytest.raises(ll.LayerlieError, match="no \\(B, C, H, W\\) feature map.*node="):
-        ll.eq_t(ll.load_model("vit_tiny_patch16_224", img_size=32), torch.zeros(1, 3, 32, 32), node="features")
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
+    with pytest.raises(ll.LayerlieError, match="no feature map .* ends this model's graph; pass node="):
+        ll.eq_t(flat, x, node="features")
+    with pytest.raises(ll.LayerlieError, match=r"node '_0' \(\(1, 3072\)\) has layout none, not a grid .*pass node="):
+        ll.eq_t(flat, x, node="_0")
     with pytest.raises(ll.LayerlieError, match="max_shift"):
         ll.consistency(model, x, max_shift=40)
     with pytest.raises(ll.LayerlieError, match=r"valid region of the \(32, 32\) output is empty under \[\(0, 32\)\]"):
         ll.eq_t(nn.Identity(), x, shifts=[(0, 32)])
+
+
+# --- feature layouts (METHOD 5) ------------------------------------------------------------------
+
+class Layouts(nn.Module):
+    """One feature map three ways: ``(B, C, H, W)`` (node ``relu``), ``(B, H, W, C)`` (``permute``)
+    and tokens ``(B, 1 + H W, C)`` after a class token (``cat``); pooled to a classifier."""
+
+    def __init__(self, padding_mode: str = "circular", stride: int = 1, pattern: torch.Tensor | None = None,
+                 kernel: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, kernel, padding=kernel // 2, padding_mode=padding_mode, stride=stride)
+        self.register_buffer("pattern", torch.zeros(1, 8, 1, 1) if pattern is None else pattern)
+        self.cls = nn.Parameter(torch.full((1, 1, 8), 50.0))  # far from the map: it must be left out
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)) + self.pattern
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), h.permute(0, 2, 3, 1).flatten(1, 2)], 1)
+        return self.head(tokens[:, 0] + tokens[:, 1:].mean(1))
+
+
+MAPS = ("add", "permute", "cat")
+
+
+def test_grid_nhwc_and_token_maps_give_the_same_values():
+    x = images(3)
+    model = Layouts("zeros", stride=2).eval()
+    for metric in (ll.eq_t, ll.eq_t_frac, ll.eq_r):
+        nchw, nhwc, tokens = (metric(model, x, node=n, draws=2) for n in MAPS)
+        assert torch.equal(nhwc, nchw) and torch.equal(tokens, nchw), metric.__name__
+        assert (nchw < 60).all(), metric.__name__  # zero padding and stride 2: finite values compared
+    # the last feature map of the classifier is its tokens
+    assert torch.equal(ll.eq_t(model, x, node="features"), ll.eq_t(model, x, node="cat"))
+
+
+def test_a_circular_map_is_at_the_cap_on_every_layout():
+    x = images(2)
+    model = Layouts("circular").eval()
+    for n in MAPS:
+        assert ll.eq_t(model, x, node=n, draws=3).tolist() == [PSNR_CAP] * 2, n
+    # a 1 x 1 conv of stride 2 commutes with even shifts: 2 input pixels are 1 sample of its map
+    strided = Layouts(stride=2, kernel=1).eval()
+    for n in MAPS:
+        assert ll.eq_t(strided, x, node=n, shifts=[(0, 2), (4, -6)]).tolist() == [PSNR_CAP] * 2, n
+        assert ll.eq_t(strided, x, node=n, shifts=[(0, 1)]).max() < 60, n
+
+
+def test_token_and_nhwc_maps_give_the_hand_computed_psnr():
+    # as test_added_pattern_gives_the_hand_computed_psnr, read through each layout: a checkerboard
+    # of amplitude 0.1 added to the map of a pointwise (1 x 1) conv, moved by one pixel or rotated
+    # by 90 degrees, is an error of 2p: 20 dB at peak 2
+    x = images(2)
+    model = Layouts(pattern=checkerboard(32, 0.1)[:, :1].expand(1, 8, 32, 32).clone(), kernel=1).eval()
+    for n in MAPS:
+        for shift in [(0, 1), (1, 0)]:
+            assert ll.eq_t(model, x, node=n, shifts=[shift], peak=2.0) == pytest.approx([20.0] * 2, abs=1e-4), n
+        assert ll.eq_r(model, x, node=n, angles=[90.0], peak=2.0) == pytest.approx([20.0] * 2, abs=1e-4), n
+
+
+def test_a_vit_and_a_convnext_nhwc_map_are_measured():
+    x = images(2, 64)
+    vit = ll.load_model("vit_tiny_patch16_224", img_size=64)
+    table = ll.metrics(vit, x, which=["eq_t", "eq_t_frac", "eq_r"])
+    assert ((table.value > 0) & (table.value < PSNR_CAP)).all()
+    # "features" is the last tokens, the final norm, read on its 4 x 4 grid without the class token
+    assert torch.equal(ll.eq_t(vit, x, node="features"), ll.eq_t(vit, x, node="layer_norm_24"))
+    # convnext_atto's layer norm runs on (B, H, W, C); the permute after it holds the same map
+    convnext = ll.load_model("convnext_atto")
+    assert torch.equal(ll.eq_r(convnext, x, node="layer_norm_1"), ll.eq_r(convnext, x, node="permute_3"))
+
+
+def test_a_sweep_of_eq_t_on_a_vit_succeeds(tmp_path):
+    spec = {"models": ["vit_tiny_patch16_224"], "groups": ["translate_x"], "measures": ["metrics"], "n": 1,
+            "size": 64, "metrics": {"which": ["eq_t", "eq_r"]}}
+    result = ll.sweep(spec, tmp_path, workers=0, progress=False)
+    assert not result.failed
+    table = ll.load(tmp_path, "metrics")
+    assert sorted(table.metric) == ["eq_r", "eq_t"] and ((table.value > 0) & (table.value < PSNR_CAP)).all()

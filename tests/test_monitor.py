@@ -187,3 +187,33 @@ def test_figure_draws_lee_and_shares():
     assert len(figures.monitor(two, run="b").axes[0].get_lines()) == len(GROUPS)
     with pytest.raises(figures.FigureError, match="run 'c' is not in the monitor table; it holds a, b"):
         figures.monitor(two, run="c")
+
+
+def test_overhead_leaves_the_one_time_setup_out(monkeypatch):
+    """A slow trace and a slow first call of the engine (the memory plan, lazy imports) are the
+    set-up: ``setup_seconds`` holds them, the measurements and ``overhead`` do not."""
+    from layerlie import monitor as mod
+
+    slow = 0.5
+    calls = []
+
+    def first_call_slow(*args, **kwargs):
+        if not calls:
+            time.sleep(slow)
+        calls.append(1)
+        return ll.lee(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "trace", lambda *a, **k: (time.sleep(slow), ll.trace(*a, **k))[1])
+    monkeypatch.setattr(mod, "lee", first_call_slow)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    mon = ll.Monitor(model, torch.randn(1, 3, 16, 16), GROUPS, every=1, metrics=["eq_t"])
+    assert mon.setup_seconds >= 2 * slow
+    for i in range(3):
+        time.sleep(0.02)  # stands in for a training step
+        mon.step(i)
+    t = mon.table()
+    assert (t.seconds < slow).all() and t.attrs["setup_seconds"] == mon.setup_seconds
+    steps = t.drop_duplicates("step")
+    train = steps.seconds.iloc[-1] / steps.overhead.iloc[-1]  # the mean training step, as the last row saw it
+    assert mon.overhead == pytest.approx(steps.seconds.mean() / train)

@@ -372,3 +372,34 @@ def test_register_layer_type_and_register_op_check_the_kind():
         ops._OPS.pop(Gate, None)
     with pytest.raises(ll.LayerlieError, match="unknown layer type 'gate'; valid: nonlinearity"):
         ops.register_op(Gate, layer_type="gate")
+
+
+class _Plain(nn.Module):
+    """A plain CNN with a linear layer as a module and as a function: no attention anywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 6)
+        self.weight = nn.Parameter(torch.randn(4, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.fc(torch.relu(self.conv(x)).mean((2, 3))), self.weight)
+
+
+def test_linear_layers_and_the_appended_softmax_have_their_own_types():
+    """A linear layer is `linear`, not `conv`; the softmax that layerlie appends to measure the
+    published LEE is the `output`, so a plain CNN has no attention row, and a ViT's own softmaxes
+    stay attention."""
+    torch.manual_seed(0)
+    table = ll.attribute(_Plain().eval(), torch.randn(1, 3, 16, 16), "rotate").nodes
+    types = table.set_index("node")["layer_type"]
+    assert (types["conv"], types["fc"], types["linear"]) == ("conv", "linear", "linear")
+    assert "attention" not in set(types) and list(types[types == "output"].index) == [table["node"].iloc[-1]]
+    assert "output" not in set(ll.attribute(_Plain().eval(), torch.randn(1, 3, 16, 16), "rotate",
+                                            output="logits").nodes["layer_type"])
+    vit = ll.load_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    types = ll.attribute(vit, torch.randn(1, 3, 32, 32), "rotate", estimator="shares").nodes.set_index("node")["layer_type"]
+    assert (types["blocks_0_attn_qkv"], types["head"], types["softmax"]) == ("linear", "linear", "attention")
+    assert (types == "output").sum() == 1 and types.iloc[-1] == "output"
+    assert ll.list_layer_types()[-1] == "output" and "linear" in ll.list_layer_types()
