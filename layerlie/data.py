@@ -73,7 +73,7 @@ def _channels(model: nn.Module, channels: int | None) -> int:
 
 
 def _hw(size: Size) -> tuple[int, int]:
-    pair = (size, size) if isinstance(size, int) else tuple(size)
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
         raise LayerlieError(f"size must be a positive integer or (height, width), got {size!r}; pass e.g. 64")
     return pair

@@ -104,7 +104,7 @@ def weights(frame: pd.DataFrame) -> str:
             for w in frame["weights"].dropna().astype(str).unique()]
     if len(said) <= 2:
         return "; ".join(said) or "weights not recorded"
-    kinds = pd.Series([w.split(" (")[0] for w in said]).value_counts()
+    kinds = pd.Series([re.match(r"random init|\w+", w)[0] for w in said]).value_counts()
     return f"weights: {', '.join(f'{k} x{c}' for k, c in kinds.items())}"
 
 

@@ -123,4 +123,4 @@ def test_report_of_a_store_without_a_sweep_names_the_fix(tmp_path):
 
 def test_report_into_a_store_of_another_sweep_names_the_fix(page, tmp_path):
     with pytest.raises(ReportError, match="holds another sweep; render it with `layerlie report --store"):
-        ll.report("resnet10t", tmp_path / "r.html", n=1, size=32, store=page.parent / "store")
+        ll.report("resnet10t", path=tmp_path / "r.html", n=1, size=32, store=page.parent / "store")
