@@ -562,9 +562,9 @@ def _add_view_parsers(sub: argparse._SubParsersAction) -> None:
                        epilog=VIEW_EXAMPLES["report"], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="timm name or package.module:callable (default: the store's first)")
     _add_weights_args(p)
-    p.add_argument("--groups", default="all", help="groups of the end-to-end table, the metrics and the ablation, "
+    p.add_argument("--groups", default="all", help="groups of the end-to-end table and the metrics, "
                    "comma-separated names or all (default all): " + ", ".join(list_groups(compat=True)))
-    p.add_argument("--group", default=None, help="the group of the layer table (default translate_x)")
+    p.add_argument("--group", default=None, help="the group of the layer table and the ablation (default translate_x)")
     p.add_argument("--out", default="report.html", help="the HTML file (default report.html)")
     p.add_argument("--store", help="render from this store when it holds the model; else sweep into it")
     p.add_argument("--images", help="folder of images; default: embedded photos")

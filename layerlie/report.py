@@ -66,9 +66,9 @@ def report(model: str | nn.Module, x: torch.Tensor | None = None, path: str | Pa
         x: the images, ``(B, C, H, W)`` as the model takes them (default: ``n`` embedded photos,
             or ``images``, prepared for the model at ``size``).
         path: the HTML file to write.
-        groups: the groups of the end-to-end table, the metrics and the ablation: names, a
-            comma-separated string of them, or ``"all"`` (default).
-        group: the group of the layer table; it is measured along with ``groups``.
+        groups: the groups of the end-to-end table and the metrics: names, a comma-separated
+            string of them, or ``"all"`` (default).
+        group: the group of the layer table and the ablation; it is measured along with ``groups``.
         checkpoint: a state dict to load into the model (a copy of a given module); the
             report names it and its sha256.
         pretrained: timm's pretrained weights (a timm name only).
@@ -93,7 +93,7 @@ def report(model: str | nn.Module, x: torch.Tensor | None = None, path: str | Pa
                                 measures=list(MEASURES), n=n, seed=seed,
                                 layers={"groups": [group], "alias": True},
                                 metrics={"which": ["consistency", "invariance"]},
-                                ablation={"variants": list(variants)})
+                                ablation={"variants": list(variants), "groups": [group]})
     for key, value in (("size", size), ("images", x if x is not None else images)):
         if value is not None:
             spec[key] = list(value) if key == "size" and not isinstance(value, int) else value

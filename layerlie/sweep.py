@@ -15,7 +15,7 @@ A spec is TOML (or a dict) with fixed keys::
     [layers]                              # optional: estimator, groups, top, output, probes, and
                                           # alias = true to join the alias flags (METHOD 6)
     [metrics]                             # optional: which, options = {eq_r = {max_angle = 45}}
-    [ablation]                            # optional: variants, estimator, filter_size
+    [ablation]                            # optional: variants, estimator, filter_size, groups
 
 A model's table says where its weights come from, and may name it (``label``, the ``model``
 column; by default the timm name with its pretrained tag, or the name and the checkpoint's
@@ -91,7 +91,7 @@ VARIANTS = ("blurpool", "filtered", "aps", "all")
 
 OPTIONS = {"layers": ("estimator", "groups", "top", "output", "probes", "alias"),
            "metrics": ("which", "options"),
-           "ablation": ("variants", "estimator", "filter_size")}
+           "ablation": ("variants", "estimator", "filter_size", "groups")}
 """The keys of each measure's optional table."""
 
 DEFAULTS: dict[str, Any] = dict(groups=["translate_x", "rotate"], measures=["e2e"], n=8, images=None, seed=0,
@@ -297,7 +297,8 @@ def run_task(task: Task, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
     else:
         opts = spec["ablation"]
         ab = ablate(model, x, variants=opts.get("variants", VARIANTS),
-                    groups=spec["groups"], estimator=opts.get("estimator", "exact"), scheme=spec["scheme"],
+                    groups=opts.get("groups", spec["groups"]), estimator=opts.get("estimator", "exact"),
+                    scheme=spec["scheme"],
                     filter_size=opts.get("filter_size", 3))
         table = ab.table.assign(group=ab.settings["group"])
     return task.measure, table.assign(**settings).reset_index(drop=True)
@@ -507,8 +508,9 @@ def _options(out: dict[str, Any]) -> None:
         if opts.get("estimator", "exact") not in ESTIMATORS:
             raise SpecError(f"spec key '{key}.estimator': unknown estimator {opts['estimator']!r}; valid: "
                             f"{', '.join(ESTIMATORS)}")
-    if "groups" in layers:
-        layers["groups"] = _groups("layers.groups", layers["groups"])
+    for key, opts in (("layers", layers), ("ablation", abl)):
+        if "groups" in opts:
+            opts["groups"] = _groups(f"{key}.groups", opts["groups"])
     if not isinstance(layers.get("alias", False), bool):
         raise SpecError(f"spec key 'layers.alias': expected true or false, got {layers['alias']!r}")
     if "top" in layers and (not isinstance(layers["top"], int) or layers["top"] < 1):

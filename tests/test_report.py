@@ -54,7 +54,7 @@ class Refs(HTMLParser):
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.html"
-    assert main(["report", "resnet18", "--n", "2", "--size", "32", "--out", str(out),
+    assert main(["report", "resnet18", "--n", "2", "--size", "32", "--groups", "translate_x,rotate", "--out", str(out),
                  "--store", str(out.parent / "store")]) == 0
     return out
 

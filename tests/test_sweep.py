@@ -159,7 +159,9 @@ def test_ray_with_two_workers_gives_the_serial_tables(tmp_path, local_ray):
     assert sorted(on_ray.ran) == sorted(serial.ran) == sorted(t.id for t in serial.tasks)
     assert_same_tables(tmp_path / "serial", tmp_path / "ray")
     e2e = ll.load(tmp_path / "ray", "e2e")
-    assert len(e2e) == 3 * 2 and set(e2e.columns) >= {"model", "group", "scheme", "seed", "lee"}
+    assert len(e2e) == 3 * 2 and set(e2e.columns) >= {"model", "group", "scheme", "seed", "lee", "weights", "host"}
+    # each row names the process its task ran in: a Ray worker, or this one when serial
+    assert os.getpid() not in set(e2e["pid"]) and set(ll.load(tmp_path / "serial", "e2e")["pid"]) == {os.getpid()}
     assert list(on_ray.failed) == list(serial.failed) == [t.id for t in serial.tasks
                                                           if t.measure == "metrics" and "vit" in t.model]
     assert on_ray.failed[next(iter(on_ray.failed))]["type"] == "LayerlieError"
