@@ -69,8 +69,7 @@ def report(model: str | nn.Module, x: torch.Tensor | None = None, path: str | Pa
         groups: the groups of the end-to-end table and the metrics: names, a comma-separated
             string of them, or ``"all"`` (default).
         group: the group of the layer table and the ablation; it is measured along with ``groups``.
-        checkpoint: a state dict to load into the model (a copy of a given module); the
-            report names it and its sha256.
+        checkpoint: a state dict to load into the model; the report names it and its sha256.
         pretrained: timm's pretrained weights (a timm name only).
         n, size, seed, images: the photos (``n`` embedded ones, or a folder), their size in
             pixels (square or ``(h, w)``), and the random-init seed.
@@ -81,8 +80,8 @@ def report(model: str | nn.Module, x: torch.Tensor | None = None, path: str | Pa
         The path written.
     """
     if x is not None and not isinstance(x, torch.Tensor):
-        raise ReportError(f"report(model, x, path): x is an image batch (B, C, H, W) or None, got "
-                          f"{type(x).__name__} {x!r}; pass the HTML file as path=")
+        raise ReportError(f"report(model, x, path): x is an image batch (B, C, H, W) or None, got a "
+                          f"{type(x).__name__}; pass the HTML file as path=, a folder of images as images=")
     entry: Any = model
     if isinstance(model, nn.Module) or checkpoint is not None or pretrained:
         kind = "module" if isinstance(model, nn.Module) else "callable" if ":" in str(model) else "name"
