@@ -132,11 +132,12 @@ def test_report_refuses_a_path_in_the_place_of_images(tmp_path):
         ll.report("usernets:tiny", tmp_path / "r.html")
 
 
-def test_cli_report_takes_checkpoint_and_size(weights_file, tmp_path, capsys):
-    out = tmp_path / "r.html"
-    assert main(["report", "resnet10t", "--checkpoint", str(weights_file), "--groups", "translate_x", "--n", "1",
+def test_cli_report_takes_checkpoint_and_size(tmp_path, capsys):
+    path, out = tmp_path / "tiny.pth", tmp_path / "r.html"
+    torch.save(Tiny().state_dict(), path)
+    assert main(["report", "usernets:tiny", "--checkpoint", str(path), "--groups", "translate_x", "--n", "1",
                  "--size", "32", "--out", str(out), "--store", str(tmp_path / "s")]) == 0
-    assert sha256(weights_file) in text_of(out)
+    assert f"checkpoint ({path}, sha256 {sha256(path)})" in text_of(out)
     assert st.manifest(tmp_path / "s")["spec"]["size"] == 32
     assert set(ll.load(tmp_path / "s", "e2e")["group"]) == {"translate_x"}
 
