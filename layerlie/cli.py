@@ -115,11 +115,25 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="timm name, or package.module:callable returning a model")
+def _size(text: str) -> int | tuple[int, int]:
+    """``--size``: ``64`` (square) or ``48x64`` (height x width)."""
+    sides = text.lower().split("x")
+    if len(sides) > 2 or not all(s.strip().isdigit() and int(s) >= 1 for s in sides):
+        raise argparse.ArgumentTypeError(f"must be pixels, SIZE or HEIGHTxWIDTH, got {text!r}; pass e.g. 64 or 48x64")
+    return int(sides[0]) if len(sides) == 1 else (int(sides[0]), int(sides[1]))
+
+
+def _add_weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="local weights: .safetensors or a torch.save'd state dict")
     p.add_argument("--pretrained", action="store_true",
                    help="timm's pretrained weights, from the local cache or downloaded")
+    p.add_argument("--size", type=_size, default=None,
+                   help="image size in pixels, SIZE or HEIGHTxWIDTH (default: the model's data config, else 224)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="timm name, or package.module:callable returning a model")
+    _add_weights_args(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--float64", action="store_true", help="compute in double precision")
     p.add_argument("--images", help="folder of images (labels from subfolders); default: embedded photos")
@@ -238,16 +252,17 @@ def _model_and_images(args: argparse.Namespace) -> tuple[torch.nn.Module, Images
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float64 if args.float64 else None
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                       device=device, dtype=dtype)
-    batch = images(args.images, model, n=args.n) if args.images else photo_batch(model, n=args.n)
+                       device=device, dtype=dtype, size=args.size)
+    batch = (images(args.images, model, n=args.n, size=args.size) if args.images
+             else photo_batch(model, args.n, size=args.size))
     try:  # a model built for other inputs fails here, in one line, rather than deep in a pass
         with torch.no_grad():
             model(batch.x[:1])
     except RuntimeError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         shape = tuple(batch.x.shape[1:])
-        raise LayerlieError(f"model {args.model!r} fails on images of shape {shape} ({first}); give it a timm "
-                            "pretrained_cfg with its input_size, or use a model for this input") from None
+        raise LayerlieError(f"model {args.model!r} fails on images of shape {shape} ({first}); pass the size "
+                            "it takes with --size, or give it a timm pretrained_cfg with its input_size") from None
     return model, batch
 
 
@@ -530,7 +545,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 VIEW_EXAMPLES = {
     "figures": "examples:\n  layerlie figures out/ --out figs/",
     "report": ("examples:\n  layerlie report resnet18\n"
-               "  layerlie report vit_tiny_patch16_224 --group rotate --n 4 --out vit.html\n"
+               "  layerlie report vit_tiny_patch16_224 --group rotate --n 4 --size 64 --out vit.html\n"
+               "  layerlie report mynets:small --checkpoint trained.safetensors --out small.html\n"
+               "  layerlie report resnet50 --pretrained --groups translate_x,rotate\n"
                "  layerlie report --store out/ --out report.html        # from an existing sweep"),
 }
 
@@ -544,11 +561,14 @@ def _add_view_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="one self-contained HTML report of a model",
                        epilog=VIEW_EXAMPLES["report"], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="timm name or package.module:callable (default: the store's first)")
-    p.add_argument("--group", default=None, help="the group of the layer table (default translate_x)")
+    _add_weights_args(p)
+    p.add_argument("--groups", default="all", help="groups of the end-to-end table and the metrics, "
+                   "comma-separated names or all (default all): " + ", ".join(list_groups(compat=True)))
+    p.add_argument("--group", default=None, help="the group of the layer table and the ablation (default translate_x)")
     p.add_argument("--out", default="report.html", help="the HTML file (default report.html)")
     p.add_argument("--store", help="render from this store when it holds the model; else sweep into it")
+    p.add_argument("--images", help="folder of images; default: embedded photos")
     p.add_argument("--n", type=_positive, default=2, help="number of images (default 2)")
-    p.add_argument("--size", type=_positive, default=None, help="resize images to SIZE x SIZE pixels")
     p.add_argument("--seed", type=int, default=0, help="seed for random-init weights (default 0)")
 
 
@@ -574,8 +594,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     elif args.model is None:
         raise LayerlieError("give a MODEL, e.g. layerlie report resnet18, or --store of a sweep that holds one")
     else:
-        out = report(args.model, args.out, group=args.group or "translate_x", n=args.n, size=args.size,
-                     seed=args.seed, store=args.store)
+        out = report(args.model, path=args.out, groups=args.groups, group=args.group or "translate_x",
+                     checkpoint=args.checkpoint, pretrained=args.pretrained, n=args.n, size=args.size,
+                     seed=args.seed, images=args.images, store=args.store)
     console.print(f"wrote {out}", highlight=False, soft_wrap=True)
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ COLUMN = (3.4, 2.6)
 
 _BINS = 20
 """Depth bins of the contribution-by-depth line."""
+
+_CHECKPOINT = re.compile(r"checkpoint \((.+), sha256 ([0-9a-f]{64})\)")
+"""A checkpoint's provenance, as :class:`layerlie.sweep.Source` writes it."""
 
 _LEGEND_ROW = 0.12
 """Inches per row of a legend below the axes, at the legend's font size."""
@@ -83,13 +87,25 @@ def _need(frame: pd.DataFrame, table: str, columns: tuple[str, ...]) -> None:
 
 
 def settings(frame: pd.DataFrame, spec: Mapping[str, Any] | None = None) -> str:
-    """The title line of settings: scheme, images and weights, from the table and the sweep spec."""
+    """The title lines of settings: scheme and images from the table (or the sweep spec), and
+    where the weights came from, from the table's ``weights`` column (SPEC 4)."""
     spec = spec or {}
     scheme = ", ".join(sorted(frame["scheme"].astype(str).unique())) if "scheme" in frame else spec.get("scheme", "?")
     n = frame["image"].nunique() if "image" in frame else spec.get("n")
-    seeds = sorted(frame["seed"].unique()) if "seed" in frame else [spec.get("seed", 0)]
-    # a sweep builds every model from its seed: there is no pretrained key to report
-    return f"{scheme} scheme, n={n if n is not None else '?'}, random init (seed {', '.join(map(str, seeds))})"
+    return f"{scheme} scheme, n={n if n is not None else '?'}\n{weights(frame)}"
+
+
+def weights(frame: pd.DataFrame) -> str:
+    """Where the table's weights came from, short enough for a title: a checkpoint by its file
+    name and the first 12 digits of its sha256; several sources counted by kind."""
+    if "weights" not in frame:
+        return "weights not recorded"
+    said = [_CHECKPOINT.sub(lambda m: f"checkpoint ({Path(m[1]).name}, sha256 {m[2][:12]})", w)
+            for w in frame["weights"].dropna().astype(str).unique()]
+    if len(said) <= 2:
+        return "; ".join(said) or "weights not recorded"
+    kinds = pd.Series([re.match(r"random init|\w+", w)[0] for w in said]).value_counts()
+    return f"weights: {', '.join(f'{k} x{c}' for k, c in kinds.items())}"
 
 
 def _group(frame: pd.DataFrame, group: str | None) -> str:

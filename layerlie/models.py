@@ -36,7 +36,7 @@ from layerlie.errors import LayerlieError
 
 def load_model(spec: str | nn.Module, pretrained: bool = False, checkpoint: str | Path | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-               **kwargs: object) -> nn.Module:
+               size: int | tuple[int, int] | None = None, **kwargs: object) -> nn.Module:
     """A model ready for measurement.
 
     Args:
@@ -48,6 +48,8 @@ def load_model(spec: str | nn.Module, pretrained: bool = False, checkpoint: str 
         checkpoint: a local state dict (``.safetensors``, or a file ``torch.load`` reads
             with ``weights_only=True``), loaded strictly.
         device, dtype: where and in what precision to put the model (default: as built).
+        size: the input size it will measure, square or ``(h, w)``: a timm model whose
+            constructor takes ``img_size`` (ViTs, Swins) is built for it; others run at any size.
         **kwargs: passed to ``timm.create_model`` (e.g. ``num_classes``, ``img_size``).
 
     Returns:
@@ -60,7 +62,7 @@ def load_model(spec: str | nn.Module, pretrained: bool = False, checkpoint: str 
     elif ":" in spec and not Path(spec).exists():
         model = _from_callable(spec)
     else:
-        model = _from_timm(spec, pretrained, **kwargs)
+        model = _from_timm(spec, pretrained, size, **kwargs)
     if checkpoint is not None:
         load_weights(model, checkpoint)
     model.eval()
@@ -81,11 +83,17 @@ def _check_device(device: str | torch.device) -> None:
                             "cuda:N on a machine with that GPU") from None
 
 
-def _from_timm(name: str, pretrained: bool, **kwargs: object) -> nn.Module:
+def _from_timm(name: str, pretrained: bool, size: int | tuple[int, int] | None, **kwargs: object) -> nn.Module:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; list them with `layerlie models PATTERN`"
         raise LayerlieError(f"unknown model {name!r}{hint}")
+    if size is not None and "img_size" not in kwargs:
+        try:
+            return _from_timm(name, pretrained, None, img_size=size, **kwargs)
+        except TypeError as err:  # a constructor without img_size runs at any size
+            if "img_size" not in str(err):
+                raise
     if pretrained:
         return _pretrained(name, **kwargs)
     try:
@@ -94,9 +102,17 @@ def _from_timm(name: str, pretrained: bool, **kwargs: object) -> nn.Module:
         raise LayerlieError(f"timm could not build {name!r}: {err}") from None
 
 
-def _pretrained(name: str, **kwargs: object) -> nn.Module:
-    """timm's pretrained model: weights from the local caches when they hold them, else
-    downloaded once the weights' host answers (timm alone retries for about a minute)."""
+def pretrained_weights(name: str) -> tuple[str, str | None]:
+    """Where timm's pretrained weights for ``name`` are, checked without loading them.
+
+    Returns:
+        Their full timm name (``arch.tag``, e.g. ``resnet18.a1_in1k``), and the local file
+        that holds them, or None when the weights' host answers and they will be downloaded.
+
+    Raises:
+        LayerlieError: timm has no such weights, or they are neither cached nor reachable; the
+            message names ``checkpoint=``. Without network this takes seconds at most.
+    """
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError:
@@ -106,16 +122,26 @@ def _pretrained(name: str, **kwargs: object) -> nn.Module:
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
         raise LayerlieError(f"timm has no pretrained weights for {name!r}; pass local weights with "
                             "checkpoint=FILE (--checkpoint FILE)")
+    full = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
     cached = cfg.file or _cached_weights(cfg.hf_hub_id, cfg.hf_hub_filename, cfg.url)
     if cached is not None:
-        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=cached)
-        return _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return full, cached
     host = hf_constants.ENDPOINT if cfg.hf_hub_id else cfg.url
     offline = "HF_HUB_OFFLINE is set" if hf_constants.HF_HUB_OFFLINE else None
     if offline or not _reachable(host):
         reason = offline or f"no network to {urlsplit(host).hostname}"
         raise LayerlieError(f"cannot download pretrained weights for {name!r} ({reason}): pass local weights "
                             "with checkpoint=FILE (--checkpoint FILE)")
+    return full, None
+
+
+def _pretrained(name: str, **kwargs: object) -> nn.Module:
+    """timm's pretrained model: weights from the local caches when they hold them, else
+    downloaded once the weights' host answers (timm alone retries for about a minute)."""
+    _, cached = pretrained_weights(name)
+    if cached is not None:
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=cached)
+        return _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     return _create(name, pretrained=True, **kwargs)
 
 
@@ -231,10 +257,13 @@ def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[st
 
 
 def input_channels(model: nn.Module) -> int | None:
-    """The number of input channels the model expects, when it says (timm's config)."""
+    """The number of input channels the model expects: timm's ``in_chans`` or config where it
+    says, else the ``in_channels`` of its first convolution; None when neither tells."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size")
     in_chans = getattr(model, "in_chans", None)
     if isinstance(in_chans, int):
         return in_chans
-    return int(size[0]) if size else None
+    if size:
+        return int(size[0])
+    return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)

@@ -2,7 +2,8 @@
 
 :func:`report` runs a one-model sweep (:func:`layerlie.sweep`) into a store, then
 :func:`render` reads that store back, as it would any other sweep's: the page holds the
-settings, versions and timings, the end-to-end LEE per group, the layer table of one group
+settings, where the weights came from and where the tasks ran (from the store's rows),
+versions and timings, the end-to-end LEE of every group measured, the layer table of one group
 with its alias flags and its estimator's check (METHOD 4), the figures of
 :mod:`layerlie.figures`, the before/after ablation, and the nodes of unknown layout or
 mismatched positions (METHOD 5). CSS is inline and images are ``data:`` URIs, so the file
@@ -10,7 +11,8 @@ opens anywhere, offline, and makes no request.
 
 Example:
     >>> import layerlie as ll
-    >>> ll.report("resnet18", "report.html", n=2)  # doctest: +SKIP
+    >>> ll.report("resnet18", path="report.html", n=2)  # doctest: +SKIP
+    >>> ll.report(my_module, x, path="mine.html", checkpoint="trained.safetensors")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
+from torch import nn
 
 from layerlie import figures
 from layerlie import store as st
 from layerlie.errors import LayerlieError
-from layerlie.sweep import SpecError, sweep
+from layerlie.sweep import SpecError, read_spec, slug, sweep, tasks
 
 MEASURES = ("e2e", "layers", "metrics", "ablation")
 """What a report's sweep measures."""
@@ -50,34 +54,51 @@ class ReportError(LayerlieError):
     """A report that cannot be made: one line that names the fix."""
 
 
-def report(model: str, path: str | Path = "report.html", *, group: str = "translate_x",
-           groups: Iterable[str] = ("translate_x", "rotate"), n: int = 2, size: int | None = None, seed: int = 0,
-           images: str | None = None, store: str | Path | None = None,
+def report(model: str | nn.Module, x: torch.Tensor | None = None, path: str | Path = "report.html", *,
+           groups: str | Iterable[str] = "all", group: str = "translate_x", checkpoint: str | Path | None = None,
+           pretrained: bool = False, n: int = 2, size: int | tuple[int, int] | None = None, seed: int = 0,
+           images: str | Path | None = None, store: str | Path | None = None,
            variants: Iterable[str] = ("blurpool", "filtered")) -> Path:
     """Measure ``model`` with a one-model sweep and write its HTML report (SPEC 4).
 
     Args:
-        model: a timm name or ``package.module:callable``, as a sweep spec takes it.
+        model: an ``nn.Module``, a timm name or ``package.module:callable``.
+        x: the images, ``(B, C, H, W)`` as the model takes them (default: ``n`` embedded photos,
+            or ``images``, prepared for the model at ``size``).
         path: the HTML file to write.
-        group: the group of the layer table; it is measured along with ``groups``.
-        groups: the groups of the end-to-end table and the ablation.
-        n, size, seed, images: the sweep's images (``n`` embedded photos, or a folder), their
-            size in pixels, and the random-init seed.
+        groups: the groups of the end-to-end table and the metrics: names, a comma-separated
+            string of them, or ``"all"`` (default).
+        group: the group of the layer table and the ablation; it is measured along with ``groups``.
+        checkpoint: a state dict to load into the model; the report names it and its sha256.
+        pretrained: timm's pretrained weights (a timm name only).
+        n, size, seed, images: the photos (``n`` embedded ones, or a folder), their size in
+            pixels (square or ``(h, w)``), and the random-init seed.
         store: keep the sweep in this store (default: a temporary one).
         variants: the anti-aliased variants of the ablation (METHOD 6).
 
     Returns:
         The path written.
     """
-    gs = list(dict.fromkeys([*groups, group]))
-    spec: dict[str, Any] = dict(models=[model], groups=gs, measures=list(MEASURES), n=n, seed=seed,
+    if x is not None and not isinstance(x, torch.Tensor):
+        raise ReportError(f"report(model, x, path): x is an image batch (B, C, H, W) or None, got a "
+                          f"{type(x).__name__}; pass the HTML file as path=, a folder of images as images=")
+    entry: Any = model
+    if isinstance(model, nn.Module) or checkpoint is not None or pretrained:
+        kind = "module" if isinstance(model, nn.Module) else "callable" if ":" in str(model) else "name"
+        entry = {kind: model, "pretrained": pretrained,
+                 **({"checkpoint": str(checkpoint)} if checkpoint is not None else {})}
+    names = [g.strip() for g in groups.split(",")] if isinstance(groups, str) else list(groups)
+    spec: dict[str, Any] = dict(models=[entry], groups=names,
+                                measures=list(MEASURES), n=n, seed=seed,
                                 layers={"groups": [group], "alias": True},
                                 metrics={"which": ["consistency", "invariance"]},
-                                ablation={"variants": list(variants)})
-    if size is not None:
-        spec["size"] = size
-    if images is not None:
-        spec["images"] = images
+                                ablation={"variants": list(variants), "groups": [group]})
+    for key, value in (("size", size), ("images", x if x is not None else images)):
+        if value is not None:
+            spec[key] = list(value) if key == "size" and not isinstance(value, int) else value
+    checked = read_spec(spec)
+    spec["groups"] = list(dict.fromkeys([*checked["groups"], group]))
+    label = tasks(checked)[0].model
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(store) if store is not None else Path(tmp)
         start = time.perf_counter()
@@ -89,11 +110,11 @@ def report(model: str, path: str | Path = "report.html", *, group: str = "transl
                 if "different spec" not in str(err):
                     raise
                 raise ReportError(f"the store {str(root)!r} holds another sweep; render it with `layerlie report "
-                                  f"--store {root}`, or choose another --store for {model}") from None
+                                  f"--store {root}`, or choose another --store for {label}") from None
         elapsed = time.perf_counter() - start
         notes = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught
                                    if issubclass(w.category, UserWarning)))
-        return render(root, path, model=model, group=group, notes=notes, timings={"sweep (s)": elapsed})
+        return render(root, path, model=label, group=group, notes=notes, timings={"sweep (s)": elapsed})
 
 
 def render(store: str | Path, path: str | Path = "report.html", *, model: str | None = None,
@@ -116,7 +137,7 @@ def render(store: str | Path, path: str | Path = "report.html", *, model: str | 
     if group is None and not layers.empty:
         group = layers["group"].iloc[0]
     sections = [f"<h1>layerlie report: {html.escape(model)}</h1>", _notes(layers, notes, failed, model),
-                _header(spec, info, timings),
+                _header(spec, info, timings, tables),
                 _e2e(tables["e2e"]), _layers(layers, group), _figures(tables, spec, model),
                 _ablation(tables["ablation"]), _layouts(layers)]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>layerlie report: "
@@ -134,12 +155,14 @@ def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.3g}", escape=True)
 
 
-def _header(spec: Mapping[str, Any], info: Mapping[str, Any],
-            timings: Mapping[str, float] | None) -> str:
+def _header(spec: Mapping[str, Any], info: Mapping[str, Any], timings: Mapping[str, float] | None,
+            tables: Mapping[str, pd.DataFrame]) -> str:
     shown = {k: spec.get(k) for k in ("n", "size", "seed", "scheme", "batch_size")}
     shown["groups"] = ", ".join(spec.get("groups", []))
     shown["images"] = spec.get("images") or "embedded photos"
-    shown["weights"] = f"random init (seed {spec.get('seed', 0)})"
+    for key, column in (("weights", "weights"), ("host", "host"), ("process ids", "pid")):
+        held = list(dict.fromkeys(v for t in tables.values() if column in t for v in t[column].dropna().astype(str)))
+        shown[key] = ", ".join(held) or "not recorded"
     rows = [*shown.items(), *(info.get("versions") or {}).items(),
             *((k, f"{v:.1f}") for k, v in (timings or {}).items())]
     if not timings:
@@ -156,12 +179,8 @@ def _notes(layers: pd.DataFrame, notes: Iterable[str], failed: Mapping[str, Mapp
                      "per leaf module, measured with forward hooks, not per graph node.")
     lines += list(notes)
     lines += [f"task {task} failed: {err.get('type')}: {(err.get('message') or '').splitlines()[0] if err.get('message') else ''}"
-              for task, err in failed.items() if _slug(model) in task]
+              for task, err in failed.items() if f"-{slug(model)}-" in task]
     return "".join(f"<p class='note'>{html.escape(line)}</p>" for line in lines)
-
-
-def _slug(model: str) -> str:
-    return "".join(c if c.isalnum() or c in "_." else "_" for c in model)
 
 
 def _e2e(e2e: pd.DataFrame) -> str:

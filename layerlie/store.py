@@ -2,7 +2,7 @@
 
 Layout::
 
-    STORE/manifest.json              spec, package versions, seeds, machine, schema version
+    STORE/manifest.json              spec, package versions, seeds, weights, machine, schema version
     STORE/parts/<task-id>.parquet    one task's table; it exists only once it is complete
     STORE/failures/<task-id>.json    a task's exception type, message and traceback
 
@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import sys
 import traceback
 import warnings
 from importlib import metadata
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,7 +70,8 @@ def manifest(store: str | Path) -> dict[str, Any] | None:
     return data
 
 
-def create(store: str | Path, spec: dict[str, Any], *, fresh: bool = False) -> Path:
+def create(store: str | Path, spec: dict[str, Any], *, fresh: bool = False,
+           weights: Mapping[str, str] | None = None) -> Path:
     """Make ``store`` a store of ``spec`` and write its manifest (SPEC 4).
 
     Args:
@@ -76,6 +79,8 @@ def create(store: str | Path, spec: dict[str, Any], *, fresh: bool = False) -> P
         spec: the sweep spec, as plain data.
         fresh: remove the parts and failures of an earlier sweep first. Temporary files that
             a killed sweep left are removed either way.
+        weights: where each model's weights come from, by model (the provenance its rows'
+            ``weights`` column repeats).
 
     Returns:
         The store's path.
@@ -87,7 +92,7 @@ def create(store: str | Path, spec: dict[str, Any], *, fresh: bool = False) -> P
             for f in (root / sub).iterdir():  # temporary files of a killed writer; all, when fresh
                 if f.suffix == ".tmp" or (fresh and f.suffix in (".parquet", ".json")):
                     f.unlink()
-        data = dict(schema=SCHEMA, spec=spec, seeds={"seed": spec.get("seed", 0)},
+        data = dict(schema=SCHEMA, spec=spec, seeds={"seed": spec.get("seed", 0)}, weights=dict(weights or {}),
                     versions=_versions(), machine=_machine())
         _atomic_write(root / "manifest.json", json.dumps(data, indent=2, default=str).encode())
     except OSError as err:
@@ -225,7 +230,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def where() -> dict[str, Any]:
+    """The node and process this runs on, as every part's rows record them (SPEC 4)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
 def _machine() -> dict[str, Any]:
-    """The machine a manifest records (SPEC 4)."""
+    """The machine a manifest records, and the process that wrote it (SPEC 4)."""
     return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
-            "executable": sys.executable}
+            "executable": sys.executable, **where()}

@@ -2,19 +2,35 @@
 
 A spec is TOML (or a dict) with fixed keys::
 
-    models = ["resnet18", "convnext_*"]   # timm names, fnmatch patterns, or "pkg.module:factory"
+    models = ["resnet18", "convnext_*"]   # timm names, fnmatch patterns, or "pkg.module:factory",
+                                          # or a table per model (below)
     groups = ["translate_x", "rotate"]    # or "all"
     measures = ["e2e", "layers", "metrics", "ablation"]
     n = 8                                 # embedded photos; or images = "DIR" with n as a cap
     seed = 0                              # random-init weights, and every metric's generator
     scheme = "central"                    # optional
     batch_size = 8                        # optional: images per pass
-    size = 64                             # optional: images resized to size x size pixels, and
+    size = 64                             # optional: images of 64 x 64 pixels (or [h, w]), and
                                           # img_size=size for models that take it (ViTs)
     [layers]                              # optional: estimator, groups, top, output, probes, and
                                           # alias = true to join the alias flags (METHOD 6)
     [metrics]                             # optional: which, options = {eq_r = {max_angle = 45}}
-    [ablation]                            # optional: variants, estimator, filter_size
+    [ablation]                            # optional: variants, estimator, filter_size, groups
+
+A model's table says where its weights come from, and may name it (``label``, the ``model``
+column; by default the timm name with its pretrained tag, or the name and the checkpoint's
+file)::
+
+    models = [{ name = "resnet50", pretrained = true },          # timm's weights: resnet50.a1_in1k
+              { name = "resnet50", checkpoint = "w.safetensors" },  # a state dict, read strictly
+              { callable = "pkg.mod:fn", checkpoint = "w.pth" },    # the callable's model, these weights
+              "resnet50"]                                           # random init from the seed
+
+A dict spec may also hold ``{ module = an_nn_Module }`` and ``images = a (B, C, H, W) tensor``;
+the manifest records their class, shape and hash. Every row records where its weights came
+from (``weights``: ``random init (seed N)``, ``pretrained (timm arch.tag)``, ``checkpoint
+(path, sha256 H)``, ``callable pkg.mod:fn`` or ``module Name (given)``) and the ``host`` and
+``pid`` its task ran on; the manifest records the weights per model.
 
 One task is one (model, measure), and one group too for ``e2e`` and ``layers``; ``metrics``
 takes its invariance per group and ``ablation`` its LEE per group within the one task. Task ids
@@ -45,7 +61,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -53,12 +68,12 @@ from layerlie import store as st
 from layerlie.ablation import ablate, list_variants
 from layerlie.aliasing import with_aliasing
 from layerlie.attribution import ESTIMATORS, attribute
-from layerlie.data import images, photo_batch
+from layerlie.data import Images, images, photo_batch
 from layerlie.errors import LayerlieError
 from layerlie.groups import list_groups, resolve_groups
 from layerlie.lie import lee
 from layerlie.metrics import METRICS, invariance, metrics
-from layerlie.models import load_model
+from layerlie.models import load_model, pretrained_weights, read_state_dict
 from layerlie.tangent import list_schemes
 
 KEYS = ("models", "groups", "measures", "n", "images", "seed", "scheme", "batch_size", "size",
@@ -68,12 +83,15 @@ KEYS = ("models", "groups", "measures", "n", "images", "seed", "scheme", "batch_
 MEASURES = ("e2e", "layers", "metrics", "ablation")
 """The measures a spec may list; each writes the store table of its name."""
 
+MODEL_KEYS = ("name", "callable", "module", "pretrained", "checkpoint", "label")
+"""The keys of a model's table."""
+
 VARIANTS = ("blurpool", "filtered", "aps", "all")
 """The ablation variants of a sweep unless ``[ablation] variants`` says otherwise."""
 
 OPTIONS = {"layers": ("estimator", "groups", "top", "output", "probes", "alias"),
            "metrics": ("which", "options"),
-           "ablation": ("variants", "estimator", "filter_size")}
+           "ablation": ("variants", "estimator", "filter_size", "groups")}
 """The keys of each measure's optional table."""
 
 DEFAULTS: dict[str, Any] = dict(groups=["translate_x", "rotate"], measures=["e2e"], n=8, images=None, seed=0,
@@ -82,6 +100,37 @@ DEFAULTS: dict[str, Any] = dict(groups=["translate_x", "rotate"], measures=["e2e
 
 class SpecError(LayerlieError):
     """A sweep spec that cannot run: one line that names the key."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One model of a checked spec: what builds it, and where its weights come from (SPEC 4)."""
+
+    label: str
+    build: str | torch.nn.Module
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    sha256: str | None = None
+
+    def weights(self, seed: int) -> str:
+        """The provenance of the weights, as the ``weights`` column and the manifest say it."""
+        if self.checkpoint is not None:
+            return f"checkpoint ({self.checkpoint}, sha256 {self.sha256})"
+        if self.pretrained is not None:
+            return f"pretrained (timm {self.pretrained})"
+        if isinstance(self.build, torch.nn.Module):
+            return f"module {type(self.build).__name__} (given)"
+        if ":" in self.build:
+            return f"callable {self.build}"
+        return f"random init (seed {seed})"
+
+    def load(self, size: int | list[int] | None) -> torch.nn.Module:
+        """The model, built for ``size`` where its constructor takes one, with its weights."""
+        if self.checkpoint is not None and _sha256_file(self.checkpoint) != self.sha256:
+            raise LayerlieError(f"checkpoint {self.checkpoint!r} changed after the sweep began (its sha256 is no "
+                                f"longer {self.sha256}); run the sweep again with --force-new")
+        return load_model(self.pretrained or self.build, pretrained=self.pretrained is not None,
+                          checkpoint=self.checkpoint, size=_size(size))
 
 
 @dataclass(frozen=True)
@@ -135,10 +184,23 @@ def read_spec(spec: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         raise SpecError(f"{where}{err}") from None
 
 
+def sources(spec: Mapping[str, Any]) -> dict[str, Source]:
+    """The models of a checked spec by label, the ``model`` column of their rows (SPEC 4)."""
+    out = {}
+    for entry in spec["models"]:
+        if isinstance(entry, str):
+            out[entry] = Source(entry, entry)
+        else:
+            build = entry.get("module", entry.get("callable", entry.get("name")))
+            out[entry["label"]] = Source(entry["label"], build, entry.get("pretrained"), entry.get("checkpoint"),
+                                         entry.get("sha256"))
+    return out
+
+
 def tasks(spec: Mapping[str, Any]) -> list[Task]:
     """The tasks of a checked spec, in a fixed order, with stable ids (SPEC 4)."""
     out = []
-    for model in spec["models"]:
+    for model in sources(spec):
         for measure in spec["measures"]:
             groups = spec["layers"].get("groups", spec["groups"]) if measure == "layers" else spec["groups"]
             for group in groups if measure in ("e2e", "layers") else [None]:
@@ -185,7 +247,8 @@ def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: i
         raise LayerlieError(f"workers must be 0 (serial) or more, got {workers}")
     if workers == 0 and address:
         raise LayerlieError("workers=0 runs serially in this process; drop it to run on the cluster at --address")
-    st.create(root, _plain(checked), fresh=changed)
+    st.create(root, _plain(checked), fresh=changed,
+              weights={label: s.weights(checked["seed"]) for label, s in sources(checked).items()})
     pending = [t for t in todo if t.id not in finished]
 
     with _ProgressBar(progress, len(todo), len(result.skipped)) as advance:
@@ -210,12 +273,12 @@ def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: i
 def run_task(task: Task, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
     """Compute one task: its table's name and its rows, with model and settings columns (SPEC 4)."""
     torch.manual_seed(spec["seed"])  # the random-init weights, the same in every process
-    model = _model(task.model, spec["size"])
-    batch = (images(spec["images"], model, n=spec["n"]) if spec["images"] else photo_batch(model, n=spec["n"]))
+    source = sources(spec)[task.model]
+    model = source.load(spec["size"])
+    batch = _images(model, spec)
     x = batch.x
-    if spec["size"]:
-        x = F.interpolate(x, size=(spec["size"],) * 2, mode="bilinear", antialias=True, align_corners=False)
-    settings = dict(model=task.model, scheme=spec["scheme"], seed=spec["seed"])
+    settings = dict(model=task.model, scheme=spec["scheme"], seed=spec["seed"], weights=source.weights(spec["seed"]),
+                    **st.where())
     if task.measure == "e2e":
         table = lee(model, x, [task.group], scheme=spec["scheme"], names=batch.names, batch_size=spec["batch_size"])
     elif task.measure == "layers":
@@ -234,7 +297,8 @@ def run_task(task: Task, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
     else:
         opts = spec["ablation"]
         ab = ablate(model, x, variants=opts.get("variants", VARIANTS),
-                    groups=spec["groups"], estimator=opts.get("estimator", "exact"), scheme=spec["scheme"],
+                    groups=opts.get("groups", spec["groups"]), estimator=opts.get("estimator", "exact"),
+                    scheme=spec["scheme"],
                     filter_size=opts.get("filter_size", 3))
         table = ab.table.assign(group=ab.settings["group"])
     return task.measure, table.assign(**settings).reset_index(drop=True)
@@ -278,16 +342,36 @@ def _metrics(model: torch.nn.Module, x: torch.Tensor, names: list[str], spec: Ma
     return pd.concat(frames, ignore_index=True)
 
 
-def _model(name: str, size: int | None) -> torch.nn.Module:
-    """A random-init model; ``img_size=size`` for the models whose constructor takes it (SPEC 4)."""
-    if size is None or ":" in name:
-        return load_model(name)
-    try:
-        return load_model(name, img_size=size)
-    except TypeError as err:
-        if "img_size" not in str(err):
-            raise
-        return load_model(name)
+def _images(model: torch.nn.Module, spec: Mapping[str, Any]) -> Images:
+    """The spec's images prepared for ``model`` at its size: a tensor as given, a folder's, or
+    the embedded photos (SPEC 4)."""
+    given, size = spec["images"], _size(spec["size"])
+    if isinstance(given, torch.Tensor):
+        return Images(given, [f"image{i}" for i in range(len(given))])
+    if given is not None:
+        return images(given, model, n=spec["n"], size=size)
+    return photo_batch(model, spec["n"], size=size)
+
+
+def _size(size: int | list[int] | None) -> int | tuple[int, int] | None:
+    return tuple(size) if isinstance(size, list) else size
+
+
+def _sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """One hash of named tensors' bytes, whatever their dtype or device."""
+    digest = hashlib.sha256()
+    for name, t in tensors:
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _run_on_ray(pending: list[Task], spec: Mapping[str, Any], record: Callable[[Task, tuple], None],
@@ -347,13 +431,27 @@ class _ProgressBar:
 def _task_id(model: str, measure: str, group: str | None) -> str:
     """``measure-model[-group]-hash``: readable, file-safe, and the same for the same task (SPEC 4)."""
     key = json.dumps([measure, model, group])
-    slug = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", s) for s in (measure, model, group) if s)
-    return f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
+    return f"{'-'.join(slug(s) for s in (measure, model, group) if s)}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
+
+
+def slug(text: str) -> str:
+    """``text`` as a task id writes it: each run of characters other than letters, digits, ``_``
+    and ``.`` becomes one ``_`` (SPEC 4)."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", text)
 
 
 def _plain(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The spec as JSON data, as the manifest stores it (SPEC 4)."""
-    return json.loads(json.dumps(spec))
+    """The spec as JSON data, as the manifest stores it: a module or a tensor by its class or
+    shape and the hash of its values (SPEC 4)."""
+    def described(value: object) -> str:
+        if isinstance(value, torch.nn.Module):
+            return f"{type(value).__name__} (state sha256 {_sha256_tensors(value.state_dict().items())})"
+        if isinstance(value, torch.Tensor):
+            return (f"tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} "
+                    f"(sha256 {_sha256_tensors([('', value)])})")
+        raise TypeError(f"{type(value).__name__} is not JSON data")
+
+    return json.loads(json.dumps(spec, default=described))
 
 
 def _checked(spec: dict[str, Any]) -> dict[str, Any]:
@@ -364,7 +462,7 @@ def _checked(spec: dict[str, Any]) -> dict[str, Any]:
     if "models" not in spec:
         raise SpecError("spec key 'models' is missing; give timm names or patterns, e.g. models = ['resnet18']")
     out = {**DEFAULTS, **spec}
-    out["models"] = _models(_strings("models", out["models"]))
+    out["models"] = _models(out["models"])
     out["groups"] = _groups("groups", out["groups"])
     out["measures"] = _strings("measures", out["measures"])
     bad = [m for m in out["measures"] if m not in MEASURES]
@@ -372,15 +470,25 @@ def _checked(spec: dict[str, Any]) -> dict[str, Any]:
         raise SpecError(f"spec key 'measures': unknown measure {bad[0]!r}; valid: {', '.join(MEASURES)}")
     for key in ("n", "batch_size", "size"):
         value = out[key]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise SpecError(f"spec key {key!r}: expected a positive integer, got {value!r}")
+        if key == "size" and isinstance(value, (list, tuple)) and len(value) == 2 and all(_positive(v) for v in value):
+            out[key] = list(value)
+        elif value is not None and not _positive(value):
+            said = " or [height, width]" if key == "size" else ""
+            raise SpecError(f"spec key {key!r}: expected a positive integer{said}, got {value!r}")
     if not isinstance(out["seed"], int) or isinstance(out["seed"], bool):
         raise SpecError(f"spec key 'seed': expected an integer, got {out['seed']!r}")
     if out["scheme"] not in list_schemes():
         raise SpecError(f"spec key 'scheme': unknown scheme {out['scheme']!r}; valid: {', '.join(list_schemes())}")
-    if out["images"] is not None and not Path(str(out["images"])).is_dir():
-        raise SpecError(f"spec key 'images': {out['images']!r} is not a folder; give a folder of images or "
+    given = out["images"]
+    if isinstance(given, torch.Tensor):
+        if given.ndim != 4 or not given.is_floating_point():
+            raise SpecError(f"spec key 'images': a tensor must be a float batch (B, C, H, W), got shape "
+                            f"{tuple(given.shape)} {given.dtype}")
+    elif given is not None and not (isinstance(given, (str, Path)) and Path(given).is_dir()):
+        raise SpecError(f"spec key 'images': {_shown(given)} is not a folder; give a folder of images or "
                         "leave it out for the embedded photos")
+    elif given is not None:
+        out["images"] = str(given)
     for measure, allowed in OPTIONS.items():
         table = out.get(measure, {})
         if not isinstance(table, Mapping):
@@ -400,8 +508,9 @@ def _options(out: dict[str, Any]) -> None:
         if opts.get("estimator", "exact") not in ESTIMATORS:
             raise SpecError(f"spec key '{key}.estimator': unknown estimator {opts['estimator']!r}; valid: "
                             f"{', '.join(ESTIMATORS)}")
-    if "groups" in layers:
-        layers["groups"] = _groups("layers.groups", layers["groups"])
+    for key, opts in (("layers", layers), ("ablation", abl)):
+        if "groups" in opts:
+            opts["groups"] = _groups(f"{key}.groups", opts["groups"])
     if not isinstance(layers.get("alias", False), bool):
         raise SpecError(f"spec key 'layers.alias': expected true or false, got {layers['alias']!r}")
     if "top" in layers and (not isinstance(layers["top"], int) or layers["top"] < 1):
@@ -438,17 +547,97 @@ def _groups(key: str, value: Any) -> list[str]:
     return names
 
 
-def _models(patterns: Iterable[str]) -> list[str]:
-    """timm names from names and fnmatch patterns, in order, each once; ``pkg.module:factory``
-    as given (SPEC 4)."""
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _shown(value: object) -> str:
+    """A value in an error message: a module or a tensor by its kind, never its whole repr."""
+    if isinstance(value, torch.nn.Module):
+        return f"a {type(value).__name__} module"
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)
+
+
+def _models(value: Any) -> list[str | dict[str, Any]]:
+    """The models of a spec, in order, each once: timm names from names and fnmatch patterns,
+    ``pkg.module:factory`` as given, and checked tables (SPEC 4)."""
     import timm
 
-    names: list[str] = []
-    every = timm.list_models()
-    for pattern in patterns:
-        found = [pattern] if ":" in pattern else fnmatch.filter(every, pattern)
-        if not found:
-            raise SpecError(f"spec key 'models': {pattern!r} matches no timm model; list them with "
-                            "`layerlie models PATTERN`")
-        names += [n for n in found if n not in names]
-    return names
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise SpecError("spec key 'models': the list is empty; give timm names or patterns, e.g. models = ['resnet18']")
+    out: list[str | dict[str, Any]] = []
+    every = None
+    for item in items:
+        if isinstance(item, str) and ":" not in item:
+            every = every if every is not None else timm.list_models()
+            found = fnmatch.filter(every, item)
+            if not found:
+                raise SpecError(f"spec key 'models': {item!r} matches no timm model; list them with "
+                                "`layerlie models PATTERN`")
+        else:
+            found = [_table(item)]
+        out += [m for m in found if m not in out]
+    labels = [m if isinstance(m, str) else m["label"] for m in out]
+    twice = next((label for label in labels if labels.count(label) > 1), None)
+    if twice is not None:
+        raise SpecError(f"spec key 'models': two models are labelled {twice!r}; give one a label = '...'")
+    return out
+
+
+def _table(item: Any) -> str | dict[str, Any]:
+    """One model given as a callable, a module or a table, checked: its weights at hand (a
+    checkpoint readable and hashed, its path taken from the working directory; pretrained
+    weights cached or reachable) and its label (SPEC 4). A table that only names a model is
+    that name."""
+    import timm
+
+    if isinstance(item, (str, torch.nn.Module)):
+        item = {"callable" if isinstance(item, str) else "module": item}
+    if not isinstance(item, Mapping):
+        raise SpecError(f"spec key 'models': expected a timm name, 'pkg.module:fn' or a table, got {_shown(item)}")
+    unknown = [k for k in item if k not in MODEL_KEYS]
+    kinds = [k for k in ("name", "callable", "module") if k in item]
+    if unknown or len(kinds) != 1:
+        said = f"unknown key {unknown[0]!r}" if unknown else f"{' and '.join(kinds) or 'no model'}"
+        raise SpecError(f"spec key 'models': a model's table takes one of name, callable or module, and "
+                        f"pretrained, checkpoint, label; got {said}")
+    kind, build = kinds[0], item[kinds[0]]
+    entry: dict[str, Any] = {kind: build}
+    if kind == "module" and not isinstance(build, torch.nn.Module):
+        raise SpecError(f"spec key 'models': module = expects a torch.nn.Module, got {_shown(build)}")
+    if kind == "name" and not (isinstance(build, str) and timm.is_model(build)):
+        raise SpecError(f"spec key 'models': name = {_shown(build)} is not a timm model; list them with "
+                        "`layerlie models PATTERN`")
+    if kind == "callable" and not (isinstance(build, str) and ":" in build):
+        raise SpecError(f"spec key 'models': callable = {_shown(build)}; give 'package.module:callable'")
+    pretrained, checkpoint, label = item.get("pretrained", False), item.get("checkpoint"), item.get("label")
+    if not isinstance(pretrained, bool):
+        raise SpecError(f"spec key 'models': pretrained = expects true or false, got {_shown(pretrained)}")
+    if pretrained and (kind != "name" or checkpoint is not None):
+        raise SpecError("spec key 'models': pretrained = true takes timm's weights for a timm name, without a "
+                        "checkpoint; a callable or module brings its own, a checkpoint replaces them")
+    if pretrained:
+        try:
+            entry["pretrained"] = pretrained_weights(build)[0]
+        except LayerlieError as err:
+            raise SpecError(f"spec key 'models': {err}") from None
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, Path)):
+            raise SpecError(f"spec key 'models': checkpoint = expects a path, got {_shown(checkpoint)}")
+        path = Path(checkpoint).absolute()
+        try:
+            read_state_dict(path)  # a missing or unreadable file is refused before anything runs
+        except LayerlieError as err:
+            raise SpecError(f"spec key 'models': {err}") from None
+        entry.update(checkpoint=str(path), sha256=_sha256_file(path))
+    if label is not None and not (isinstance(label, str) and label.strip()):
+        raise SpecError(f"spec key 'models': label = expects a non-empty string, got {_shown(label)}")
+    named = type(build).__name__ if kind == "module" else build
+    if label is None and len(entry) == 1 and kind != "module":
+        return build
+    entry["label"] = label or entry.get("pretrained") or (
+        f"{named} ({Path(checkpoint).name})" if checkpoint is not None else named)
+    return entry

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import layerlie as ll
 
@@ -21,6 +24,26 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """Empty weight caches and a Hugging Face endpoint that refuses every connection."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path
+
+
+def cache_weights(cache: Path, repo: str, state: dict[str, torch.Tensor]) -> None:
+    """Lay out weights as the Hugging Face cache holds a download of ``repo``."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    save_file(state, folder / "snapshots" / commit / "model.safetensors")
 
 
 @functools.lru_cache(maxsize=8)

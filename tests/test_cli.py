@@ -16,8 +16,7 @@ import huggingface_hub.constants
 import pytest
 import timm
 import torch
-from conftest import TOL
-from safetensors.torch import save_file
+from conftest import TOL, cache_weights
 
 import layerlie as ll
 from layerlie import models
@@ -62,16 +61,6 @@ def test_argument_errors_are_three_lines(capsys, args, usage, message):
 
 # --- pretrained weights -------------------------------------------------------------------
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """Empty weight caches and a Hugging Face endpoint that refuses every connection."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    return tmp_path
-
-
 def test_pretrained_without_network_fails_fast_in_one_line(capsys, offline):
     start = time.perf_counter()
     with pytest.raises(ll.LayerlieError, match=r"'resnet18' \(no network to 127.0.0.1\): .*checkpoint=FILE"):
@@ -91,22 +80,12 @@ def test_pretrained_offline_mode_does_not_wait(offline, monkeypatch):
         ll.load_model("resnet18", pretrained=True)
 
 
-def _cache_weights(cache: Path, repo: str, state: dict[str, torch.Tensor]) -> None:
-    """Lay out weights as the Hugging Face cache holds a download of ``repo``."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    (folder / "snapshots" / commit).mkdir(parents=True)
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(commit)
-    save_file(state, folder / "snapshots" / commit / "model.safetensors")
-
-
 def test_pretrained_weights_come_from_the_local_cache_without_network(offline, monkeypatch):
     monkeypatch.setattr(models, "_reachable", lambda url: pytest.fail("cached weights need no network"))
     torch.manual_seed(1)
     state = {k: torch.randn_like(v) if v.is_floating_point() else v
              for k, v in timm.create_model("test_resnet").state_dict().items()}
-    _cache_weights(offline / "hf", timm.models.get_pretrained_cfg("test_resnet").hf_hub_id, state)
+    cache_weights(offline / "hf", timm.models.get_pretrained_cfg("test_resnet").hf_hub_id, state)
     model = ll.load_model("test_resnet", pretrained=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert not model.training
@@ -252,8 +231,12 @@ def test_a_model_for_other_inputs_is_a_one_line_error(capsys, tmp_path, monkeypa
     (tmp_path / "graynets.py").write_text(
         "import torch\n"
         "def gray():\n"
-        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())\n")
+        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())\n"
+        "def four():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    code, out, err = run_cli(capsys, "e2e", "graynets:gray", "--n", "1")
+    code, out, err = run_cli(capsys, "e2e", "graynets:gray", "--n", "1", "--groups", "translate_x")
+    assert code == 0 and "translate_x" in out, err  # its first layer takes one channel: luminance photos
+    code, out, err = run_cli(capsys, "e2e", "graynets:four", "--n", "1")
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert "'graynets:gray' fails on images of shape (3, 224, 224) (Given groups=1" in err
+    assert "1 (luminance) or 3 (RGB) channels, not the 4 that Sequential takes" in err

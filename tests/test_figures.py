@@ -120,3 +120,11 @@ def test_cli_figures_writes_png_and_pdf_and_notes_the_absent_table(store, tmp_pa
     names = {p.name for p in (tmp_path / "figs").iterdir()}
     assert {f"{n}.{s}" for n in ("depth", "by_type", "e2e_groups", "lee_vs_metrics", "ablation", "top_layers")
             for s in ("png", "pdf")} == names
+
+
+def test_titles_say_the_weights_the_rows_record_and_assume_none(tables):
+    layers = tables["layers"]
+    assert set(layers["weights"]) == {"random init (seed 0)"}
+    assert figures.depth(layers).axes[0].get_title().endswith("\nrandom init (seed 0)")
+    unrecorded = figures.depth(layers.drop(columns="weights")).axes[0].get_title()
+    assert unrecorded.endswith("\nweights not recorded") and "random init" not in unrecorded

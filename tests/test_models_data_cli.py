@@ -10,6 +10,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
+import usernets
 from conftest import timm_model
 from PIL import Image
 from safetensors.torch import save_file
@@ -229,3 +230,69 @@ def test_cli_untraceable_model_is_a_one_line_note(capsys):
     code, out, err = run_cli(capsys, "layers", "test_attribution:BranchyNet", "--n", "1", "--group", "rotate")
     assert code == 0 and "forward hooks" in err and err.strip().count("\n") == 0
     assert "completeness residual (relative):" in out
+
+
+# --- image size and channels ---------------------------------------------------------------
+
+def test_photos_take_a_size_square_or_not():
+    model = timm_model("resnet18")
+    assert ll.photos(model, 2, size=40).shape == (2, 3, 40, 40)
+    assert ll.photo_batch(model, 1, size=(32, 48)).x.shape == (1, 3, 32, 48)
+    assert ll.images(ll.data.photo_paths()[0].parent, model, n=1, size=24).x.shape == (1, 3, 24, 24)
+    for bad in (0, (32,), (32, 0), 2.5):
+        with pytest.raises(ll.LayerlieError, match="size must be a positive integer or \\(height, width\\)"):
+            ll.photos(model, 1, size=bad)
+
+
+def test_a_plain_module_gets_224_and_timms_default_normalisation():
+    from timm.data import create_transform
+
+    x = ll.photos(usernets.tiny(), 1)
+    with Image.open(ll.data.photo_paths()[0]) as img:
+        reference = create_transform(input_size=(3, 224, 224), is_training=False)(img.convert("RGB"))
+    assert x.shape == (1, 3, 224, 224) and torch.equal(x[0], reference)
+
+
+def test_channels_follow_the_first_layer_and_one_channel_is_luminance():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    gray, rgb = ll.load_model("usernets:gray"), ll.load_model("usernets:tiny")
+    x1, x3 = ll.photos(gray, 2, size=32), ll.photos(rgb, 2, size=32)
+    assert x1.shape == (2, 1, 32, 32) and ll.photos(gray, 1, size=32, channels=3).shape == (1, 3, 32, 32)
+    assert ll.photos(ll.load_model("resnet10t", in_chans=1), 1, size=32).shape == (1, 1, 32, 32)
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None], torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+    pixels = x3 * std + mean  # back to [0, 1]
+    luma = (torch.tensor([0.299, 0.587, 0.114])[:, None, None] * pixels).sum(1, keepdim=True)  # ITU-R 601
+    # one channel: the photos' luminance, normalised by the mean of the config's statistics
+    assert (x1 * std.mean() + mean.mean() - luma).abs().max() < 3 / 255
+    table = ll.lee(gray, x1, "translate_x,rotate")
+    assert table["lee"].gt(0).all()
+    with pytest.raises(ll.LayerlieError, match="1 \\(luminance\\) or 3 \\(RGB\\) channels, not the 4 that Conv2d "
+                                               "takes; pass a tensor of your own images"):
+        ll.photos(torch.nn.Conv2d(4, 2, 3), 1)
+
+
+@pytest.mark.parametrize("command", ["e2e", "layers", "aliasing", "ablate", "report"])
+def test_every_measurement_command_takes_size(capsys, tmp_path, command):
+    more = {"e2e": ["--groups", "translate_x"], "ablate": ["--variants", "blurpool", "--groups", "translate_x"],
+            "report": ["--groups", "translate_x", "--out", str(tmp_path / "r.html"), "--store", str(tmp_path / "s")]}
+    code, _, err = run_cli(capsys, command, "usernets:fixed32", "--n", "1", "--size", "32", *more.get(command, []))
+    assert code == 0, err
+    if command == "report":
+        assert ll.load(tmp_path / "s", "e2e")["lee"].gt(0).all() and not ll.store.failures(tmp_path / "s")
+    else:  # the same model at the photos' own size fails, in one line that names --size
+        code, _, err = run_cli(capsys, command, "usernets:fixed32", "--n", "1", *more.get(command, []))
+        assert code == 2 and err.count("\n") == 1 and "pass the size it takes with --size" in err
+
+
+def test_size_takes_height_by_width_and_builds_vits_for_it(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "e2e", "usernets:fixed24x32", "--n", "1", "--groups", "translate_x",
+                           "--size", "24x32")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "e2e", "vit_tiny_patch16_224", "--n", "1", "--groups", "translate_x",
+                           "--size", "32", "--out", str(tmp_path / "vit.csv"))
+    assert code == 0 and pd.read_csv(tmp_path / "vit.csv")["lee"].gt(0).all(), err
+    assert ll.load_model("vit_tiny_patch16_224", size=32).patch_embed.img_size == (32, 32)
+    with pytest.raises(SystemExit):
+        main(["e2e", "resnet18", "--size", "32x"])
+    assert "--size: must be pixels, SIZE or HEIGHTxWIDTH, got '32x'" in capsys.readouterr().err

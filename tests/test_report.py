@@ -54,7 +54,7 @@ class Refs(HTMLParser):
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.html"
-    assert main(["report", "resnet18", "--n", "2", "--size", "32", "--out", str(out),
+    assert main(["report", "resnet18", "--n", "2", "--size", "32", "--groups", "translate_x,rotate", "--out", str(out),
                  "--store", str(out.parent / "store")]) == 0
     return out
 
@@ -123,4 +123,4 @@ def test_report_of_a_store_without_a_sweep_names_the_fix(tmp_path):
 
 def test_report_into_a_store_of_another_sweep_names_the_fix(page, tmp_path):
     with pytest.raises(ReportError, match="holds another sweep; render it with `layerlie report --store"):
-        ll.report("resnet10t", tmp_path / "r.html", n=1, size=32, store=page.parent / "store")
+        ll.report("resnet10t", path=tmp_path / "r.html", n=1, size=32, store=page.parent / "store")

@@ -39,8 +39,10 @@ def tables(store: Path) -> dict[str, pd.DataFrame]:
 
 
 def assert_same_tables(a: Path, b: Path) -> None:
+    """The same rows, but for the process that wrote them."""
     for name, table in tables(a).items():
-        pd.testing.assert_frame_equal(table, tables(b)[name], obj=name)
+        pd.testing.assert_frame_equal(table.drop(columns="pid", errors="ignore"),
+                                      tables(b)[name].drop(columns="pid", errors="ignore"), obj=name)
 
 
 # --- spec checks ----------------------------------------------------------------------------
@@ -160,7 +162,9 @@ def test_ray_with_two_workers_gives_the_serial_tables(tmp_path, local_ray):
     assert sorted(on_ray.ran) == sorted(serial.ran) == sorted(t.id for t in serial.tasks)
     assert_same_tables(tmp_path / "serial", tmp_path / "ray")
     e2e = ll.load(tmp_path / "ray", "e2e")
-    assert len(e2e) == 3 * 2 and set(e2e.columns) >= {"model", "group", "scheme", "seed", "lee"}
+    assert len(e2e) == 3 * 2 and set(e2e.columns) >= {"model", "group", "scheme", "seed", "lee", "weights", "host"}
+    # each row names the process its task ran in: a Ray worker, or this one when serial
+    assert os.getpid() not in set(e2e["pid"]) and set(ll.load(tmp_path / "serial", "e2e")["pid"]) == {os.getpid()}
     assert list(on_ray.failed) == list(serial.failed) == [t.id for t in serial.tasks
                                                           if t.measure == "metrics" and "resnet" not in t.model]
     assert {k: v["type"] for k, v in on_ray.failed.items()} == {k: v["type"] for k, v in serial.failed.items()}
