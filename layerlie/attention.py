@@ -10,10 +10,12 @@ inside one kernel. Two things follow, and this module answers both:
   SDPA's math backend with the fast path off: the same function, differentiable in both
   modes. Global settings are restored afterwards.
 - The map as a node. Tracing writes each SDPA call as explicit ops (:func:`scaled_dot_product_attention`:
-  ``q k^T * scale``, the masks and the softmax over keys, ``A V``), and replaces every
-  ``nn.MultiheadAttention`` of the trace's private copy by :class:`ExplicitMultiheadAttention`
-  on the same parameters. The attention map is then a node with a pair layout (METHOD 5), and
-  its defect is charged where it arises rather than to one opaque call.
+  ``q k^T * scale``, the masks and the softmax over keys, ``A V``), and replaces, on the trace's
+  private copy, every ``nn.MultiheadAttention`` and every module of the ``nn.Transformer``
+  family by its twin (:func:`explicit_attention_modules`): the same parameters under the same
+  names, with a forward that fx traces into those ops. The attention map is then a node with a
+  pair layout (METHOD 5), and its defect is charged where it arises rather than to one opaque
+  call.
 
 Example:
     >>> import torch, torch.nn.functional as F
