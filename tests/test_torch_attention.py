@@ -286,9 +286,9 @@ def test_explicit_multihead_attention_equals_torch(case, need_weights):
     with torch.no_grad():
         want = mha(query, key, value, **kwargs)
         got = attention.ExplicitMultiheadAttention(mha)(query, key, value, **kwargs)
-    assert rel(got[0], want[0]) < TOL[torch.float64]
+    assert got[0].shape == want[0].shape and rel(got[0], want[0]) < TOL[torch.float64]
     if need_weights:
-        assert rel(got[1], want[1]) < TOL[torch.float64]
+        assert got[1].shape == want[1].shape and rel(got[1], want[1]) < TOL[torch.float64]
     else:
         assert got[1] is None and want[1] is None
 
@@ -363,7 +363,7 @@ def test_explicit_transformer_modules_equal_torch(case):
     assert root.m.state_dict().keys() == module.state_dict().keys()
     with torch.no_grad():
         got = root.m(**kwargs)
-    assert rel(got, want) < TOL[torch.float64]
+    assert got.shape == want.shape and rel(got, want) < TOL[torch.float64]
 
 
 def test_traced_models_write_the_attention_as_ops():
