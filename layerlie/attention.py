@@ -283,7 +283,7 @@ class ExplicitTransformer(_Twin, nn.Transformer):
 
 
 # The torch modules that the trace's copy holds as their traceable twins, by exact type: a
-# subclass has a forward of its own, which fx traces as it is.
+# subclass is the model's own code, which fx traces as written.
 _TWINS: dict[type[nn.Module], type[_Twin]] = {
     nn.MultiheadAttention: ExplicitMultiheadAttention,
     nn.TransformerEncoderLayer: ExplicitTransformerEncoderLayer,

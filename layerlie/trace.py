@@ -123,8 +123,8 @@ def input_size(model: nn.Module) -> tuple[int, int, int] | None:
 
 def check_trace(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, *, softmax: bool = False) -> None:
     """The traced module must give the model's output on ``x`` (its softmax when ``softmax``), as
-    layerlie's derivatives compute it: torch's attention on its dense path, where the eval-mode
-    nested-tensor path of ``nn.TransformerEncoder`` would zero the padded positions."""
+    layerlie's derivatives compute it: torch's attention on its dense path (the eval-mode
+    nested-tensor path of ``nn.TransformerEncoder`` returns zeros at padded positions)."""
     with torch.no_grad(), differentiable_attention():
         want = model(x)
         got = gm(x)

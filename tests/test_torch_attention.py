@@ -1,15 +1,18 @@
-"""torch's own attention: ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``, in
-the models a researcher writes and in torchvision's ViT (METHOD 2, 4, 5).
+"""torch's own attention: ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention`` (batched
+and unbatched) and the ``nn.Transformer`` family, in the models a researcher writes and in
+torchvision's ViT (METHOD 2, 4, 5).
 
-- references: the explicit ops that tracing writes equal torch's kernels for every mask form;
+- references: the explicit ops that tracing writes equal torch's kernels for every mask form,
+  and the twins of torch's modules equal the modules on the same parameters;
   ``lee`` in forward mode equals finite differences and the double-backward baseline, and
   ``lee`` of the traced graph equals ``lee`` of the model;
 - completeness: the exact residual at float32 precision, the shares summing to one, Hutchinson
   running, after ``antialias`` and in ``ablate`` too;
 - layouts: the attention map is a node with a pair layout, no tensor is left unknown, and the
   attention row of the table carries a share;
-- the caller's settings (SDPA backends, the fast path) are the same afterwards, and what is not
-  supported is a one-line error.
+- the caller's settings (SDPA backends, the fast path) and model are the same afterwards, the
+  graph holds the model's tensors under their names (the monitor follows training), and what is
+  not supported is a one-line error.
 """
 
 from __future__ import annotations
@@ -329,8 +332,9 @@ TRANSFORMER_CASES = {
     "layer_pre_gelu_masks": lambda: (
         nn.TransformerEncoderLayer(8, 2, batch_first=True, norm_first=True, activation="gelu", **FF),
         dict(src=_seq(5), src_mask=torch.rand(5, 5) > 0.7, src_key_padding_mask=_padding(5))),
-    "layer_callable_seq_first": lambda: (nn.TransformerEncoderLayer(8, 2, activation=_silu, **FF),
-                                         dict(src=_seq(5, "seq_first"), src_mask=torch.randn(5, 5, dtype=torch.float64))),
+    "layer_callable_seq_first": lambda: (
+        nn.TransformerEncoderLayer(8, 2, activation=_silu, **FF),
+        dict(src=_seq(5, "seq_first"), src_mask=torch.randn(5, 5, dtype=torch.float64))),
     "layer_unbatched": lambda: (nn.TransformerEncoderLayer(8, 2, norm_first=True, **FF),
                                 dict(src=_seq(5, "unbatched"), src_key_padding_mask=_padding(5, None))),
     "encoder_causal": lambda: (_stack(nn.TransformerEncoderLayer(8, 2, batch_first=True, **FF), nn.TransformerEncoder),
