@@ -10,10 +10,12 @@ inside one kernel. Two things follow, and this module answers both:
   SDPA's math backend with the fast path off: the same function, differentiable in both
   modes. Global settings are restored afterwards.
 - The map as a node. Tracing writes each SDPA call as explicit ops (:func:`scaled_dot_product_attention`:
-  ``q k^T * scale``, the masks and the softmax over keys, ``A V``), and replaces every
-  ``nn.MultiheadAttention`` of the trace's private copy by :class:`ExplicitMultiheadAttention`
-  on the same parameters. The attention map is then a node with a pair layout (METHOD 5), and
-  its defect is charged where it arises rather than to one opaque call.
+  ``q k^T * scale``, the masks and the softmax over keys, ``A V``), and replaces, on the trace's
+  private copy, every ``nn.MultiheadAttention`` and every module of the ``nn.Transformer``
+  family by its twin (:func:`explicit_attention_modules`): the same parameters under the same
+  names, with a forward that fx traces into those ops. The attention map is then a node with a
+  pair layout (METHOD 5), and its defect is charged where it arises rather than to one opaque
+  call.
 
 Example:
     >>> import torch, torch.nn.functional as F
@@ -26,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import operator
 from collections.abc import Callable, Iterator
@@ -68,16 +71,17 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None, is_ca
     return torch.where(torch.isneginf(scores).all(-1, keepdim=True), 0.0, attn)
 
 
-def _mha_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, batch: int,
-              heads: int) -> torch.Tensor:
+def _mha_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+              lead: torch.Size) -> torch.Tensor:
     """``nn.MultiheadAttention``'s ``attn_mask`` ``(L, S)`` or ``(batch * heads, L, S)`` and
     ``key_padding_mask`` ``(batch, S)`` (boolean: True masks a key out; float: added) as one
-    mask for :func:`masked_softmax` that broadcasts to ``(batch, heads, L, S)``."""
+    mask for :func:`masked_softmax` that broadcasts to ``(*lead, L, S)``, ``lead`` being
+    ``(batch, heads)``, or ``(heads,)`` for unbatched inputs (masks ``(heads, L, S)``, ``(S,)``)."""
     masks = []
     if attn_mask is not None:
-        masks.append(attn_mask.view(batch, heads, *attn_mask.shape[-2:]) if attn_mask.ndim == 3 else attn_mask)
+        masks.append(attn_mask.view(*lead, *attn_mask.shape[-2:]) if attn_mask.ndim == 3 else attn_mask)
     if key_padding_mask is not None:
-        masks.append(key_padding_mask.view(batch, 1, 1, key_padding_mask.shape[-1]))
+        masks.append(key_padding_mask.view(*lead[:-1], 1, 1, key_padding_mask.shape[-1]))
     if all(m.dtype == torch.bool for m in masks):
         return ~functools.reduce(operator.or_, masks)
     dtype = next(m.dtype for m in masks if m.dtype != torch.bool)
@@ -130,11 +134,23 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     return attention(query, key, value, attn_mask, is_causal, scale)[0]
 
 
-class ExplicitMultiheadAttention(nn.Module):
-    """``nn.MultiheadAttention`` in eval mode, as traceable ops on the same parameters (same
-    names, so the state dict is the same): the projections, :func:`attention` per head, the
-    output projection. Batched inputs, ``batch_first`` both ways, ``need_weights`` and
-    ``average_attn_weights`` both ways, boolean or float ``attn_mask`` and ``key_padding_mask``.
+class _Twin(nn.Module):
+    """``Twin(module)``: the torch module ``module`` with a forward that fx traces into explicit
+    ops. The twin holds ``module``'s attributes, parameter and buffer tensors and children under
+    the same names, so ``state_dict()`` keys and tensors are the same (METHOD 3). A twin class
+    names its torch class second: ``class Twin(_Twin, nn.SomeModule)``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.__dict__.update(module.__dict__)
+        for key in ("_parameters", "_buffers", "_modules"):  # own dicts, the same tensors and modules
+            self.__dict__[key] = copy.copy(module.__dict__[key])
+
+
+class ExplicitMultiheadAttention(_Twin, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` in eval mode, as traceable ops on the same parameters: the
+    projections, :func:`attention` per head, the output projection. Batched and unbatched inputs,
+    ``batch_first`` both ways, ``need_weights`` and ``average_attn_weights`` both ways, boolean or
+    float ``attn_mask`` and ``key_padding_mask``.
 
     Example:
         >>> mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
@@ -144,24 +160,20 @@ class ExplicitMultiheadAttention(nn.Module):
     """
 
     def __init__(self, mha: nn.MultiheadAttention) -> None:
-        super().__init__()
         unsupported = [name for name, on in (("add_bias_kv=True", mha.bias_k is not None),
                                              ("add_zero_attn=True", mha.add_zero_attn)) if on]
         if unsupported:
             raise LayerlieError(f"nn.MultiheadAttention with {unsupported[0]} cannot be traced by layerlie (its extra "
                                 "key has no position); use granularity='module'")
-        self.embed_dim, self.num_heads, self.head_dim = mha.embed_dim, mha.num_heads, mha.head_dim
-        self.batch_first = mha.batch_first
-        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
-            self.register_parameter(name, getattr(mha, name))
-        self.out_proj = mha.out_proj
+        super().__init__(mha)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As ``nn.MultiheadAttention.forward`` (``is_causal`` is its hint that ``attn_mask`` is
-        causal: the mask decides)."""
+        causal: the mask decides). Every axis is counted from the end, so that one graph serves
+        batched ``(N, L, E)`` (``(L, N, E)``) and unbatched ``(L, E)`` inputs."""
         for flag, name in ((need_weights, "need_weights"), (average_attn_weights, "average_attn_weights"),
                            (is_causal, "is_causal")):
             _constant(flag, f"{name} of nn.MultiheadAttention")
@@ -169,25 +181,24 @@ class ExplicitMultiheadAttention(nn.Module):
             raise LayerlieError("nn.MultiheadAttention is called with is_causal=True and no attn_mask, which torch "
                                 "refuses too; pass the causal mask as attn_mask")
         q, k, v = self._project(*self._batch_first(query, key, value))
-        batch = q.shape[0]
-        heads = [t.view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v)]
+        heads = [t.view(t.shape[:-1] + (self.num_heads, self.head_dim)).transpose(-3, -2) for t in (q, k, v)]
         mask = None if attn_mask is None and key_padding_mask is None else \
-            _mha_mask(attn_mask, key_padding_mask, batch, self.num_heads)
+            _mha_mask(attn_mask, key_padding_mask, heads[0].shape[:-2])
         out, attn = attention(*heads, mask, scale=self.head_dim ** -0.5)
-        out = self.out_proj(out.transpose(1, 2).flatten(2))
-        out = out if self.batch_first else out.transpose(0, 1)
+        out = self.out_proj(out.transpose(-3, -2).flatten(-2))
+        out = out if self.batch_first else out.transpose(0, -2)
         if not need_weights:
             return out, None
-        return out, attn.mean(1) if average_attn_weights else attn
+        return out, attn.mean(-3) if average_attn_weights else attn
 
     def _batch_first(self, *qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(N, L, E)`` inputs, the same object where the caller passed the same one."""
+        """``(N, L, E)`` (or ``(L, E)``) inputs, the same object where the caller passed the same one."""
         if self.batch_first:
             return qkv
         moved: dict[int, torch.Tensor] = {}
         for t in qkv:
             if id(t) not in moved:
-                moved[id(t)] = t.transpose(0, 1)
+                moved[id(t)] = t.transpose(0, -2)  # the identity on an unbatched (L, E)
         return tuple(moved[id(t)] for t in qkv)
 
     def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -204,21 +215,103 @@ class ExplicitMultiheadAttention(nn.Module):
         return linear(query, w_q, b_q), linear(key, w_k, b_k), linear(value, w_v, b_v)
 
 
+class ExplicitTransformerEncoderLayer(_Twin, nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` on its dense path: its fused eval-mode kernel has no
+    forward-mode derivative, and its mask checks branch on the masks' dtypes, which fx cannot
+    read. ``norm_first`` both ways, any activation; the masks go to the attention as given."""
+
+    def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
+                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """As ``nn.TransformerEncoderLayer.forward`` in eval mode."""
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+        return self.norm2(x + self._ff_block(x))
+
+
+class ExplicitTransformerEncoder(_Twin, nn.TransformerEncoder):
+    """``nn.TransformerEncoder`` on its dense path, the one layerlie's derivatives take
+    (:func:`differentiable_attention`): ``enable_nested_tensor`` selects an eval-mode fast path
+    only. ``is_causal`` is a hint that ``mask`` is causal: the mask decides."""
+
+    def forward(self, src: torch.Tensor, mask: torch.Tensor | None = None,
+                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
+        """As ``nn.TransformerEncoder.forward``: the layers in turn, then ``norm`` when set."""
+        for layer in self.layers:
+            src = layer(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
+        return src if self.norm is None else self.norm(src)
+
+
+class ExplicitTransformerDecoderLayer(_Twin, nn.TransformerDecoderLayer):
+    """``nn.TransformerDecoderLayer``: torch's forward, which does not branch on data, traced
+    into its attention blocks instead of kept whole."""
+
+
+class ExplicitTransformerDecoder(_Twin, nn.TransformerDecoder):
+    """``nn.TransformerDecoder``, without the causal-mask detection that compares the mask's
+    values (``tgt_is_causal`` is a hint: the mask decides)."""
+
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None, tgt_key_padding_mask: torch.Tensor | None = None,
+                memory_key_padding_mask: torch.Tensor | None = None, tgt_is_causal: bool | None = None,
+                memory_is_causal: bool = False) -> torch.Tensor:
+        """As ``nn.TransformerDecoder.forward``: the layers in turn, then ``norm`` when set."""
+        for layer in self.layers:
+            tgt = layer(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                        tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                        tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
+        return tgt if self.norm is None else self.norm(tgt)
+
+
+class ExplicitTransformer(_Twin, nn.Transformer):
+    """``nn.Transformer`` without its input checks, which compare sizes fx cannot read: the
+    encoder, then the decoder on its output."""
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
+                tgt_mask: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                src_key_padding_mask: torch.Tensor | None = None, tgt_key_padding_mask: torch.Tensor | None = None,
+                memory_key_padding_mask: torch.Tensor | None = None, src_is_causal: bool | None = None,
+                tgt_is_causal: bool | None = None, memory_is_causal: bool = False) -> torch.Tensor:
+        """As ``nn.Transformer.forward``."""
+        memory = self.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+        return self.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                            tgt_key_padding_mask=tgt_key_padding_mask,
+                            memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=tgt_is_causal,
+                            memory_is_causal=memory_is_causal)
+
+
+# The torch modules that the trace's copy holds as their traceable twins, by exact type: a
+# subclass is the model's own code, which fx traces as written.
+_TWINS: dict[type[nn.Module], type[_Twin]] = {
+    nn.MultiheadAttention: ExplicitMultiheadAttention,
+    nn.TransformerEncoderLayer: ExplicitTransformerEncoderLayer,
+    nn.TransformerEncoder: ExplicitTransformerEncoder,
+    nn.TransformerDecoderLayer: ExplicitTransformerDecoderLayer,
+    nn.TransformerDecoder: ExplicitTransformerDecoder,
+    nn.Transformer: ExplicitTransformer,
+}
+
+
 def explicit_attention_modules(root: nn.Module, is_leaf: Callable[[nn.Module, str], bool]) -> dict[str, nn.Module]:
-    """Replace, in place, every ``nn.MultiheadAttention`` that a tracer with leaf test ``is_leaf``
-    reaches (not inside a leaf) by an :class:`ExplicitMultiheadAttention` on its parameters; call
-    it on a copy. Returns ``{path: replacement}``."""
+    """Replace, in place, every torch attention module (``nn.MultiheadAttention``, the
+    ``nn.Transformer`` family) that a tracer with leaf test ``is_leaf`` reaches by its twin on
+    the same parameters, inside the twins too; call it on a copy. Containers (``nn.ModuleList``,
+    ``nn.ModuleDict``) are searched, although fx calls them leaves: they are never called.
+    Returns ``{path: replacement}``."""
     made: dict[int, nn.Module] = {}
     record: dict[str, nn.Module] = {}
 
     def visit(module: nn.Module, prefix: str) -> None:
         for name, child in module.named_children():
             path = f"{prefix}{name}"
-            if isinstance(child, nn.MultiheadAttention):
-                new = made.setdefault(id(child), ExplicitMultiheadAttention(child))
-                setattr(module, name, new)
-                record[path] = new
-            elif not is_leaf(child, path):
+            twin = _TWINS.get(type(child))
+            if twin is not None:
+                child = made.setdefault(id(child), twin(child))
+                setattr(module, name, child)
+                record[path] = child
+            if twin is not None or isinstance(child, (nn.ModuleList, nn.ModuleDict)) or not is_leaf(child, path):
                 visit(child, f"{path}.")
 
     visit(root, "")

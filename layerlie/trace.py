@@ -32,7 +32,7 @@ from timm.data import resolve_data_config
 from timm.layers import _fx as timm_fx
 from torch import nn
 
-from layerlie.attention import explicit_attention_modules, scaled_dot_product_attention
+from layerlie.attention import differentiable_attention, explicit_attention_modules, scaled_dot_product_attention
 from layerlie.errors import LayerlieError
 from layerlie.normact import split_norm_acts
 
@@ -84,7 +84,7 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, *, softmax: boo
             m.inplace = False
     tracer = _TimmTracer()
     try:
-        explicit_attention_modules(copied, tracer.is_leaf_module)  # nn.MultiheadAttention as ops
+        explicit_attention_modules(copied, tracer.is_leaf_module)  # torch's attention modules as ops
         graph = tracer.trace(copied)
     except Exception as err:  # fx raises many types for untraceable code
         reason = " ".join(str(err).split())[:200] or type(err).__name__
@@ -122,8 +122,10 @@ def input_size(model: nn.Module) -> tuple[int, int, int] | None:
 
 
 def check_trace(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, *, softmax: bool = False) -> None:
-    """The traced module must give the model's output on ``x`` (its softmax when ``softmax``)."""
-    with torch.no_grad():
+    """The traced module must give the model's output on ``x`` (its softmax when ``softmax``), as
+    layerlie's derivatives compute it: torch's attention on its dense path (the eval-mode
+    nested-tensor path of ``nn.TransformerEncoder`` returns zeros at padded positions)."""
+    with torch.no_grad(), differentiable_attention():
         want = model(x)
         got = gm(x)
     if softmax:
