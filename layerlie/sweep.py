@@ -53,6 +53,7 @@ from layerlie import store as st
 from layerlie.ablation import ablate, list_variants
 from layerlie.aliasing import with_aliasing
 from layerlie.attribution import ESTIMATORS, attribute
+from layerlie.contract import prepare
 from layerlie.data import images, photo_batch
 from layerlie.errors import LayerlieError
 from layerlie.groups import list_groups, resolve_groups
@@ -215,6 +216,7 @@ def run_task(task: Task, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
     x = batch.x
     if spec["size"]:
         x = F.interpolate(x, size=(spec["size"],) * 2, mode="bilinear", antialias=True, align_corners=False)
+    x = prepare(model, x).x  # the model contract: images that fit the model, or one line before any measure
     settings = dict(model=task.model, scheme=spec["scheme"], seed=spec["seed"])
     if task.measure == "e2e":
         table = lee(model, x, [task.group], scheme=spec["scheme"], names=batch.names, batch_size=spec["batch_size"])
