@@ -248,6 +248,16 @@ def _check_output(output: Output) -> None:
         raise LayerlieError(f"output= takes an index, a key or an attribute name, got {output!r}")
 
 
+def in_training(model: nn.Module) -> bool:
+    """Whether a module that runs in ``model``'s forward is in training mode. In a GraphModule,
+    those are the called modules and their children: its generated forward reads no flag of its
+    own (fx fixed ``self.training`` when it traced), nor of the containers fx adds for paths."""
+    if isinstance(model, fx.GraphModule):
+        called = [model.get_submodule(n.target) for n in model.graph.nodes if n.op == "call_module"]
+        return any(m.training for c in called for m in c.modules())
+    return any(m.training for m in model.modules())
+
+
 def _owner(model: Any) -> str:
     return type(model).__name__ if isinstance(model, nn.Module) else "the model"
 
@@ -282,7 +292,7 @@ def _probe(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
 
 def eval_copy(model: nn.Module) -> nn.Module:
     """The model itself in eval mode, else an eval-mode copy, with the contract's note."""
-    if any(m.training for m in model.modules()):
+    if in_training(model):
         note(f"{_owner(model)} is in training mode: measured in eval mode on a copy (the model is left as it is)")
         return load_model(model)
     return model

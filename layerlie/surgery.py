@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from timm.layers import _fx as timm_fx
 from torch import nn
 
-from layerlie.contract import Output, prepare
+from layerlie.contract import Output, eval_copy, prepare
 from layerlie.errors import LayerlieError
 from layerlie.layout import Layout, LayoutProp
 from layerlie.models import input_channels
@@ -580,6 +580,8 @@ def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activ
         example = _default_example(model, activations)
     if example is not None:
         model, example, output, _ = prepare(model, example, output)
+    else:
+        model = eval_copy(model)
     work = _working_copy(model, example, output)
     select = _selector(work, where)
     layouts, shapes = _example_pass(work, example) if example is not None else (None, None)
@@ -711,7 +713,7 @@ def _rewrite(gm: fx.GraphModule, subs: dict[fx.Node, nn.Module]) -> dict[str, Re
             target = path if main else _free(f"{path}_{stage}", lambda p: _has_attr(gm, p))
             if not main and like is not None:  # a new sampler's buffers go where the model is
                 module.to(device=like.device, dtype=like.dtype)
-            _set_module(gm, target, module)
+            _set_module(gm, target, module.eval())  # the layers it holds are the model's, in eval mode already
             name = node.name if main else _free(f"{node.name}_{stage}", taken.__contains__)
             taken.add(name)
             out = graph.create_node("call_module", target, (out,), {}, name=name)

@@ -256,4 +256,4 @@ def test_a_model_for_other_inputs_is_a_one_line_error(capsys, tmp_path, monkeypa
     monkeypatch.syspath_prepend(str(tmp_path))
     code, out, err = run_cli(capsys, "e2e", "graynets:gray", "--n", "1")
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert "'graynets:gray' fails on images of shape (3, 224, 224) (Given groups=1" in err
+    assert "model 'graynets:gray': the model expects 1 input channel, the images have 3" in err
