@@ -213,9 +213,10 @@ def _pick(y: Any, output: Output, owner: str) -> tuple[Any, Output]:
     elif _holds(y, output):
         value = y[output] if isinstance(y, Mapping) else getattr(y, output)
     else:
-        raise LayerlieError(f"{owner} returns {_describe(y)}, with no {output!r}; pass output= "
-                            f"{'one of its keys' if isinstance(y, Mapping) else 'an index, key or attribute'} "
-                            "that holds the tensor to measure")
+        hint = ("one of its keys" if isinstance(y, Mapping) else "an index" if isinstance(y, (tuple, list))
+                else "an attribute")
+        raise LayerlieError(f"{owner} returns {_describe(y)}, with no {output!r}; pass output= {hint} that holds "
+                            "the tensor to measure")
     if not _is_tensor(value):
         raise LayerlieError(f"output={output!r} of {owner} is a {type(value).__name__}, not a tensor; pass "
                             "output= the item that holds the logits")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from conftest import TOL, rel
 from torch import nn
 
 import layerlie as ll
+from layerlie.cli import main
 from layerlie.models import input_channels
 
 SIZE, BATCH = 32, 2
@@ -312,3 +314,38 @@ def test_one_channel_images_groups_and_errors():
     with pytest.raises(ll.LayerlieError, match=r"^group 'saturate' mixes 3 channels, the images have 1; leave it out"):
         ll.lee(model, x, "rotate,saturate")
     assert input_channels(model) == 1  # from its first convolution
+
+
+def test_cli_output_picks_the_tensor(capsys, tmp_path, monkeypatch):
+    (tmp_path / "usernets.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv, self.fc = torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.Linear(4, 3)\n"
+        "    def forward(self, x):\n"
+        "        features = self.conv(x).relu().mean((2, 3))\n"
+        "        return self.fc(features), features\n"
+        "def net():\n"
+        "    torch.manual_seed(0)\n"
+        "    return Net()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import usernets
+
+    model = usernets.net().eval()
+    x = ll.photos(model, n=1)
+    for flags, output, said in [((), 0, "layerlie: note: Net returns a tuple of 2: measuring its first tensor "
+                                         "(output=0); pass output= another index to pick another\n"),
+                                (("--output", "1"), 1, "")]:
+        code = main(["e2e", "usernets:net", "--n", "1", "--groups", "rotate", "--json", *flags])
+        out, err = capsys.readouterr()
+        want = float(lee_of(ll.trace(model, output=output), x, ["rotate"]).mean())
+        assert code == 0 and err == said
+        assert json.loads(out)["groups"]["rotate"]["mean"] == pytest.approx(want, rel=TOL[torch.float32])
+    code = main(["layers", "usernets:net", "--n", "1", "--group", "rotate", "--output", "1", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == "" and json.loads(out)["residual"] <= TOL[torch.float32]
+    code = main(["e2e", "usernets:net", "--n", "1", "--output", "logits"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err == ("layerlie: error: model 'usernets:net': Net returns a tuple of 2, with no 'logits'; "
+                                 "pass output= an index that holds the tensor to measure\n")
