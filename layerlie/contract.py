@@ -21,7 +21,7 @@ Example:
     >>> class TwoHeads(torch.nn.Module):
     ...     def forward(self, x):
     ...         return {"logits": x.mean((2, 3)), "features": x}
-    >>> p = prepare(TwoHeads(), torch.randn(2, 3, 8, 8))
+    >>> p = prepare(TwoHeads().eval(), torch.randn(2, 3, 8, 8))
     >>> p.output, p.selected(p.x).shape
     ('logits', torch.Size([2, 3]))
 """
@@ -46,8 +46,9 @@ HEADS = ("softmax", "logits")
 """The heads :func:`layerlie.attribute` puts on the selected tensor by name."""
 
 
-def check_images(x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
-    """Check that ``x`` is a finite float batch ``(B, C, H, W)``; return it unchanged."""
+def check_images(x: torch.Tensor) -> torch.Tensor:
+    """Check that ``x`` is a finite float batch ``(B, C, H, W)``; return it unchanged (the channels
+    are the model's to check: :func:`prepare`)."""
     if not isinstance(x, torch.Tensor):
         raise LayerlieError(f"expected a torch.Tensor of images (B, C, H, W), got {type(x).__name__}")
     if x.ndim != 4:
@@ -56,14 +57,12 @@ def check_images(x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
     if not x.is_floating_point():
         raise LayerlieError(f"expected floating-point images, got dtype {x.dtype}; convert with "
                             "x.float() after normalizing (layerlie.photos and layerlie.images do it)")
-    if channels is not None and x.shape[1] != channels:
-        raise channel_error(channels, x)
     if not torch.isfinite(x).all():
         raise LayerlieError("the input images contain NaN or inf values; clean or re-normalize them")
     return x
 
 
-def channel_error(channels: int, x: torch.Tensor) -> LayerlieError:
+def _channel_error(channels: int, x: torch.Tensor) -> LayerlieError:
     """The one-line error for images with another channel count than the model's."""
     if channels == 1:
         fix = "x.mean(1, keepdim=True) gives their luminance"
@@ -249,7 +248,7 @@ def _check_output(output: Output) -> None:
         raise LayerlieError(f"output= takes an index, a key or an attribute name, got {output!r}")
 
 
-def in_training(model: nn.Module) -> bool:
+def _in_training(model: nn.Module) -> bool:
     """Whether a module that runs in ``model``'s forward is in training mode. In a GraphModule,
     those are the called modules and their children: its generated forward reads no flag of its
     own (fx fixed ``self.training`` when it traced), nor of the containers fx adds for paths."""
@@ -285,15 +284,21 @@ def _probe(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
     except Exception as err:  # any failure of the user's forward
         channels = input_channels(model) if isinstance(model, nn.Module) else None
         if channels is not None and channels != x.shape[1]:
-            raise channel_error(channels, x) from None
+            raise _channel_error(channels, x) from None
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise LayerlieError(f"{_owner(model)} fails on images of shape {tuple(x.shape[1:])} ({first}); give "
                             "images of the size and channels it was built for") from err
 
 
-def eval_copy(model: nn.Module) -> nn.Module:
-    """The model itself in eval mode, else an eval-mode copy, with the contract's note."""
-    if in_training(model):
+def eval_copy(model: nn.Module, *, quiet: bool = False) -> nn.Module:
+    """The model itself in eval mode, else an eval-mode copy, with the contract's note (``quiet``:
+    without it, where the result is a new model in eval mode, as from :func:`layerlie.trace`)."""
+    if not _in_training(model):
+        return model
+    if not quiet:
         note(f"{_owner(model)} is in training mode: measured in eval mode on a copy (the model is left as it is)")
+    try:
         return load_model(model)
-    return model
+    except Exception as err:  # deepcopy fails on what a module may hold (locks, open files, ...)
+        raise LayerlieError(f"{_owner(model)} is in training mode and cannot be copied to measure it in eval mode "
+                            f"({type(err).__name__}: {err}); call model.eval() first") from None

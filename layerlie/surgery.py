@@ -578,10 +578,9 @@ def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activ
     _check_filter_size(filter_size, activations)
     if example is None and any(p.needs_layouts for p in policies):
         example = _default_example(model, activations)
+    model = eval_copy(model, quiet=True)  # the result is a new model in eval mode
     if example is not None:
         model, example, output, _ = prepare(model, example, output)
-    else:
-        model = eval_copy(model)
     work = _working_copy(model, example, output)
     select = _selector(work, where)
     layouts, shapes = _example_pass(work, example) if example is not None else (None, None)

@@ -32,7 +32,7 @@ from timm.data import resolve_data_config
 from timm.layers import _fx as timm_fx
 from torch import nn
 
-from layerlie.contract import Output, prepare, select, selecting
+from layerlie.contract import Output, eval_copy, prepare, select, selecting
 from layerlie.errors import LayerlieError
 from layerlie.normact import split_norm_acts
 
@@ -73,8 +73,8 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, *, softmax: boo
         TraceError: with the tracer's reason, in one line; or naming an in-place op that has
             no out-of-place twin.
     """
-    if example is not None:
-        model, example, output, _ = prepare(model, example, output)
+    if example is not None:  # the eager output to check against is the eval-mode one
+        model, example, output, _ = prepare(eval_copy(model, quiet=True), example, output)
     copied = copy.deepcopy(model).eval()
     selecting(copied, output)
     for m in copied.modules():
