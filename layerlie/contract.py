@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -178,14 +179,23 @@ def selecting(copied: nn.Module, output: Output) -> None:
     tracing: its class becomes a subclass of its own whose forward selects, so that the traced
     graph keeps the model's node names and module paths (a wrapper module would prefix them)."""
     cls = type(copied)
-    owner = _owner(copied)
-
-    @functools.wraps(cls.forward)  # fx reads the placeholders from the wrapped signature
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        y = cls.forward(self, *args, **kwargs)
-        return select(y, resolve(y, output, owner), owner)
-
+    forward = _selecting_forward(cls.forward, output, _owner(copied), select, resolve)
+    # fx keeps as leaves the functions it finds in the globals of the root's forward (timm's
+    # no-trace functions): give the new forward those of the model's own
+    forward = types.FunctionType(forward.__code__, getattr(cls.forward, "__globals__", globals()), "forward",
+                                 None, forward.__closure__)
+    functools.update_wrapper(forward, cls.forward)  # fx reads the placeholders from the wrapped signature
     copied.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+
+
+def _selecting_forward(original: Callable[..., Any], output: Output, owner: str, pick: Callable[..., Any],
+                       resolved: Callable[..., Output]) -> Callable[..., Any]:
+    """The forward of :func:`selecting`; it reads no global name, so that it runs in any globals."""
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        y = original(self, *args, **kwargs)
+        return pick(y, resolved(y, output, owner), owner)
+
+    return forward
 
 
 def _pick(y: Any, output: Output, owner: str) -> tuple[Any, Output]:

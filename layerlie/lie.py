@@ -186,12 +186,12 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     if memory_budget is not None and not memory_budget > 0:
         raise LayerlieError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}; "
                             "pass None for three times a forward's memory, or float('inf') for no limit")
-    groups = resolve_groups(group)
-    single = isinstance(group, Group) or (isinstance(group, str) and len(groups) == 1)
     if isinstance(f, nn.Module):
         p = prepare(f, x, output)
         f, x = p.selected, p.x
     check_images(x)
+    groups = resolve_groups(group, channels=x.shape[1])
+    single = isinstance(group, Group) or (isinstance(group, str) and len(groups) == 1)
     results: dict[int, torch.Tensor] = {}
     # Groups that share a base point share one primal pass.
     by_base: dict[int | None, list[int]] = {}
