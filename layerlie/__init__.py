@@ -4,7 +4,7 @@ from layerlie.ablation import Ablation, ablate, get_variant, list_variants, regi
 from layerlie.aliasing import aliasing, with_aliasing
 from layerlie.attribution import CHECKS, ESTIMATORS, Attribution, attribute
 from layerlie.data import Images, images, photo_batch, photos
-from layerlie.errors import LayerlieError
+from layerlie.errors import LayerlieError, Note
 from layerlie.groups import Group, get_group, group, list_groups, load_groups, parse_group, register_group, resolve_groups
 from layerlie.layout import Layout, infer_layouts, unknown_layouts
 from layerlie.lie import jvp_ready, lee, lie_derivative, summarize
@@ -26,7 +26,7 @@ __all__ = [
     "aliasing", "with_aliasing",
     "CHECKS", "ESTIMATORS", "Attribution", "attribute", "get_layer_type", "list_layer_types", "register_layer_type",
     "Images", "images", "photo_batch", "photos",
-    "LayerlieError",
+    "LayerlieError", "Note",
     "Group", "get_group", "group", "list_groups", "load_groups", "parse_group", "register_group", "resolve_groups",
     "Layout", "infer_layouts", "unknown_layouts",
     "jvp_ready", "lee", "lie_derivative", "summarize",

@@ -25,11 +25,11 @@ import torch.fx as fx
 from torch import nn
 
 from layerlie.attribution import CHECKS, ESTIMATORS, Estimator, attribute
+from layerlie.contract import Output, prepare
 from layerlie.ops import LAYER_TYPES
 from layerlie.errors import LayerlieError
 from layerlie.groups import resolve_groups
-from layerlie.lie import check_images, lee, summarize
-from layerlie.models import input_channels
+from layerlie.lie import lee, summarize
 from layerlie.surgery import NothingToReplace, Where, antialias
 from layerlie.trace import trace, with_output
 
@@ -106,11 +106,12 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
            variants: Iterable[str] = ("blurpool", "filtered", "aps", "all"),
            groups: str | Iterable[str] = ("translate_x", "rotate"), labels: torch.Tensor | None = None,
            estimator: Estimator = "exact", scheme: str = "central", filter_size: int = 3,
-           where: Where = None) -> Ablation:
+           where: Where = None, output: Output = None) -> Ablation:
     """Compare ``model`` with its anti-aliased variants at images ``x: (B, C, H, W)`` (METHOD 6).
 
     Args:
-        model: a model or a traced GraphModule (never modified).
+        model: a model or a traced GraphModule, taken by the model contract
+            (:mod:`layerlie.contract`): never modified, measured in eval mode.
         x: images, normalized as the model expects.
         variants: names from :func:`list_variants`; one that finds nothing to replace is left out
             with a warning (an error when none applies).
@@ -120,6 +121,7 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
         scheme: the derivative scheme everywhere.
         filter_size: binomial taps of the substitutes.
         where: which nodes to replace, as for :func:`layerlie.antialias`.
+        output: the tensor of a tuple, dict or ``.logits`` output to measure (the output rule).
 
     Returns:
         An :class:`Ablation`.
@@ -130,13 +132,13 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
         raise LayerlieError(f"unknown variant(s) {unknown or variants}; valid variants: {', '.join(VARIANTS)}")
     if estimator not in ESTIMATORS:
         raise LayerlieError(f"unknown estimator {estimator!r}; valid estimators: {', '.join(ESTIMATORS)}")
-    chosen = resolve_groups(groups)
+    model, x, output, _ = prepare(model, x, output)
+    chosen = resolve_groups(groups, channels=x.shape[1])
     gs = [g.name for g in chosen]
-    check_images(x, input_channels(model) if not isinstance(model, fx.GraphModule) else None)
     if labels is not None and tuple(labels.shape) != (x.shape[0],):
         raise LayerlieError(f"labels must have shape ({x.shape[0]},), one class index per image, "
                             f"got {tuple(labels.shape)}")
-    original = model if isinstance(model, fx.GraphModule) else trace(model, x)
+    original = model if isinstance(model, fx.GraphModule) else trace(model, x, output=output)
     models = {"original": original}
     skipped = []
     for v in variants:

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerlie.attribution import Attribution
+from layerlie.contract import Output, prepare
 from layerlie.layout import Layout, LayoutProp
-from layerlie.lie import check_images, jvp_ready
-from layerlie.models import input_channels
+from layerlie.lie import jvp_ready
 from layerlie.ops import get_op, is_pointwise_in_space, is_strided, layer_type
 from layerlie.propagate import Call, bind
 from layerlie.trace import trace
@@ -170,15 +170,18 @@ class AliasProp(LayoutProp):
         return is_strided(self.module, n, self.values, self._lay)
 
 
-def aliasing(model: nn.Module | fx.GraphModule, x: torch.Tensor) -> pd.DataFrame:
+def aliasing(model: nn.Module | fx.GraphModule, x: torch.Tensor, *, output: Output = None) -> pd.DataFrame:
     """Alias measures of every node of ``model`` at images ``x: (B, C, H, W)`` (METHOD 6).
+
+    ``model`` is taken by the model contract (:mod:`layerlie.contract`): never changed, traced in
+    eval mode, with ``output`` the tensor the graph ends in (the output rule).
 
     Returns:
         One row per node: node, layer_type, alias_kind (``nonlinearity``, ``downsampling``
         or None), alias_ratio (NaN where not measured), flagged.
     """
-    check_images(x, input_channels(model) if not isinstance(model, fx.GraphModule) else None)
-    gm = model if isinstance(model, fx.GraphModule) else trace(model, x)
+    model, x, output, _ = prepare(model, x, output)
+    gm = model if isinstance(model, fx.GraphModule) else trace(model, x, output=output)
     prop = AliasProp(gm)
     with torch.no_grad(), jvp_ready(gm):
         prop.propagate(x, None)
@@ -188,10 +191,11 @@ def aliasing(model: nn.Module | fx.GraphModule, x: torch.Tensor) -> pd.DataFrame
     return table
 
 
-def with_aliasing(a: Attribution, model: nn.Module | fx.GraphModule, x: torch.Tensor) -> Attribution:
+def with_aliasing(a: Attribution, model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
+                  output: Output = None) -> Attribution:
     """``a`` with the alias columns joined to its nodes, so that flagged nodes can be ranked
     by their contribution (METHOD 6). ``a`` must come from the same model's graph."""
-    table = aliasing(model, x)[COLUMNS]
+    table = aliasing(model, x, output=output)[COLUMNS]
     nodes = a.nodes.drop(columns=[c for c in COLUMNS[1:] if c in a.nodes]).merge(table, on="node", how="left")
     nodes["flagged"] = nodes["flagged"].fillna(False).astype(bool)
     return dataclasses.replace(a, nodes=nodes)

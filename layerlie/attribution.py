@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -37,12 +36,12 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from layerlie.errors import LayerlieError
+from layerlie.contract import Output, prepare, select
+from layerlie.errors import LayerlieError, note
 from layerlie.groups import Group, group as get_group
 from layerlie.layout import NONE, Coords, Layout, LayoutProp, layout_tangent
 from layerlie.hooks import module_contributions, module_cotangents, module_defects
-from layerlie.lie import check_images, exact_math, jvp_ready, push_tangents
-from layerlie.models import input_channels
+from layerlie.lie import exact_math, jvp_ready, push_tangents
 from layerlie import ops
 from layerlie.ops import is_strided, layer_type, linearization, module_type, op_key, softmax_jvp
 from layerlie.propagate import Propagator, Recorder, bind, jvp_call, linearize, padded
@@ -395,19 +394,22 @@ def _propagate_sources(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Nod
 
 
 def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group | str, *,
-              estimator: Estimator = "exact", scheme: str = "central", output: str = "softmax",
+              estimator: Estimator = "exact", scheme: str = "central", output: str | int = "softmax",
               probes: int = 100, seed: int = 0, coords: Coords = "receptive_field",
               memory_budget: float | None = None, granularity: Literal["node", "module"] = "node") -> Attribution:
     """Attribute the Lie derivative of ``model`` at ``x`` to the nodes of its graph (METHOD 3-4).
 
     Args:
-        model: a model (traced here) or a GraphModule from :func:`layerlie.trace`.
+        model: a model (traced here) or a GraphModule from :func:`layerlie.trace`; taken by the
+            model contract (:mod:`layerlie.contract`): never changed, measured in eval mode.
         x: images ``(B, C, H, W)``.
         group: the group or its name.
         estimator: ``"exact"`` (contributions ``c_v``), ``"shares"`` (signed shares from one
             reverse pass) or ``"hutchinson"`` (the published probe estimate of ``||c_v||``).
         scheme: derivative scheme for every ``G_v``.
-        output: ``"softmax"`` (published), ``"logits"``, or a node name (features).
+        output: ``"softmax"`` (published) or ``"logits"`` of the tensor the output rule selects,
+            a node name (features), or an index, key or attribute of a tuple, dict or object
+            output, which selects a tensor measured as it is.
         probes: Hutchinson probes.
         seed: seeds the random probes (Hutchinson, and the reach test of the exact estimator)
             on a generator of their own; the global random state is left alone.
@@ -427,22 +429,22 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
     if estimator not in ESTIMATORS:
         raise LayerlieError(f"unknown estimator {estimator!r}; valid estimators: {', '.join(ESTIMATORS)}")
     check_scheme(scheme)
-    check_images(x, input_channels(model) if not isinstance(model, fx.GraphModule) else None)
+    model, x, pick, head = prepare(model, x, output, heads=True)
     g = get_group(group)
     if g.origin is not None:
         raise LayerlieError(f"group {g.name!r} is a compatibility map, not a group; attribution needs a group")
     if granularity not in ("node", "module"):
         raise LayerlieError(f"unknown granularity {granularity!r}; use 'node' or 'module'")
-    options = _Options(g, estimator, scheme, output, probes, seed, coords, memory_budget)
+    options = _Options(g, estimator, scheme, head, probes, seed, coords, memory_budget, pick)
     if granularity == "module":
         return _attribute_modules(model, x, options)
     if isinstance(model, fx.GraphModule):
         gm = model
     else:
         try:
-            gm = _traced(model, x)
+            gm = _traced(model, x, pick)
         except TraceError as err:
-            warnings.warn(f"{err}; attributing at module granularity with forward hooks", stacklevel=2)
+            note(f"{err}; attributing at module granularity with forward hooks")
             return _attribute_modules(model, x, options)
     with exact_math():
         result = _attribute_graph(gm, x, options)
@@ -459,10 +461,11 @@ class _Options(NamedTuple):
     seed: int
     coords: Coords
     memory_budget: float | None
+    pick: Output = None  # the tensor of a structured output (the output rule of layerlie.contract)
 
     def settings(self, **more: Any) -> dict[str, Any]:
         return dict(group=self.group.name, scheme=self.scheme, estimator=self.estimator, output=self.output,
-                    coords=self.coords, **more)
+                    selected=self.pick, coords=self.coords, **more)
 
 
 def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attribution:
@@ -549,10 +552,13 @@ def _check(estimator: Estimator, total: torch.Tensor, summed: torch.Tensor, shar
 
 def _attribute_modules(model: nn.Module, x: torch.Tensor, o: _Options) -> Attribution:
     """The same estimators at module granularity, through forward hooks (``layerlie.hooks``)."""
-    heads = {"softmax": lambda y: y.softmax(-1), "logits": lambda y: y}
-    if o.output not in heads:
+    if o.output not in ("softmax", "logits"):
         raise LayerlieError(f"output {o.output!r} needs a graph; at module granularity use 'softmax' or 'logits'")
-    head = heads[o.output]
+
+    def head(y: Any) -> torch.Tensor:
+        logits = select(y, o.pick)
+        return logits.softmax(-1) if o.output == "softmax" else logits
+
     rng = torch.Generator(device=x.device).manual_seed(o.seed)
     with exact_math():
         # total: forward mode through the unhooked model, independent of the sites' defects
@@ -593,9 +599,9 @@ def _attribute_modules(model: nn.Module, x: torch.Tensor, o: _Options) -> Attrib
     return Attribution(pd.DataFrame(rows), total, residual, CHECKS[o.estimator], e, settings)
 
 
-def _traced(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
+def _traced(model: nn.Module, x: torch.Tensor, output: Output) -> fx.GraphModule:
     with jvp_ready(model):
-        return trace(model, x)
+        return trace(model, x, output=output)
 
 
 def _bytes(value: Any) -> int:

@@ -22,11 +22,12 @@ from rich.table import Table
 from layerlie.ablation import VARIANTS, ablate
 from layerlie.aliasing import ALIAS_THRESHOLDS, aliasing, with_aliasing
 from layerlie.attribution import ESTIMATORS, attribute
+from layerlie.contract import Output, Prepared, prepare
 from layerlie.data import Images, images, photo_batch
 from layerlie.errors import LayerlieError
 from layerlie.groups import list_groups, resolve_groups
-from layerlie.lie import METHODS, check_images, lee, summarize
-from layerlie.models import input_channels, load_model
+from layerlie.lie import METHODS, lee, summarize
+from layerlie.models import load_model
 from layerlie.tangent import list_schemes
 from layerlie.trace import TraceError, trace
 
@@ -131,7 +132,7 @@ def _add_weights_args(p: argparse.ArgumentParser) -> None:
                    help="image size in pixels, SIZE or HEIGHTxWIDTH (default: the model's data config, else 224)")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, heads: bool = False) -> None:
     p.add_argument("model", help="timm name, or package.module:callable returning a model")
     _add_weights_args(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -139,6 +140,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", help="folder of images (labels from subfolders); default: embedded photos")
     p.add_argument("--n", type=_positive, default=8, help="number of images (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for random-init weights (default 0)")
+    p.add_argument("--output", type=_output, default=None,
+                   help="the tensor to measure of a tuple, dict or .logits output: an index or a key (default: the "
+                        "first tensor of a tuple, else logits)" + ("; also softmax (default), logits of that tensor, "
+                                                                 "or a node name" if heads else ""))
+
+
+def _output(text: str) -> Output:
+    """``--output``: an index where the text is a whole number, else a key, attribute or name."""
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -167,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("layers", help="attribute the Lie derivative to the graph's nodes",
                        epilog=EXAMPLES["layers"], formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(p)
+    _add_model_args(p, heads=True)
     p.set_defaults(n=2)
     p.add_argument("--group", default="translate_x",
                    help="one group: a name or 'affine:NAME=a,b,c;d,e,f' (default translate_x)")
@@ -175,7 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact contributions, signed shares, or Hutchinson norms (default exact)")
     p.add_argument("--scheme", default="central", choices=list_schemes())
     p.add_argument("--probes", type=_positive, default=100, help="Hutchinson probes (default 100)")
-    p.add_argument("--output", default="softmax", help="softmax (default), logits, or a node name")
     p.add_argument("--top", type=_positive, default=15, help="rows of the top-layers table")
     p.add_argument("--plot", help="write the contribution figure to this PNG/PDF")
     _add_output_args(p)
@@ -247,7 +256,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_and_images(args: argparse.Namespace) -> tuple[torch.nn.Module, Images]:
+def _model_and_images(args: argparse.Namespace) -> tuple[Prepared, Images]:
+    """The model and images under the model contract: a model built for other inputs, or an output
+    with no tensor to select, fails here in one line, rather than deep in a pass."""
     torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float64 if args.float64 else None
@@ -255,15 +266,11 @@ def _model_and_images(args: argparse.Namespace) -> tuple[torch.nn.Module, Images
                        device=device, dtype=dtype, size=args.size)
     batch = (images(args.images, model, n=args.n, size=args.size) if args.images
              else photo_batch(model, args.n, size=args.size))
-    try:  # a model built for other inputs fails here, in one line, rather than deep in a pass
-        with torch.no_grad():
-            model(batch.x[:1])
-    except RuntimeError as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        shape = tuple(batch.x.shape[1:])
-        raise LayerlieError(f"model {args.model!r} fails on images of shape {shape} ({first}); pass the size "
-                            "it takes with --size, or give it a timm pretrained_cfg with its input_size") from None
-    return model, batch
+    try:
+        prepared = prepare(model, batch.x, args.output, heads=args.command == "layers")
+    except LayerlieError as err:
+        raise LayerlieError(f"model {args.model!r}: {err}") from None
+    return prepared, Images(prepared.x, batch.names, batch.labels)
 
 
 def _check_out(path: str | None) -> Path | None:
@@ -319,11 +326,11 @@ def progress_bar() -> Progress:
 def cmd_e2e(args: argparse.Namespace) -> int:
     groups = resolve_groups(args.groups)
     out = _check_out(args.out)
-    model, batch = _model_and_images(args)
+    prepared, batch = _model_and_images(args)
     with progress_bar() as bar:
         task = bar.add_task(f"{args.model}: {len(groups)} groups", total=len(batch.x))
-        table = lee(model, batch.x, groups, scheme=args.scheme, method=args.method, names=batch.names,
-                    batch_size=args.batch, progress=lambda k: bar.advance(task, k))
+        table = lee(prepared.model, batch.x, groups, output=prepared.output, scheme=args.scheme, method=args.method,
+                    names=batch.names, batch_size=args.batch, progress=lambda k: bar.advance(task, k))
     table.insert(0, "model", args.model)
     table["scheme"] = args.scheme
     if out is not None:
@@ -352,16 +359,15 @@ def cmd_layers(args: argparse.Namespace) -> int:
     if len(chosen) != 1:
         raise LayerlieError(f"--group takes one group, got {len(chosen)}; use layerlie e2e for several")
     g = chosen[0]
-    model, batch = _model_and_images(args)
+    prepared, batch = _model_and_images(args)
     with progress_bar() as bar:
         bar.add_task(f"{args.model}: attributing {g.name} ({args.estimator})", total=None)
-        check_images(batch.x, input_channels(model))
-        try:
-            target = trace(model, batch.x)  # once, for the attribution and the alias measure
-        except TraceError:
-            target = model  # attribute falls back to forward hooks and says why
-        result = attribute(target, batch.x, g, estimator=args.estimator, scheme=args.scheme,
-                           output=args.output, probes=args.probes)
+        try:  # once, for the attribution and the alias measure
+            target, output = trace(prepared.model, batch.x, output=prepared.output), prepared.head
+        except TraceError:  # attribute falls back to forward hooks and says why
+            target, output = prepared.model, args.output or "softmax"
+        result = attribute(target, batch.x, g, estimator=args.estimator, scheme=args.scheme, output=output,
+                           probes=args.probes)
         if result.settings["granularity"] == "node":
             result = with_aliasing(result, target, batch.x)
     table = result.nodes.assign(model=args.model, group=g.name, scheme=args.scheme, estimator=args.estimator)
@@ -412,10 +418,10 @@ def _alias_cell(row: pd.Series) -> str:
 
 def cmd_aliasing(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
-    model, batch = _model_and_images(args)
+    prepared, batch = _model_and_images(args)
     with progress_bar() as bar:
         bar.add_task(f"{args.model}: measuring aliasing", total=None)
-        table = aliasing(model, batch.x)
+        table = aliasing(prepared.model, batch.x, output=prepared.output)
     measured = table[table["alias_kind"].notna()]
     if out is not None:
         write_table(measured.assign(model=args.model), out)
@@ -455,11 +461,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     where = [w.strip() for w in args.where.split(",")] if args.where else None
-    model, batch = _model_and_images(args)
+    prepared, batch = _model_and_images(args)
     with progress_bar() as bar:
         bar.add_task(f"{args.model}: ablating {', '.join(variants)}", total=None)
-        result = ablate(model, batch.x, variants=variants, groups=args.groups, labels=_class_indices(batch.labels),
-                        estimator=args.estimator, scheme=args.scheme, filter_size=args.filter_size, where=where)
+        result = ablate(prepared.model, batch.x, variants=variants, groups=args.groups,
+                        labels=_class_indices(batch.labels), estimator=args.estimator, scheme=args.scheme,
+                        filter_size=args.filter_size, where=where, output=prepared.output)
     table = result.table.assign(model=args.model, scheme=args.scheme)
     if out is not None:
         write_table(table, out)

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from layerlie.errors import LayerlieError
+from layerlie.errors import LayerlieError, note
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -258,24 +258,38 @@ get_group = group
 """The registry's ``get_*`` name for :func:`group`."""
 
 
-def resolve_groups(spec: str | Group | Iterable[str | Group]) -> list[Group]:
+def resolve_groups(spec: str | Group | Iterable[str | Group], channels: int | None = None) -> list[Group]:
     """Groups from ``"all"`` (the ten built-ins), names, text forms (:func:`parse_group`),
     TOML files (:func:`load_groups`), or groups: a comma-separated string or a list.
+
+    Args:
+        spec: the groups.
+        channels: the images' channel count, where known: ``"all"`` leaves out the channel
+            groups whose generator has another size (with a note), and naming one is an error.
 
     Example:
         >>> [g.name for g in resolve_groups("rotate,affine:tilt=0,0.5,0;0,0,0")]
         ['rotate', 'tilt']
     """
-    if isinstance(spec, Group):
-        return [spec]
-    items = _split(spec) if isinstance(spec, str) else list(spec)
+    items = [spec] if isinstance(spec, Group) else _split(spec) if isinstance(spec, str) else list(spec)
     groups: dict[str, Group] = {}
+    left_out: list[str] = []
     for item in items:
         for g in _expand(item):
+            if channels is not None and g.kind == "channel" and g.generator.shape[0] != channels:
+                if item != "all":
+                    raise LayerlieError(f"group {g.name!r} mixes {g.generator.shape[0]} channels, the images have "
+                                        f"{channels}; leave it out, or define a {channels}x{channels} channel group")
+                left_out.append(g.name)
+                continue
             seen = groups.setdefault(g.name, g)
             if not _same(seen, g):
                 raise LayerlieError(f"two different groups are named {g.name!r}; give the custom one another "
                                     "name")
+    if left_out:
+        plural = "s" if channels != 1 else ""
+        note(f"groups='all' leaves out {', '.join(left_out)}: a channel group that does not fit images of "
+             f"{channels} channel{plural}")
     if not groups:
         raise LayerlieError(f"no group given; valid groups: {', '.join(list_groups())}, or {_FORM}")
     return list(groups.values())

@@ -28,33 +28,15 @@ import torch
 from torch import nn
 
 from layerlie.attention import differentiable_attention
+from layerlie.contract import Output, check_images, prepare
 from layerlie.errors import LayerlieError
 from layerlie.groups import Group, resolve_groups
 from layerlie.jvprules import FastRules
 from layerlie.memory import Footprint, measure_footprint, plan_chunks
-from layerlie.models import input_channels
 from layerlie.tangent import IMAGE, Frame, base_point, check_scheme, tangent
 
 Method = Literal["jvp", "double_backward"]
 METHODS: tuple[str, ...] = ("jvp", "double_backward")
-
-
-def check_images(x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
-    """Check that ``x`` is a finite float batch ``(B, C, H, W)``; return it unchanged."""
-    if not isinstance(x, torch.Tensor):
-        raise LayerlieError(f"expected a torch.Tensor of images (B, C, H, W), got {type(x).__name__}")
-    if x.ndim != 4:
-        raise LayerlieError(f"expected images of shape (B, C, H, W), got shape {tuple(x.shape)}; "
-                            "add a batch axis with x[None] for a single image")
-    if not x.is_floating_point():
-        raise LayerlieError(f"expected floating-point images, got dtype {x.dtype}; convert with "
-                            "x.float() after normalizing (layerlie.photos and layerlie.images do it)")
-    if channels is not None and x.shape[1] != channels:
-        raise LayerlieError(f"the model expects {channels} input channels, the images have "
-                            f"{x.shape[1]} (shape {tuple(x.shape)}); convert them to {channels} channels")
-    if not torch.isfinite(x).all():
-        raise LayerlieError("the input images contain NaN or inf values; clean or re-normalize them")
-    return x
 
 
 def check_finite(y: torch.Tensor, what: str) -> torch.Tensor:
@@ -172,14 +154,15 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                    group: Group | str | Sequence[Group | str], *, scheme: str = "central",
                    output_frame: Frame | None | Literal["auto"] = "auto",
                    method: Method = "jvp", memory_budget: float | None = None,
-                   fast: bool | None = None) -> torch.Tensor:
+                   fast: bool | None = None, output: Output = None) -> torch.Tensor:
     """The Lie derivative ``L f(x) = J_f(x)[G x] - G f(x)`` (METHOD 2).
 
     Args:
         f: the map, e.g. a model or ``lambda x: model(x).softmax(-1)`` (wrap a lambda over
             a timm ViT in ``with jvp_ready(model):`` so that its fused attention is off).
             It must treat the images of a batch independently (a model in eval mode does)
-            when the computation is split into chunks of images.
+            when the computation is split into chunks of images. An ``nn.Module`` is taken
+            by the model contract (:mod:`layerlie.contract`).
         x: images ``(B, C, H, W)``.
         group: a group, its name, or a list of them (then the groups share one primal pass).
         scheme: derivative scheme of ``G`` (see :mod:`layerlie.tangent`).
@@ -194,6 +177,8 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         fast: the cheaper forward-mode rules of :mod:`layerlie.jvprules` (same numbers);
             False runs PyTorch's own formulas throughout; None, the default, uses the
             rules on the CPU only (see :func:`push_tangents`).
+        output: for an ``nn.Module``, the tensor of its output to differentiate (the output
+            rule of :mod:`layerlie.contract`).
 
     Returns:
         ``L f(x)`` shaped like ``f(x)``, or ``(K, *f(x).shape)`` for a list of K groups.
@@ -204,9 +189,12 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     if memory_budget is not None and not memory_budget > 0:
         raise LayerlieError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}; "
                             "pass None for three times a forward's memory, or float('inf') for no limit")
-    groups = resolve_groups(group)
-    single = isinstance(group, Group) or (isinstance(group, str) and len(groups) == 1)
+    if isinstance(f, nn.Module):
+        p = prepare(f, x, output)
+        f, x = p.selected, p.x
     check_images(x)
+    groups = resolve_groups(group, channels=x.shape[1])
+    single = isinstance(group, Group) or (isinstance(group, str) and len(groups) == 1)
     results: dict[int, torch.Tensor] = {}
     # Groups that share a base point share one primal pass.
     by_base: dict[int | None, list[int]] = {}
@@ -286,7 +274,7 @@ def probabilities(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
 
 
 def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-        groups: str | Iterable[str | Group] = "all", *, scheme: str = "central",
+        groups: str | Iterable[str | Group] = "all", *, output: Output = None, scheme: str = "central",
         method: Method = "jvp", names: Sequence[str] | None = None,
         batch_size: int | None = None, memory_budget: float | None = None, fast: bool | None = None,
         progress: Callable[[int], None] | None = None) -> pd.DataFrame:
@@ -294,9 +282,12 @@ def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     ``|L softmax(model(x))|`` (METHOD 2).
 
     Args:
-        model: a classifier returning logits ``(B, K)``.
+        model: a classifier returning logits ``(B, K)``, or a structure that holds them; taken
+            by the model contract (:mod:`layerlie.contract`): never changed, measured in eval mode.
         x: images ``(B, C, H, W)``, normalized as the model expects.
-        groups: ``"all"``, names, or groups.
+        groups: ``"all"``, names, or groups; ``"all"`` leaves out the channel groups that do not
+            fit the images' channels, with a note.
+        output: the tensor whose softmax is measured (the output rule of :mod:`layerlie.contract`).
         scheme, method, memory_budget, fast: as in :func:`lie_derivative`.
         names: one name per image (default: the image index).
         batch_size: images per pass (default: all at once).
@@ -312,8 +303,9 @@ def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         >>> sorted(t.group.unique())
         ['rotate', 'translate_x']
     """
-    gs = resolve_groups(groups)
-    check_images(x, input_channels(model) if isinstance(model, nn.Module) else None)
+    p = prepare(model, x, output)
+    model, x = p.selected, p.x
+    gs = resolve_groups(groups, channels=x.shape[1])
     names = [str(i) for i in range(len(x))] if names is None else list(names)
     step = batch_size or len(x)
     f = probabilities(model)

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from torch import fx, nn
 
+from layerlie.contract import Output, prepare, selected
 from layerlie.errors import LayerlieError
 from layerlie.groups import Group, get_group
 from layerlie.layout import Layout, LayoutProp
@@ -43,7 +44,7 @@ Model = Callable[[torch.Tensor], torch.Tensor]
 
 def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, pairs: int = 1,
                 mode: Literal["circular", "crop"] = "circular", seed: int = 0,
-                batch_size: int | None = None) -> torch.Tensor:
+                batch_size: int | None = None, output: Output = None) -> torch.Tensor:
     """Shift consistency (Zhang 2019, METHOD 7): does the top-1 class agree at two random shifts?
 
     Convention: per image, ``pairs`` pairs of integer offsets ``(dy, dx)`` are drawn uniformly
@@ -60,11 +61,13 @@ def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, 
         mode: ``"circular"`` or ``"crop"``.
         seed: seeds the offsets.
         batch_size: images per pass (default: all).
+        output: the tensor of a tuple, dict or ``.logits`` output to read (the output rule of
+            :mod:`layerlie.contract`, which every metric follows).
 
     Returns:
         ``(B,)``: the share of an image's pairs whose top-1 classes agree.
     """
-    check_images(x)
+    model, x = _measured(model, x, output)
     if mode not in ("circular", "crop"):
         raise LayerlieError(f"consistency: unknown mode {mode!r}; use 'circular' or 'crop'")
     max_shift = max(1, min(x.shape[-2:]) // 8) if max_shift is None else max_shift
@@ -92,7 +95,8 @@ def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, 
 
 def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int = 1,
          shifts: Sequence[tuple[int, int]] | None = None, node: str | None = None,
-         peak: float | None = None, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+         peak: float | None = None, seed: int = 0, batch_size: int | None = None,
+         output: Output = None) -> torch.Tensor:
     """EQ-T (StyleGAN3, METHOD 7): PSNR in dB between ``f(shift x)`` and ``shift f(x)`` for
     integer translations of the input.
 
@@ -119,10 +123,12 @@ def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int 
         peak: the signal range of the PSNR (default: the peak-to-peak range of ``f(x)``).
         seed: seeds the shifts.
         batch_size: images per pass (default: all).
+        output: as in :func:`consistency`.
 
     Returns:
         ``(B,)`` PSNR in dB, capped at :data:`PSNR_CAP`.
     """
+    model, x = _measured(model, x, output, node)
     f, stride = _feature_map(model, x, node, "eq_t")
     if shifts is None:
         gen = torch.Generator().manual_seed(seed)
@@ -139,7 +145,8 @@ def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int 
 
 def eq_t_frac(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int = 1,
               shifts: Sequence[tuple[float, float]] | None = None, node: str | None = None,
-              peak: float | None = None, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+              peak: float | None = None, seed: int = 0, batch_size: int | None = None,
+              output: Output = None) -> torch.Tensor:
     """EQ-T_frac (StyleGAN3, METHOD 7): as :func:`eq_t` for fractional translations.
 
     Convention: shifts are uniform in ``[-max_shift, max_shift]`` times the image side, in input
@@ -148,12 +155,13 @@ def eq_t_frac(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws:
     the band of ``ceil(|shift| / stride)`` output pixels that wrapped around is left out.
 
     Args:
-        model, x, max_shift, draws, node, peak, seed, batch_size: as in :func:`eq_t`.
+        model, x, max_shift, draws, node, peak, seed, batch_size, output: as in :func:`eq_t`.
         shifts: explicit shifts ``(dy, dx)`` in input pixels, for every image.
 
     Returns:
         ``(B,)`` PSNR in dB, capped at :data:`PSNR_CAP`.
     """
+    model, x = _measured(model, x, output, node)
     f, stride = _feature_map(model, x, node, "eq_t_frac")
     if shifts is None:
         gen = torch.Generator().manual_seed(seed)
@@ -172,7 +180,7 @@ def eq_t_frac(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws:
 
 def eq_r(model: Model, x: torch.Tensor, *, max_angle: float = 180.0, draws: int = 1,
          angles: Sequence[float] | None = None, node: str | None = None, peak: float | None = None,
-         seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+         seed: int = 0, batch_size: int | None = None, output: Output = None) -> torch.Tensor:
     """EQ-R (StyleGAN3, METHOD 7): PSNR in dB between ``f(R x)`` and ``R f(x)`` for rotations.
 
     Convention: ``R`` is the ``rotate`` group's finite transform (bilinear, zero padding) by an
@@ -181,13 +189,14 @@ def eq_r(model: Model, x: torch.Tensor, *, max_angle: float = 180.0, draws: int 
     all-ones image is 1 at the output's resolution.
 
     Args:
-        model, x, draws, node, peak, seed, batch_size: as in :func:`eq_t`.
+        model, x, draws, node, peak, seed, batch_size, output: as in :func:`eq_t`.
         max_angle: the largest angle in degrees (StyleGAN3 draws in the full circle: 180).
         angles: explicit angles in degrees, for every image.
 
     Returns:
         ``(B,)`` PSNR in dB, capped at :data:`PSNR_CAP`.
     """
+    model, x = _measured(model, x, output, node)
     f, _ = _feature_map(model, x, node, "eq_r")
     rotate = get_group("rotate")
     if angles is None:
@@ -207,7 +216,8 @@ def eq_r(model: Model, x: torch.Tensor, *, max_angle: float = 180.0, draws: int 
 
 
 def invariance(model: Model, x: torch.Tensor, group: Group | str, magnitude: float, *, draws: int = 4,
-               softmax: bool = True, seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+               softmax: bool = True, seed: int = 0, batch_size: int | None = None,
+               output: Output = None) -> torch.Tensor:
     """Finite-sample invariance (METHOD 7): the mean squared change of the output under the
     group's finite transform ``T_t`` with ``|t| = magnitude``.
 
@@ -226,11 +236,12 @@ def invariance(model: Model, x: torch.Tensor, group: Group | str, magnitude: flo
         softmax: compare ``softmax(model(x), -1)`` rather than ``model(x)``.
         seed: seeds the signs.
         batch_size: images per pass (default: all).
+        output: as in :func:`consistency`.
 
     Returns:
         ``(B,)`` mean squared change.
     """
-    check_images(x)
+    model, x = _measured(model, x, output)
     g = get_group(group)
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (x.shape[0], draws), generator=gen) * 2 - 1
@@ -258,7 +269,7 @@ METRICS: dict[str, Callable[..., torch.Tensor]] = {
 
 def metrics(model: Model, x: torch.Tensor, which: Iterable[str] = ("consistency", "eq_t", "eq_t_frac", "eq_r"),
             *, names: Sequence[str] | None = None, seed: int = 0, batch_size: int | None = None,
-            **options: dict[str, Any]) -> pd.DataFrame:
+            output: Output = None, **options: dict[str, Any]) -> pd.DataFrame:
     """Several finite metrics of one model at images ``x: (B, C, H, W)`` (METHOD 7).
 
     Args:
@@ -267,7 +278,7 @@ def metrics(model: Model, x: torch.Tensor, which: Iterable[str] = ("consistency"
         x: images.
         which: metric names from :data:`METRICS`.
         names: one name per image (default: the image index).
-        seed, batch_size: passed to every metric.
+        seed, batch_size, output: passed to every metric.
         **options: per metric, its keyword options, e.g. ``eq_r={"max_angle": 45}`` or
             ``invariance={"group": "rotate", "magnitude": 0.1}`` (the default group is
             ``translate_x`` and magnitude ``0.125``).
@@ -279,8 +290,9 @@ def metrics(model: Model, x: torch.Tensor, which: Iterable[str] = ("consistency"
     unknown = [w for w in [*which, *options] if w not in METRICS]
     if unknown or not which:
         raise LayerlieError(f"unknown metric(s) {unknown or which}; valid metrics: {', '.join(METRICS)}")
+    model, x, output, _ = prepare(model, x, output)
     names = [str(i) for i in range(len(x))] if names is None else list(names)
-    is_classifier = _output_ndim(model, x) == 2
+    is_classifier = _output_ndim(model, x, output) == 2
     rows = []
     settings: dict[str, dict[str, Any]] = {}
     for name in which:
@@ -291,7 +303,7 @@ def metrics(model: Model, x: torch.Tensor, which: Iterable[str] = ("consistency"
         elif name != "consistency" and is_classifier:
             kwargs.setdefault("node", "features")
         settings[name] = dict(kwargs)
-        values = METRICS[name](model, x, seed=seed, batch_size=batch_size, **kwargs)
+        values = METRICS[name](model, x, seed=seed, batch_size=batch_size, output=output, **kwargs)
         rows += [(names[i], name, float(v)) for i, v in enumerate(values)]
     table = pd.DataFrame(rows, columns=["image", "metric", "value"])
     table.attrs.update(seed=seed, options=settings, psnr_cap=PSNR_CAP)
@@ -446,10 +458,19 @@ def _shift_mask(hw: tuple[int, int], shift: tuple[float, float]) -> torch.Tensor
     return mask
 
 
-def _output_ndim(model: Model, x: torch.Tensor) -> int:
+def _output_ndim(model: Model, x: torch.Tensor, output: Output) -> int:
     """2 for a classifier, 4 for an image-to-image model (METHOD 7: which metrics need ``node=``)."""
     with torch.no_grad():
-        return model(x[:1]).ndim
+        return selected(model, output)(x[:1]).ndim
+
+
+def _measured(model: Model, x: torch.Tensor, output: Output, node: str | None = None) -> tuple[Model, torch.Tensor]:
+    """The model contract at a metric's entry (:mod:`layerlie.contract`): the model to measure, with
+    its selected output (traced, when ``node`` reads a feature map), and the images."""
+    model, x, output, _ = prepare(model, x, output)
+    if node is not None and isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule):
+        return trace(model, x, output=output), x
+    return selected(model, output), x
 
 
 def _batches(x: torch.Tensor, batch_size: int | None) -> Iterable[tuple[int, torch.Tensor]]:

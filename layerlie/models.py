@@ -1,7 +1,8 @@
 """Models from timm names, local checkpoints, ``package.module:callable`` specs, or as given.
 
 Every model comes back in eval mode, with in-place activations switched off (forward-mode
-AD and the graph analyses read each activation's input after the op has run).
+AD and the graph analyses read each activation's input after the op has run). A module given
+is never changed: it comes back as it is when it is ready, else as a prepared copy.
 
 Example:
     >>> import layerlie as ll
@@ -12,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import os
@@ -41,7 +43,8 @@ def load_model(spec: str | nn.Module, pretrained: bool = False, checkpoint: str 
 
     Args:
         spec: a timm name (``"resnet18"``), a ``"package.module:callable"`` that returns a
-            model, or an ``nn.Module``.
+            model, or an ``nn.Module`` (returned as it is when it is in eval mode without in-place
+            activations and nothing else is asked, else a prepared copy: it is never changed).
         pretrained: timm's pretrained weights: from the local Hugging Face or torch hub
             cache when they are there, else downloaded. Without network access this fails
             within seconds, naming ``checkpoint=``.
@@ -58,7 +61,8 @@ def load_model(spec: str | nn.Module, pretrained: bool = False, checkpoint: str 
     if device is not None:
         _check_device(device)
     if isinstance(spec, nn.Module):
-        model = spec
+        ready = _ready(spec) and checkpoint is None and device is None and dtype is None
+        model = spec if ready else copy.deepcopy(spec)
     elif ":" in spec and not Path(spec).exists():
         model = _from_callable(spec)
     else:
@@ -72,6 +76,11 @@ def load_model(spec: str | nn.Module, pretrained: bool = False, checkpoint: str 
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model
+
+
+def _ready(model: nn.Module) -> bool:
+    """In eval mode throughout, with no in-place activation: what :func:`load_model` makes."""
+    return not any(m.training or getattr(m, "inplace", None) is True for m in model.modules())
 
 
 def _check_device(device: str | torch.device) -> None:
@@ -257,13 +266,24 @@ def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[st
 
 
 def input_channels(model: nn.Module) -> int | None:
-    """The number of input channels the model expects: timm's ``in_chans`` or config where it
-    says, else the ``in_channels`` of its first convolution; None when neither tells."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size")
+    """The number of input channels the model expects: timm's ``in_chans`` or data config, else
+    the ``in_channels`` of its first convolution (the first in graph order for a GraphModule, in
+    registration order otherwise). None where a linear layer comes first (it reads flattened
+    pixels or patches, whose width does not give the channels), or where there is no such layer.
+
+    Example:
+        >>> input_channels(nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.LazyLinear(2)))
+        1
+    """
     in_chans = getattr(model, "in_chans", None)
     if isinstance(in_chans, int):
         return in_chans
-    if size:
-        return int(size[0])
-    return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if cfg.get("input_size"):
+        return int(cfg["input_size"][0])
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m.in_channels or None  # 0: a lazy convolution, not built yet
+        if isinstance(m, nn.Linear):
+            return None
+    return None

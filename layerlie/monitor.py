@@ -40,11 +40,11 @@ from torch import fx, nn
 
 from layerlie import store as st
 from layerlie.attribution import attribute
+from layerlie.contract import Output, prepare
 from layerlie.errors import LayerlieError
 from layerlie.groups import Group, resolve_groups
-from layerlie.lie import check_images, lee
+from layerlie.lie import lee
 from layerlie.metrics import METRICS, metrics as finite_metrics
-from layerlie.models import input_channels
 from layerlie.ops import list_layer_types
 from layerlie.tangent import check_scheme
 from layerlie.trace import TraceError, trace, with_output
@@ -99,9 +99,10 @@ class Monitor:
     """Measure a model's equivariance on a probe batch along training (METHOD 2, 4, 7).
 
     Args:
-        model: the model being trained; it returns logits ``(B, K)``.
-        x_probe: the probe images ``(B, C, H, W)``, normalized as the model expects, on its
-            device and in its dtype; a copy is kept.
+        model: the model being trained; it returns logits ``(B, K)``, or a structure that holds
+            them (the output rule of :mod:`layerlie.contract`).
+        x_probe: the probe images ``(B, C, H, W)``, normalized as the model expects; a copy is
+            kept, in the model's dtype and on its device (cast with a note).
         groups: names or groups, as :func:`layerlie.resolve_groups` takes them.
         every: :meth:`step` measures when ``step % every == 0``.
         layers: also record the signed shares of ``L F`` by layer type, from
@@ -116,6 +117,7 @@ class Monitor:
             as the part ``monitor-<run>-<step>`` of the table ``monitor``; an existing manifest
             is kept. Measuring a step again replaces its part.
         run: the training run's name, required with ``store``; a ``run`` column of the table.
+        output: the tensor of a tuple, dict or ``.logits`` output to measure (the output rule).
 
     Attributes:
         setup_seconds: the one-time set-up, done at construction: the trace, and one measurement
@@ -123,9 +125,8 @@ class Monitor:
             imports). :attr:`overhead` and the ``seconds`` column leave it out.
 
     Raises:
-        MonitorError: ``every`` below 1, unknown metrics, a probe on another device or in
-            another dtype than the model, ``store`` without ``run``, or a model whose graph
-            cannot be traced when ``layers`` or ``metrics`` needs it.
+        MonitorError: ``every`` below 1, unknown metrics, ``store`` without ``run``, or a model
+            whose graph cannot be traced when ``layers`` or ``metrics`` needs it.
         LayerlieError: a probe batch of the wrong shape, dtype or channels; an unknown group or
             scheme.
     """
@@ -133,21 +134,18 @@ class Monitor:
     def __init__(self, model: nn.Module, x_probe: torch.Tensor,
                  groups: str | Group | Iterable[str | Group] = ("translate_x", "rotate"), *, every: int = 50,
                  layers: bool = False, metrics: Metrics = False, scheme: str = "central",
-                 store: str | Path | None = None, run: str | None = None) -> None:
+                 store: str | Path | None = None, run: str | None = None, output: Output = None) -> None:
         start = time.perf_counter()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise MonitorError(f"every must be a positive integer (measure every that many steps), got {every!r}")
         check_scheme(scheme)
-        self.groups = resolve_groups(groups)
+        with untouched(model):  # the live model, measured in eval mode as every measurement is
+            _, x_probe, self.output, _ = prepare(model, x_probe, output)
+        self.groups = resolve_groups(groups, channels=x_probe.shape[1])
         compat = [g.name for g in self.groups if g.origin is not None]
         if layers and compat:
             raise MonitorError(f"group {compat[0]!r} is a compatibility map, which layer shares cannot take; "
                                "drop it from groups= or pass layers=False")
-        check_images(x_probe, input_channels(model))
-        param = next(iter(model.parameters()), None)
-        if param is not None and (x_probe.dtype, x_probe.device) != (param.dtype, param.device):
-            raise MonitorError(f"the probe batch is {x_probe.dtype} on {x_probe.device}, the model "
-                               f"{param.dtype} on {param.device}; pass x_probe.to(param)")
         self.options = _metric_options(metrics)
         self.which = list(self.options)
         unknown = [w for w in self.which if w not in METRICS]
@@ -272,7 +270,7 @@ class Monitor:
         pass needs only the input's cotangent, and :meth:`_sync` refreshes them."""
         with untouched(self.model):
             try:
-                gm = trace(self.model, self.x)
+                gm = trace(self.model, self.x, output=self.output)
             except TraceError as err:
                 raise MonitorError(f"{err}; layers= and metrics= need the graph: pass layers=False, "
                                    "metrics=False") from None
@@ -292,7 +290,7 @@ class Monitor:
 
     def _values(self) -> dict[str, dict[str, float]]:
         """One measurement, by group: ``lee`` and the optional share and metric columns."""
-        per_image = lee(self.model, self.x, self.groups, scheme=self.scheme)
+        per_image = lee(self.model, self.x, self.groups, scheme=self.scheme, output=self.output)
         out = {g: {"lee": float(v)} for g, v in per_image.groupby("group", sort=False)["lee"].mean().items()}
         if self._gm is None:
             return out

@@ -51,9 +51,10 @@ import torch.nn.functional as F
 from timm.layers import _fx as timm_fx
 from torch import nn
 
+from layerlie.contract import Output, eval_copy, prepare
 from layerlie.errors import LayerlieError
 from layerlie.layout import Layout, LayoutProp
-from layerlie.lie import check_images
+from layerlie.models import input_channels
 from layerlie.ops import (LAYER_TYPES, Tangents, get_op, layer_type, module_example, pair, register_op, stride_one,
                           strided)
 from layerlie.propagate import Call, Recorder
@@ -531,12 +532,13 @@ class Replacement(NamedTuple):
 
 def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activations: str | None = None,
               aps: bool = False, filter_size: int = 3, where: Where = None,
-              example: torch.Tensor | None = None) -> fx.GraphModule:
+              example: torch.Tensor | None = None, output: Output = None) -> fx.GraphModule:
     """A copy of ``model`` with anti-aliased substitutes, the weights kept (METHOD 6).
 
     Args:
-        model: a model (traced here with :func:`layerlie.trace`) or a traced GraphModule; it is
-            never modified. The new model shares its parameter tensors with a GraphModule given.
+        model: a model (traced here with :func:`layerlie.trace`, in eval mode) or a traced
+            GraphModule; it is never modified. The new model shares its parameter tensors with a
+            GraphModule given.
         blurpool: blur before every strided subsampling (Zhang 2019); with ``aps``, a blur at
             stride 1 before the polyphase sampling.
         activations: ``"filtered"``: pointwise nonlinearities on grids and token maps run at twice
@@ -551,7 +553,10 @@ def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activ
             ``gm.graph.nodes``, the ``depth`` column of :func:`layerlie.attribute`).
         example: an input batch ``(B, C, H, W)``: gives the layouts, and checks that the new
             model runs on it and that every replaced node keeps its output shape. Without it,
-            ``activations`` uses a zero batch of the model's input size.
+            ``activations`` uses a zero image of the model's input size (timm's data config) and
+            channels (:func:`layerlie.models.input_channels`); a model that states no size needs it.
+        output: the tensor of a tuple, dict or ``.logits`` output the new model returns (the
+            output rule of :mod:`layerlie.contract`).
 
     Returns:
         A new GraphModule whose forward returns what the model's does (the logits of a
@@ -571,12 +576,13 @@ def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activ
     """
     policies = _policies(blurpool, activations, aps)
     _check_filter_size(filter_size, activations)
-    if example is not None:
-        check_images(example)
-    work = _working_copy(model, example)
-    select = _selector(work, where)
     if example is None and any(p.needs_layouts for p in policies):
         example = _default_example(model, activations)
+    model = eval_copy(model, quiet=True)  # the result is a new model in eval mode
+    if example is not None:
+        model, example, output, _ = prepare(model, example, output)
+    work = _working_copy(model, example, output)
+    select = _selector(work, where)
     layouts, shapes = _example_pass(work, example) if example is not None else (None, None)
     options = Options(filter_size, blurpool, layouts)
     subs: dict[fx.Node, nn.Module] = {}
@@ -599,13 +605,14 @@ def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activ
 
 
 def _default_example(model: nn.Module, activations: str | None) -> torch.Tensor:
-    """A zero batch of one image of the model's input size: the layouts need only the shapes."""
+    """A zero batch of one image of the model's input size and channels: the layouts need only
+    the shapes."""
     size = input_size(model)
     if size is None:
-        raise LayerlieError(f"activations={activations!r} needs example= (an input batch (B, C, H, W)): "
-                            f"{type(model).__name__} does not state its input size")
+        raise LayerlieError(f"activations={activations!r} needs example= (an input batch (B, C, H, W), e.g. "
+                            f"example=x[:1]): {type(model).__name__} does not state its input size")
     like = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
-    return torch.zeros(1, *size, dtype=like.dtype if like is not None else None,
+    return torch.zeros(1, input_channels(model) or size[0], *size[1:], dtype=like.dtype if like is not None else None,
                        device=like.device if like is not None else None)
 
 
@@ -630,11 +637,12 @@ def _check_filter_size(filter_size: int, activations: str | None) -> None:
                             "nothing when upsampling; use 3")
 
 
-def _working_copy(model: nn.Module | fx.GraphModule, example: torch.Tensor | None) -> fx.GraphModule:
+def _working_copy(model: nn.Module | fx.GraphModule, example: torch.Tensor | None,
+                  output: Output) -> fx.GraphModule:
     """A GraphModule with its own graph and its own intermediate modules, whose leaves (and so
     parameters) are the input GraphModule's, or a fresh trace of a plain model."""
     if not isinstance(model, fx.GraphModule):
-        return trace(model, example)
+        return trace(model, example, output=output)
     work = fx.GraphModule(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
     work.meta = dict(model.meta)
     _own_called_parents(work)
@@ -704,7 +712,7 @@ def _rewrite(gm: fx.GraphModule, subs: dict[fx.Node, nn.Module]) -> dict[str, Re
             target = path if main else _free(f"{path}_{stage}", lambda p: _has_attr(gm, p))
             if not main and like is not None:  # a new sampler's buffers go where the model is
                 module.to(device=like.device, dtype=like.dtype)
-            _set_module(gm, target, module)
+            _set_module(gm, target, module.eval())  # the layers it holds are the model's, in eval mode already
             name = node.name if main else _free(f"{node.name}_{stage}", taken.__contains__)
             taken.add(name)
             out = graph.create_node("call_module", target, (out,), {}, name=name)

@@ -68,6 +68,7 @@ from layerlie import store as st
 from layerlie.ablation import ablate, list_variants
 from layerlie.aliasing import with_aliasing
 from layerlie.attribution import ESTIMATORS, attribute
+from layerlie.contract import prepare
 from layerlie.data import Images, images, photo_batch
 from layerlie.errors import LayerlieError
 from layerlie.groups import list_groups, resolve_groups
@@ -277,6 +278,7 @@ def run_task(task: Task, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
     model = source.load(spec["size"])
     batch = _images(model, spec)
     x = batch.x
+    x = prepare(model, x).x  # the model contract: images that fit the model, or one line before any measure
     settings = dict(model=task.model, scheme=spec["scheme"], seed=spec["seed"], weights=source.weights(spec["seed"]),
                     **st.where())
     if task.measure == "e2e":

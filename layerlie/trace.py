@@ -33,6 +33,7 @@ from timm.layers import _fx as timm_fx
 from torch import nn
 
 from layerlie.attention import differentiable_attention, explicit_attention_modules, scaled_dot_product_attention
+from layerlie.contract import Output, eval_copy, prepare, select, selecting
 from layerlie.errors import LayerlieError
 from layerlie.normact import split_norm_acts
 
@@ -58,14 +59,17 @@ class _TimmTracer(fx.Tracer):
         return super().create_proxy(kind, target, args, kwargs, *rest, **more)
 
 
-def trace(model: nn.Module, example: torch.Tensor | None = None, *, softmax: bool = False) -> fx.GraphModule:
+def trace(model: nn.Module, example: torch.Tensor | None = None, *, softmax: bool = False,
+          output: Output = None) -> fx.GraphModule:
     """Trace ``model`` (a copy of it) to a GraphModule whose forward returns what the model's does.
 
     Args:
-        model: the model, in eval mode.
+        model: the model, traced in eval mode on a copy (it is never changed).
         example: an input batch ``(B, C, H, W)``; when given, the traced output must equal the model's.
         softmax: return ``softmax(logits, -1)`` instead of the logits (the output the published
             LEE differentiates); :func:`with_output` gives it on demand either way.
+        output: the tensor of a tuple, dict or ``.logits`` output that the graph returns (the
+            output rule of :mod:`layerlie.contract`).
 
     Returns:
         The GraphModule; ``gm.meta["layerlie.outputs"]`` names its ``logits`` node (and its
@@ -76,7 +80,10 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, *, softmax: boo
         TraceError: with the tracer's reason, in one line; or naming an in-place op that has
             no out-of-place twin.
     """
+    if example is not None:  # the eager output to check against is the eval-mode one
+        model, example, output, _ = prepare(eval_copy(model, quiet=True), example, output)
     copied = copy.deepcopy(model).eval()
+    selecting(copied, output)
     for m in copied.modules():
         if isinstance(getattr(m, "fused_attn", None), bool):  # explicit attention: softmax and matmul nodes
             m.fused_attn = False
@@ -86,15 +93,14 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, *, softmax: boo
     try:
         explicit_attention_modules(copied, tracer.is_leaf_module)  # torch's attention modules as ops
         graph = tracer.trace(copied)
+    except LayerlieError:  # the output rule's and the attention twins' own errors
+        raise
     except Exception as err:  # fx raises many types for untraceable code
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {reason}") from None
     split_norm_acts(copied, graph)  # timm's norm+act leaves: the activation gets its own node
     out = next(n for n in reversed(graph.nodes) if n.op == "output")
     logits = out.args[0]
-    if not isinstance(logits, fx.Node):
-        raise TraceError(f"{type(model).__name__} returns {type(logits).__name__}, not one tensor; "
-                         "wrap it so that forward returns the logits")
     out_of_place(graph, copied)
     gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
     gm.meta["layerlie.outputs"] = {"logits": logits.name}
@@ -102,7 +108,7 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, *, softmax: boo
     if softmax:
         gm, _ = with_output(gm, "softmax")
     if example is not None:
-        check_trace(model, gm, example, softmax=softmax)
+        check_trace(model, gm, example, softmax=softmax, output=output)
     return gm
 
 
@@ -121,12 +127,13 @@ def input_size(model: nn.Module) -> tuple[int, int, int] | None:
     return int(c), int(h), int(w)
 
 
-def check_trace(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, *, softmax: bool = False) -> None:
-    """The traced module must give the model's output on ``x`` (its softmax when ``softmax``), as
-    layerlie's derivatives compute it: torch's attention on its dense path (the eval-mode
+def check_trace(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, *, softmax: bool = False,
+                output: Output = None) -> None:
+    """The traced module must give the model's selected output on ``x`` (its softmax when ``softmax``),
+    as layerlie's derivatives compute it: torch's attention on its dense path (the eval-mode
     nested-tensor path of ``nn.TransformerEncoder`` returns zeros at padded positions)."""
     with torch.no_grad(), differentiable_attention():
-        want = model(x)
+        want = select(model(x), output)
         got = gm(x)
     if softmax:
         want = want.softmax(-1)

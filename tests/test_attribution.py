@@ -196,7 +196,7 @@ class Branchy(nn.Module):
 def test_untraceable_model_without_leaf_modules_says_why():
     with pytest.warns(UserWarning, match="cannot trace Branchy"), \
             pytest.raises(ll.LayerlieError, match="no leaf modules to hook"):
-        ll.attribute(Branchy(), torch.randn(1, 3, 8, 8), "rotate")
+        ll.attribute(Branchy().eval(), torch.randn(1, 3, 8, 8), "rotate")
 
 
 class BranchyNet(nn.Module):

@@ -69,7 +69,7 @@ def test_circular_stride_one_cnn_is_consistent_and_at_the_cap():
 def test_identity_model_is_at_the_cap():
     x = images()
     for metric in (ll.eq_t, ll.eq_t_frac, ll.eq_r):
-        assert metric(nn.Identity(), x, draws=2).tolist() == [PSNR_CAP] * 4, metric.__name__
+        assert metric(nn.Identity().eval(), x, draws=2).tolist() == [PSNR_CAP] * 4, metric.__name__
 
 
 def test_added_pattern_gives_the_hand_computed_psnr():
@@ -77,7 +77,7 @@ def test_added_pattern_gives_the_hand_computed_psnr():
     # 90 degrees on an even side, is -p: the error is 2p, MSE = 4 a^2, and with peak 2 the PSNR
     # is 10 log10(4 / (4 a^2)) = -20 log10(a) = 20 dB for a = 0.1.
     x = images(2)
-    model = AddPattern(checkerboard(32, 0.1))
+    model = AddPattern(checkerboard(32, 0.1)).eval()
     for shift in [(0, 1), (1, 0), (3, 2)]:
         assert ll.eq_t(model, x, shifts=[shift], peak=2.0) == pytest.approx([20.0] * 2, abs=1e-4)
     assert ll.eq_r(model, x, angles=[90.0], peak=2.0) == pytest.approx([20.0] * 2, abs=1e-4)
@@ -92,7 +92,7 @@ def test_added_pattern_psnr_uses_the_valid_region_and_the_image_range():
     diff = p[..., 1:] - p[..., :-1]
     y = x + p
     expected = 10 * math.log10(float(y.max() - y.min()) ** 2 / float(diff.pow(2).mean()))
-    assert float(ll.eq_t(AddPattern(p), x, shifts=[(0, 1)])) == pytest.approx(expected, rel=1e-5)
+    assert float(ll.eq_t(AddPattern(p).eval(), x, shifts=[(0, 1)])) == pytest.approx(expected, rel=1e-5)
     assert expected < PSNR_CAP / 2
 
 
@@ -100,7 +100,7 @@ def test_invariance_of_a_one_pixel_translation():
     # translate_x by one pixel (2 / (W - 1) in align_corners coordinates) of a constant image
     # zeroes one column of W: the mean squared change of the identity is 1 / W.
     x = torch.ones(2, 3, 16, 16)
-    value = ll.invariance(nn.Identity(), x, "translate_x", 2 / 15, softmax=False, draws=3)
+    value = ll.invariance(nn.Identity().eval(), x, "translate_x", 2 / 15, softmax=False, draws=3)
     assert value == pytest.approx([1 / 16] * 2, rel=1e-5)
     constant = ll.invariance(lambda z: torch.zeros(z.shape[0], 5), x, "rotate", 0.3)
     assert constant.tolist() == [0.0, 0.0]
@@ -180,7 +180,7 @@ def test_metric_errors_are_one_line():
     with pytest.raises(ll.LayerlieError, match="max_shift"):
         ll.consistency(model, x, max_shift=40)
     with pytest.raises(ll.LayerlieError, match=r"valid region of the \(32, 32\) output is empty under \[\(0, 32\)\]"):
-        ll.eq_t(nn.Identity(), x, shifts=[(0, 32)])
+        ll.eq_t(nn.Identity().eval(), x, shifts=[(0, 32)])
 
 
 # --- feature layouts (METHOD 5) ------------------------------------------------------------------
