@@ -38,7 +38,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from layerlie.errors import LayerlieError
+from layerlie.errors import TraceError
 from layerlie.ops import register_op
 
 
@@ -97,7 +97,7 @@ fx.wrap("_mha_mask")
 
 def _constant(value: object, name: str) -> None:
     if isinstance(value, fx.Proxy):
-        raise LayerlieError(f"{name} is computed in the forward, so the traced graph cannot choose its branch; "
+        raise TraceError(f"{name} is computed in the forward, so the traced graph cannot choose its branch; "
                             "pass it as a Python constant")
 
 
@@ -120,13 +120,13 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     in place of each SDPA call.
 
     Raises:
-        LayerlieError: for a ``dropout_p`` other than 0 (SDPA drops at random in eval mode too),
+        TraceError: for a ``dropout_p`` other than 0 (SDPA drops at random in eval mode too),
             or a flag computed in the forward.
     """
     _constant(dropout_p, "dropout_p of F.scaled_dot_product_attention")
     _constant(enable_gqa, "enable_gqa of F.scaled_dot_product_attention")
     if dropout_p != 0:
-        raise LayerlieError(f"F.scaled_dot_product_attention is called with dropout_p={dropout_p}, which drops "
+        raise TraceError(f"F.scaled_dot_product_attention is called with dropout_p={dropout_p}, which drops "
                             "at random in eval mode too; pass dropout_p=0.0 outside training")
     if enable_gqa:  # grouped queries: each key and value head serves query.shape[-3] // key.shape[-3] heads
         key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
@@ -163,7 +163,7 @@ class ExplicitMultiheadAttention(_Twin, nn.MultiheadAttention):
         unsupported = [name for name, on in (("add_bias_kv=True", mha.bias_k is not None),
                                              ("add_zero_attn=True", mha.add_zero_attn)) if on]
         if unsupported:
-            raise LayerlieError(f"nn.MultiheadAttention with {unsupported[0]} cannot be traced by layerlie (its extra "
+            raise TraceError(f"nn.MultiheadAttention with {unsupported[0]} cannot be traced by layerlie (its extra "
                                 "key has no position); use granularity='module'")
         super().__init__(mha)
 
@@ -178,7 +178,7 @@ class ExplicitMultiheadAttention(_Twin, nn.MultiheadAttention):
                            (is_causal, "is_causal")):
             _constant(flag, f"{name} of nn.MultiheadAttention")
         if is_causal and attn_mask is None:
-            raise LayerlieError("nn.MultiheadAttention is called with is_causal=True and no attn_mask, which torch "
+            raise TraceError("nn.MultiheadAttention is called with is_causal=True and no attn_mask, which torch "
                                 "refuses too; pass the causal mask as attn_mask")
         q, k, v = self._project(*self._batch_first(query, key, value))
         heads = [t.view(t.shape[:-1] + (self.num_heads, self.head_dim)).transpose(-3, -2) for t in (q, k, v)]

@@ -588,7 +588,8 @@ def _attribute_modules(model: nn.Module, x: torch.Tensor, o: _Options) -> Attrib
         rows.append(dict(
             node=s.name, op="call_module" if m is not None else "glue",
             target=type(m).__name__ if m is not None else "glue", module=s.module,
-            layer_type=(module_type(m) if m is not None else None) or "reshape/other", depth=depth,
+            layer_type="output" if s.kind == "output" else (module_type(m) if m is not None else None) or "reshape/other",
+            depth=depth,
             layout=s.layout.describe(), tensor=True, local_norm=float(s.defect.norm()),
             contribution_norm=contrib.get(s.name, 0.0 if not s.defect.any() else float("nan")),
             share=share / lf2 if share is not None and not degenerate else (0.0 if not s.defect.any() else float("nan")),

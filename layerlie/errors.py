@@ -14,6 +14,10 @@ class LayerlieError(ValueError):
     and what to do next; the CLI prints it without a traceback."""
 
 
+class TraceError(LayerlieError):
+    """The model cannot be traced to a graph."""
+
+
 class Note(UserWarning):
     """A one-line note on what layerlie did with the input it was given (a model measured in
     eval mode, images cast to the model's dtype, a group left out); the CLI prints it as

@@ -34,12 +34,8 @@ from torch import nn
 
 from layerlie.attention import differentiable_attention, explicit_attention_modules, scaled_dot_product_attention
 from layerlie.contract import Output, eval_copy, prepare, select, selecting
-from layerlie.errors import LayerlieError
+from layerlie.errors import LayerlieError, TraceError
 from layerlie.normact import split_norm_acts
-
-
-class TraceError(LayerlieError):
-    """The model cannot be traced to a graph."""
 
 
 class _TimmTracer(fx.Tracer):

@@ -246,6 +246,7 @@ def test_fallback_on_a_traceable_model_gives_the_graph_total():
     assert hooks.residual <= TOL[torch.float32]
     calls = [(a.nodes["op"] == "call_module").sum() for a in (hooks, graph)]
     assert calls[0] == calls[1]  # one site per leaf-module call, as in the graph
+    assert hooks.nodes["layer_type"].iloc[-1] == "output" and "attention" not in set(hooks.nodes["layer_type"])
     with pytest.raises(ll.LayerlieError, match="needs a graph"):
         ll.attribute(model, x, "translate_x", output="layer1", granularity="module")
 

@@ -172,7 +172,7 @@ def test_metric_errors_are_one_line():
         ll.eq_t(model, x)
     with pytest.raises(ll.LayerlieError, match="unknown metric.*'eq_x'.*valid metrics"):
         ll.metrics(model, x, which=["eq_x"])
-    flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4)).eval()
     with pytest.raises(ll.LayerlieError, match="no feature map .* ends this model's graph; pass node="):
         ll.eq_t(flat, x, node="features")
     with pytest.raises(ll.LayerlieError, match=r"node '_0' \(\(1, 3072\)\) has layout none, not a grid .*pass node="):

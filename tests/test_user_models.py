@@ -43,15 +43,32 @@ class Net(nn.Module):
     """Conv, BatchNorm, in-place ReLU, a strided conv, global pooling and a linear head; ``out``
     says what forward returns: the logits, ``(logits, features)``, a dict or a :class:`Logits`."""
 
-    def __init__(self, channels: int = 3, out: str = "tensor") -> None:
+    def __init__(self, channels: int = 3, out: str = "tensor", attention: str | None = None) -> None:
         super().__init__()
-        self.out = out
+        self.out, self.attention = out, attention
         self.conv1, self.bn1, self.act1 = nn.Conv2d(channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True)
         self.conv2, self.bn2, self.act2 = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(True)
+        if attention == "mha":
+            self.mix = nn.MultiheadAttention(16, 2, batch_first=True)
+        elif attention == "sdpa":
+            self.qkv = nn.Linear(16, 48)
         self.fc = nn.Linear(16, 5)
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        """Self-attention over the feature map's positions, on torch's own attention, as a residual."""
+        b, c, hh, ww = h.shape
+        t = h.flatten(2).transpose(1, 2)
+        if self.attention == "mha":
+            mixed = self.mix(t, t, t, need_weights=False)[0]  # the fused fast path in eval mode
+        else:
+            q, k, v = self.qkv(t).reshape(b, -1, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+            mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c)
+        return h + mixed.transpose(1, 2).reshape(b, c, hh, ww)
 
     def forward(self, x: torch.Tensor) -> Any:
         h = self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))
+        if self.attention is not None:
+            h = self.attend(h)
         features = F.adaptive_avg_pool2d(h, 1).flatten(1)
         logits = self.fc(features)
         if self.out == "tuple":
@@ -97,7 +114,8 @@ MODELS = {
     "logits_object": Case(lambda: Net(out="object").eval(), 3, ()),
     "one_channel": Case(lambda: trained(Net(channels=1), channels=1), 1, (TRAINING,)),
     "float64": Case(lambda: Net().double().eval(), 3, (CAST,)),
-    # models with torch's attention (nn.MultiheadAttention, F.scaled_dot_product_attention) join here
+    "multihead_attention": Case(lambda: trained(Net(attention="mha")), 3, (TRAINING,)),
+    "sdpa": Case(lambda: Net(attention="sdpa", out="tuple").eval(), 3, (FIRST,)),
 }
 """The user-style models, by name: how to build one, its input channels, and its notes."""
 
@@ -317,7 +335,7 @@ def test_one_channel_images_groups_and_errors():
 
 
 def test_cli_output_picks_the_tensor(capsys, tmp_path, monkeypatch):
-    (tmp_path / "usernets.py").write_text(
+    (tmp_path / "tuplenets.py").write_text(
         "import torch\n"
         "class Net(torch.nn.Module):\n"
         "    def __init__(self):\n"
@@ -330,22 +348,22 @@ def test_cli_output_picks_the_tensor(capsys, tmp_path, monkeypatch):
         "    torch.manual_seed(0)\n"
         "    return Net()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import usernets
+    import tuplenets
 
-    model = usernets.net().eval()
+    model = tuplenets.net().eval()
     x = ll.photos(model, n=1)
     for flags, output, said in [((), 0, "layerlie: note: Net returns a tuple of 2: measuring its first tensor "
                                          "(output=0); pass output= another index to pick another\n"),
                                 (("--output", "1"), 1, "")]:
-        code = main(["e2e", "usernets:net", "--n", "1", "--groups", "rotate", "--json", *flags])
+        code = main(["e2e", "tuplenets:net", "--n", "1", "--groups", "rotate", "--json", *flags])
         out, err = capsys.readouterr()
         want = float(lee_of(ll.trace(model, output=output), x, ["rotate"]).mean())
         assert code == 0 and err == said
         assert json.loads(out)["groups"]["rotate"]["mean"] == pytest.approx(want, rel=TOL[torch.float32])
-    code = main(["layers", "usernets:net", "--n", "1", "--group", "rotate", "--output", "1", "--json"])
+    code = main(["layers", "tuplenets:net", "--n", "1", "--group", "rotate", "--output", "1", "--json"])
     out, err = capsys.readouterr()
     assert code == 0 and err == "" and json.loads(out)["residual"] <= TOL[torch.float32]
-    code = main(["e2e", "usernets:net", "--n", "1", "--output", "logits"])
+    code = main(["e2e", "tuplenets:net", "--n", "1", "--output", "logits"])
     out, err = capsys.readouterr()
-    assert code == 2 and err == ("layerlie: error: model 'usernets:net': Net returns a tuple of 2, with no 'logits'; "
+    assert code == 2 and err == ("layerlie: error: model 'tuplenets:net': Net returns a tuple of 2, with no 'logits'; "
                                  "pass output= an index that holds the tensor to measure\n")
