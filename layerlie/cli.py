@@ -22,7 +22,7 @@ from rich.table import Table
 from layerlie.ablation import VARIANTS, ablate
 from layerlie.aliasing import ALIAS_THRESHOLDS, aliasing, with_aliasing
 from layerlie.attribution import ESTIMATORS, attribute
-from layerlie.contract import Output, Prepared, prepare
+from layerlie.contract import ImagesError, Output, Prepared, prepare
 from layerlie.data import Images, images, photo_batch
 from layerlie.errors import LayerlieError
 from layerlie.groups import list_groups, resolve_groups
@@ -268,6 +268,8 @@ def _model_and_images(args: argparse.Namespace) -> tuple[Prepared, Images]:
              else photo_batch(model, args.n, size=args.size))
     try:
         prepared = prepare(model, batch.x, args.output, heads=args.command == "layers")
+    except ImagesError as err:
+        raise LayerlieError(f"model {args.model!r}: {err.what}; pass the size it takes with --size") from None
     except LayerlieError as err:
         raise LayerlieError(f"model {args.model!r}: {err}") from None
     return prepared, Images(prepared.x, batch.names, batch.labels)

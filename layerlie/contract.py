@@ -64,6 +64,14 @@ def check_images(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class ImagesError(LayerlieError):
+    """The model fails on the images it is given (their size, most often)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what}; give images of the size and channels it was built for")
+        self.what = what  # the failure without the fix, for callers that name their own fix
+
+
 def _channel_error(channels: int, x: torch.Tensor) -> LayerlieError:
     """The one-line error for images with another channel count than the model's."""
     if channels == 1:
@@ -297,8 +305,7 @@ def _probe(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
         if channels is not None and channels != x.shape[1]:
             raise _channel_error(channels, x) from None
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise LayerlieError(f"{_owner(model)} fails on images of shape {tuple(x.shape[1:])} ({first}); give "
-                            "images of the size and channels it was built for") from err
+        raise ImagesError(f"{_owner(model)} fails on images of shape {tuple(x.shape[1:])} ({first})") from err
 
 
 def eval_copy(model: nn.Module, *, quiet: bool = False) -> nn.Module:
