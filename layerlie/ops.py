@@ -814,6 +814,8 @@ _update(operator.matmul, example=lambda fn: (fn, (_randn(5, 4), _randn(2, 3, 4, 
 _update(torch.matmul, example=lambda fn: (fn, (_randn(2, 1, 5, 4), _randn(3, 4, 6))))
 register_op("matmul", "bmm", layer_type="attention", linearize=_matmul_rule,
             example=lambda name: (_method(name), (_randn(3, 5, 4), _randn(3, 4, 6))))
+register_op(torch.einsum, layer_type="attention",  # as a batched matrix product: MaxViT's q k^T and A V
+            example=lambda fn: (lambda a, b: fn("bij,bjk->bik", a, b), (_randn(3, 5, 4), _randn(3, 4, 6))))
 register_op(torch.baddbmm, layer_type="attention",
             example=lambda fn: (fn, (_randn(3, 5, 6), _randn(3, 5, 4), _randn(3, 4, 6))))
 register_op(F.scaled_dot_product_attention, layer_type="attention",
