@@ -7,8 +7,8 @@ and the input-pixel position of every sample, as a stride and an offset per axis
 receptive-field arithmetic. Layouts are inferred by propagating the input's geometry through
 the graph (convolution, pooling, flatten, transpose, permute, reshape, roll, window partition
 and reverse, patch merging, cat of prefix tokens or of channels, slicing, ``q @ k^T`` and
-``A @ V``); a tensor whose layout cannot be inferred is ``unknown``, and ``G`` acts on it as
-zero.
+``A @ V`` as ``matmul`` or ``einsum``); a tensor whose layout cannot be inferred is
+``unknown``, and ``G`` acts on it as zero.
 
 Example:
     >>> import torch, layerlie as ll
@@ -295,7 +295,7 @@ class LayoutProp(Propagator):
             relabels = lay.kind == "windows" or _is_roll(fn, method)
             if fn is torch.einsum:
                 got = self._einsum(args, lays, out)
-            elif relabels and fn in _MATMULS:
+            elif fn in _MATMULS:
                 got = self._matmul(args, lays, out)
             else:
                 got = None if relabels else self._rule(n, fn, method, args, lay, src, out, lays)
@@ -361,8 +361,6 @@ class LayoutProp(Propagator):
         if lay.kind == "grid" and out.ndim == src.ndim and max(src.shape[lay.y_dim], src.shape[lay.x_dim]) > 1 \
                 and out.shape[lay.y_dim] == out.shape[lay.x_dim] == 1:
             return NONE  # global pooling: no spatial axes left (METHOD 3)
-        if fn in _MATMULS:
-            return self._matmul(args, lays, out)
         if any(a.kind == "pair" for a in lays):
             return _attention_rule(fn, method, args, lays, out) or UNKNOWN
         window = _window(fn, args, n.kwargs)
@@ -542,7 +540,8 @@ class LayoutProp(Propagator):
     def _einsum(self, args: list, lays: list[Layout], out: torch.Tensor) -> Layout | None:
         """``torch.einsum`` of two operands that is a batched matrix product (MaxViT's attention,
         ``"BGHID,BGHJD->BGHIJ"``): the operands permuted into ``matmul`` form, the layout of the
-        product (:meth:`_matmul`), and its axes permuted into the equation's output."""
+        product (:meth:`_matmul`), and its axes permuted into the equation's output. Any other
+        equation is left to the receptive-field probe."""
         form = _matmul_form(args[0], args[1:])
         if form is None:
             return None
