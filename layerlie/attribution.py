@@ -214,8 +214,9 @@ a subclass may compute something else. The linearization ``W G h``, a second for
 layer, is then not computed."""
 
 
-_RELABELLING = {nn.Identity, nn.Dropout, "reshape", "view", "flatten", "unflatten", "permute", "transpose",
-                "contiguous", torch.reshape, torch.flatten, torch.permute, torch.transpose}
+_RELABELLING = {nn.Identity, nn.Dropout, "reshape", "view", "flatten", "unflatten", "permute", "transpose", "swapaxes",
+                "swapdims", "contiguous", torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.swapaxes,
+                torch.swapdims}
 """Ops that only relabel samples (or pass them through, as eval dropout): where the output has a
 spatial layout, it was inferred from the op (METHOD 5), and ``G`` of the output is the relabelled
 ``G`` of the input, exactly; the pushed tangent serves as ``G_v h_v`` and ``e_v = 0``."""

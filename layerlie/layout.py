@@ -7,8 +7,8 @@ and the input-pixel position of every sample, as a stride and an offset per axis
 receptive-field arithmetic. Layouts are inferred by propagating the input's geometry through
 the graph (convolution, pooling, flatten, transpose, permute, reshape, roll, window partition
 and reverse, patch merging, cat of prefix tokens or of channels, slicing, ``q @ k^T`` and
-``A @ V``); a tensor whose layout cannot be inferred is ``unknown``, and ``G`` acts on it as
-zero.
+``A @ V`` as ``matmul`` or ``einsum``); a tensor whose layout cannot be inferred is
+``unknown``, and ``G`` acts on it as zero.
 
 Example:
     >>> import torch, layerlie as ll
@@ -293,7 +293,12 @@ class LayoutProp(Propagator):
         method = n.target if n.op == "call_method" else None
         try:
             relabels = lay.kind == "windows" or _is_roll(fn, method)
-            got = None if relabels else self._rule(n, fn, method, args, lay, src, out, lays)
+            if fn is torch.einsum:
+                got = self._einsum(args, lays, out)
+            elif fn in _MATMULS:
+                got = self._matmul(args, lays, out)
+            else:
+                got = None if relabels else self._rule(n, fn, method, args, lay, src, out, lays)
             if got is None:
                 got = self._windowed(n, fn, method, args, lay, src, out, lays)
         except (IndexError, TypeError, ValueError, ZeroDivisionError):
@@ -356,10 +361,8 @@ class LayoutProp(Propagator):
         if lay.kind == "grid" and out.ndim == src.ndim and max(src.shape[lay.y_dim], src.shape[lay.x_dim]) > 1 \
                 and out.shape[lay.y_dim] == out.shape[lay.x_dim] == 1:
             return NONE  # global pooling: no spatial axes left (METHOD 3)
-        if fn in (operator.matmul, torch.matmul, torch.bmm) or any(a.kind == "pair" for a in lays):
-            got = _attention_rule(fn, method, args, n.kwargs, lays, out)
-            if got is not None or any(a.kind == "pair" for a in lays):
-                return got or UNKNOWN
+        if any(a.kind == "pair" for a in lays):
+            return _attention_rule(fn, method, args, n.kwargs, lays, out) or UNKNOWN
         window = _window(fn, args, n.kwargs)
         if window is not None and lay.kind == "grid" and (lay.y_dim, lay.x_dim) == (2, 3):
             (ky, kx), (sy, sx), (py, px), (dy, dx) = window
@@ -375,21 +378,12 @@ class LayoutProp(Propagator):
             return lays[0] if lays[0].kind == "tokens" else None
         if fn in (operator.getitem,) and isinstance(src, torch.Tensor):
             return self._getitem(lay, args[1], src, out) or _index_tokens(lay, args[1], src)
-        if method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
-            return self._permute(lay, args, method or fn.__name__, src.ndim)
+        if _permutes(fn, method):
+            return self._permute(lay, _axis_order(args, method or fn.__name__, src.ndim), src.ndim)
         if method in ("flatten", "view", "reshape", "reshape_as", "view_as") or fn in (torch.flatten, torch.reshape):
             return self._reshape(lay, src, out) or _fold_tokens(lay, src, out)
         if method in ("mean", "sum", "amax") or fn in (torch.mean, torch.sum):
             return _reduced(lay, args, n.kwargs, src, out)
-        if fn in (operator.matmul, torch.matmul, torch.bmm):
-            right = self._lay(n.args[1])
-            if right.kind == "tokens" and _norm_dim(right.token_dim, args[1].ndim) == args[1].ndim - 2 \
-                    and out.shape[-2] == args[1].shape[-2] and lays[0].kind != "tokens":
-                return right
-            if lay.kind == "tokens" and _norm_dim(lay.token_dim, src.ndim) == src.ndim - 2 and out.ndim == src.ndim \
-                    and out.shape[-2] == src.shape[-2] and lays[0].spatial:
-                return lay if lays[1].kind != "tokens" else UNKNOWN
-            return None
         if lay.kind == "tokens" and _norm_dim(lay.token_dim, src.ndim) == src.ndim - 1 \
                 and (isinstance(fn, nn.Linear) or fn is F.linear) and out.shape[-1] != src.shape[-1]:
             # a token-mixing layer (MLP-Mixer) to hidden units: they sit at no position, and the
@@ -444,14 +438,8 @@ class LayoutProp(Propagator):
         return replace(lay, hw=(out.shape[lay.y_dim], out.shape[lay.x_dim]), **axes)
 
     @staticmethod
-    def _permute(lay: Layout, args: list, name: str, ndim: int) -> Layout | None:
-        if name == "transpose":
-            a, b = (_norm_dim(int(v), ndim) for v in args[1:3])
-            perm = list(range(ndim))
-            perm[a], perm[b] = perm[b], perm[a]
-        else:
-            perm = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
-            perm = [_norm_dim(int(p), ndim) for p in perm]
+    def _permute(lay: Layout, perm: Sequence[int], ndim: int) -> Layout | None:
+        """The layout after ``permute(perm)`` of a grid, tokens or a pair map."""
         where = {old: new for new, old in enumerate(perm)}
         if lay.kind == "pair":
             return replace(lay, token_dim=where[_norm_dim(lay.token_dim, ndim)],
@@ -521,18 +509,58 @@ class LayoutProp(Propagator):
             return _relabelled(lay, win, lambda w: w.rolled(s, shifts, dims), o)
         if method in ("view", "reshape", "flatten", "unflatten") or fn in (torch.reshape, torch.flatten):
             return _relabelled(lay, win, lambda w: w.reshaped(s, o), o)
-        if method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
+        if _permutes(fn, method):
             perm = _axis_order(args, method or fn.__name__, len(s))
             return _relabelled(lay, win, lambda w: w.permuted(s, perm), o)
         if n.op == "call_function" and timm_fx.is_notrace_function(fn):
             return self._opened(n, fn, args, lay)
         if lay.kind != "windows":
             return None
-        if fn in (operator.matmul, torch.matmul, torch.bmm):
-            return self._windowed_matmul(args, lays)
         if fn is operator.getitem:
             return lay if _whole(args[1], s) else None
         return _relabelled(lay, win, lambda w: w.resized(s, o), o)
+
+    def _matmul(self, args: list, lays: list[Layout], out: torch.Tensor) -> Layout | None:
+        """A matrix product: attention's ``q @ k^T`` and ``A @ V`` (METHOD 5, pair layouts), their
+        windowed forms, a weight acting on channels or a fixed map acting across tokens."""
+        (a, b), (la, lb) = args[:2], lays[:2]
+        if la.kind == "windows" or lb.kind == "windows":
+            return self._windowed_matmul(args, lays)
+        got = _attention_rule(torch.matmul, None, args, {}, lays, out)
+        if got is not None or la.kind == "pair" or lb.kind == "pair":
+            return got or UNKNOWN
+        if lb.kind == "tokens" and _norm_dim(lb.token_dim, b.ndim) == b.ndim - 2 and out.shape[-2] == b.shape[-2] \
+                and la.kind != "tokens":
+            return lb
+        if la.kind == "tokens" and _norm_dim(la.token_dim, a.ndim) == a.ndim - 2 and out.ndim == a.ndim \
+                and out.shape[-2] == a.shape[-2]:
+            return la if lb.kind != "tokens" else UNKNOWN
+        return None
+
+    def _einsum(self, args: list, lays: list[Layout], out: torch.Tensor) -> Layout | None:
+        """``torch.einsum`` of two operands that is a batched matrix product (MaxViT's attention,
+        ``"BGHID,BGHJD->BGHIJ"``): the operands permuted into ``matmul`` form, the layout of the
+        product (:meth:`_matmul`), and its axes permuted into the equation's output. Any other
+        equation is left to the receptive-field probe."""
+        form = _matmul_form(args[0], args[1:])
+        if form is None:
+            return None
+        (pa, pb, po), (a, b) = form, args[1:]
+        pa_lay, pb_lay = self._permuted(lays[1], a, pa), self._permuted(lays[2], b, pb)
+        inverse = sorted(range(len(po)), key=po.__getitem__)
+        product = out.permute(inverse)
+        got = None if pa_lay is None or pb_lay is None else \
+            self._matmul([a.permute(pa), b.permute(pb)], [pa_lay, pb_lay], product)
+        return None if got is None else self._permuted(got, product, po)
+
+    def _permuted(self, lay: Layout, t: torch.Tensor, perm: Sequence[int]) -> Layout | None:
+        """``lay`` after ``t.permute(perm)``, for every kind of layout."""
+        if lay.kind in ("none", "unknown"):
+            return lay
+        if lay.kind == "windows":
+            shape = tuple(t.shape)
+            return _relabelled(lay, lay.windows, lambda w: w.permuted(shape, perm), tuple(shape[p] for p in perm))
+        return self._permute(lay, perm, t.ndim)
 
     def _windowed_matmul(self, args: list, lays: list[Layout]) -> Layout | None:
         """``A @ v`` with ``A`` a map over the window's tokens takes ``v``'s layout; ``h @ W``
@@ -671,13 +699,48 @@ def _reduced(lay: Layout, args: list, kwargs: dict, src: torch.Tensor, out: torc
     return replace(lay, y_dim=moved(lay.y_dim), x_dim=moved(lay.x_dim), token_dim=moved(lay.token_dim))
 
 
+_MATMULS = (operator.matmul, torch.matmul, torch.bmm)
+
+
+def _matmul_form(equation: Any, operands: Sequence[Any]) -> tuple[list[int], list[int], list[int]] | None:
+    """Permutations ``(pa, pb, po)`` with ``einsum(equation, a, b) ==
+    (a.permute(pa) @ b.permute(pb)).permute(po)``, or None when the equation is no batched
+    matrix product: two operands, one free index in each, one index summed, the rest batch."""
+    if not isinstance(equation, str) or len(operands) != 2 or "->" not in equation or "." in equation \
+            or not all(isinstance(t, torch.Tensor) for t in operands):
+        return None
+    ins, res = equation.replace(" ", "").split("->")
+    terms = ins.split(",")
+    if len(terms) != 2 or any(len(set(t)) != len(t) or len(t) != o.ndim for t, o in zip(terms, operands)) \
+            or len(set(res)) != len(res):
+        return None
+    a, b = terms
+    batch = [c for c in res if c in a and c in b]
+    summed = [c for c in a if c in b and c not in res]
+    free_a, free_b = [c for c in a if c not in b], [c for c in b if c not in a]
+    if len(summed) != 1 or len(free_a) != 1 or len(free_b) != 1 or set(res) != {*batch, *free_a, *free_b}:
+        return None
+    product = batch + free_a + free_b
+    return ([a.index(c) for c in batch + free_a + summed], [b.index(c) for c in batch + summed + free_b],
+            [product.index(c) for c in res])
+
+
 def _is_roll(fn: Any, method: str | None) -> bool:
     return fn is torch.roll or method == "roll"
 
 
+_SWAPS = ("transpose", "swapaxes", "swapdims")
+
+
+def _permutes(fn: Any, method: str | None) -> bool:
+    """Whether the op permutes axes: ``permute``, or one of :data:`_SWAPS` (MaxViT's
+    ``torch.swapaxes``), as a function or a tensor method."""
+    return method in ("permute", *_SWAPS) or fn in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims)
+
+
 def _axis_order(args: list, name: str, ndim: int) -> list[int]:
-    """The axis order of ``permute(*dims)`` or ``transpose(a, b)``."""
-    if name == "transpose":
+    """The axis order of ``permute(*dims)`` or ``transpose(a, b)`` (and its aliases)."""
+    if name in _SWAPS:
         a, b = (_norm_dim(int(v), ndim) for v in args[1:3])
         perm = list(range(ndim))
         perm[a], perm[b] = perm[b], perm[a]
@@ -836,8 +899,8 @@ def _attention_rule(fn: Any, method: str | None, args: list, kwargs: dict, lays:
         return None
     lay = pairs[0]
     src = args[lays.index(lay)]
-    if method in ("permute", "transpose") or fn in (torch.permute, torch.transpose):
-        return LayoutProp._permute(lay, args, method or fn.__name__, src.ndim)
+    if _permutes(fn, method):
+        return LayoutProp._permute(lay, _axis_order(args, method or fn.__name__, src.ndim), src.ndim)
     if method in ("mean", "sum") or fn in (torch.mean, torch.sum):
         return _reduced_pair(lay, args, kwargs, src, out)
     if method in ("flatten", "view", "reshape") or fn in (torch.flatten, torch.reshape):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame
 from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 from torch import nn
+from torchvision.models import swin_transformer
 
 from layerlie.errors import LayerlieError
 
@@ -819,6 +820,12 @@ _update(operator.matmul, example=lambda fn: (fn, (_randn(5, 4), _randn(2, 3, 4, 
 _update(torch.matmul, example=lambda fn: (fn, (_randn(2, 1, 5, 4), _randn(3, 4, 6))))
 register_op("matmul", "bmm", layer_type="attention", linearize=_matmul_rule,
             example=lambda name: (_method(name), (_randn(3, 5, 4), _randn(3, 4, 6))))
+register_op(torch.einsum, layer_type="attention",  # as a batched matrix product: MaxViT's q k^T and A V
+            example=lambda fn: (lambda a, b: fn("bij,bjk->bik", a, b), (_randn(3, 5, 4), _randn(3, 4, 6))))
+# torchvision's Swin window attention (roll, partition, attention, reverse) is one node: fx cannot open it
+register_op(swin_transformer.shifted_window_attention, layer_type="attention",
+            example=lambda fn: (fn, (_randn(1, 4, 4, 4), _randn(12, 4), _randn(4, 4), _randn(1, 2, 4, 4), [2, 2], 2,
+                                     [1, 1])))
 register_op(torch.baddbmm, layer_type="attention",
             example=lambda fn: (fn, (_randn(3, 5, 6), _randn(3, 5, 4), _randn(3, 4, 6))))
 register_op(F.scaled_dot_product_attention, layer_type="attention",
