@@ -18,8 +18,8 @@ centre crop, normalize) at the size its default weights expect, and one group:
 
 Each model runs in a process of its own (``--probe NAME``), so that one that fails or runs out
 of memory is a row of the table, not the end of the run. Models in :data:`SMALLER` are measured
-at a smaller input than their default (the table says so); ``vit_*`` models are left out of the
-default list (torch's attention is measured elsewhere) and run when named.
+at a smaller input than their default (the table says so). torchvision's ViT heads start at zero, so
+they get random weights (std 0.02) here, else the output is a constant.
 
 Run: ``python benchmarks/zoo.py [--models 'resnet*,maxvit_t'] [--size 128] [--group rotate]
 [--estimator exact|shares] [--exact-gflops 40] [--timeout 1800]``.
@@ -45,11 +45,8 @@ from torchvision.transforms._presets import ImageClassification
 import layerlie as ll
 from layerlie.data import photo_paths
 
-SKIPPED = {"vit_*": "attention: see test_torch_attention"}
-"""Left out of the default list, with the reason the table gives."""
-
 SMALLER = {"regnet_y_128gf": 224, "efficientnet_b5": 300, "efficientnet_b6": 300, "efficientnet_b7": 300,
-           "efficientnet_v2_m": 384, "efficientnet_v2_l": 300}
+           "efficientnet_v2_m": 384, "efficientnet_v2_l": 300, "vit_h_14": 224}
 """Models measured at a smaller input than their default weights' (memory of a shared 2-core
 machine): the table shows the size used and ``(default N)``."""
 
@@ -73,7 +70,10 @@ def build(name: str, size: int) -> torch.nn.Module:
         kwargs["input_size"] = (size, size)
     if name.startswith("vit_"):
         kwargs["image_size"] = size
-    return torchvision.models.get_model(name, **kwargs).eval()
+    model = torchvision.models.get_model(name, **kwargs).eval()
+    if name.startswith("vit_"):  # torchvision zero-initializes the ViT head: a constant output otherwise
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
 
 
 def photo(size: int) -> torch.Tensor:
@@ -130,13 +130,10 @@ def probe(name: str, size: int, group: str, estimator: str | None, exact_gflops:
     return row
 
 
-def selected(patterns: str | None) -> list[tuple[str, str | None]]:
-    """``(name, reason it is skipped or None)`` for the models the patterns select; without
-    patterns, every model, the :data:`SKIPPED` ones with their reason."""
+def selected(patterns: str | None) -> list[str]:
+    """The classification models the patterns select (every one without patterns)."""
     names = torchvision.models.list_models(module=torchvision.models)
-    if patterns:
-        return [(n, None) for n in names if any(fnmatch.fnmatch(n, p) for p in patterns.split(","))]
-    return [(n, next((why for p, why in SKIPPED.items() if fnmatch.fnmatch(n, p)), None)) for n in names]
+    return [n for n in names if not patterns or any(fnmatch.fnmatch(n, p) for p in patterns.split(","))]
 
 
 def line(row: dict) -> str:
@@ -144,8 +141,6 @@ def line(row: dict) -> str:
     default = default_size(row["model"])
     size = f"{row['size']}" + (f" (default {default})" if row["size"] != default else "")
     head = f"{row['model']:20s} {size:18s}"
-    if "skipped" in row:
-        return f"{head} skipped: {row['skipped']}"
     if "error" in row and "nodes" not in row:
         return f"{head} {row['error']}"
     share = row["unknown"] / max(row["nodes"], 1)
@@ -177,11 +172,8 @@ def main() -> None:
           f"{torch.get_num_threads()} thread(s)")
     print(f"{'model':20s} {'input':18s} {'trace':>6s} {'nodes':>5s} {'unkn':>4s} {'unkn%':>6s} "
           f"{'check':>9s} {'estim.':6s} {'GFLOP':>6s} {'attr s':>7s} {'GB':>5s} {'|L F|':>8s}")
-    for name, skipped in selected(args.models):
+    for name in selected(args.models):
         size = args.size or SMALLER.get(name) or default_size(name)
-        if skipped:
-            print(line({"model": name, "size": size, "skipped": skipped}), flush=True)
-            continue
         command = [sys.executable, __file__, "--probe", name, "--size", str(size), "--group", args.group,
                    "--exact-gflops", str(args.exact_gflops)] + (["--estimator", args.estimator] if args.estimator else [])
         try:
