@@ -11,10 +11,10 @@ centre crop, normalize) at the size its default weights expect, and one group:
 - the forward GFLOPs and the peak resident memory of the model's process;
 - ``|L F|``, the norm of the end-to-end Lie derivative the check is relative to: at random init,
   in eval mode with unit batch-norm statistics, the activations of some models (the EfficientNets,
-  MobileNetV3s, GoogLeNet, Inception, ResNet-101/152) shrink to logits of about 1e-14, ``L F`` is
-  about 0 and the check is absolute (``Attribution.degenerate``), so the table calls it
-  ``degenerate`` and gives beside it the check of the model with batch-norm statistics fitted to
-  the photo (:func:`with_batch_statistics`);
+  MobileNetV3s, GoogLeNet, Inception, ResNet-101/152, Wide ResNet-101) shrink to logits of about
+  1e-14, ``L F`` is about 0 and the check is absolute (``Attribution.degenerate``), so the table
+  calls it ``degenerate`` and gives beside it the check of the model with batch-norm statistics
+  fitted to the photo (:func:`with_batch_statistics`);
 - the one-line error of a model that fails.
 
 Each model runs in a process of its own (``--probe NAME``), so that one that fails or runs out
