@@ -9,11 +9,12 @@ centre crop, normalize) at the size its default weights expect, and one group:
   ``exact`` (the completeness residual) where the model is small enough to run it in reasonable
   time on a CPU (``--exact-gflops``), else ``shares`` (the share-sum residual), and its time;
 - the forward GFLOPs and the peak resident memory of the model's process;
-- ``|L F|``, the norm of the end-to-end Lie derivative the check is relative to: at random init
-  some models (torchvision's EfficientNets and MobileNetV3s) have a nearly one-hot softmax,
-  ``L F`` is about 0 and the check is absolute (``Attribution.degenerate``), so the table calls
-  it ``degenerate`` and gives beside it the check of the model with batch-norm statistics fitted
-  to the photo (:func:`with_batch_statistics`), whose ``L F`` is not tiny;
+- ``|L F|``, the norm of the end-to-end Lie derivative the check is relative to: at random init,
+  in eval mode with unit batch-norm statistics, the activations of some models (the EfficientNets,
+  MobileNetV3s, GoogLeNet, Inception, ResNet-101/152, Wide ResNet-101) shrink to logits of about
+  1e-14, ``L F`` is about 0 and the check is absolute (``Attribution.degenerate``), so the table
+  calls it ``degenerate`` and gives beside it the check of the model with batch-norm statistics
+  fitted to the photo (:func:`with_batch_statistics`);
 - the one-line error of a model that fails.
 
 Each model runs in a process of its own (``--probe NAME``), so that one that fails or runs out
@@ -45,14 +46,15 @@ from torchvision.transforms._presets import ImageClassification
 import layerlie as ll
 from layerlie.data import photo_paths
 
-SMALLER = {"regnet_y_128gf": 224, "efficientnet_b5": 300, "efficientnet_b6": 300, "efficientnet_b7": 300,
-           "efficientnet_v2_m": 384, "efficientnet_v2_l": 300, "vit_h_14": 224}
-"""Models measured at a smaller input than their default weights' (memory of a shared 2-core
-machine): the table shows the size used and ``(default N)``."""
+SMALLER = {"regnet_y_128gf": 224, "vit_h_14": 224}
+"""Models measured at a smaller input than their default weights' (memory: regnet_y_128gf takes
+8 GB at 224 px, more than twice that at its default 384; vit_h_14's default is 518): the table
+shows the size used and ``(default N)``."""
 
 OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": True},
            "inception_v3": {"aux_logits": False, "init_weights": True}}
 """Constructor options: the auxiliary heads are training-time outputs."""
+
 
 def default_size(name: str) -> int:
     """The crop size of the model's default torchvision weights (224 where there are none)."""
