@@ -33,7 +33,6 @@ from layerlie.contract import Output, prepare, selected
 from layerlie.errors import LayerlieError
 from layerlie.groups import Group, get_group
 from layerlie.layout import Layout, LayoutProp
-from layerlie.lie import check_images
 from layerlie.trace import trace, with_output
 
 PSNR_CAP = 100.0
@@ -364,8 +363,8 @@ def _psnr_metric(f: Model, x: torch.Tensor, chosen: list[list[Any]],
 def _feature_map(model: Model, x: torch.Tensor, node: str | None, metric: str) -> tuple[Model, tuple[float, float]]:
     """The function to measure, as a ``(B, C, H, W)`` map, and the spacing of its samples in input
     pixels per axis (METHOD 5, 7). A node's map is read through its layout; the model's own output
-    must be ``(B, C, H, W)``, spaced by the input side over the output side."""
-    check_images(x)
+    must be ``(B, C, H, W)``, spaced by the input side over the output side. ``x`` has passed the
+    model contract (:func:`_measured`)."""
     if node is None:
         with torch.no_grad():
             y = model(x[:1])
