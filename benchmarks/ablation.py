@@ -1,7 +1,7 @@
 """Anti-aliased variants: forward cost and end-to-end LEE reduction, measured in one run.
 
 For each model (random init, batch of embedded photos) and each variant of
-``layerlie.ablation.VARIANTS``:
+``layerlie.antialias.ablation.VARIANTS``:
 - the variant's no-grad forward time / the original traced model's;
 - the mean LEE of the original / the variant's, per group (the reduction factor).
 
@@ -17,8 +17,8 @@ import warnings
 import torch
 
 import layerlie as ll
-from layerlie.ablation import VARIANTS
-from layerlie.trace import with_output
+from layerlie.antialias.ablation import VARIANTS
+from layerlie.model.trace import with_output
 
 from e2e import best_time
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import layerlie as ll
-from layerlie import ops
+from layerlie.core import ops
 
 KEYS = (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", nn.LayerNorm, F.layer_norm, torch.layer_norm,
         operator.add, torch.add, "add", operator.iadd, operator.sub, torch.sub, "sub", operator.mul, torch.mul, "mul")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import layerlie as ll
-from layerlie.data import photo_paths
+from layerlie.model.data import photo_paths
 
 
 def setup(name: str, batch: int, res: int | None = None, device: str = "cpu") -> tuple[nn.Module, torch.Tensor]:

@@ -27,7 +27,7 @@ import warnings
 import torch
 
 import layerlie as ll
-import layerlie.lie
+import layerlie.measure.lie
 
 
 def best_time(fn, repeat: int = 2, warmup: bool = True) -> float:

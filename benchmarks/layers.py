@@ -52,8 +52,8 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 import layerlie as ll
-from layerlie.attribution import _Defects
-from layerlie.lie import jvp_ready
+from layerlie.measure.attribution import _Defects
+from layerlie.measure.lie import jvp_ready
 
 from e2e import best_time
 

@@ -13,7 +13,7 @@ import timm
 import torch
 
 import layerlie as ll
-from layerlie.layout import unknown_layouts
+from layerlie.core.layout import unknown_layouts
 
 FAMILIES = ("vit_tiny_patch16_224", "deit3_small_patch16_224", "eva02_tiny_patch14_224", "cait_xxs24_224",
             "xcit_nano_12_p16_224", "levit_128s", "pit_ti_224", "twins_svt_small", "edgenext_xx_small",

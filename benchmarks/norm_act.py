@@ -1,7 +1,7 @@
 """What splitting timm's norm+activation leaves shows, before and after (METHOD 3, 6).
 
 For each model (``timm.create_model``, random init, seed 0, one random image), with the leaves
-kept whole ("before") and split by :mod:`layerlie.normact` ("after"):
+kept whole ("before") and split by :mod:`layerlie.model.normact` ("after"):
 
 - the nodes the alias measure lists as nonlinearities (``aliasing``, ``alias_kind``), at
   64 x 64 and at 128 x 128 (maps under 4 x 4 are not measured);
@@ -31,7 +31,7 @@ MODELS = "efficientnet_b0,mobilenetv3_small_100,mobilenetv2_100,regnetx_002"
 @contextlib.contextmanager
 def whole_leaves() -> Iterator[None]:
     """Tracing as before the split: the norm+activation leaves stay one node each."""
-    module = sys.modules["layerlie.trace"]
+    module = sys.modules["layerlie.model.trace"]
     split = module.split_norm_acts
     module.split_norm_acts = lambda root, graph: []
     try:

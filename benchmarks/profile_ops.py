@@ -25,7 +25,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import layerlie as ll
-from layerlie.attribution import _Defects
+from layerlie.measure.attribution import _Defects
 
 from bench import best_time, markdown, setup, sync
 

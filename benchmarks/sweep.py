@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 import layerlie as ll
-from layerlie.store import TABLES
+from layerlie.results.store import TABLES
 
 
 def main() -> None:

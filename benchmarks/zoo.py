@@ -44,7 +44,7 @@ from PIL import Image
 from torchvision.transforms._presets import ImageClassification
 
 import layerlie as ll
-from layerlie.data import photo_paths
+from layerlie.model.data import photo_paths
 
 SMALLER = {"regnet_y_128gf": 224, "vit_h_14": 224}
 """Models measured at a smaller input than their default weights' (memory: regnet_y_128gf takes

@@ -12,7 +12,7 @@ from conftest import TOL, smooth_image, timm_model
 from torch import nn
 
 import layerlie as ll
-from layerlie.aliasing import ALIAS_THRESHOLDS, energy_above, upsample
+from layerlie.measure.aliasing import ALIAS_THRESHOLDS, energy_above, upsample
 
 
 def cosine(n: int = 32, k: int = 13, b: int = 1, c: int = 2) -> torch.Tensor:

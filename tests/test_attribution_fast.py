@@ -13,12 +13,12 @@ from conftest import TOL, rel
 from torch import nn
 
 import layerlie as ll
-from layerlie import attribution
-from layerlie.attribution import _Defects, _propagate_sources, _sources
-from layerlie.layout import Layout, layout_tangent
-from layerlie.lie import jvp_ready
-from layerlie.propagate import Propagator
-from layerlie.tangent import Frame, tangent
+from layerlie.measure import attribution
+from layerlie.measure.attribution import _Defects, _propagate_sources, _sources
+from layerlie.core.layout import Layout, layout_tangent
+from layerlie.measure.lie import jvp_ready
+from layerlie.core.engine import Propagator
+from layerlie.core.tangent import Frame, tangent
 
 AGREE = 1e-5  # fast against reference, relative
 

@@ -19,9 +19,9 @@ import torch
 from conftest import TOL, cache_weights
 
 import layerlie as ll
-from layerlie import models
+from layerlie.model import loading as models
 from layerlie.cli import main
-from layerlie.groups import load_groups, parse_group
+from layerlie.core.groups import load_groups, parse_group
 
 TILT = [[0, 0.5, 0], [0, 0, 0]]
 TILT_TEXT = "affine:tilt=0,0.5,0;0,0,0"

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerlie import store as st
+from layerlie.results import store as st
 from layerlie.cli import main
 from layerlie.experiments import learned as L
 from layerlie.experiments.learned_report import Tables, after_warmup, claims

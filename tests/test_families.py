@@ -18,7 +18,7 @@ from conftest import TOL, smooth_image
 from torch import nn
 
 import layerlie as ll
-from layerlie.layout import LayoutProp, unknown_layouts
+from layerlie.core.layout import LayoutProp, unknown_layouts
 
 
 class Family(NamedTuple):

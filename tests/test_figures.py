@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import layerlie as ll
-from layerlie import figures
+from layerlie.views import figures
 from layerlie.cli import main
 
 MODELS = ["resnet18", "resnet10t"]

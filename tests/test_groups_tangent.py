@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import rel, smooth_image
 
 import layerlie as ll
-from layerlie.tangent import published_sampler_terms
+from layerlie.core.tangent import published_sampler_terms
 
 SPATIAL = [g for g in ll.list_groups() if ll.group(g).spatial]
 

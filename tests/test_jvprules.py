@@ -11,7 +11,7 @@ from conftest import TOL, rel, timm_model
 from torch.profiler import ProfilerActivity, profile
 
 import layerlie as ll
-from layerlie.jvprules import FastRules, list_jvp_rules
+from layerlie.core.jvprules import FastRules, list_jvp_rules
 
 
 def _examples() -> dict:

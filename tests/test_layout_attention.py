@@ -24,8 +24,8 @@ from conftest import TOL, rel, smooth_image
 from torch import nn
 
 import layerlie as ll
-from layerlie import layout
-from layerlie.layout import Layout, layout_tangent, unknown_layouts
+from layerlie.core import layout
+from layerlie.core.layout import Layout, layout_tangent, unknown_layouts
 
 # create-time kwargs of each family at test size, and the input's side (None: its img_size)
 FAMILIES: dict[str, tuple[dict[str, object], int]] = {

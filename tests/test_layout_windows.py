@@ -14,8 +14,8 @@ from timm.models import maxxvit, swin_transformer
 from torch import nn
 
 import layerlie as ll
-from layerlie.layout import Layout, layout_tangent
-from layerlie.propagate import Call, linearize
+from layerlie.core.layout import Layout, layout_tangent
+from layerlie.core.engine import Call, linearize
 from torch.utils import _pytree as pytree
 
 RELABELLING = ("permute", "view", "reshape", "contiguous", "roll", "window_reverse", "grid_reverse")
@@ -79,7 +79,7 @@ class Cut(nn.Module):
 
 def _layout_of_output(module: nn.Module, h: torch.Tensor) -> Layout:
     """The layout of ``module(h)`` when ``h`` has a grid layout."""
-    from layerlie.layout import _Seeded
+    from layerlie.core.layout import _Seeded
 
     gm = torch.fx.symbolic_trace(module)
     prop = _Seeded(gm, _grid_layout(tuple(h.shape)))

@@ -9,8 +9,8 @@ from conftest import TOL, rel, timm_model
 from test_lie import small_cnn
 
 import layerlie as ll
-import layerlie.lie as lie
-from layerlie.memory import Footprint, LiveBytes, peak_bytes, plan_chunks
+import layerlie.measure.lie as lie
+from layerlie.core.memory import Footprint, LiveBytes, peak_bytes, plan_chunks
 
 
 def test_live_bytes_counts_what_is_created_and_alive():

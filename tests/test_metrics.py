@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import layerlie as ll
-from layerlie.metrics import PSNR_CAP
+from layerlie.measure.metrics import PSNR_CAP
 
 
 class ConvNet(nn.Module):

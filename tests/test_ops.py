@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import layerlie as ll
-from layerlie import ops
-from layerlie.propagate import Call, linearize
-from layerlie.surgery import PolyphaseSample
+from layerlie.core import ops
+from layerlie.core.engine import Call, linearize
+from layerlie.antialias.surgery import PolyphaseSample
 
 from conftest import TOL, rel
 

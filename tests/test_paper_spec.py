@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import layerlie as ll
-from layerlie.sweep import read_spec
+from layerlie.results.sweep import read_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "sweeps" / "paper-cpu.toml"

@@ -16,9 +16,9 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 import layerlie as ll
-from layerlie import ops, probe
-from layerlie.hooks import guessed_layout, module_layouts
-from layerlie.surgery import PolyphaseSample
+from layerlie.core import ops, probe
+from layerlie.measure.hooks import guessed_layout, module_layouts
+from layerlie.antialias.surgery import PolyphaseSample
 
 
 def _graph(fn: Any, *rest: Any) -> fx.GraphModule:

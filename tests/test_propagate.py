@@ -11,8 +11,8 @@ import torch.fx as fx
 from torch import nn
 
 import layerlie as ll
-from layerlie.lie import jvp_ready
-from layerlie.propagate import Call, linearize
+from layerlie.measure.lie import jvp_ready
+from layerlie.core.engine import Call, linearize
 from torch.utils import _pytree as pytree
 
 from conftest import TOL, rel, timm_model

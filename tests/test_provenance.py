@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 from usernets import Tiny
 
 import layerlie as ll
-from layerlie import figures
-from layerlie import store as st
+from layerlie.views import figures
+from layerlie.results import store as st
 from layerlie.cli import main
-from layerlie.sweep import SpecError, read_spec, run_task, tasks
+from layerlie.results.sweep import SpecError, read_spec, run_task, tasks
 
 
 def sha256(path) -> str:
@@ -175,7 +175,7 @@ def test_sweep_of_model_tables_records_each_models_weights(weights_file, tmp_pat
 
 
 def test_pretrained_in_a_spec_comes_from_the_cache_and_is_named_by_its_tag(offline, monkeypatch, tmp_path):
-    from layerlie import models
+    from layerlie.model import loading as models
 
     monkeypatch.setattr(models, "_reachable", lambda url: pytest.fail("cached weights need no network"))
     cfg = timm.models.get_pretrained_cfg("test_resnet")

@@ -15,7 +15,7 @@ from PIL import Image
 
 import layerlie as ll
 from layerlie.cli import main
-from layerlie.report import ReportError, render
+from layerlie.views.report import ReportError, render
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # outside CI a machine without a browser skips these; in CI (.ci/run installs it) a missing one fails
@@ -91,7 +91,7 @@ def test_report_makes_no_network_reference_and_holds_every_section(page):
 
 
 def test_report_renders_from_an_existing_store_without_measuring(page, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys.modules["layerlie.report"], "sweep", lambda *a, **k: pytest.fail("rendering a stored sweep measured again"))
+    monkeypatch.setattr(sys.modules["layerlie.views.report"], "sweep", lambda *a, **k: pytest.fail("rendering a stored sweep measured again"))
     out = tmp_path / "again.html"
     assert main(["report", "--store", str(page.parent / "store"), "--out", str(out)]) == 0
     assert _untimed(out.read_text()) == _untimed(page.read_text())

@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import layerlie as ll
-from layerlie import ops
-from layerlie.lie import jvp_ready
-from layerlie.propagate import Call, linearize, propagate
+from layerlie.core import ops
+from layerlie.measure.lie import jvp_ready
+from layerlie.core.engine import Call, linearize, propagate
 
 from conftest import TOL, rel
 
@@ -193,7 +193,7 @@ def test_a_raw_vit_takes_the_rules_and_matches_jvp(monkeypatch):
                               num_classes=10).double().eval()
     gm = ll.trace(model)
     fallback = []
-    engine = importlib.import_module("layerlie.propagate")  # the module, not the function of that name
+    engine = importlib.import_module("layerlie.core.engine")  # the module, not the function of that name
     generic = engine._vmap_jvp
 
     def spy(call: Call, tangents: ops.Tangents) -> Any:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import layerlie as ll
-from layerlie import store as st
+from layerlie.results import store as st
 
 SPEC = {"models": ["resnet18"], "groups": ["translate_x"], "seed": 0}
 

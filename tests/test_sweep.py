@@ -16,9 +16,9 @@ import pytest
 import timm
 
 import layerlie as ll
-from layerlie import store as st
+from layerlie.results import store as st
 from layerlie.cli import main
-from layerlie.sweep import SpecError, read_spec, tasks
+from layerlie.results.sweep import SpecError, read_spec, tasks
 
 # 3 small models x 2 groups on 32 px images; consistency on crops gives 28 px images, which the
 # ViT (built for 32 px) and convnext_atto (too small for its last downsampling) refuse: real failures

@@ -28,9 +28,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import layerlie as ll
-from layerlie import attention
-from layerlie.layout import unknown_layouts
-from layerlie.trace import TraceError
+from layerlie.core import attention
+from layerlie.core.layout import unknown_layouts
+from layerlie.model.trace import TraceError
 
 GROUPS = ["translate_x", "rotate"]
 

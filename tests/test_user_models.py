@@ -27,7 +27,7 @@ from torch import nn
 
 import layerlie as ll
 from layerlie.cli import main
-from layerlie.models import input_channels
+from layerlie.model.loading import input_channels
 
 SIZE, BATCH = 32, 2
 

@@ -16,7 +16,7 @@ Data ships with the packages, nothing is downloaded (:data:`DATASETS`):
   quarter: the two never share a pixel.
 
 A run writes the store parts ``<run>.monitor``, ``<run>.e2e``, ``<run>.layers`` and, last,
-``<run>.metrics`` (:mod:`layerlie.store`); a run is finished when its metrics part exists, so
+``<run>.metrics`` (:mod:`layerlie.results.store`); a run is finished when its metrics part exists, so
 ``resume=True`` skips it, and a run that was killed midway is redone from the start.
 
 Example:
@@ -45,13 +45,13 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from layerlie import store as st
-from layerlie.attribution import attribute
+from layerlie.results import store as st
+from layerlie.measure.attribution import attribute
 from layerlie.errors import LayerlieError
-from layerlie.lie import jvp_ready, lee, lie_derivative
-from layerlie.metrics import metrics
-from layerlie.monitor import Monitor
-from layerlie.surgery import antialias
+from layerlie.measure.lie import jvp_ready, lee, lie_derivative
+from layerlie.measure.metrics import metrics
+from layerlie.measure.monitor import Monitor
+from layerlie.antialias.surgery import antialias
 
 CANVAS = 48
 """Pixels per side of every model input."""

@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from layerlie import store as st
+from layerlie.results import store as st
 from layerlie.errors import LayerlieError
-from layerlie.figures import PALETTE, spearman
+from layerlie.views.figures import PALETTE, spearman
 
 _STYLE = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "legend.fontsize": 6,
           "xtick.labelsize": 6, "ytick.labelsize": 6, "savefig.dpi": 150}

@@ -23,9 +23,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from layerlie.groups import Group
-from layerlie.lie import check_images
-from layerlie.monitor import Metrics, Monitor, MonitorError
+from layerlie.core.groups import Group
+from layerlie.measure.lie import check_images
+from layerlie.measure.monitor import Metrics, Monitor, MonitorError
 
 
 class LieMonitor(pl.Callback):

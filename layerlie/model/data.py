@@ -3,7 +3,7 @@ model's timm data config (resize, centre crop, normalize).
 
 A model without a config (a plain ``nn.Module``) gets timm's defaults: 224 px, ImageNet's
 mean and std. ``size`` overrides the size; the channels follow the model's first layer
-(:func:`layerlie.models.input_channels`): 3 as RGB, 1 as luminance.
+(:func:`layerlie.model.loading.input_channels`): 3 as RGB, 1 as luminance.
 
 Example:
     >>> import layerlie as ll
@@ -28,7 +28,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 from layerlie.errors import LayerlieError
-from layerlie.models import input_channels
+from layerlie.model.loading import input_channels
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -52,7 +52,7 @@ MODES = {1: "L", 3: "RGB"}
 def eval_transform(model: nn.Module, size: Size | None = None,
                    channels: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """timm's eval transform for the model's data config, at ``size`` and with ``channels``
-    (default: the model's, see :func:`layerlie.models.input_channels`); it takes a PIL image of
+    (default: the model's, see :func:`layerlie.model.loading.input_channels`); it takes a PIL image of
     the mode :data:`MODES` names for the channels."""
     cfg = resolve_data_config({}, model=model)
     c = _channels(model, channels)

@@ -17,7 +17,7 @@ Notes are :class:`layerlie.errors.Note` warnings, one line each.
 
 Example:
     >>> import torch, layerlie as ll
-    >>> from layerlie.contract import prepare
+    >>> from layerlie.model.contract import prepare
     >>> class TwoHeads(torch.nn.Module):
     ...     def forward(self, x):
     ...         return {"logits": x.mean((2, 3)), "features": x}
@@ -37,9 +37,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from layerlie.attention import differentiable_attention
+from layerlie.core.attention import differentiable_attention
 from layerlie.errors import LayerlieError, note
-from layerlie.models import input_channels, load_model
+from layerlie.model.loading import input_channels, load_model
 
 Output = int | str | None
 """``output=``: None (the rule's default), an index into a tuple or list, or a key or attribute."""

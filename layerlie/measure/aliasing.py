@@ -39,13 +39,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from layerlie.attribution import Attribution
-from layerlie.contract import Output, prepare
-from layerlie.layout import Layout, LayoutProp
-from layerlie.lie import jvp_ready
-from layerlie.ops import get_op, is_pointwise_in_space, is_strided, layer_type
-from layerlie.propagate import Call, bind
-from layerlie.trace import trace
+from layerlie.measure.attribution import Attribution
+from layerlie.model.contract import Output, prepare
+from layerlie.core.layout import Layout, LayoutProp
+from layerlie.measure.lie import jvp_ready
+from layerlie.core.ops import get_op, is_pointwise_in_space, is_strided, layer_type
+from layerlie.core.engine import Call, bind
+from layerlie.model.trace import trace
 
 ALIAS_THRESHOLDS = {"nonlinearity": 0.01, "downsampling": 0.1}
 """A node is flagged when more than this share of its AC energy folds back. Band-limited
@@ -173,7 +173,7 @@ class AliasProp(LayoutProp):
 def aliasing(model: nn.Module | fx.GraphModule, x: torch.Tensor, *, output: Output = None) -> pd.DataFrame:
     """Alias measures of every node of ``model`` at images ``x: (B, C, H, W)`` (METHOD 6).
 
-    ``model`` is taken by the model contract (:mod:`layerlie.contract`): never changed, traced in
+    ``model`` is taken by the model contract (:mod:`layerlie.model.contract`): never changed, traced in
     eval mode, with ``output`` the tensor the graph ends in (the output rule).
 
     Returns:

@@ -6,7 +6,7 @@ one colour everywhere (:data:`PALETTE`). :func:`render` writes every figure a st
 
 Example:
     >>> import layerlie as ll
-    >>> from layerlie import figures
+    >>> from layerlie.views import figures
     >>> fig = figures.depth(ll.load("out/", "layers"))  # doctest: +SKIP
     >>> figures.render("out/", "figs/")  # doctest: +SKIP
 """
@@ -31,9 +31,9 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 from scipy import stats
 
-from layerlie import store as st
+from layerlie.results import store as st
 from layerlie.errors import LayerlieError
-from layerlie.ops import LAYER_TYPES
+from layerlie.core.ops import LAYER_TYPES
 
 PALETTE: dict[str, str] = dict(zip(LAYER_TYPES, ("#d62728", "#1f77b4", "#7f7f7f", "#8c564b", "#2ca02c",
                                                  "#9467bd", "#ff7f0e", "#bcbd22", "#17becf")))
@@ -46,7 +46,7 @@ _BINS = 20
 """Depth bins of the contribution-by-depth line."""
 
 _CHECKPOINT = re.compile(r"checkpoint \((.+), sha256 ([0-9a-f]{64})\)")
-"""A checkpoint's provenance, as :class:`layerlie.sweep.Source` writes it."""
+"""A checkpoint's provenance, as :class:`layerlie.results.sweep.Source` writes it."""
 
 _LEGEND_ROW = 0.12
 """Inches per row of a legend below the axes, at the legend's font size."""

@@ -5,7 +5,7 @@
 settings, where the weights came from and where the tasks ran (from the store's rows),
 versions and timings, the end-to-end LEE of every group measured, the layer table of one group
 with its alias flags and its estimator's check (METHOD 4), the figures of
-:mod:`layerlie.figures`, the before/after ablation, and the nodes of unknown layout or
+:mod:`layerlie.views.figures`, the before/after ablation, and the nodes of unknown layout or
 mismatched positions (METHOD 5). CSS is inline and images are ``data:`` URIs, so the file
 opens anywhere, offline, and makes no request.
 
@@ -31,10 +31,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from layerlie import figures
-from layerlie import store as st
+from layerlie.views import figures
+from layerlie.results import store as st
 from layerlie.errors import LayerlieError
-from layerlie.sweep import SpecError, read_spec, slug, sweep, tasks
+from layerlie.results.sweep import SpecError, read_spec, slug, sweep, tasks
 
 MEASURES = ("e2e", "layers", "metrics", "ablation")
 """What a report's sweep measures."""

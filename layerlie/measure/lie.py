@@ -27,13 +27,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from layerlie.attention import differentiable_attention
-from layerlie.contract import Output, check_images, prepare
+from layerlie.core.attention import differentiable_attention
+from layerlie.model.contract import Output, check_images, prepare
 from layerlie.errors import LayerlieError
-from layerlie.groups import Group, resolve_groups
-from layerlie.jvprules import FastRules
-from layerlie.memory import Footprint, measure_footprint, plan_chunks
-from layerlie.tangent import IMAGE, Frame, base_point, check_scheme, tangent
+from layerlie.core.groups import Group, resolve_groups
+from layerlie.core.jvprules import FastRules
+from layerlie.core.memory import Footprint, measure_footprint, plan_chunks
+from layerlie.core.tangent import IMAGE, Frame, base_point, check_scheme, tangent
 
 Method = Literal["jvp", "double_backward"]
 METHODS: tuple[str, ...] = ("jvp", "double_backward")
@@ -49,7 +49,7 @@ def check_finite(y: torch.Tensor, what: str) -> torch.Tensor:
 @contextlib.contextmanager
 def jvp_ready(model: nn.Module | Callable) -> Iterator[None]:
     """Switch off timm's fused attention, and run torch's own attention through differentiable
-    kernels (:func:`layerlie.attention.differentiable_attention`), for the duration: the fused
+    kernels (:func:`layerlie.core.attention.differentiable_attention`), for the duration: the fused
     kernels have no forward-mode derivative. Everything is restored afterwards."""
     saved = []
     if isinstance(model, nn.Module):
@@ -89,7 +89,7 @@ def push_tangents(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         f: a function of one tensor.
         x: the primal point.
         tangents: ``(K, *x.shape)``, K directions.
-        fast: use the cheaper rules of :mod:`layerlie.jvprules` for convolutions, linear
+        fast: use the cheaper rules of :mod:`layerlie.core.jvprules` for convolutions, linear
             layers and batch norms (the same derivative, without the weights' zero terms).
             None: on the CPU only. They save arithmetic, which is what a CPU pass spends
             its time on; on a GPU at benchmark batches the pass is bound by the host's
@@ -130,7 +130,7 @@ _FOOTPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def footprint(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
               tangents: torch.Tensor, fast: bool | None = None) -> tuple[Footprint, bool]:
     """The memory footprint per image of pushing tangents through ``f`` at ``x``, measured
-    on the first image and two tangents (see :mod:`layerlie.memory`), and whether ``f``
+    on the first image and two tangents (see :mod:`layerlie.core.memory`), and whether ``f``
     keeps the batch axis (so that chunks of images can run apart).
 
     Cached by ``f`` (weakly), the image shape, dtype and device, and ``fast``.
@@ -162,10 +162,10 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             a timm ViT in ``with jvp_ready(model):`` so that its fused attention is off).
             It must treat the images of a batch independently (a model in eval mode does)
             when the computation is split into chunks of images. An ``nn.Module`` is taken
-            by the model contract (:mod:`layerlie.contract`).
+            by the model contract (:mod:`layerlie.model.contract`).
         x: images ``(B, C, H, W)``.
         group: a group, its name, or a list of them (then the groups share one primal pass).
-        scheme: derivative scheme of ``G`` (see :mod:`layerlie.tangent`).
+        scheme: derivative scheme of ``G`` (see :mod:`layerlie.core.tangent`).
         output_frame: how ``T`` acts on the output. ``"auto"`` treats a 4-D output with
             spatial size above 1 as an image at its own resolution; None means ``T`` acts
             trivially on the output (logits, pooled features).
@@ -174,11 +174,11 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             weights. The images and groups are split into chunks that fit, by a footprint
             measured on one image (:func:`footprint`). None: three times what a no-grad
             forward of the batch holds; ``float("inf")``: everything in one pass.
-        fast: the cheaper forward-mode rules of :mod:`layerlie.jvprules` (same numbers);
+        fast: the cheaper forward-mode rules of :mod:`layerlie.core.jvprules` (same numbers);
             False runs PyTorch's own formulas throughout; None, the default, uses the
             rules on the CPU only (see :func:`push_tangents`).
         output: for an ``nn.Module``, the tensor of its output to differentiate (the output
-            rule of :mod:`layerlie.contract`).
+            rule of :mod:`layerlie.model.contract`).
 
     Returns:
         ``L f(x)`` shaped like ``f(x)``, or ``(K, *f(x).shape)`` for a list of K groups.
@@ -283,11 +283,11 @@ def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
     Args:
         model: a classifier returning logits ``(B, K)``, or a structure that holds them; taken
-            by the model contract (:mod:`layerlie.contract`): never changed, measured in eval mode.
+            by the model contract (:mod:`layerlie.model.contract`): never changed, measured in eval mode.
         x: images ``(B, C, H, W)``, normalized as the model expects.
         groups: ``"all"``, names, or groups; ``"all"`` leaves out the channel groups that do not
             fit the images' channels, with a note.
-        output: the tensor whose softmax is measured (the output rule of :mod:`layerlie.contract`).
+        output: the tensor whose softmax is measured (the output rule of :mod:`layerlie.model.contract`).
         scheme, method, memory_budget, fast: as in :func:`lie_derivative`.
         names: one name per image (default: the image index).
         batch_size: images per pass (default: all at once).

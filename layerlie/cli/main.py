@@ -19,17 +19,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from layerlie.ablation import VARIANTS, ablate
-from layerlie.aliasing import ALIAS_THRESHOLDS, aliasing, with_aliasing
-from layerlie.attribution import ESTIMATORS, attribute
-from layerlie.contract import ImagesError, Output, Prepared, prepare
-from layerlie.data import Images, images, photo_batch
+from layerlie.antialias.ablation import VARIANTS, ablate
+from layerlie.measure.aliasing import ALIAS_THRESHOLDS, aliasing, with_aliasing
+from layerlie.measure.attribution import ESTIMATORS, attribute
+from layerlie.model.contract import ImagesError, Output, Prepared, prepare
+from layerlie.model.data import Images, images, photo_batch
 from layerlie.errors import LayerlieError
-from layerlie.groups import list_groups, resolve_groups
-from layerlie.lie import METHODS, lee, summarize
-from layerlie.models import load_model
-from layerlie.tangent import list_schemes
-from layerlie.trace import TraceError, trace
+from layerlie.core.groups import list_groups, resolve_groups
+from layerlie.measure.lie import METHODS, lee, summarize
+from layerlie.model.loading import load_model
+from layerlie.core.tangent import list_schemes
+from layerlie.model.trace import TraceError, trace
 
 console = Console(stderr=False)
 
@@ -531,7 +531,7 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from layerlie.sweep import sweep
+    from layerlie.results.sweep import sweep
 
     result = sweep(args.spec, args.store, workers=args.workers, address=args.address, resume=args.resume,
                    dry_run=args.dry_run, force_new=args.force_new)
@@ -582,7 +582,7 @@ def _add_view_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from layerlie.figures import render
+    from layerlie.views.figures import render
 
     written, notes = render(args.store, args.out)
     for note in notes:
@@ -592,8 +592,8 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from layerlie import store
-    from layerlie.report import render, report
+    from layerlie.results import store
+    from layerlie.views.report import render, report
 
     held = []
     if args.store and store.manifest(args.store) is not None:
@@ -654,6 +654,3 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                   f"wrote {len(result.written)} files to {args.out}", highlight=False, soft_wrap=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ contribution ``c_v = J_{out<-v}[e_v]``; by the chain rule ``L F(x) = sum_v c_v``
 
 Each estimator reports the check that fits it (METHOD 4), against an ``L F`` computed
 independently of the parts: ``torch.func.jvp`` of the whole GraphModule, not the
-linearization rules of :mod:`layerlie.propagate` that give the defects. Completeness
+linearization rules of :mod:`layerlie.core.engine` that give the defects. Completeness
 telescopes, so a total made by the same rules would hide any wrong rule.
 
 Estimators of ``c_v`` (METHOD 4):
@@ -36,17 +36,17 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from layerlie.contract import Output, prepare, select
+from layerlie.model.contract import Output, prepare, select
 from layerlie.errors import LayerlieError, note
-from layerlie.groups import Group, group as get_group
-from layerlie.layout import NONE, Coords, Layout, LayoutProp, layout_tangent
-from layerlie.hooks import module_contributions, module_cotangents, module_defects
-from layerlie.lie import exact_math, jvp_ready, push_tangents
-from layerlie import ops
-from layerlie.ops import is_strided, layer_type, linearization, module_type, op_key, softmax_jvp
-from layerlie.propagate import Propagator, Recorder, bind, jvp_call, linearize, padded
-from layerlie.tangent import check_scheme, tangent
-from layerlie.trace import TraceError, trace, with_output
+from layerlie.core.groups import Group, group as get_group
+from layerlie.core.layout import NONE, Coords, Layout, LayoutProp, layout_tangent
+from layerlie.measure.hooks import module_contributions, module_cotangents, module_defects
+from layerlie.measure.lie import exact_math, jvp_ready, push_tangents
+from layerlie.core import ops
+from layerlie.core.ops import is_strided, layer_type, linearization, module_type, op_key, softmax_jvp
+from layerlie.core.engine import Propagator, Recorder, bind, jvp_call, linearize, padded
+from layerlie.core.tangent import check_scheme, tangent
+from layerlie.model.trace import TraceError, trace, with_output
 
 Estimator = Literal["exact", "shares", "hutchinson"]
 ESTIMATORS = ("exact", "shares", "hutchinson")
@@ -223,7 +223,7 @@ spatial layout, it was inferred from the op (METHOD 5), and ``G`` of the output 
 
 
 def _relabels(key: Any, fn: Any) -> bool:
-    """Whether the op of registry key ``key`` (:func:`layerlie.ops.op_key`) is in :data:`_RELABELLING`
+    """Whether the op of registry key ``key`` (:func:`layerlie.core.ops.op_key`) is in :data:`_RELABELLING`
     (dropout only in eval mode)."""
     try:
         return key in _RELABELLING and not getattr(fn, "training", False)
@@ -402,7 +402,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
 
     Args:
         model: a model (traced here) or a GraphModule from :func:`layerlie.trace`; taken by the
-            model contract (:mod:`layerlie.contract`): never changed, measured in eval mode.
+            model contract (:mod:`layerlie.model.contract`): never changed, measured in eval mode.
         x: images ``(B, C, H, W)``.
         group: the group or its name.
         estimator: ``"exact"`` (contributions ``c_v``), ``"shares"`` (signed shares from one
@@ -420,7 +420,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
             estimator); by default a sixteenth of the measured bytes of one forward's activations,
             so that exact attribution holds about three forwards' worth at most.
         granularity: ``"node"`` (the fx graph) or ``"module"`` (leaf-module forward hooks,
-            :mod:`layerlie.hooks`). A model that fx cannot trace falls back to ``"module"``
+            :mod:`layerlie.measure.hooks`). A model that fx cannot trace falls back to ``"module"``
             with a one-line warning that says why.
 
     Returns:

@@ -65,7 +65,7 @@ def norm_part(m: nn.Module) -> nn.Module:
     cls = get_norm_act(type(m))
     if cls is None:
         raise LayerlieError(f"{type(m).__name__} is not a registered norm+activation class; register its norm "
-                            "class with layerlie.normact.register_norm_act(cls, norm)")
+                            "class with layerlie.model.normact.register_norm_act(cls, norm)")
     twin = cls.__new__(cls)
     twin.__dict__.update(m.__dict__)
     for key in ("_parameters", "_buffers", "_modules"):  # own dicts, the same tensors and modules

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from layerlie.errors import LayerlieError
-from layerlie.groups import Group
+from layerlie.core.groups import Group
 
 
 @dataclass(frozen=True)

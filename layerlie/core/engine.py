@@ -10,8 +10,8 @@ applied to its parents' tangents. Sources may inject a tangent at any node.
   sources upstream of it, so no zero slice is carried from the chunk's first source on.
 - Local defects: each node's op linearized at its inputs, applied to ``G_p h_p``.
 
-The linear part of an op is its linearization rule in the op registry (:mod:`layerlie.ops`,
-:func:`layerlie.ops.register_rule`): folding the K axis into the batch for ops that are linear in their
+The linear part of an op is its linearization rule in the op registry (:mod:`layerlie.core.ops`,
+:func:`layerlie.core.ops.register_rule`): folding the K axis into the batch for ops that are linear in their
 input (convolutions, pooling), ``s'(h) * t`` for pointwise activations; ``torch.func.jvp``
 under ``vmap`` for the rest.
 
@@ -36,7 +36,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from layerlie.errors import LayerlieError
-from layerlie.ops import Tangents, linearization, op_key
+from layerlie.core.ops import Tangents, linearization, op_key
 
 
 @dataclass

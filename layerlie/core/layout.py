@@ -2,7 +2,7 @@
 
 A :class:`Layout` says which axes of a node's tensor are spatial (``grid``: an H and a W
 axis; ``tokens``: one axis of ``P + H * W`` tokens; ``pair``: two token axes, as in an
-attention map; ``windows``: a grid cut into windows, rolled, or both, :mod:`layerlie.windows`),
+attention map; ``windows``: a grid cut into windows, rolled, or both, :mod:`layerlie.core.windows`),
 and the input-pixel position of every sample, as a stride and an offset per axis found by
 receptive-field arithmetic. Layouts are inferred by propagating the input's geometry through
 the graph (convolution, pooling, flatten, transpose, permute, reshape, roll, window partition
@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from timm.layers import _fx as timm_fx
 from torch import nn
 
-from layerlie.groups import Group
-from layerlie import ops
-from layerlie.ops import Window
-from layerlie.probe import probe_axes, relabelled_axes
-from layerlie.propagate import Propagator, node_callable
-from layerlie.tangent import Frame, central_difference, get_scheme, tangent
-from layerlie.windows import Windows
+from layerlie.core.groups import Group
+from layerlie.core import ops
+from layerlie.core.ops import Window
+from layerlie.core.probe import probe_axes, relabelled_axes
+from layerlie.core.engine import Propagator, node_callable
+from layerlie.core.tangent import Frame, central_difference, get_scheme, tangent
+from layerlie.core.windows import Windows
 
 Kind = Literal["grid", "tokens", "none", "unknown", "tuple", "pair", "windows"]
 Coords = Literal["receptive_field", "published"]
@@ -68,7 +68,7 @@ class Layout:
             compares the attention paid to the neighbouring window's keys: where windows break
             equivariance.
         probed: the sample positions (or their absence) come from probing the op's receptive
-            field (:mod:`layerlie.probe`), not from a rule; not part of the layout's identity.
+            field (:mod:`layerlie.core.probe`), not from a rule; not part of the layout's identity.
     """
 
     kind: Kind
@@ -192,7 +192,7 @@ def _fields(m: tuple[float, ...], frame: Frame, shape: tuple[int, ...], dtype: t
             device: torch.device) -> list[tuple[int, torch.Tensor]]:
     """The axes along which the field of generator ``m`` (2x3, row-major) moves the samples of a
     tensor of ``shape`` in ``frame``, each with its velocity component times ``1 / (2 scale)``: the
-    central difference's half and the axis's spacing (:func:`layerlie.tangent.tangent`). They
+    central difference's half and the axis's spacing (:func:`layerlie.core.tangent.tangent`). They
     depend on the geometry alone, and the defects pass meets the same geometry at many nodes."""
     uy, ux = frame.positions(torch.empty((), dtype=dtype, device=device).expand(shape))  # no storage
     probe = torch.empty(shape, dtype=dtype, device="meta")
@@ -311,7 +311,7 @@ class LayoutProp(Propagator):
 
     def _probed(self, n: fx.Node, fn: Any, args: list, first: int, lay: Layout, out: torch.Tensor) -> Layout | None:
         """The layout of an op that no rule knows, from its receptive field (METHOD 5,
-        :mod:`layerlie.probe`): the grid stays on the same axes; an op that mixes globally gets
+        :mod:`layerlie.core.probe`): the grid stays on the same axes; an op that mixes globally gets
         ``unknown``, said as probed."""
         if n.op not in ("call_module", "call_function", "call_method") or not isinstance(out, torch.Tensor) \
                 or not out.is_floating_point():

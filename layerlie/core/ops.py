@@ -39,8 +39,8 @@ from torchvision.models import swin_transformer
 from layerlie.errors import LayerlieError
 
 if TYPE_CHECKING:
-    from layerlie.layout import Layout
-    from layerlie.propagate import Call
+    from layerlie.core.layout import Layout
+    from layerlie.core.engine import Call
 
 LAYER_TYPES = ("nonlinearity", "strided/downsampling", "conv", "linear", "norm", "attention", "residual add",
                "reshape/other", "output")
@@ -288,7 +288,7 @@ def layer_type(gm: fx.GraphModule, node: fx.Node, strided_node: bool | None = No
     """The layer type of a node, for aggregation (METHOD 3). A strided node (``strided_node``,
     from :func:`is_strided` with layouts; by default from the op's window) is a downsampling layer
     unless its op says it is a norm, an activation or an attention op. The softmax that
-    :func:`layerlie.trace.with_output` appends is the ``output``."""
+    :func:`layerlie.model.trace.with_output` appends is the ``output``."""
     if node.name == gm.meta.get("layerlie.outputs", {}).get("softmax"):
         return "output"
     if strided_node is None:

@@ -9,7 +9,7 @@ and with two tangents. :func:`plan_chunks` then picks the largest chunks that fi
 
 Example:
     >>> import torch
-    >>> from layerlie.memory import LiveBytes
+    >>> from layerlie.core.memory import LiveBytes
     >>> with LiveBytes() as live:
     ...     y = torch.ones(1024).mul(2).add(1)   # 4 KiB tensors, one at a time alive
     >>> live.peak <= 2 * 4096

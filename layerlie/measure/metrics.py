@@ -29,11 +29,11 @@ import pandas as pd
 import torch
 from torch import fx, nn
 
-from layerlie.contract import Output, prepare, selected
+from layerlie.model.contract import Output, prepare, selected
 from layerlie.errors import LayerlieError
-from layerlie.groups import Group, get_group
-from layerlie.layout import Layout, LayoutProp
-from layerlie.trace import trace, with_output
+from layerlie.core.groups import Group, get_group
+from layerlie.core.layout import Layout, LayoutProp
+from layerlie.model.trace import trace, with_output
 
 PSNR_CAP = 100.0
 """dB: the value of an exact match, and the cap of every PSNR."""
@@ -61,7 +61,7 @@ def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, 
         seed: seeds the offsets.
         batch_size: images per pass (default: all).
         output: the tensor of a tuple, dict or ``.logits`` output to read (the output rule of
-            :mod:`layerlie.contract`, which every metric follows).
+            :mod:`layerlie.model.contract`, which every metric follows).
 
     Returns:
         ``(B,)``: the share of an image's pairs whose top-1 classes agree.
@@ -464,7 +464,7 @@ def _output_ndim(model: Model, x: torch.Tensor, output: Output) -> int:
 
 
 def _measured(model: Model, x: torch.Tensor, output: Output, node: str | None = None) -> tuple[Model, torch.Tensor]:
-    """The model contract at a metric's entry (:mod:`layerlie.contract`): the model to measure, with
+    """The model contract at a metric's entry (:mod:`layerlie.model.contract`): the model to measure, with
     its selected output (traced, when ``node`` reads a feature map), and the images."""
     model, x, output, _ = prepare(model, x, output)
     if node is not None and isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule):

@@ -32,15 +32,15 @@ from timm.data import resolve_data_config
 from timm.layers import _fx as timm_fx
 from torch import nn
 
-from layerlie.attention import differentiable_attention, explicit_attention_modules, scaled_dot_product_attention
-from layerlie.contract import Output, eval_copy, prepare, select, selecting
+from layerlie.core.attention import differentiable_attention, explicit_attention_modules, scaled_dot_product_attention
+from layerlie.model.contract import Output, eval_copy, prepare, select, selecting
 from layerlie.errors import LayerlieError, TraceError
-from layerlie.normact import split_norm_acts
+from layerlie.model.normact import split_norm_acts
 
 
 class _TimmTracer(fx.Tracer):
     """fx's tracer with timm's leaf modules and no-trace functions; each call of
-    ``F.scaled_dot_product_attention`` is written as explicit ops (:mod:`layerlie.attention`)."""
+    ``F.scaled_dot_product_attention`` is written as explicit ops (:mod:`layerlie.core.attention`)."""
 
     def __init__(self) -> None:
         fns = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
@@ -65,7 +65,7 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, *, softmax: boo
         softmax: return ``softmax(logits, -1)`` instead of the logits (the output the published
             LEE differentiates); :func:`with_output` gives it on demand either way.
         output: the tensor of a tuple, dict or ``.logits`` output that the graph returns (the
-            output rule of :mod:`layerlie.contract`).
+            output rule of :mod:`layerlie.model.contract`).
 
     Returns:
         The GraphModule; ``gm.meta["layerlie.outputs"]`` names its ``logits`` node (and its
@@ -255,7 +255,7 @@ def with_output(gm: fx.GraphModule, output: str) -> tuple[fx.GraphModule, str]:
     if output == "softmax" and output not in names:
         if "logits" not in names:
             raise LayerlieError("this GraphModule does not name its logits node; trace the model with "
-                                "layerlie.trace, or pass output= a node name")
+                                "layerlie.model.trace, or pass output= a node name")
         cut, logits = with_output(gm, "logits")
         return _append_softmax(cut, logits)
     target = names.get(output, output)

@@ -3,7 +3,7 @@
 Without a graph, the nodes are the calls of the model's leaf modules, and the model's own
 code between them (the glue) is one more node in front of every module input and one at
 the output. Each hooked tensor ``h_s`` gets a representation ``G_s`` from its layout: a leaf
-module's output by probing the module's receptive field on its input (:mod:`layerlie.probe`,
+module's output by probing the module's receptive field on its input (:mod:`layerlie.core.probe`,
 METHOD 5), a tensor that reaches a module unchanged keeps its layout, and any other glue output
 gets a guessed one (a ``(B, C, H, W)`` tensor whose grid divides the input's evenly, sample
 centres as in ``align_corners=False`` resizing; anything else is ``unknown`` and ``G_s = 0``). One
@@ -13,7 +13,7 @@ every site's defect ``e_s = (arriving tangent) - G_s h_s``, and the chain rule g
 
 Example:
     >>> import torch, layerlie as ll
-    >>> from layerlie.hooks import module_defects
+    >>> from layerlie.measure.hooks import module_defects
     >>> m = ll.load_model("resnet18")
     >>> sites, y, total = module_defects(m, torch.randn(1, 3, 64, 64), ll.group("rotate"))
     >>> sites[0].name, sites[0].kind
@@ -33,11 +33,11 @@ from timm.layers import _fx as timm_fx
 from torch import nn
 
 from layerlie.errors import LayerlieError
-from layerlie.groups import Group
-from layerlie.layout import NONE, UNKNOWN, Coords, Layout, layout_tangent
-from layerlie.lie import jvp_ready
-from layerlie.probe import probe_axes
-from layerlie.tangent import tangent
+from layerlie.core.groups import Group
+from layerlie.core.layout import NONE, UNKNOWN, Coords, Layout, layout_tangent
+from layerlie.measure.lie import jvp_ready
+from layerlie.core.probe import probe_axes
+from layerlie.core.tangent import tangent
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 Visit = Callable[[str, torch.Tensor], torch.Tensor]

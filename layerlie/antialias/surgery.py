@@ -51,14 +51,14 @@ import torch.nn.functional as F
 from timm.layers import _fx as timm_fx
 from torch import nn
 
-from layerlie.contract import Output, eval_copy, prepare
+from layerlie.model.contract import Output, eval_copy, prepare
 from layerlie.errors import LayerlieError
-from layerlie.layout import Layout, LayoutProp
-from layerlie.models import input_channels
-from layerlie.ops import (LAYER_TYPES, Tangents, get_op, layer_type, module_example, pair, register_op, stride_one,
+from layerlie.core.layout import Layout, LayoutProp
+from layerlie.model.loading import input_channels
+from layerlie.core.ops import (LAYER_TYPES, Tangents, get_op, layer_type, module_example, pair, register_op, stride_one,
                           strided)
-from layerlie.propagate import Call, Recorder
-from layerlie.trace import input_size, trace
+from layerlie.core.engine import Call, Recorder
+from layerlie.model.trace import input_size, trace
 
 class NothingToReplace(LayerlieError):
     """A surgery found no node to replace."""
@@ -554,9 +554,9 @@ def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activ
         example: an input batch ``(B, C, H, W)``: gives the layouts, and checks that the new
             model runs on it and that every replaced node keeps its output shape. Without it,
             ``activations`` uses a zero image of the model's input size (timm's data config) and
-            channels (:func:`layerlie.models.input_channels`); a model that states no size needs it.
+            channels (:func:`layerlie.model.loading.input_channels`); a model that states no size needs it.
         output: the tensor of a tuple, dict or ``.logits`` output the new model returns (the
-            output rule of :mod:`layerlie.contract`).
+            output rule of :mod:`layerlie.model.contract`).
 
     Returns:
         A new GraphModule whose forward returns what the model's does (the logits of a
@@ -651,7 +651,7 @@ def _working_copy(model: nn.Module | fx.GraphModule, example: torch.Tensor | Non
 
 def _own_called_parents(gm: fx.GraphModule) -> None:
     """fx shares the called modules with the source GraphModule, and a module that is called and
-    also holds a called child (a norm and its activation, :mod:`layerlie.normact`) would take a
+    also holds a called child (a norm and its activation, :mod:`layerlie.model.normact`) would take a
     substitute set below it back to the source: give ``gm`` its own shallow twin (same tensors)."""
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for path in sorted(called & {t.rpartition(".")[0] for t in called}, key=len):

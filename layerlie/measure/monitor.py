@@ -38,16 +38,16 @@ import pandas as pd
 import torch
 from torch import fx, nn
 
-from layerlie import store as st
-from layerlie.attribution import attribute
-from layerlie.contract import Output, prepare
+from layerlie.results import store as st
+from layerlie.measure.attribution import attribute
+from layerlie.model.contract import Output, prepare
 from layerlie.errors import LayerlieError
-from layerlie.groups import Group, resolve_groups
-from layerlie.lie import lee
-from layerlie.metrics import METRICS, metrics as finite_metrics
-from layerlie.ops import list_layer_types
-from layerlie.tangent import check_scheme
-from layerlie.trace import TraceError, trace, with_output
+from layerlie.core.groups import Group, resolve_groups
+from layerlie.measure.lie import lee
+from layerlie.measure.metrics import METRICS, metrics as finite_metrics
+from layerlie.core.ops import list_layer_types
+from layerlie.core.tangent import check_scheme
+from layerlie.model.trace import TraceError, trace, with_output
 
 FINITE = ("consistency", "eq_t", "eq_t_frac", "eq_r")
 """The finite metrics that ``metrics=True`` records (METHOD 7)."""
@@ -100,7 +100,7 @@ class Monitor:
 
     Args:
         model: the model being trained; it returns logits ``(B, K)``, or a structure that holds
-            them (the output rule of :mod:`layerlie.contract`).
+            them (the output rule of :mod:`layerlie.model.contract`).
         x_probe: the probe images ``(B, C, H, W)``, normalized as the model expects; a copy is
             kept, in the model's dtype and on its device (cast with a note).
         groups: names or groups, as :func:`layerlie.resolve_groups` takes them.
@@ -109,11 +109,11 @@ class Monitor:
             ``layerlie.attribute(..., estimator="shares")`` (METHOD 4), as ``share_<layer type>``
             columns, and their check ``|sum share - 1|`` as ``share_residual``.
         metrics: also record finite metrics (METHOD 7), the mean over the probe images, one
-            column each: True for :data:`FINITE`, names from :data:`layerlie.metrics.METRICS`,
+            column each: True for :data:`FINITE`, names from :data:`layerlie.measure.metrics.METRICS`,
             or a mapping of names to their options (``{"eq_t": {"max_shift": 0.25}}``), as
             :func:`layerlie.metrics` takes them. They do not depend on the group.
         scheme: the derivative scheme of ``G``.
-        store: a results store folder (:mod:`layerlie.store`): each measurement is written
+        store: a results store folder (:mod:`layerlie.results.store`): each measurement is written
             as the part ``monitor-<run>-<step>`` of the table ``monitor``; an existing manifest
             is kept. Measuring a step again replaces its part.
         run: the training run's name, required with ``store``; a ``run`` column of the table.

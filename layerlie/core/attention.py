@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from layerlie.errors import TraceError
-from layerlie.ops import register_op
+from layerlie.core.ops import register_op
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from (``weights``: ``random init (seed N)``, ``pretrained (timm arch.tag)``, ``c
 One task is one (model, measure), and one group too for ``e2e`` and ``layers``; ``metrics``
 takes its invariance per group and ``ablation`` its LEE per group within the one task. Task ids
 are stable: the same spec gives the same ids. Each task writes one part of the store
-(:mod:`layerlie.store`); a task that raises is recorded and the others go on.
+(:mod:`layerlie.results.store`); a task that raises is recorded and the others go on.
 
 Example:
     >>> import tempfile, layerlie as ll
@@ -64,18 +64,18 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from layerlie import store as st
-from layerlie.ablation import ablate, list_variants
-from layerlie.aliasing import with_aliasing
-from layerlie.attribution import ESTIMATORS, attribute
-from layerlie.contract import prepare
-from layerlie.data import Images, images, photo_batch
+from layerlie.results import store as st
+from layerlie.antialias.ablation import ablate, list_variants
+from layerlie.measure.aliasing import with_aliasing
+from layerlie.measure.attribution import ESTIMATORS, attribute
+from layerlie.model.contract import prepare
+from layerlie.model.data import Images, images, photo_batch
 from layerlie.errors import LayerlieError
-from layerlie.groups import list_groups, resolve_groups
-from layerlie.lie import lee
-from layerlie.metrics import METRICS, invariance, metrics
-from layerlie.models import load_model, pretrained_weights, read_state_dict
-from layerlie.tangent import list_schemes
+from layerlie.core.groups import list_groups, resolve_groups
+from layerlie.measure.lie import lee
+from layerlie.measure.metrics import METRICS, invariance, metrics
+from layerlie.model.loading import load_model, pretrained_weights, read_state_dict
+from layerlie.core.tangent import list_schemes
 
 KEYS = ("models", "groups", "measures", "n", "images", "seed", "scheme", "batch_size", "size",
         "layers", "metrics", "ablation")

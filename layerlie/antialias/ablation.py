@@ -24,14 +24,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from layerlie.attribution import CHECKS, ESTIMATORS, Estimator, attribute
-from layerlie.contract import Output, prepare
-from layerlie.ops import LAYER_TYPES
+from layerlie.measure.attribution import CHECKS, ESTIMATORS, Estimator, attribute
+from layerlie.model.contract import Output, prepare
+from layerlie.core.ops import LAYER_TYPES
 from layerlie.errors import LayerlieError
-from layerlie.groups import resolve_groups
-from layerlie.lie import lee, summarize
-from layerlie.surgery import NothingToReplace, Where, antialias
-from layerlie.trace import trace, with_output
+from layerlie.core.groups import resolve_groups
+from layerlie.measure.lie import lee, summarize
+from layerlie.antialias.surgery import NothingToReplace, Where, antialias
+from layerlie.model.trace import trace, with_output
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "blurpool": dict(blurpool=True),
@@ -111,7 +111,7 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
 
     Args:
         model: a model or a traced GraphModule, taken by the model contract
-            (:mod:`layerlie.contract`): never modified, measured in eval mode.
+            (:mod:`layerlie.model.contract`): never modified, measured in eval mode.
         x: images, normalized as the model expects.
         variants: names from :func:`list_variants`; one that finds nothing to replace is left out
             with a warning (an error when none applies).

@@ -1,0 +1,3 @@
+from layerlie.cli.main import main
+
+raise SystemExit(main())

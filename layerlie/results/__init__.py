@@ -1,0 +1,1 @@
+"""Results at scale (docs/design.md §1): sweeps over models on Ray, and the parquet store."""
