@@ -12,7 +12,7 @@ attribution and the forward-with-grad each run in a fresh process (``--probe exa
 which reports the time and the peak resident memory that the computation adds.
 
 The baseline re-implements the layer-wise code of Gruver et al. (2023), "The Lie Derivative
-for Measuring Learned Equivariance" (METHOD 4, Hutchinson): a forward hook on every leaf
+for Measuring Learned Equivariance" (docs/method.md §4, Hutchinson): a forward hook on every leaf
 module (their leaf list, dropout excluded) computes the module's local Lie derivative,
 ``d/dt T_{-t} m(T_t h)`` at ``t = 0``, by their double-backward trick through their
 hand-written bilinear sampler on ``affine_grid`` (reflection at the border), on tensors whose

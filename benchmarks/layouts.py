@@ -1,4 +1,4 @@
-"""Unknown layouts per family (METHOD 5): tensor nodes whose layout is ``unknown``, over all
+"""Unknown layouts per family (docs/method.md §5): tensor nodes whose layout is ``unknown``, over all
 tensor-valued nodes, and the first unknown node, for random-init timm models at their
 default input size.
 

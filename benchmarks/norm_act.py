@@ -1,4 +1,4 @@
-"""What splitting timm's norm+activation leaves shows, before and after (METHOD 3, 6).
+"""What splitting timm's norm+activation leaves shows, before and after (docs/method.md §3, 6).
 
 For each model (``timm.create_model``, random init, seed 0, one random image), with the leaves
 kept whole ("before") and split by :mod:`layerlie.model.normact` ("after"):

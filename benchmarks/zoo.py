@@ -1,4 +1,4 @@
-"""Every classification model of torchvision, traced and attributed (METHOD 3-5).
+"""Every classification model of torchvision, traced and attributed (docs/method.md §3-5).
 
 For each model of ``torchvision.models.list_models(module=torchvision.models)`` (random init,
 seed 0, eval mode), one embedded photo prepared by the model's own torchvision preset (resize,

@@ -1,4 +1,4 @@
-"""Before/after ablations of the anti-aliased variants (METHOD 6)."""
+"""Before/after ablations of the anti-aliased variants (docs/method.md §6)."""
 
 from __future__ import annotations
 

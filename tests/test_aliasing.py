@@ -1,4 +1,4 @@
-"""Aliasing measures (METHOD 6): analytic signals with known spectra, and timm models."""
+"""Aliasing measures (docs/method.md §6): analytic signals with known spectra, and timm models."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Attribution: completeness, estimators against each other and a brute force, the facts
-of METHOD 3, and receptive-field coordinates (METHOD 5)."""
+of docs/method.md §3, and receptive-field coordinates (docs/method.md §5)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_facts_of_method_3():
 
 
 def test_an_affine_offset_has_a_border_only_defect_under_the_zero_padded_scheme():
-    """METHOD 3 says a pointwise affine op has ``e_v = 0`` exactly. That holds for a linear op, and
+    """docs/method.md §3 says a pointwise affine op has ``e_v = 0`` exactly. That holds for a linear op, and
     for an offset under a periodic scheme (above); with ``central``'s zeros beyond the border, the
     offset ``c`` of an eval BatchNorm is content that the motion brings in from outside, so its
     defect is ``-v c / 2`` on the first and last columns (translate_x) and zero inside."""

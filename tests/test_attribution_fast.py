@@ -1,6 +1,6 @@
 """The fast paths of exact attribution against their references: the defects pass with its
 shortcuts against every node's two terms, the fused ``G h`` against :func:`layerlie.tangent`,
-and the growing source stacks against one propagation per source (METHOD 3-5)."""
+and the growing source stacks against one propagation per source (docs/method.md §3-5)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ AGREE = 1e-5  # fast against reference, relative
 
 def _with_offsets(model: nn.Module) -> nn.Module:
     """Random biases and BatchNorm statistics: timm's init zeroes them, and a zero offset would
-    hide the border defect ``-G b`` of an affine layer (METHOD 3)."""
+    hide the border defect ``-G b`` of an affine layer (docs/method.md §3)."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -134,7 +134,7 @@ def test_growing_source_stacks_equal_one_propagation_per_source(name):
 
 
 def test_rounding_level_defects_are_not_sources():
-    """A 1x1 convolution without offset has ``e_v = 0`` (METHOD 3): its two computed terms differ
+    """A 1x1 convolution without offset has ``e_v = 0`` (docs/method.md §3): its two computed terms differ
     by rounding only, under the floor, so it is no source; the GELU's defect is genuine."""
     net = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.GELU(), nn.Conv2d(4, 4, 3, padding=1))
     gm = ll.trace(net.eval(), softmax=False)

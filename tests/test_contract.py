@@ -4,9 +4,9 @@
   give the same attribution table; ``trace`` and ``antialias`` return the model's logits, and
   ``ll.lee`` of an anti-aliased model is the figure ``ablate`` reports for it;
 - invariants: after ``trace``, no node writes into a value that the engine stores, so a
-  pointwise linear op in front of an in-place activation keeps ``e_v = 0`` (METHOD 3);
+  pointwise linear op in front of an in-place activation keeps ``e_v = 0`` (docs/method.md §3);
 - completeness: a deliberately wrong linearization rule makes the exact and the shares checks
-  fail (METHOD 4), because ``L F`` comes from ``torch.func.jvp`` of the whole graph.
+  fail (docs/method.md §4), because ``L F`` comes from ``torch.func.jvp`` of the whole graph.
 """
 
 from __future__ import annotations

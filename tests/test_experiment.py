@@ -101,7 +101,7 @@ def test_models_fit_a_fixed_batch(name):
 # --- measures --------------------------------------------------------------------------------
 
 def test_relative_lee_matches_finite_differences():
-    """translate_x by t moves content t (W - 1) / 2 pixels (METHOD 1); the central-difference
+    """translate_x by t moves content t (W - 1) / 2 pixels (docs/method.md §1); the central-difference
     derivative of a bilinear sub-pixel shift is the central scheme. The ViT has no max-pool,
     whose ties on the digits' flat background would pick one side of the difference."""
     torch.manual_seed(0)

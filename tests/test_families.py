@@ -1,4 +1,4 @@
-"""Completeness over timm model families (METHOD 3-5): for random-init models of every
+"""Completeness over timm model families (docs/method.md §3-5): for random-init models of every
 architecture family of the published study, the exact per-node contributions sum to the
 end-to-end Lie derivative, for translation and rotation, for every built-in group on a CNN
 and a ViT, and on non-square inputs. Then focused tests of the layout and propagation rules
@@ -248,7 +248,7 @@ class Plain(nn.Module):
 def test_plain_modules_get_every_layout_and_a_blur_pool_lowers_the_defect(group):
     """Every tensor node of the plain-module model has a known layout (no probing needed), the
     attribution is complete, and the blur pool's downsampling node has a smaller local defect,
-    relative to its output, than the strided convolution that it replaces (METHOD 6)."""
+    relative to its output, than the strided convolution that it replaces (docs/method.md §6)."""
     x = smooth_image(1, 3, 32, 32)
     relative = {}
     for blur, node in ((False, "down"), (True, "conv2d")):

@@ -29,7 +29,7 @@ SPATIAL = [g for g in ll.list_groups() if ll.group(g).spatial]
     ("stretch_x", lambda t: [[1 + t, 0, 0], [0, 1, 0]]),
 ])
 def test_matrix_matches_published_table_to_first_order(name, published):
-    """exp(tM) equals the METHOD 1 table's finite transform, exactly where that one is a
+    """exp(tM) equals the docs/method.md §1 table's finite transform, exactly where that one is a
     group and to first order where it is not (scale, stretch)."""
     for t in (1e-3, 0.3):
         diff = (ll.group(name).matrix(t) - torch.tensor(published(t), dtype=torch.float64)).abs().max()
@@ -151,7 +151,7 @@ def test_published_scheme_equals_autograd_of_the_published_sampler(name):
 
 
 def test_published_scheme_is_one_sided_in_stripes():
-    """About 16% of affine_grid's x-coordinates land just below an integer (METHOD 1):
+    """About 16% of affine_grid's x-coordinates land just below an integer (docs/method.md §1):
     there the published derivative is a backward difference."""
     w = 224
     ramp_sq = (torch.arange(w, dtype=torch.float32) ** 2).expand(1, 1, 4, w)

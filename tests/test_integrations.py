@@ -1,5 +1,5 @@
 """Training frameworks: the Lightning callback and the TensorBoard writer log what the monitor
-measures, and the training stays bit-identical (METHOD 2, 4)."""
+measures, and the training stays bit-identical (docs/method.md §2, 4)."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_lightning_callback_logs_the_monitor_and_leaves_training_bit_identical(t
         assert logged.loc[row.step, "layerlie/eq_t"] == pytest.approx(row.eq_t, rel=1e-6)
     types = [f"layerlie/share_{t.replace('/', '_').replace(' ', '_')}/rotate" for t in ll.list_layer_types()]
     assert set(types) < set(logged)
-    # completeness: the logged shares of the types sum to one, within the logged check (METHOD 4)
+    # completeness: the logged shares of the types sum to one, within the logged check (docs/method.md §4)
     sums = logged[types].dropna().sum(axis=1)
     assert ((sums - 1).abs() <= logged["layerlie/share_residual/rotate"].dropna() + 1e-6).all()
 

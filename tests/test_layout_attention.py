@@ -1,4 +1,4 @@
-"""Layouts of attention (METHOD 5, pair layouts).
+"""Layouts of attention (docs/method.md §5, pair layouts).
 
 - analytic: ``G A = G_q A + G_k A`` on a band-limited pair map equals the derivative of the
   map under the motion of both token sets, each at its own sample positions; a hand-built
@@ -76,7 +76,7 @@ def _band_limited_pair(q: Layout, k: Layout, group: ll.Group, g: torch.Generator
         px = (ox + sx * torch.arange(w, dtype=torch.float64))[None, :].expand(h, w).reshape(-1)
         ky, kx = 2 * math.pi * freqs[:, :1] / (h * sy), 2 * math.pi * freqs[:, 1:] / (w * sx)
         phase = ky * py + kx * px  # (terms, h * w)
-        uy, ux = 2 * py / (hy - 1) - 1, 2 * px / (wx - 1) - 1  # normalized positions (METHOD 1)
+        uy, ux = 2 * py / (hy - 1) - 1, 2 * px / (wx - 1) - 1  # normalized positions (docs/method.md §1)
         m = group.generator.double()
         vx, vy = m[0, 0] * ux + m[0, 1] * uy + m[0, 2], m[1, 0] * ux + m[1, 1] * uy + m[1, 2]
         rate = vx * kx * (wx - 1) / 2 + vy * ky * (hy - 1) / 2  # d phase / dt

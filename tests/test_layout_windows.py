@@ -1,4 +1,4 @@
-"""Windowed layouts (METHOD 5, Windows): window and grid partitions, their reverses, rolls and
+"""Windowed layouts (docs/method.md §5, Windows): window and grid partitions, their reverses, rolls and
 patch merging relabel a grid's samples, so ``G`` on them is ``G`` of the reassembled grid and
 they have no defect; then completeness and the unknown-layout share on Swin and MaxViT, and
 completeness on dla34, whose random-init softmax is nearly one-hot."""
@@ -165,7 +165,7 @@ WINDOWED = {
 def test_windowed_families(family):
     """completeness at float32 precision; relabelling nodes have no defect; attention maps in
     windows are windowed pairs (the last stage's single window over the whole grid is a plain
-    token pair); no tensor is unknown (METHOD 5)."""
+    token pair); no tensor is unknown (docs/method.md §5)."""
     name, kwargs = WINDOWED[family]
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).eval()  # as a user makes it: in-place activations and all

@@ -31,7 +31,7 @@ def test_lie_derivative_equals_finite_difference_of_the_finite_transform(name):
 
 def test_image_output_subtracts_the_output_tangent():
     """For an image-to-image map, L f = J[G x] - G f(x), checked against the finite
-    difference of T_-eps f(T_eps x) (METHOD 2)."""
+    difference of T_-eps f(T_eps x) (docs/method.md §2)."""
     torch.manual_seed(0)
     f = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh()).double().eval()
     x = smooth_image(h=24, w=24)
@@ -80,7 +80,7 @@ def test_published_scheme_reproduces_the_published_pipeline(name):
 
 
 def test_published_translation_differs_from_central_on_a_cnn():
-    """METHOD 1: the one-sided published derivative disagrees with the central one."""
+    """docs/method.md §1: the one-sided published derivative disagrees with the central one."""
     model = timm_model("resnet18")
     x = ll.photos(model, n=2)[..., ::2, ::2].contiguous()
     def f(z):

@@ -1,4 +1,4 @@
-"""Finite metrics (METHOD 7): analytic toy models with hand-computed values, and BlurPool."""
+"""Finite metrics (docs/method.md §7): analytic toy models with hand-computed values, and BlurPool."""
 
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def test_metric_errors_are_one_line():
         ll.eq_t(nn.Identity().eval(), x, shifts=[(0, 32)])
 
 
-# --- feature layouts (METHOD 5) ------------------------------------------------------------------
+# --- feature layouts (docs/method.md §5) ------------------------------------------------------------------
 
 class Layouts(nn.Module):
     """One feature map three ways: ``(B, C, H, W)`` (node ``relu``), ``(B, H, W, C)`` (``permute``)

@@ -1,5 +1,5 @@
 """The training monitor: it leaves training bit-identical, follows the live weights, and
-reports one row per measured step and group (METHOD 2, 4, 7)."""
+reports one row per measured step and group (docs/method.md §2, 4, 7)."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_table_has_one_row_per_measured_step_and_group():
     assert math.isnan(t.overhead.iloc[0]) and (t.overhead.iloc[2:] > 0).all()
     assert math.isfinite(mon.overhead) and mon.overhead > 0
     shares = t[[f"share_{k}" for k in ll.list_layer_types()]].sum(axis=1)
-    # completeness: the types' shares sum to 1 up to the reported check (METHOD 4)
+    # completeness: the types' shares sum to 1 up to the reported check (docs/method.md §4)
     assert ((shares - 1).abs() - t.share_residual).abs().max() < TOL[torch.float32]
     assert (t.share_residual < 1e-3).all()
     mon.measure(2)  # measuring a step again replaces its rows

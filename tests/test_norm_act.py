@@ -1,4 +1,4 @@
-"""timm's norm+activation leaves split into a norm node and an activation node (METHOD 3, 6).
+"""timm's norm+activation leaves split into a norm node and an activation node (docs/method.md §3, 6).
 
 References: every split reproduces its leaf bit for bit, with the model's own tensors and
 state_dict keys. Invariants: an eval norm has no defect, so the activation carries what the
@@ -206,7 +206,7 @@ def test_attribution_charges_the_activation_not_the_norm(name):
     types = a.nodes.set_index("node")["layer_type"]
     assert (types[sorted(act_nodes(model))] == "nonlinearity").all()
     by_type = a.by_type()["contribution_norm"]
-    # an eval norm is affine: e_v = 0 (METHOD 3), so what the leaf carried is the activation's
+    # an eval norm is affine: e_v = 0 (docs/method.md §3), so what the leaf carried is the activation's
     assert by_type["norm"] < 1e-4 * by_type["nonlinearity"]
 
 

@@ -1,4 +1,4 @@
-"""Layouts by probing (layerlie.probe, METHOD 5): probing agrees with every explicit rule, decides
+"""Layouts by probing (layerlie.probe, docs/method.md §5): probing agrees with every explicit rule, decides
 the ops that no rule knows (said so in the layout column), says "unknown" for global mixing,
 runs once per (op, input layout, shape), and gives the hooks fallback its layouts; the
 attribution summary counts unknown tensor nodes only."""

@@ -1,4 +1,4 @@
-"""Tangent propagation (SPEC 7): the whole walk against ``torch.func.jvp`` of the model
+"""Tangent propagation (docs/design.md §7): the whole walk against ``torch.func.jvp`` of the model
 (references). Each op's own rule is checked against ``torch.func.jvp`` in test_ops.py."""
 
 from __future__ import annotations

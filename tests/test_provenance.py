@@ -1,4 +1,4 @@
-"""Where the weights came from (SPEC 4): a report and a sweep of what a user holds (a module,
+"""Where the weights came from (docs/design.md §4): a report and a sweep of what a user holds (a module,
 a checkpoint, pretrained weights, a callable) say it in every row, the manifest, the HTML and
 every figure title, and a spec's model tables are checked before anything runs."""
 

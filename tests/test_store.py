@@ -1,4 +1,4 @@
-"""The results store (SPEC 4): atomic parts, failures, a versioned manifest, and damaged files."""
+"""The results store (docs/design.md §4): atomic parts, failures, a versioned manifest, and damaged files."""
 
 from __future__ import annotations
 

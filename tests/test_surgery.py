@@ -1,4 +1,4 @@
-"""Anti-aliased substitutes by graph surgery (METHOD 6): the weights kept, the engine still
+"""Anti-aliased substitutes by graph surgery (docs/method.md §6): the weights kept, the engine still
 complete, the defects of the replaced nodes lowered, APS exactly shift-invariant, and the errors."""
 
 from __future__ import annotations

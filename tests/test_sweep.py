@@ -1,4 +1,4 @@
-"""Sweeps (SPEC 4): spec checks, stable tasks, Ray against the serial path, failures, SIGKILL and resume."""
+"""Sweeps (docs/design.md §4): spec checks, stable tasks, Ray against the serial path, failures, SIGKILL and resume."""
 
 from __future__ import annotations
 

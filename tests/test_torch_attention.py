@@ -1,6 +1,6 @@
 """torch's own attention: ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention`` (batched
 and unbatched) and the ``nn.Transformer`` family, in the models a researcher writes and in
-torchvision's ViT (METHOD 2, 4, 5).
+torchvision's ViT (docs/method.md §2, 4, 5).
 
 - references: the explicit ops that tracing writes equal torch's kernels for every mask form,
   and the twins of torch's modules equal the modules on the same parameters;
@@ -386,7 +386,7 @@ def test_traced_models_write_the_attention_as_ops():
 @pytest.mark.parametrize("name", EAGER)
 def test_lee_equals_finite_differences_and_double_backward(name):
     """float64. The central difference of the finite transform converges to the Lie derivative
-    at first order in eps (bilinear resampling has a kink at t = 0, METHOD 1): each decade of eps
+    at first order in eps (bilinear resampling has a kink at t = 0, docs/method.md §1): each decade of eps
     divides the error by about ten, down to the jvp and not to another value."""
     model, x = build(name, torch.float64), images(torch.float64, name)
     table = ll.lee(model, x, GROUPS)

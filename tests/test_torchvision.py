@@ -1,4 +1,4 @@
-"""torchvision's classification models, one per family, as a user builds them (METHOD 3-5):
+"""torchvision's classification models, one per family, as a user builds them (docs/method.md §3-5):
 completeness at float32 precision and at most 5% unknown layouts; then MaxViT's own window and
 grid partitions (``torch.swapaxes``, ``torch.einsum``) as relabellings and attention pairs.
 ``benchmarks/zoo.py`` measures every model of the list at its default size."""
@@ -69,7 +69,7 @@ SLOW = {"efficientnet"}
 @pytest.mark.parametrize("family", [pytest.param(f, marks=[pytest.mark.slow] if f in SLOW else []) for f in FAMILIES])
 def test_family_is_complete_and_has_its_layouts(family):
     """completeness: exact contributions sum to L F at float32 precision (rotate: a field that
-    varies in space); at most 5% of the tensor nodes have an unknown layout (METHOD 5)."""
+    varies in space); at most 5% of the tensor nodes have an unknown layout (docs/method.md §5)."""
     make, size = FAMILIES[family]
     torch.manual_seed(0)
     model = make().eval()
@@ -117,7 +117,7 @@ def test_maxvit_partitions_have_no_defect(group):
 
 
 def test_maxvit_attention_maps_are_pairs():
-    """METHOD 5, pair layouts: ``einsum("BGHID,BGHJD->BGHIJ", q, k)``, the bias, the softmax over
+    """docs/method.md §5, pair layouts: ``einsum("BGHID,BGHJD->BGHIJ", q, k)``, the bias, the softmax over
     keys, and ``einsum("BGHIJ,BGHJD->BGHID", A, v)`` back to windows, in block and grid attention."""
     torch.manual_seed(0)
     gm = ll.trace(_small_maxvit().eval())

@@ -1,9 +1,9 @@
-"""The model contract on models a user writes (SPEC 2): each through every public measurement.
+"""The model contract on models a user writes (docs/design.md §2): each through every public measurement.
 
 - references: each measurement of a user's model (in training mode, with a tuple, dict or
   ``.logits`` output, one channel, float64) equals the measurement of its eval-mode twin that
   returns the logits tensor, or is a one-line ``LayerlieError`` that names the fix;
-- completeness: the exact and the shares checks hold on every such model (METHOD 4);
+- completeness: the exact and the shares checks hold on every such model (docs/method.md §4);
 - invariants: the caller's module is unchanged by every call: its state dict, every module's
   training flag and plain attributes (``inplace``), its parameters' ``requires_grad`` and
   ``.grad``, and every hook dict (:func:`snapshot`).
@@ -181,7 +181,7 @@ def tol(model: nn.Module) -> float:
 
 
 def lee_of(f: nn.Module, x: torch.Tensor, groups: list[str]) -> torch.Tensor:
-    """The published LEE by hand, ``mean |L softmax(f(x))|`` per group and image (METHOD 2)."""
+    """The published LEE by hand, ``mean |L softmax(f(x))|`` per group and image (docs/method.md §2)."""
     with torch.no_grad():
         x = x.to(next(f.parameters()))
         d = ll.lie_derivative(lambda z: f(z).softmax(-1), x, groups)

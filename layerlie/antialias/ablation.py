@@ -1,4 +1,4 @@
-"""Before/after ablations of anti-aliased substitutes (METHOD 6).
+"""Before/after ablations of anti-aliased substitutes (docs/method.md §6).
 
 Each variant is the model with one family of substitutes swapped in by
 :func:`layerlie.antialias`, the weights kept, so the comparison isolates what aliasing
@@ -63,7 +63,7 @@ def list_variants() -> list[str]:
 
 @dataclass
 class Ablation:
-    """A before/after comparison of anti-aliased variants of one model (METHOD 6).
+    """A before/after comparison of anti-aliased variants of one model (docs/method.md §6).
 
     Attributes:
         table: one row per variant (``original`` first): variant, replaced (node count),
@@ -107,7 +107,7 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
            groups: str | Iterable[str] = ("translate_x", "rotate"), labels: torch.Tensor | None = None,
            estimator: Estimator = "exact", scheme: str = "central", filter_size: int = 3,
            where: Where = None, output: Output = None) -> Ablation:
-    """Compare ``model`` with its anti-aliased variants at images ``x: (B, C, H, W)`` (METHOD 6).
+    """Compare ``model`` with its anti-aliased variants at images ``x: (B, C, H, W)`` (docs/method.md §6).
 
     Args:
         model: a model or a traced GraphModule, taken by the model contract

@@ -1,4 +1,4 @@
-"""Anti-aliased substitutes by graph surgery, with the weights kept (METHOD 6).
+"""Anti-aliased substitutes by graph surgery, with the weights kept (docs/method.md §6).
 
 :func:`antialias` returns a new traced model in which chosen nodes are replaced:
 
@@ -18,7 +18,7 @@ checkpoint loads as is). ``meta["layerlie.surgery"]`` records, for each replaced
 nodes that compute its output, so the attribution tables before and after can be compared.
 
 The samplers are leaf modules that subclass the layer kind whose layout rule places their samples
-(METHOD 5): :class:`BlurPool2d` is an ``nn.Conv2d`` (kernel, stride, padding before), and
+(docs/method.md §5): :class:`BlurPool2d` is an ``nn.Conv2d`` (kernel, stride, padding before), and
 :class:`PolyphaseSample` is a 1 x 1 ``nn.AvgPool2d``. :class:`FilteredActivation` keeps its input's
 shape and layout; its twice-as-fine grid lives inside the leaf, where no layout rule has to follow it.
 
@@ -120,7 +120,7 @@ class BlurPool2d(nn.Conv2d):
     """A binomial blur that subsamples by ``stride``, channel by channel (Zhang 2019).
 
     A fixed depthwise ``nn.Conv2d``, so that layerlie's layout rule for convolutions places its
-    samples (METHOD 5); its kernel is a non-persistent buffer, not a parameter. ``padding`` is
+    samples (docs/method.md §5); its kernel is a non-persistent buffer, not a parameter. ``padding`` is
     the padding before each axis, ``(filter_size - 1) // 2``; an even size pads one more after,
     as antialiased-cnns and kornia do, which moves the samples half a pixel.
 
@@ -329,7 +329,7 @@ def _is_patch_embedding(conv: nn.Conv2d) -> bool:
 
 
 class Resampled(nn.Sequential):
-    """A strided layer taken apart (METHOD 6): the layer at stride 1 with its own weights (child
+    """A strided layer taken apart (docs/method.md §6): the layer at stride 1 with its own weights (child
     ``layer``), then a sampler with the old stride: ``blur`` (:class:`BlurPool2d`) or, for APS, an
     optional ``blur`` at stride 1 and ``aps`` (:class:`PolyphaseSample`). A patch embedding keeps
     its stride and gets a ``blur`` at stride 1 before it. Convolutions pad the blur in their own
@@ -381,7 +381,7 @@ class Resampled(nn.Sequential):
         return " -> ".join(parts)
 
 
-# The substitutes as ops. Their linearization rules (SPEC 7) fold the K tangents into the batch
+# The substitutes as ops. Their linearization rules (docs/design.md §7) fold the K tangents into the batch
 # and compute the primal-dependent parts (slope, phase) once; no surgery replaces them again.
 
 def _blurpool_rule(call: Call, tangents: Tangents) -> torch.Tensor:
@@ -533,7 +533,7 @@ class Replacement(NamedTuple):
 def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activations: str | None = None,
               aps: bool = False, filter_size: int = 3, where: Where = None,
               example: torch.Tensor | None = None, output: Output = None) -> fx.GraphModule:
-    """A copy of ``model`` with anti-aliased substitutes, the weights kept (METHOD 6).
+    """A copy of ``model`` with anti-aliased substitutes, the weights kept (docs/method.md §6).
 
     Args:
         model: a model (traced here with :func:`layerlie.trace`, in eval mode) or a traced

@@ -1,4 +1,4 @@
-"""torch's own attention, made measurable (METHOD 2, METHOD 5: pair layouts).
+"""torch's own attention, made measurable (docs/method.md §2, docs/method.md §5: pair layouts).
 
 ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` compute the attention map
 inside one kernel. Two things follow, and this module answers both:
@@ -14,7 +14,7 @@ inside one kernel. Two things follow, and this module answers both:
   private copy, every ``nn.MultiheadAttention`` and every module of the ``nn.Transformer``
   family by its twin (:func:`explicit_attention_modules`): the same parameters under the same
   names, with a forward that fx traces into those ops. The attention map is then a node with a
-  pair layout (METHOD 5), and its defect is charged where it arises rather than to one opaque
+  pair layout (docs/method.md §5), and its defect is charged where it arises rather than to one opaque
   call.
 
 Example:
@@ -61,7 +61,7 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None, is_ca
     ``mask`` keeps the keys where it is True, a float one is added; ``is_causal`` keeps key
     ``j <= i`` for query ``i``. A query that keeps no key attends to nothing (zeros), as in torch's
     math backend. One op, so that no node of the graph holds the ``-inf`` of a masked score,
-    where ``G`` of the map (METHOD 5) would be undefined."""
+    where ``G`` of the map (docs/method.md §5) would be undefined."""
     if is_causal:
         keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
@@ -105,7 +105,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               is_causal: bool = False, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax(q k^T * scale, masked) v`` as explicit ops, and the map: ``q (..., L, E)``,
     ``k (..., S, E)``, ``v (..., S, Ev)`` give ``(..., L, Ev)`` and ``A (..., L, S)``
-    (METHOD 5: ``q @ k^T`` is a pair map, ``A @ V`` tokens again)."""
+    (docs/method.md §5: ``q @ k^T`` is a pair map, ``A @ V`` tokens again)."""
     _constant(is_causal, "is_causal")
     scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5 if scale is None else scale)
     attn = scores.softmax(-1) if mask is None and not is_causal else masked_softmax(scores, mask, is_causal)
@@ -137,7 +137,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 class _Twin(nn.Module):
     """``Twin(module)``: the torch module ``module`` with a forward that fx traces into explicit
     ops. The twin holds ``module``'s attributes, parameter and buffer tensors and children under
-    the same names, so ``state_dict()`` keys and tensors are the same (METHOD 3). A twin class
+    the same names, so ``state_dict()`` keys and tensors are the same (docs/method.md §3). A twin class
     names its torch class second: ``class Twin(_Twin, nn.SomeModule)``."""
 
     def __init__(self, module: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Tangent propagation over a traced graph: one primal pass, stacked tangents (SPEC 7).
+"""Tangent propagation over a traced graph: one primal pass, stacked tangents (docs/design.md §7).
 
 Every measurement is this walk. An fx ``Interpreter`` runs each node once and, beside its
 value, carries a stack of K tangents ``(K, *shape)``: the linear part of the node's op

@@ -1,4 +1,4 @@
-"""One-parameter groups acting on images (METHOD 1).
+"""One-parameter groups acting on images (docs/method.md §1).
 
 A spatial group is ``g_t = exp(t M)`` for a 2x3 affine generator ``M`` acting on
 normalized coordinates ``(u_x, u_y, 1)`` (``affine_grid`` convention,
@@ -44,7 +44,7 @@ GroupKind = Literal["affine", "channel"]
 
 @dataclass(frozen=True, eq=False)
 class Group:
-    """A one-parameter group of image transforms (METHOD 1).
+    """A one-parameter group of image transforms (docs/method.md §1).
 
     Attributes:
         name: registry name.
@@ -163,7 +163,7 @@ def register_group(g: Group, *, builtin: bool = False) -> Group:
 
 
 def list_groups(compat: bool = False) -> list[str]:
-    """The built-in group names (METHOD 1 table) followed by registered custom ones.
+    """The built-in group names (docs/method.md §1 table) followed by registered custom ones.
     Compatibility maps that are not groups are listed only with ``compat=True``."""
     return [n for n, g in _GROUPS.items() if compat or g.origin is None]
 
@@ -186,7 +186,7 @@ _FORM = ("write a custom group as 'affine:NAME=a,b,c;d,e,f' (the rows of the 2x3
 
 
 def parse_group(spec: str) -> Group:
-    """A group from its text: a registered name, or a generator written row by row (METHOD 1).
+    """A group from its text: a registered name, or a generator written row by row (docs/method.md §1).
 
     ``"affine:NAME=a,b,c;d,e,f"`` is ``Group.affine(NAME, [[a, b, c], [d, e, f]])``;
     ``"channel:NAME=row1;...;rowC"`` is ``Group.channel``. Both are validated as those are.

@@ -1,4 +1,4 @@
-"""Cheaper forward-mode rules for the ops that dominate a model's tangent pass (METHOD 2).
+"""Cheaper forward-mode rules for the ops that dominate a model's tangent pass (docs/method.md §2).
 
 PyTorch's generated forward-mode formulas treat an input without a tangent as a zero
 tensor and still run the term that multiplies it. For a convolution or a linear layer

@@ -1,4 +1,4 @@
-"""Layouts of a graph's tensors and where their samples sit in the input (METHOD 5).
+"""Layouts of a graph's tensors and where their samples sit in the input (docs/method.md §5).
 
 A :class:`Layout` says which axes of a node's tensor are spatial (``grid``: an H and a W
 axis; ``tokens``: one axis of ``P + H * W`` tokens; ``pair``: two token axes, as in an
@@ -47,7 +47,7 @@ Coords = Literal["receptive_field", "published"]
 
 @dataclass(frozen=True)
 class Layout:
-    """Spatial structure of a tensor (METHOD 5).
+    """Spatial structure of a tensor (docs/method.md §5).
 
     Attributes:
         kind: ``grid`` (axes ``y_dim``, ``x_dim``), ``tokens`` (axis ``token_dim`` holds
@@ -61,9 +61,9 @@ class Layout:
         key: for a ``pair``, the ``tokens`` layout of its key axis (its own prefix, grid and
             sample positions: queries and keys may sit on different grids).
         windows: for ``windows``, how the tensor's axes are cut from the grid (axes
-            ``y_dim``, ``x_dim``, size ``hw``) whose samples it holds (METHOD 5, Windows).
+            ``y_dim``, ``x_dim``, size ``hw``) whose samples it holds (docs/method.md §5, Windows).
         key_windows: for an attention map inside windows, the same for its key axis,
-            ``windows`` holding the query axis: ``G`` is the sum of the two (METHOD 5, Pair
+            ``windows`` holding the query axis: ``G`` is the sum of the two (docs/method.md §5, Pair
             layouts). The key index counts within the window, so at a window border ``G``
             compares the attention paid to the neighbouring window's keys: where windows break
             equivariance.
@@ -93,7 +93,7 @@ class Layout:
     @property
     def moves(self) -> bool:
         """Whether ``G`` acts on the tensor: image-like, a pair of token axes, or windowed
-        (METHOD 5)."""
+        (docs/method.md §5)."""
         return self.spatial or self.kind in ("pair", "windows")
 
     @property
@@ -139,7 +139,7 @@ TUPLE = Layout("tuple")
 
 def layout_tangent(h: torch.Tensor, layout: Layout, group: Group, scheme: str = "central",
                    coords: Coords = "receptive_field") -> torch.Tensor:
-    """``G_v h`` for a tensor of known layout (METHOD 5); zero for non-spatial layouts and
+    """``G_v h`` for a tensor of known layout (docs/method.md §5); zero for non-spatial layouts and
     for channel groups, which act on the input alone. On a pair map ``G A = G_q A + G_k A``:
     the derivative along each token axis at that axis's own sample positions."""
     if not layout.moves or not group.spatial:
@@ -173,7 +173,7 @@ def layout_tangent(h: torch.Tensor, layout: Layout, group: Group, scheme: str = 
 def _central_tangent(h: torch.Tensor, group: Group, frame: Frame, out: torch.Tensor) -> torch.Tensor:
     """``tangent(h, group, "central", frame)`` written into ``out`` (a view of ``h``'s shape) in
     about two passes over ``h`` per moving axis, where the general path allocates and copies
-    some eight times: ``G h = v . grad h`` with the central difference (METHOD 1). The defects
+    some eight times: ``G h = v . grad h`` with the central difference (docs/method.md §1). The defects
     pass takes ``G_v h_v`` of every node, so this is most of its cost beyond the forward."""
     moving = _fields(tuple(group.generator.flatten().tolist()), frame, tuple(h.shape), h.dtype, h.device)
     if not moving:
@@ -252,7 +252,7 @@ class LayoutProp(Propagator):
         return out
 
     def _check_positions(self, n: fx.Node, lay: Layout) -> None:
-        """Inputs of one op whose samples sit at different input positions (METHOD 5: e.g. the
+        """Inputs of one op whose samples sit at different input positions (docs/method.md §5: e.g. the
         avg-pool shortcut of resnet-d): the output takes the first's, and ``e_v`` carries the rest."""
         inputs = [a for a in n.all_input_nodes if self._lay(a).spatial and self._lay(a).hw == lay.hw]
         where = {(self._lay(a).y, self._lay(a).x) for a in inputs}
@@ -310,7 +310,7 @@ class LayoutProp(Propagator):
         return UNKNOWN if out.ndim >= 3 else NONE
 
     def _probed(self, n: fx.Node, fn: Any, args: list, first: int, lay: Layout, out: torch.Tensor) -> Layout | None:
-        """The layout of an op that no rule knows, from its receptive field (METHOD 5,
+        """The layout of an op that no rule knows, from its receptive field (docs/method.md §5,
         :mod:`layerlie.core.probe`): the grid stays on the same axes; an op that mixes globally gets
         ``unknown``, said as probed."""
         if n.op not in ("call_module", "call_function", "call_method") or not isinstance(out, torch.Tensor) \
@@ -360,7 +360,7 @@ class LayoutProp(Propagator):
               out: torch.Tensor, lays: list[Layout]) -> Layout | None:
         if lay.kind == "grid" and out.ndim == src.ndim and max(src.shape[lay.y_dim], src.shape[lay.x_dim]) > 1 \
                 and out.shape[lay.y_dim] == out.shape[lay.x_dim] == 1:
-            return NONE  # global pooling: no spatial axes left (METHOD 3)
+            return NONE  # global pooling: no spatial axes left (docs/method.md §3)
         if any(a.kind == "pair" for a in lays):
             return _attention_rule(fn, method, args, n.kwargs, lays, out) or UNKNOWN
         window = _window(fn, args, n.kwargs)
@@ -387,7 +387,7 @@ class LayoutProp(Propagator):
         if lay.kind == "tokens" and _norm_dim(lay.token_dim, src.ndim) == src.ndim - 1 \
                 and (isinstance(fn, nn.Linear) or fn is F.linear) and out.shape[-1] != src.shape[-1]:
             # a token-mixing layer (MLP-Mixer) to hidden units: they sit at no position, and the
-            # mixing weight's own defect is charged here (METHOD 5: a fixed pair map is genuine)
+            # mixing weight's own defect is charged here (docs/method.md §5: a fixed pair map is genuine)
             return NONE
         return self._same_positions(lay, src, out)
 
@@ -494,7 +494,7 @@ class LayoutProp(Propagator):
 
     def _windowed(self, n: fx.Node, fn: Any, method: str | None, args: list, lay: Layout, src: Any,
                   out: torch.Tensor, lays: list[Layout]) -> Layout | None:
-        """Window partitions and reverses, rolls and space-to-depth (METHOD 5, Windows), and
+        """Window partitions and reverses, rolls and space-to-depth (docs/method.md §5, Windows), and
         the ops that act on windowed tensors without moving their samples."""
         win = _windows_of(lay, src.shape) if isinstance(src, torch.Tensor) else None
         if win is None:
@@ -521,7 +521,7 @@ class LayoutProp(Propagator):
         return _relabelled(lay, win, lambda w: w.resized(s, o), o)
 
     def _matmul(self, args: list, lays: list[Layout], out: torch.Tensor) -> Layout | None:
-        """A matrix product: attention's ``q @ k^T`` and ``A @ V`` (METHOD 5, pair layouts), their
+        """A matrix product: attention's ``q @ k^T`` and ``A @ V`` (docs/method.md §5, pair layouts), their
         windowed forms, a weight acting on channels or a fixed map acting across tokens."""
         (a, b), (la, lb) = args[:2], lays[:2]
         if la.kind == "windows" or lb.kind == "windows":
@@ -565,7 +565,7 @@ class LayoutProp(Propagator):
     def _windowed_matmul(self, args: list, lays: list[Layout]) -> Layout | None:
         """``A @ v`` with ``A`` a map over the window's tokens takes ``v``'s layout; ``h @ W``
         with ``W`` a weight acts on channels; ``q @ k^T`` is a pair map over the window's
-        tokens (METHOD 5, Pair layouts), whose ``G`` acts on both token axes."""
+        tokens (docs/method.md §5, Pair layouts), whose ``G`` acts on both token axes."""
         (a, b), (la, lb) = args[:2], lays[:2]
         out = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
         if lb.kind == "windows" and lb.key_windows is None and (la.key_windows is not None or not la.moves) \
@@ -877,7 +877,7 @@ def _stack(lays: list[Layout], dim: int, ndim: int) -> Layout:
 
 def _attention_rule(fn: Any, method: str | None, args: list, kwargs: dict, lays: list[Layout],
                     out: torch.Tensor) -> Layout | None:
-    """Attention (METHOD 5, pair layouts): ``q @ k^T`` makes a pair map, the ops on it (scale,
+    """Attention (docs/method.md §5, pair layouts): ``q @ k^T`` makes a pair map, the ops on it (scale,
     additive bias, softmax over keys, dropout, permutes, a mean over heads) keep it, ``A @ V``
     gives tokens on the query axis; a product that sums over the tokens (``q^T k`` of
     cross-covariance attention) leaves a map with no spatial axes, and a channel map times
@@ -926,7 +926,7 @@ def _reduced_pair(lay: Layout, args: list, kwargs: dict, src: torch.Tensor, out:
 
 
 def infer_layouts(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Layout]:
-    """Every node's :class:`Layout` for input ``x`` (METHOD 5), by name."""
+    """Every node's :class:`Layout` for input ``x`` (docs/method.md §5), by name."""
     prop = LayoutProp(gm)
     prop.propagate(x, None)
     return prop.layouts

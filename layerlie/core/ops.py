@@ -1,10 +1,10 @@
-"""One registry of what layerlie knows about each op (METHOD 3, 5, 6; SPEC 7).
+"""One registry of what layerlie knows about each op (docs/method.md §3, 5, 6; docs/design.md §7).
 
 An op is a module class (matched through its MRO, so timm's ``Conv2dSame`` or ``StdConv2d``
 count as convolutions), a function, or a tensor-method name. Its :class:`Op` entry holds all of
-its knowledge: its layer type (METHOD 3), its linearization rule for the engine (SPEC 7),
-whether it is pointwise in space, its window for receptive-field layouts (METHOD 5), its
-dense output at stride 1 and module form (METHOD 6), the surgery policies that replace it,
+its knowledge: its layer type (docs/method.md §3), its linearization rule for the engine (docs/design.md §7),
+whether it is pointwise in space, its window for receptive-field layouts (docs/method.md §5), its
+dense output at stride 1 and module form (docs/method.md §6), the surgery policies that replace it,
 and a tiny example on which the conformance tests check all of that. Adding an op is one
 :func:`register_op` call; layout inference, the engine, attribution, the alias measure and
 surgery read nothing else.
@@ -44,8 +44,8 @@ if TYPE_CHECKING:
 
 LAYER_TYPES = ("nonlinearity", "strided/downsampling", "conv", "linear", "norm", "attention", "residual add",
                "reshape/other", "output")
-"""The layer types of the tables (METHOD 3); ``output`` is the softmax appended as the measured
-output (METHOD 2), which is not a layer of the model."""
+"""The layer types of the tables (docs/method.md §3); ``output`` is the softmax appended as the measured
+output (docs/method.md §2), which is not a layer of the model."""
 
 Tangents = dict[int, Any]
 Rule = Callable[["Call", Tangents], Any]
@@ -55,7 +55,7 @@ Example = Callable[[Any], tuple[Callable[..., Any], tuple]]
 
 
 class Window(NamedTuple):
-    """A spatial window op's geometry, ``(y, x)`` pairs (METHOD 5); ``padding`` is before. The
+    """A spatial window op's geometry, ``(y, x)`` pairs (docs/method.md §5); ``padding`` is before. The
     kernel of a functional convolution is None where its weight is a graph node, not a value
     (whether an op is strided needs only its stride)."""
 
@@ -78,8 +78,8 @@ class Op:
         key: the module class, function or tensor-method name.
         layer_type: one of :data:`LAYER_TYPES`, or a function of the node (a residual add
             needs two tensor inputs).
-        linearize: the engine's rule (SPEC 7); None: ``torch.func.jvp`` under ``vmap``.
-        pointwise: applied elementwise, so pointwise in space (an activation, METHOD 6).
+        linearize: the engine's rule (docs/design.md §7); None: ``torch.func.jvp`` under ``vmap``.
+        pointwise: applied elementwise, so pointwise in space (an activation, docs/method.md §6).
         normalizes: ``(fn, args, kwargs) -> k`` for an op that mixes only its last ``k`` axes
             (a layer norm): pointwise in space where none of them is spatial.
         window: ``(fn, args, kwargs) -> Window`` for a 2-D window op (convolution, pooling,
@@ -87,8 +87,8 @@ class Op:
         resample: ``(fn, args, kwargs, out) -> {axis: (scale, shift)}`` for an op that moves
             samples without a window (``F.pad`` on any axes, upsampling, adaptive pooling,
             depth-to-space): output sample ``j`` of each input axis named sits at input sample
-            ``shift + scale * j``; the axes not named keep their samples (METHOD 5).
-        dense: ``call -> output at stride 1`` on the same input (METHOD 6, the alias measure).
+            ``shift + scale * j``; the axes not named keep their samples (docs/method.md §5).
+        dense: ``call -> output at stride 1`` on the same input (docs/method.md §6, the alias measure).
         module: ``(node args, node kwargs) -> nn.Module | None``: a functional op as a module.
         substitutes: the surgery policies that may replace it.
         example: ``key -> (callable, args)``: a tiny float64 instance for the conformance tests.
@@ -143,7 +143,7 @@ def _update(key: Any, **knowledge: Any) -> None:
 def register_rule(*keys: Any) -> Callable[[Rule], Rule]:
     """Register a linearization rule for ops (functions, method names, module classes), as a
     decorator. A rule gets ``(call, tangents)``, where ``tangents`` maps flat-argument
-    positions to ``(K, *shape)`` stacks, and returns the output's tangent stack (SPEC 7)."""
+    positions to ``(K, *shape)`` stacks, and returns the output's tangent stack (docs/design.md §7)."""
 
     def deco(rule: Rule) -> Rule:
         for key in keys:
@@ -155,7 +155,7 @@ def register_rule(*keys: Any) -> Callable[[Rule], Rule]:
 
 def register_layer_type(cls: Any, kind: str) -> Any:
     """Count the op ``cls`` (a module class and its subclasses, or a function) as layer type
-    ``kind``, one of :data:`LAYER_TYPES` (METHOD 3)."""
+    ``kind``, one of :data:`LAYER_TYPES` (docs/method.md §3)."""
     if kind not in LAYER_TYPES:
         raise LayerlieError(f"unknown layer type {kind!r}; valid: {', '.join(LAYER_TYPES)}")
     _update(cls, layer_type=kind)
@@ -255,7 +255,7 @@ def is_pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
 def is_pointwise_in_space(gm: fx.GraphModule, node: fx.Node, args: Sequence[Any], kwargs: Mapping[str, Any],
                           spatial: Sequence[int]) -> bool:
     """Whether ``node``, called on ``args``, acts on each position of the ``spatial`` axes of
-    its input on its own (METHOD 6): an elementwise op, or one that mixes only trailing axes
+    its input on its own (docs/method.md §6): an elementwise op, or one that mixes only trailing axes
     that are not spatial (a LayerNorm over channels)."""
     op = get_op(gm, node)
     if op is None or op.pointwise:
@@ -269,8 +269,8 @@ def is_pointwise_in_space(gm: fx.GraphModule, node: fx.Node, args: Sequence[Any]
 
 def is_strided(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, Any] | None = None,
                layout: Callable[[fx.Node], Layout] | None = None) -> bool:
-    """Whether ``node`` lowers the resolution (METHOD 6): a window op by its stride, any other op
-    by its layouts (``layout(node)``, METHOD 5), where the samples of a spatial input are
+    """Whether ``node`` lowers the resolution (docs/method.md §6): a window op by its stride, any other op
+    by its layouts (``layout(node)``, docs/method.md §5), where the samples of a spatial input are
     denser than the output's (slicing, space-to-depth). ``values`` fill in tensor arguments."""
     op = get_op(gm, node)
     if op is not None and op.window is not None:
@@ -285,7 +285,7 @@ def is_strided(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, Any] 
 
 
 def layer_type(gm: fx.GraphModule, node: fx.Node, strided_node: bool | None = None) -> str:
-    """The layer type of a node, for aggregation (METHOD 3). A strided node (``strided_node``,
+    """The layer type of a node, for aggregation (docs/method.md §3). A strided node (``strided_node``,
     from :func:`is_strided` with layouts; by default from the op's window) is a downsampling layer
     unless its op says it is a norm, an activation or an attention op. The softmax that
     :func:`layerlie.model.trace.with_output` appends is the ``output``."""
@@ -305,7 +305,7 @@ def layer_type(gm: fx.GraphModule, node: fx.Node, strided_node: bool | None = No
 
 
 def module_type(m: nn.Module) -> str | None:
-    """The layer type of a module from its class, or None without an entry (METHOD 3)."""
+    """The layer type of a module from its class, or None without an entry (docs/method.md §3)."""
     op = get_op(type(m))
     if op is None or callable(op.layer_type):
         return None
@@ -330,7 +330,7 @@ def stride_one(layer: nn.Module) -> nn.Module:
     return twin
 
 
-# --- windows (METHOD 5) ---------------------------------------------------------------------
+# --- windows (docs/method.md §5) ---------------------------------------------------------------------
 
 def _same_before(size: int, k: int, s: int, d: int) -> int:
     """The padding before an axis under timm's dynamic 'same' padding (``pad_same``)."""
@@ -436,7 +436,7 @@ def _nearest(n_in: int, n_out: int, scale: float | None = None) -> tuple[float, 
 
 def _resized(x: torch.Tensor, out: torch.Tensor, factor: Any, align_corners: bool | None,
              recompute: bool | None, mode: str = "nearest") -> Axes:
-    """Resizing of the axes after the channels (METHOD 5): corners on corners with
+    """Resizing of the axes after the channels (docs/method.md §5): corners on corners with
     ``align_corners``, else pixel centres, or legacy ``nearest``'s copies; a scale factor that
     is not recomputed sets the spacing itself, as in torch's source-index arithmetic."""
     axes: Axes = {}
@@ -473,7 +473,7 @@ def _centres(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch
     return {d: _half_pixel(x.shape[d], out.shape[d]) for d in (x.ndim - 2, x.ndim - 1)}
 
 
-# --- stride-1 twins and module forms (METHOD 6) ---------------------------------------------
+# --- stride-1 twins and module forms (docs/method.md §6) ---------------------------------------------
 
 def _module_dense(call: Call) -> Any:
     args, kwargs = call.rebuild()
@@ -504,7 +504,7 @@ def _pool_module(cls: type[nn.Module], names: Sequence[str]) -> Callable[[tuple,
     return module
 
 
-# --- linearization rules (SPEC 7): the K tangents folded into the batch ----------------------
+# --- linearization rules (docs/design.md §7): the K tangents folded into the batch ----------------------
 
 def _fold(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(0, 1)
@@ -856,7 +856,7 @@ register_op(F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky
             torch.relu, torch.sigmoid, torch.tanh, torch.exp, example=call_example(), **_ACTIVATION)
 register_op("relu", "sigmoid", "tanh", "exp", "sin", "cos", example=_method_example(), **_ACTIVATION)
 
-# padding, resizing, adaptive pooling and space <-> depth: where they move the samples (METHOD 5)
+# padding, resizing, adaptive pooling and space <-> depth: where they move the samples (docs/method.md §5)
 _PAD = (1, 2, 0, 3)
 register_op(nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d, window=_pad_window,
             example=module_example(_PAD))

@@ -1,4 +1,4 @@
-"""Sample positions by probing an op's receptive field, for ops that no rule knows (METHOD 5).
+"""Sample positions by probing an op's receptive field, for ops that no rule knows (docs/method.md §5).
 
 An op that moves samples locally (a convolution, a pool, a padding, a module of them) puts
 each output sample over a compact set of input pixels. The gradient of one output sample with
@@ -126,7 +126,7 @@ def probe_axes(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dims
                key: Hashable | None = None, owner: torch.nn.Module | None = None) -> tuple[Axis, Axis] | None:
     """``((scale, shift) of y, (scale, shift) of x)`` of the op's output grid on axes ``dims``
     (the same axes as the input's), in input samples; None where the op is not local along
-    both axes or cannot be probed (METHOD 5). ``key`` (hashable: the op's constants and the
+    both axes or cannot be probed (docs/method.md §5). ``key`` (hashable: the op's constants and the
     input's layout) caches the result per input shape; with ``owner``, the module that the op
     calls, for as long as that module lives."""
     if owner is not None:

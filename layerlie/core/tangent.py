@@ -1,4 +1,4 @@
-"""The tangent ``G h = d/dt T_t h |_{t=0}`` of an image-like tensor (METHOD 1, 5).
+"""The tangent ``G h = d/dt T_t h |_{t=0}`` of an image-like tensor (docs/method.md §1, 5).
 
 For an affine group, ``G h = v(u) . grad_u h``: the velocity field at the samples'
 normalized positions times a discrete spatial derivative. For a channel group,
@@ -40,7 +40,7 @@ from layerlie.core.groups import Group
 
 @dataclass(frozen=True)
 class Frame:
-    """Where the samples of an image-like tensor sit (METHOD 5).
+    """Where the samples of an image-like tensor sit (docs/method.md §5).
 
     Attributes:
         y_dim, x_dim: the tensor axes that are H and W.
@@ -132,7 +132,7 @@ _SCHEMES["published"] = None  # not an axis derivative: see published_sampler_te
 
 def tangent(h: torch.Tensor, group: Group, scheme: str = "central",
             frame: Frame = IMAGE) -> torch.Tensor:
-    """``G h`` for an image-like tensor (METHOD 1, 5).
+    """``G h`` for an image-like tensor (docs/method.md §1, 5).
 
     Args:
         h: image-like tensor, e.g. ``(B, C, H, W)``; ``frame`` names its axes.

@@ -1,4 +1,4 @@
-"""Windowed tensors: a grid's samples relabelled by reshapes, permutes and rolls (METHOD 5, Windows).
+"""Windowed tensors: a grid's samples relabelled by reshapes, permutes and rolls (docs/method.md §5, Windows).
 
 Window attention cuts a grid ``(B, H, W, C)`` into windows ``(B * nW, w, w, C)`` (Swin, MaxViT's
 block attention) or into dilated grids (MaxViT's grid attention), and Swin rolls the grid before
@@ -34,7 +34,7 @@ Atom = tuple[int, int]
 
 @dataclass(frozen=True)
 class Windows:
-    """How a tensor's axes are cut from a grid (METHOD 5, Windows).
+    """How a tensor's axes are cut from a grid (docs/method.md §5, Windows).
 
     Attributes:
         grid: the grid's shape; axis 0 is the batch, ``y_dim`` and ``x_dim`` are spatial, the

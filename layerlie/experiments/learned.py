@@ -3,8 +3,8 @@
 A run is one (dataset, model, condition): a model built from a fixed seed, measured at
 initialisation, trained with a :class:`layerlie.Monitor` in the loop, and measured again at
 the end. Each measurement point records the held-out accuracy, the published e2e LEE per group
-in the central and spectral schemes (METHOD 2), the signed layer shares by type (METHOD 4),
-and the shift consistency and EQ-T (METHOD 7).
+in the central and spectral schemes (docs/method.md §2), the signed layer shares by type (docs/method.md §4),
+and the shift consistency and EQ-T (docs/method.md §7).
 
 Data ships with the packages, nothing is downloaded (:data:`DATASETS`):
 
@@ -320,7 +320,7 @@ def _probe_indices(split: Split, n: int, seed: int) -> torch.Tensor:
 
 def measure(model: nn.Module, split: Split, config: Config, probe: torch.Tensor) -> dict[str, pd.DataFrame]:
     """One measurement point, in eval mode: the e2e LEE per image, group and scheme; the
-    signed shares by layer type (of the logits, METHOD 4); accuracy, consistency and EQ-T.
+    signed shares by layer type (of the logits, docs/method.md §4); accuracy, consistency and EQ-T.
 
     Returns:
         The ``e2e``, ``layers`` and ``metrics`` rows of this point.
@@ -347,7 +347,7 @@ def measure(model: nn.Module, split: Split, config: Config, probe: torch.Tensor)
 
 def relative_lee(model: nn.Module, x: torch.Tensor, groups: tuple[str, ...], scheme: str) -> pd.DataFrame:
     """``||L z(x)|| / ||z(x)||`` per image and group, with ``z`` the logits centred over the
-    classes (METHOD 2): unlike the softmax LEE it does not grow when the logits only scale up,
+    classes (docs/method.md §2): unlike the softmax LEE it does not grow when the logits only scale up,
     as they do in training, so that a trained model and its initialisation compare.
 
     Returns:

@@ -1,4 +1,4 @@
-"""A Lightning callback that measures equivariance along a fit (METHOD 2, 4, 7).
+"""A Lightning callback that measures equivariance along a fit (docs/method.md §2, 4, 7).
 
 :class:`LieMonitor` builds a :class:`layerlie.Monitor` when the fit starts, once Lightning has
 put the module on its device, with the probe batch moved there; it measures every ``every``
@@ -29,7 +29,7 @@ from layerlie.measure.monitor import Metrics, Monitor, MonitorError
 
 
 class LieMonitor(pl.Callback):
-    """Measure a LightningModule's equivariance on a probe batch along its fit (METHOD 2, 4, 7).
+    """Measure a LightningModule's equivariance on a probe batch along its fit (docs/method.md §2, 4, 7).
 
     Args:
         x_probe: the probe images ``(B, C, H, W)``, normalized as the model expects, on any
@@ -55,7 +55,7 @@ class LieMonitor(pl.Callback):
         self.monitor: Monitor | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Build the monitor on the module's device and in its dtype (METHOD 2)."""
+        """Build the monitor on the module's device and in its dtype (docs/method.md §2)."""
         net = self._network(pl_module)
         param = next(iter(net.parameters()), None)
         device, dtype = (param.device, param.dtype) if param is not None else (pl_module.device, pl_module.dtype)

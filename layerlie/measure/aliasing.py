@@ -1,4 +1,4 @@
-"""A direct, per-node spectral measure of aliasing (METHOD 6).
+"""A direct, per-node spectral measure of aliasing (docs/method.md §6).
 
 Two kinds of node fold energy back below the Nyquist limit of their output grid:
 
@@ -15,7 +15,7 @@ Two kinds of node fold energy back below the Nyquist limit of their output grid:
   extension at the border is not counted as aliasing.
 
 A node is ``flagged`` when its ratio exceeds its kind's entry in :data:`ALIAS_THRESHOLDS`. Nodes are read
-through their layouts (METHOD 5), so BNC token maps (ViT MLPs, LayerNorm) are folded back
+through their layouts (docs/method.md §5), so BNC token maps (ViT MLPs, LayerNorm) are folded back
 to their grid, prefix tokens left out.
 
 Example:
@@ -171,7 +171,7 @@ class AliasProp(LayoutProp):
 
 
 def aliasing(model: nn.Module | fx.GraphModule, x: torch.Tensor, *, output: Output = None) -> pd.DataFrame:
-    """Alias measures of every node of ``model`` at images ``x: (B, C, H, W)`` (METHOD 6).
+    """Alias measures of every node of ``model`` at images ``x: (B, C, H, W)`` (docs/method.md §6).
 
     ``model`` is taken by the model contract (:mod:`layerlie.model.contract`): never changed, traced in
     eval mode, with ``output`` the tensor the graph ends in (the output rule).
@@ -194,7 +194,7 @@ def aliasing(model: nn.Module | fx.GraphModule, x: torch.Tensor, *, output: Outp
 def with_aliasing(a: Attribution, model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
                   output: Output = None) -> Attribution:
     """``a`` with the alias columns joined to its nodes, so that flagged nodes can be ranked
-    by their contribution (METHOD 6). ``a`` must come from the same model's graph."""
+    by their contribution (docs/method.md §6). ``a`` must come from the same model's graph."""
     table = aliasing(model, x, output=output)[COLUMNS]
     nodes = a.nodes.drop(columns=[c for c in COLUMNS[1:] if c in a.nodes]).merge(table, on="node", how="left")
     nodes["flagged"] = nodes["flagged"].fillna(False).astype(bool)

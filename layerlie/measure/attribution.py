@@ -1,14 +1,14 @@
-"""Exact per-node attribution of the Lie derivative on the fx graph (METHOD 3, 4).
+"""Exact per-node attribution of the Lie derivative on the fx graph (docs/method.md §3, 4).
 
 Every node ``v`` has a local defect ``e_v = sum_p J_{v<-p}[G_p h_p] - G_v h_v`` and a
 contribution ``c_v = J_{out<-v}[e_v]``; by the chain rule ``L F(x) = sum_v c_v`` exactly.
 
-Each estimator reports the check that fits it (METHOD 4), against an ``L F`` computed
+Each estimator reports the check that fits it (docs/method.md §4), against an ``L F`` computed
 independently of the parts: ``torch.func.jvp`` of the whole GraphModule, not the
 linearization rules of :mod:`layerlie.core.engine` that give the defects. Completeness
 telescopes, so a total made by the same rules would hide any wrong rule.
 
-Estimators of ``c_v`` (METHOD 4):
+Estimators of ``c_v`` (docs/method.md §4):
 - ``"exact"``: forward-mode propagation of every ``e_v`` to the output, the sources stacked
   on the tangent axis and chunked under a memory budget; sources that cannot reach the output
   (one reverse pass tells) are skipped.
@@ -51,20 +51,20 @@ from layerlie.model.trace import TraceError, trace, with_output
 Estimator = Literal["exact", "shares", "hutchinson"]
 ESTIMATORS = ("exact", "shares", "hutchinson")
 CHECKS = {"exact": "completeness residual", "shares": "share-sum residual", "hutchinson": "not checkable"}
-"""The check each estimator reports (METHOD 4): the completeness residual
+"""The check each estimator reports (docs/method.md §4): the completeness residual
 ``||L F - sum_v c_v|| / ||L F||``, the share-sum residual ``|sum_v share_v - 1|``; Hutchinson's
 norms admit none (``residual`` is NaN)."""
 
 
 @dataclass
 class Attribution:
-    """Per-node attribution of ``L F(x)`` (METHOD 3-4).
+    """Per-node attribution of ``L F(x)`` (docs/method.md §3-4).
 
     Attributes:
         nodes: one row per graph node: node, op, target, module, layer_type, depth, layout,
             tensor (its value is a tensor: the unknown count counts these), local_norm,
             contribution_norm, share, stderr, position_mismatch (where the inputs of an op
-            disagree on their sample positions, METHOD 5; else empty).
+            disagree on their sample positions, docs/method.md §5; else empty).
         total: ``L F(x)``, by forward-mode AD of the whole model (independent of the parts).
         residual: the value of ``check``: ``||L F - sum_v c_v|| / ||L F||`` (exact),
             ``|sum_v share_v - 1|`` (shares), NaN (Hutchinson); absolute when ``L F`` is about 0.
@@ -90,7 +90,7 @@ class Attribution:
 
     def __repr__(self) -> str:
         """One line, no tensors: the model, the settings, the check and the top three nodes by
-        ``||c_v||`` (by ``|share|`` for the shares estimator), METHOD 3-4."""
+        ``||c_v||`` (by ``|share|`` for the shares estimator), docs/method.md §3-4."""
         s = self.settings
         key = "share" if s.get("estimator") == "shares" else "contribution_norm"
         top = self.nodes.assign(rank=self.nodes[key].abs()).nlargest(3, "rank")
@@ -128,8 +128,8 @@ class Attribution:
         return "\n".join(lines)
 
     def unknown_line(self) -> str:
-        """How many tensor nodes have an ``unknown`` layout (``G`` acts on them as zero, METHOD
-        5), and the first of them, where layout inference stopped; shapes and other non-tensor
+        """How many tensor nodes have an ``unknown`` layout (``G`` acts on them as zero,
+        docs/method.md §5), and the first of them, where layout inference stopped; shapes and other non-tensor
         nodes are not counted."""
         tensors = self.nodes[self.nodes["tensor"]]
         unknown = tensors[tensors["layout"].str.startswith("unknown")]
@@ -173,7 +173,7 @@ def rounding_floor(dtype: torch.dtype) -> float:
     """The relative size below which ``e_v = J[G h] - G h_v`` is the rounding of two equal terms:
     ``sqrt(eps)``, half the digits of ``dtype``.
 
-    Ops that commute with ``G`` (METHOD 3: linear layers on channels, eval BatchNorm, adds,
+    Ops that commute with ``G`` (docs/method.md §3: linear layers on channels, eval BatchNorm, adds,
     layer scales, ``q k^T`` and ``A v`` under translation) leave a difference of about ``1e-7`` of
     the terms in float32 and ``1e-16`` in float64; the defects of non-linear and strided ops
     measure ``1e-2`` and more (``benchmarks/RESULTS.md``). Such a node is no source: exact
@@ -207,7 +207,7 @@ _COMMUTING: dict[Any, Callable[[Any, Sequence[Any], Layout], tuple[bool, Offset]
     nn.Conv2d: _pointwise_conv,
 }
 """Affine maps ``h -> W h + b`` that act on each sample alone, the same at every position: where
-they keep their input's layout, ``W`` commutes with ``G`` and ``e_v = -G b`` (METHOD 3; the
+they keep their input's layout, ``W`` commutes with ``G`` and ``e_v = -G b`` (docs/method.md §3; the
 offset ``b``, constant in space, has a defect only where the scheme's border brings in zeros).
 Each entry says whether the call is one, and its offset ``b`` shaped to broadcast. By exact type:
 a subclass may compute something else. The linearization ``W G h``, a second forward of the
@@ -218,7 +218,7 @@ _RELABELLING = {nn.Identity, nn.Dropout, "reshape", "view", "flatten", "unflatte
                 "swapdims", "contiguous", torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.swapaxes,
                 torch.swapdims}
 """Ops that only relabel samples (or pass them through, as eval dropout): where the output has a
-spatial layout, it was inferred from the op (METHOD 5), and ``G`` of the output is the relabelled
+spatial layout, it was inferred from the op (docs/method.md §5), and ``G`` of the output is the relabelled
 ``G`` of the input, exactly; the pushed tangent serves as ``G_v h_v`` and ``e_v = 0``."""
 
 
@@ -233,7 +233,7 @@ def _relabels(key: Any, fn: Any) -> bool:
 
 class _Defects(LayoutProp):
     """One walk: each node's value and layout (:class:`LayoutProp`), then its ``G_v h_v`` and
-    ``e_v`` (METHOD 3). ``G_v h_v`` is dropped after its last user, except at the input and the
+    ``e_v`` (docs/method.md §3). ``G_v h_v`` is dropped after its last user, except at the input and the
     output. An ``e_v`` under :func:`rounding_floor` of its two terms is zero (``.rounded``).
     Run it with ``propagate(x, None)``.
 
@@ -388,7 +388,7 @@ def _propagate_sources(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Nod
                        defects: _Defects) -> torch.Tensor:
     """``J_{out<-v}[e_v]`` for each source, stacked: ``(len(sources), *out.shape)``. Each source's
     slice starts where it enters (:class:`Propagator` ``sources``), so the chunk pays for the path
-    below each source, not for zeros carried from the chunk's first one (METHOD 4)."""
+    below each source, not for zeros carried from the chunk's first one (docs/method.md §4)."""
     entering = {n.name: defects.e[n] for n in sources}
     out, tan = Propagator(gm, primal=defects.values, sources=entering).propagate(x, None)
     return padded(tan, len(sources), out)
@@ -398,7 +398,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
               estimator: Estimator = "exact", scheme: str = "central", output: str | int = "softmax",
               probes: int = 100, seed: int = 0, coords: Coords = "receptive_field",
               memory_budget: float | None = None, granularity: Literal["node", "module"] = "node") -> Attribution:
-    """Attribute the Lie derivative of ``model`` at ``x`` to the nodes of its graph (METHOD 3-4).
+    """Attribute the Lie derivative of ``model`` at ``x`` to the nodes of its graph (docs/method.md §3-4).
 
     Args:
         model: a model (traced here) or a GraphModule from :func:`layerlie.trace`; taken by the
@@ -414,7 +414,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         probes: Hutchinson probes.
         seed: seeds the random probes (Hutchinson, and the reach test of the exact estimator)
             on a generator of their own; the global random state is left alone.
-        coords: ``"receptive_field"`` sample positions (METHOD 5) or the ``"published"``
+        coords: ``"receptive_field"`` sample positions (docs/method.md §5) or the ``"published"``
             per-tensor ``[-1, 1]`` convention.
         memory_budget: bytes for the largest stacked tangent of one chunk of sources (exact
             estimator); by default a sixteenth of the measured bytes of one forward's activations,
@@ -519,7 +519,7 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
 
 def _end_to_end(gm: fx.GraphModule, out_name: str, x: torch.Tensor, gx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``J_F[G x]`` by autograd's forward mode through the module's own code, no rule of the
-    registry, so that a wrong rule cannot cancel out of the check (METHOD 4). The softmax head
+    registry, so that a wrong rule cannot cancel out of the check (docs/method.md §4). The softmax head
     that layerlie appends is linearized at the logits in its shifted form (:func:`softmax_jvp`):
     autograd's formula loses float32 digits on a nearly one-hot softmax."""
     names = gm.meta.get("layerlie.outputs", {})
@@ -537,7 +537,7 @@ def _squared_norm(total: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
 
 def _check(estimator: Estimator, total: torch.Tensor, summed: torch.Tensor, shares: Iterable[float],
            lf2: float, degenerate: bool) -> float:
-    """The estimator's check (METHOD 4), relative, or absolute when ``L F`` is about 0.
+    """The estimator's check (docs/method.md §4), relative, or absolute when ``L F`` is about 0.
 
     exact: ``||L F - sum_v c_v|| / ||L F||``; shares: ``|sum_v <c_v, L F> - ||L F||^2| / ||L F||^2``,
     the reverse pass against the forward total; Hutchinson: NaN, it estimates norms only.
@@ -657,7 +657,7 @@ def _peak(chunk: list[fx.Node], order: dict[fx.Node, int], size: list[int], afte
 
 def _shares(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects: _Defects,
             total: torch.Tensor) -> dict[fx.Node, float]:
-    """``<e_v, J_{out<-v}^T L F>`` for every source from one reverse pass (METHOD 4)."""
+    """``<e_v, J_{out<-v}^T L F>`` for every source from one reverse pass (docs/method.md §4)."""
     return _cotangents(gm, x, sources, [total], lambda n, g: float((g * defects.e[n]).sum()))[0]
 
 

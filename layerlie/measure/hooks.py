@@ -1,10 +1,10 @@
-"""Attribution at module granularity with forward hooks, for models fx cannot trace (METHOD 3).
+"""Attribution at module granularity with forward hooks, for models fx cannot trace (docs/method.md §3).
 
 Without a graph, the nodes are the calls of the model's leaf modules, and the model's own
 code between them (the glue) is one more node in front of every module input and one at
 the output. Each hooked tensor ``h_s`` gets a representation ``G_s`` from its layout: a leaf
 module's output by probing the module's receptive field on its input (:mod:`layerlie.core.probe`,
-METHOD 5), a tensor that reaches a module unchanged keeps its layout, and any other glue output
+docs/method.md §5), a tensor that reaches a module unchanged keeps its layout, and any other glue output
 gets a guessed one (a ``(B, C, H, W)`` tensor whose grid divides the input's evenly, sample
 centres as in ``align_corners=False`` resizing; anything else is ``unknown`` and ``G_s = 0``). One
 forward-mode pass in which every hook replaces the arriving tangent by ``G_s h_s`` gives
@@ -80,7 +80,7 @@ def guessed_layout(h: torch.Tensor, input_hw: tuple[int, int]) -> Layout:
 
 def _probed(module: nn.Module, entering: tuple[torch.Tensor, Layout] | None, h: torch.Tensor,
             input_hw: tuple[int, int]) -> Layout:
-    """A leaf module's output layout from its receptive field on its one input (METHOD 5);
+    """A leaf module's output layout from its receptive field on its one input (docs/method.md §5);
     guessed from the shape where the input is not a ``(B, C, H, W)`` grid or the output is not
     4-D, and ``unknown`` (probed) where the module mixes globally."""
     if entering is None or h.ndim != 4 or entering[0].ndim != 4 or entering[1].kind != "grid" \
@@ -96,7 +96,7 @@ def _probed(module: nn.Module, entering: tuple[torch.Tensor, Layout] | None, h: 
 
 
 def module_layouts(model: nn.Module, x: torch.Tensor, head: Head = lambda y: y.softmax(-1)) -> dict[str, Layout]:
-    """Every site's :class:`Layout`, by site name (METHOD 5): module outputs by probing, a
+    """Every site's :class:`Layout`, by site name (docs/method.md §5): module outputs by probing, a
     tensor that reaches a module unchanged (the same storage, shape and strides) with the
     layout it left with, other glue outputs guessed from their shape."""
     hw = (x.shape[-2], x.shape[-1])
@@ -182,7 +182,7 @@ def _run(model: nn.Module, head: Head, x: torch.Tensor) -> torch.Tensor:
 def module_defects(model: nn.Module, x: torch.Tensor, group: Group, scheme: str = "central",
                    coords: Coords = "receptive_field",
                    head: Head = lambda y: y.softmax(-1)) -> tuple[list[ModuleSite], torch.Tensor, torch.Tensor]:
-    """Every site's defect ``e_s``, the output ``F(x)`` and ``L F(x)`` (METHOD 3).
+    """Every site's defect ``e_s``, the output ``F(x)`` and ``L F(x)`` (docs/method.md §3).
 
     Args:
         model: the model, in eval mode.
@@ -228,7 +228,7 @@ def module_defects(model: nn.Module, x: torch.Tensor, group: Group, scheme: str 
 def module_contributions(model: nn.Module, x: torch.Tensor, sites: list[ModuleSite],
                          head: Head = lambda y: y.softmax(-1)) -> list[torch.Tensor]:
     """``c_s = J_{out<-s}[e_s]`` for every site: one forward-mode pass per site that has a
-    defect, with ``e_s`` added to the tangent where the site's hook sees it (METHOD 4, exact)."""
+    defect, with ``e_s`` added to the tangent where the site's hook sees it (docs/method.md §4, exact)."""
     out: list[torch.Tensor] = []
     for s in sites:
         if s.kind == "output" or not s.defect.any():
@@ -249,7 +249,7 @@ def module_contributions(model: nn.Module, x: torch.Tensor, sites: list[ModuleSi
 
 def module_cotangents(model: nn.Module, x: torch.Tensor, sites: list[ModuleSite], weights: list[torch.Tensor],
                       head: Head = lambda y: y.softmax(-1)) -> list[list[torch.Tensor]]:
-    """``J_{out<-s}^T w`` for every site and every output cotangent ``w`` (METHOD 4)."""
+    """``J_{out<-s}^T w`` for every site and every output cotangent ``w`` (docs/method.md §4)."""
     kept: dict[str, torch.Tensor] = {}
 
     def visit(name: str, h: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The end-to-end Lie derivative of a model and the published LEE metric (METHOD 2).
+"""The end-to-end Lie derivative of a model and the published LEE metric (docs/method.md §2).
 
 ``L f(x) = J_f(x)[G x] - G f(x)`` (the second term only for image-like outputs). The
 Jacobian-vector product is forward-mode AD (``torch.func.jvp``), one primal pass shared
@@ -155,7 +155,7 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                    output_frame: Frame | None | Literal["auto"] = "auto",
                    method: Method = "jvp", memory_budget: float | None = None,
                    fast: bool | None = None, output: Output = None) -> torch.Tensor:
-    """The Lie derivative ``L f(x) = J_f(x)[G x] - G f(x)`` (METHOD 2).
+    """The Lie derivative ``L f(x) = J_f(x)[G x] - G f(x)`` (docs/method.md §2).
 
     Args:
         f: the map, e.g. a model or ``lambda x: model(x).softmax(-1)`` (wrap a lambda over
@@ -279,7 +279,7 @@ def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         batch_size: int | None = None, memory_budget: float | None = None, fast: bool | None = None,
         progress: Callable[[int], None] | None = None) -> pd.DataFrame:
     """The published end-to-end LEE: per image and group, the mean over classes of
-    ``|L softmax(model(x))|`` (METHOD 2).
+    ``|L softmax(model(x))|`` (docs/method.md §2).
 
     Args:
         model: a classifier returning logits ``(B, K)``, or a structure that holds them; taken

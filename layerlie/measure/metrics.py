@@ -1,4 +1,4 @@
-"""Finite equivariance metrics beside the Lie derivative (METHOD 7).
+"""Finite equivariance metrics beside the Lie derivative (docs/method.md §7).
 
 Each metric is one function of a model and images ``x: (B, C, H, W)`` that returns one value
 per image, ``(B,)`` float64. Each draws its transforms from a ``torch.Generator`` of its own
@@ -44,7 +44,7 @@ Model = Callable[[torch.Tensor], torch.Tensor]
 def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, pairs: int = 1,
                 mode: Literal["circular", "crop"] = "circular", seed: int = 0,
                 batch_size: int | None = None, output: Output = None) -> torch.Tensor:
-    """Shift consistency (Zhang 2019, METHOD 7): does the top-1 class agree at two random shifts?
+    """Shift consistency (Zhang 2019, docs/method.md §7): does the top-1 class agree at two random shifts?
 
     Convention: per image, ``pairs`` pairs of integer offsets ``(dy, dx)`` are drawn uniformly
     in ``[0, max_shift]``. ``"circular"`` rolls the whole image by each offset (content moves
@@ -96,12 +96,12 @@ def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int 
          shifts: Sequence[tuple[int, int]] | None = None, node: str | None = None,
          peak: float | None = None, seed: int = 0, batch_size: int | None = None,
          output: Output = None) -> torch.Tensor:
-    """EQ-T (StyleGAN3, METHOD 7): PSNR in dB between ``f(shift x)`` and ``shift f(x)`` for
+    """EQ-T (StyleGAN3, docs/method.md §7): PSNR in dB between ``f(shift x)`` and ``shift f(x)`` for
     integer translations of the input.
 
     Convention: a shift ``(dy, dx)`` is counted in input pixels and moves content down and
     right, as a circular roll of the input. The output moves by ``shift / stride`` pixels, where
-    ``stride`` is a node's sample spacing in input pixels (METHOD 5), or for the model's own
+    ``stride`` is a node's sample spacing in input pixels (docs/method.md §5), or for the model's own
     output the input side over the output side: a roll when that is an integer, else the
     ideal band-limited (Fourier) shift, as for a strided feature map. The band of
     ``ceil(|shift| / stride)`` output pixels that wrapped around is left out (the valid region).
@@ -116,7 +116,7 @@ def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int 
         shifts: explicit shifts in input pixels, used for every image instead of random draws.
         node: a feature map to measure: a node name of the traced model, or ``"features"`` for
             its last feature map with more than one sample per side (the input of a CNN's global
-            pooling, a ViT's last tokens). The node's layout (METHOD 5) says how to read it: a
+            pooling, a ViT's last tokens). The node's layout (docs/method.md §5) says how to read it: a
             grid ``(B, C, H, W)`` or ``(B, H, W, C)``, or tokens ``(B, P + H W, C)`` whose ``P``
             prefix tokens are left out.
         peak: the signal range of the PSNR (default: the peak-to-peak range of ``f(x)``).
@@ -146,7 +146,7 @@ def eq_t_frac(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws:
               shifts: Sequence[tuple[float, float]] | None = None, node: str | None = None,
               peak: float | None = None, seed: int = 0, batch_size: int | None = None,
               output: Output = None) -> torch.Tensor:
-    """EQ-T_frac (StyleGAN3, METHOD 7): as :func:`eq_t` for fractional translations.
+    """EQ-T_frac (StyleGAN3, docs/method.md §7): as :func:`eq_t` for fractional translations.
 
     Convention: shifts are uniform in ``[-max_shift, max_shift]`` times the image side, in input
     pixels, moving content down and right. The input is shifted by the ideal band-limited
@@ -180,7 +180,7 @@ def eq_t_frac(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws:
 def eq_r(model: Model, x: torch.Tensor, *, max_angle: float = 180.0, draws: int = 1,
          angles: Sequence[float] | None = None, node: str | None = None, peak: float | None = None,
          seed: int = 0, batch_size: int | None = None, output: Output = None) -> torch.Tensor:
-    """EQ-R (StyleGAN3, METHOD 7): PSNR in dB between ``f(R x)`` and ``R f(x)`` for rotations.
+    """EQ-R (StyleGAN3, docs/method.md §7): PSNR in dB between ``f(R x)`` and ``R f(x)`` for rotations.
 
     Convention: ``R`` is the ``rotate`` group's finite transform (bilinear, zero padding) by an
     angle uniform in ``[-max_angle, max_angle]`` degrees, about the image centre, in normalized
@@ -217,7 +217,7 @@ def eq_r(model: Model, x: torch.Tensor, *, max_angle: float = 180.0, draws: int 
 def invariance(model: Model, x: torch.Tensor, group: Group | str, magnitude: float, *, draws: int = 4,
                softmax: bool = True, seed: int = 0, batch_size: int | None = None,
                output: Output = None) -> torch.Tensor:
-    """Finite-sample invariance (METHOD 7): the mean squared change of the output under the
+    """Finite-sample invariance (docs/method.md §7): the mean squared change of the output under the
     group's finite transform ``T_t`` with ``|t| = magnitude``.
 
     Convention: per draw, the sign of ``t`` is random (``t = ±magnitude``, in the group's units:
@@ -269,7 +269,7 @@ METRICS: dict[str, Callable[..., torch.Tensor]] = {
 def metrics(model: Model, x: torch.Tensor, which: Iterable[str] = ("consistency", "eq_t", "eq_t_frac", "eq_r"),
             *, names: Sequence[str] | None = None, seed: int = 0, batch_size: int | None = None,
             output: Output = None, **options: dict[str, Any]) -> pd.DataFrame:
-    """Several finite metrics of one model at images ``x: (B, C, H, W)`` (METHOD 7).
+    """Several finite metrics of one model at images ``x: (B, C, H, W)`` (docs/method.md §7).
 
     Args:
         model: the model; a classifier's PSNR metrics read its last feature map
@@ -311,7 +311,7 @@ def metrics(model: Model, x: torch.Tensor, which: Iterable[str] = ("consistency"
 
 def fourier_shift(h: torch.Tensor, shift: tuple[float, float]) -> torch.Tensor:
     """The ideal band-limited circular shift of ``h: (..., H, W)`` by ``(dy, dx)`` pixels
-    (content moves down and right), as EQ-T_frac uses it (METHOD 7); an integer shift is
+    (content moves down and right), as EQ-T_frac uses it (docs/method.md §7); an integer shift is
     ``torch.roll``."""
     out = h
     for dim, s in zip((-2, -1), shift):
@@ -331,7 +331,7 @@ def fourier_shift(h: torch.Tensor, shift: tuple[float, float]) -> torch.Tensor:
 
 
 def _capped(peak: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
-    """``10 log10(peak^2 / MSE)``, capped at :data:`PSNR_CAP` (METHOD 7)."""
+    """``10 log10(peak^2 / MSE)``, capped at :data:`PSNR_CAP` (docs/method.md §7)."""
     ratio = peak.double().pow(2) / mse
     return torch.where(mse > 0, 10 * torch.log10(ratio), torch.inf).clamp(max=PSNR_CAP)
 
@@ -339,7 +339,7 @@ def _capped(peak: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
 def _psnr_metric(f: Model, x: torch.Tensor, chosen: list[list[Any]],
                  pair: Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, ...]],
                  peak: float | None, batch_size: int | None) -> torch.Tensor:
-    """Pool the squared error over each image's draws, then one PSNR per image (METHOD 7)."""
+    """Pool the squared error over each image's draws, then one PSNR per image (docs/method.md §7)."""
     out = torch.zeros(x.shape[0], dtype=torch.float64)
     for start, xb in _batches(x, batch_size):
         with torch.no_grad():
@@ -362,7 +362,7 @@ def _psnr_metric(f: Model, x: torch.Tensor, chosen: list[list[Any]],
 
 def _feature_map(model: Model, x: torch.Tensor, node: str | None, metric: str) -> tuple[Model, tuple[float, float]]:
     """The function to measure, as a ``(B, C, H, W)`` map, and the spacing of its samples in input
-    pixels per axis (METHOD 5, 7). A node's map is read through its layout; the model's own output
+    pixels per axis (docs/method.md §5, 7). A node's map is read through its layout; the model's own output
     must be ``(B, C, H, W)``, spaced by the input side over the output side. ``x`` has passed the
     model contract (:func:`_measured`)."""
     if node is None:
@@ -390,7 +390,7 @@ def _feature_map(model: Model, x: torch.Tensor, node: str | None, metric: str) -
 
 
 def as_grid(h: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """A feature map of a ``grid`` or ``tokens`` layout as ``(B, C, H, W)`` (METHOD 5): the two
+    """A feature map of a ``grid`` or ``tokens`` layout as ``(B, C, H, W)`` (docs/method.md §5): the two
     spatial axes last, every other axis but the batch folded into the channels, and the prefix
     tokens, which have no position, left out. ``(B, H, W, C)`` and ``(B, P + H W, C)`` give the
     same map as the ``(B, C, H, W)`` they hold."""
@@ -405,7 +405,7 @@ def as_grid(h: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 def _is_map(layout: Layout, value: object) -> bool:
     """Whether a node holds one feature map per image that :func:`as_grid` can read: a grid or
-    tokens, the batch on axis 0, a token axis of one sequence (METHOD 5)."""
+    tokens, the batch on axis 0, a token axis of one sequence (docs/method.md §5)."""
     if layout.kind not in ("grid", "tokens") or not isinstance(value, torch.Tensor):
         return False
     if layout.kind == "grid":
@@ -434,7 +434,7 @@ def _last_feature_map(gm: fx.GraphModule, layouts: dict[str, Layout], values: di
 
 
 def _integer_shift(hw: tuple[int, int], max_shift: float, gen: torch.Generator) -> tuple[int, int]:
-    """A nonzero integer shift, uniform within ``max_shift`` times each side, at least 1 px (METHOD 7)."""
+    """A nonzero integer shift, uniform within ``max_shift`` times each side, at least 1 px (docs/method.md §7)."""
     lim = [max(1, int(max_shift * s)) for s in hw]
     while True:
         dy = int(torch.randint(-lim[0], lim[0] + 1, (), generator=gen))
@@ -445,7 +445,7 @@ def _integer_shift(hw: tuple[int, int], max_shift: float, gen: torch.Generator) 
 
 def _shift_mask(hw: tuple[int, int], shift: tuple[float, float]) -> torch.Tensor:
     """``(H, W)`` True where the content did not wrap around under the circular shift: EQ-T's
-    valid region (METHOD 7)."""
+    valid region (docs/method.md §7)."""
     mask = torch.ones(hw, dtype=torch.bool)
     for dim, s in zip((0, 1), shift):
         band = math.ceil(abs(s))
@@ -458,7 +458,7 @@ def _shift_mask(hw: tuple[int, int], shift: tuple[float, float]) -> torch.Tensor
 
 
 def _output_ndim(model: Model, x: torch.Tensor, output: Output) -> int:
-    """2 for a classifier, 4 for an image-to-image model (METHOD 7: which metrics need ``node=``)."""
+    """2 for a classifier, 4 for an image-to-image model (docs/method.md §7: which metrics need ``node=``)."""
     with torch.no_grad():
         return selected(model, output)(x[:1]).ndim
 
@@ -473,7 +473,7 @@ def _measured(model: Model, x: torch.Tensor, output: Output, node: str | None = 
 
 
 def _batches(x: torch.Tensor, batch_size: int | None) -> Iterable[tuple[int, torch.Tensor]]:
-    """``(start, x[start:start + batch_size])`` over ``x``: every metric's ``batch_size`` (METHOD 7)."""
+    """``(start, x[start:start + batch_size])`` over ``x``: every metric's ``batch_size`` (docs/method.md §7)."""
     step = batch_size or len(x)
     if step < 1:
         raise LayerlieError(f"batch_size must be 1 or more, got {batch_size}")

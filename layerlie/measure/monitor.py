@@ -1,8 +1,8 @@
-"""Equivariance measured along training, from inside a plain PyTorch loop (METHOD 2, 4, 7).
+"""Equivariance measured along training, from inside a plain PyTorch loop (docs/method.md §2, 4, 7).
 
 A :class:`Monitor` measures a fixed probe batch every ``every`` steps: the published e2e LEE
-per group (METHOD 2), optionally the signed layer shares by layer type with their check
-(METHOD 4), and optionally the finite metrics (METHOD 7). Each measurement runs in eval mode
+per group (docs/method.md §2), optionally the signed layer shares by layer type with their check
+(docs/method.md §4), and optionally the finite metrics (docs/method.md §7). Each measurement runs in eval mode
 and puts back exactly what it touched, so training with a monitor is bit-identical to training
 without one: every module's training flag, every parameter's ``.grad``, the buffers
 (BatchNorm running statistics) and the random states of the CPU and of CUDA.
@@ -50,7 +50,7 @@ from layerlie.core.tangent import check_scheme
 from layerlie.model.trace import TraceError, trace, with_output
 
 FINITE = ("consistency", "eq_t", "eq_t_frac", "eq_r")
-"""The finite metrics that ``metrics=True`` records (METHOD 7)."""
+"""The finite metrics that ``metrics=True`` records (docs/method.md §7)."""
 
 TABLE = "monitor"
 """The store table the monitor writes."""
@@ -96,7 +96,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
 
 
 class Monitor:
-    """Measure a model's equivariance on a probe batch along training (METHOD 2, 4, 7).
+    """Measure a model's equivariance on a probe batch along training (docs/method.md §2, 4, 7).
 
     Args:
         model: the model being trained; it returns logits ``(B, K)``, or a structure that holds
@@ -106,9 +106,9 @@ class Monitor:
         groups: names or groups, as :func:`layerlie.resolve_groups` takes them.
         every: :meth:`step` measures when ``step % every == 0``.
         layers: also record the signed shares of ``L F`` by layer type, from
-            ``layerlie.attribute(..., estimator="shares")`` (METHOD 4), as ``share_<layer type>``
+            ``layerlie.attribute(..., estimator="shares")`` (docs/method.md §4), as ``share_<layer type>``
             columns, and their check ``|sum share - 1|`` as ``share_residual``.
-        metrics: also record finite metrics (METHOD 7), the mean over the probe images, one
+        metrics: also record finite metrics (docs/method.md §7), the mean over the probe images, one
             column each: True for :data:`FINITE`, names from :data:`layerlie.measure.metrics.METRICS`,
             or a mapping of names to their options (``{"eq_t": {"max_shift": 0.25}}``), as
             :func:`layerlie.metrics` takes them. They do not depend on the group.

@@ -1,7 +1,7 @@
 """The model contract: how every public function takes the model and the images it is given.
 
 Any ``nn.Module`` that maps an image batch ``(B, C, H, W)`` to a tensor, or to a structure that
-holds one, is measured as follows (SPEC 2):
+holds one, is measured as follows (docs/design.md §2):
 
 - **The caller's module is never changed**: not its training flags, parameters, buffers,
   gradients or hooks, nor attributes such as ``inplace``. A model in training mode is measured

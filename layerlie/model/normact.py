@@ -1,4 +1,4 @@
-"""timm's norm+activation leaves as a norm node and an activation node (METHOD 3, 6).
+"""timm's norm+activation leaves as a norm node and an activation node (docs/method.md §3, 6).
 
 timm registers ``BatchNormAct2d`` and its kin as fx leaves, so in EfficientNet, MobileNet,
 RegNet and others a whole ``norm -> drop -> act`` is one ``call_module`` node: the

@@ -1,4 +1,4 @@
-"""A model as a ``torch.fx.GraphModule`` (METHOD 3), traced with timm's own fx policy.
+"""A model as a ``torch.fx.GraphModule`` (docs/method.md §3), traced with timm's own fx policy.
 
 timm's registered leaf modules and no-trace functions go to the tracer, the model is
 traced as a copy (tracing writes into some modules' caches, e.g. LeViT's attention
@@ -51,7 +51,7 @@ class _TimmTracer(fx.Tracer):
 
     def create_proxy(self, kind: str, target: fx.node.Target, args: tuple, kwargs: dict, *rest, **more) -> fx.Proxy:
         if kind == "call_function" and target is F.scaled_dot_product_attention:
-            return scaled_dot_product_attention(*args, **kwargs)  # the attention map as a node (METHOD 5)
+            return scaled_dot_product_attention(*args, **kwargs)  # the attention map as a node (docs/method.md §5)
         return super().create_proxy(kind, target, args, kwargs, *rest, **more)
 
 

@@ -1,4 +1,4 @@
-"""A results store is a folder that a killed sweep leaves readable (SPEC 4).
+"""A results store is a folder that a killed sweep leaves readable (docs/design.md §4).
 
 Layout::
 
@@ -51,7 +51,7 @@ class StoreError(LayerlieError):
 
 
 def manifest(store: str | Path) -> dict[str, Any] | None:
-    """The store's manifest, or None for a folder that has none (SPEC 4).
+    """The store's manifest, or None for a folder that has none (docs/design.md §4).
 
     Raises:
         StoreError: unreadable, or written with a newer schema version.
@@ -72,7 +72,7 @@ def manifest(store: str | Path) -> dict[str, Any] | None:
 
 def create(store: str | Path, spec: dict[str, Any], *, fresh: bool = False,
            weights: Mapping[str, str] | None = None) -> Path:
-    """Make ``store`` a store of ``spec`` and write its manifest (SPEC 4).
+    """Make ``store`` a store of ``spec`` and write its manifest (docs/design.md §4).
 
     Args:
         store: the folder (created when missing).
@@ -101,7 +101,7 @@ def create(store: str | Path, spec: dict[str, Any], *, fresh: bool = False,
 
 
 def write_part(store: str | Path, task: str, table: str, frame: pd.DataFrame) -> Path:
-    """Write one task's ``frame`` of ``table`` as ``parts/<task>.parquet``, atomically (SPEC 4)."""
+    """Write one task's ``frame`` of ``table`` as ``parts/<task>.parquet``, atomically (docs/design.md §4)."""
     if table not in TABLES:
         raise StoreError(f"unknown table {table!r}; a store holds {', '.join(TABLES)}")
     arrow = pa.Table.from_pandas(frame, preserve_index=False)
@@ -116,32 +116,32 @@ def write_part(store: str | Path, task: str, table: str, frame: pd.DataFrame) ->
 
 
 def write_failure(store: str | Path, task: str, error: dict[str, str]) -> Path:
-    """Record a failed task as ``failures/<task>.json``: ``type``, ``message``, ``traceback`` (SPEC 4)."""
+    """Record a failed task as ``failures/<task>.json``: ``type``, ``message``, ``traceback`` (docs/design.md §4)."""
     path = Path(store) / "failures" / f"{task}.json"
     _atomic_write(path, json.dumps({"task": task, **error}, indent=2).encode())
     return path
 
 
 def describe(err: BaseException) -> dict[str, str]:
-    """An exception as the record :func:`write_failure` stores (SPEC 4)."""
+    """An exception as the record :func:`write_failure` stores (docs/design.md §4)."""
     return {"type": type(err).__name__, "message": str(err),
             "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))}
 
 
 def done(store: str | Path) -> set[str]:
-    """The ids of the tasks whose part exists (SPEC 4)."""
+    """The ids of the tasks whose part exists (docs/design.md §4)."""
     parts = Path(store) / "parts"
     return {p.stem for p in parts.glob("*.parquet")} if parts.is_dir() else set()
 
 
 def failures(store: str | Path) -> dict[str, dict[str, str]]:
-    """The recorded failures, by task id (SPEC 4)."""
+    """The recorded failures, by task id (docs/design.md §4)."""
     folder = Path(store) / "failures"
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
 
 def load(store: str | Path, table: str, *, errors: Literal["raise", "skip"] = "raise") -> pd.DataFrame:
-    """One table of a store: its parts in task order, concatenated (SPEC 4).
+    """One table of a store: its parts in task order, concatenated (docs/design.md §4).
 
     Args:
         store: the store folder.
@@ -179,7 +179,7 @@ def load(store: str | Path, table: str, *, errors: Literal["raise", "skip"] = "r
 
 def _read_part(path: Path) -> tuple[dict[str, Any], pa.Table]:
     """A part's layerlie metadata and its rows; a truncated or foreign file is an error that
-    names it (SPEC 4)."""
+    names it (docs/design.md §4)."""
     try:
         arrow = pq.read_table(path)
     except (OSError, pa.ArrowException) as err:
@@ -202,7 +202,7 @@ def _read_part(path: Path) -> tuple[dict[str, Any], pa.Table]:
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary name beside ``path``, flush to disk, rename, and flush the folder,
     so that ``path`` either does not exist or is complete, even after SIGKILL or power loss
-    (SPEC 4)."""
+    (docs/design.md §4)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -220,7 +220,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _versions() -> dict[str, str]:
-    """The package versions a manifest records (SPEC 4)."""
+    """The package versions a manifest records (docs/design.md §4)."""
     out = {"python": platform.python_version()}
     for pkg in ("layerlie", "torch", "timm", "numpy", "pandas", "pyarrow", "ray"):
         try:
@@ -231,11 +231,11 @@ def _versions() -> dict[str, str]:
 
 
 def where() -> dict[str, Any]:
-    """The node and process this runs on, as every part's rows record them (SPEC 4)."""
+    """The node and process this runs on, as every part's rows record them (docs/design.md §4)."""
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 def _machine() -> dict[str, Any]:
-    """The machine a manifest records, and the process that wrote it (SPEC 4)."""
+    """The machine a manifest records, and the process that wrote it (docs/design.md §4)."""
     return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
             "executable": sys.executable, **where()}

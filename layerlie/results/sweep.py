@@ -1,4 +1,4 @@
-"""Sweeps: many models x measures x groups into one store, on Ray or serially (SPEC 4).
+"""Sweeps: many models x measures x groups into one store, on Ray or serially (docs/design.md §4).
 
 A spec is TOML (or a dict) with fixed keys::
 
@@ -13,7 +13,7 @@ A spec is TOML (or a dict) with fixed keys::
     size = 64                             # optional: images of 64 x 64 pixels (or [h, w]), and
                                           # img_size=size for models that take it (ViTs)
     [layers]                              # optional: estimator, groups, top, output, probes, and
-                                          # alias = true to join the alias flags (METHOD 6)
+                                          # alias = true to join the alias flags (docs/method.md §6)
     [metrics]                             # optional: which, options = {eq_r = {max_angle = 45}}
     [ablation]                            # optional: variants, estimator, filter_size, groups
 
@@ -105,7 +105,7 @@ class SpecError(LayerlieError):
 
 @dataclass(frozen=True)
 class Source:
-    """One model of a checked spec: what builds it, and where its weights come from (SPEC 4)."""
+    """One model of a checked spec: what builds it, and where its weights come from (docs/design.md §4)."""
 
     label: str
     build: str | torch.nn.Module
@@ -157,7 +157,7 @@ class SweepResult:
 
 
 def read_spec(spec: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """Parse and check a spec, before anything runs (SPEC 4).
+    """Parse and check a spec, before anything runs (docs/design.md §4).
 
     Args:
         spec: a TOML file, or the same data as a mapping.
@@ -186,7 +186,7 @@ def read_spec(spec: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def sources(spec: Mapping[str, Any]) -> dict[str, Source]:
-    """The models of a checked spec by label, the ``model`` column of their rows (SPEC 4)."""
+    """The models of a checked spec by label, the ``model`` column of their rows (docs/design.md §4)."""
     out = {}
     for entry in spec["models"]:
         if isinstance(entry, str):
@@ -199,7 +199,7 @@ def sources(spec: Mapping[str, Any]) -> dict[str, Source]:
 
 
 def tasks(spec: Mapping[str, Any]) -> list[Task]:
-    """The tasks of a checked spec, in a fixed order, with stable ids (SPEC 4)."""
+    """The tasks of a checked spec, in a fixed order, with stable ids (docs/design.md §4)."""
     out = []
     for model in sources(spec):
         for measure in spec["measures"]:
@@ -212,7 +212,7 @@ def tasks(spec: Mapping[str, Any]) -> list[Task]:
 def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: int | None = None,
           address: str | None = None, resume: bool = False, dry_run: bool = False, force_new: bool = False,
           progress: bool = True) -> SweepResult:
-    """Run every task of ``spec`` and write one part each into ``store`` (SPEC 4).
+    """Run every task of ``spec`` and write one part each into ``store`` (docs/design.md §4).
 
     Args:
         spec: a TOML file or a mapping, checked by :func:`read_spec` before anything runs.
@@ -272,7 +272,7 @@ def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: i
 
 
 def run_task(task: Task, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
-    """Compute one task: its table's name and its rows, with model and settings columns (SPEC 4)."""
+    """Compute one task: its table's name and its rows, with model and settings columns (docs/design.md §4)."""
     torch.manual_seed(spec["seed"])  # the random-init weights, the same in every process
     source = sources(spec)[task.model]
     model = source.load(spec["size"])
@@ -307,7 +307,7 @@ def run_task(task: Task, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
 
 
 def run_guarded(task: Task, spec: Mapping[str, Any]) -> tuple[str, Any, Any]:
-    """:func:`run_task` on one thread, as ``("ok", table, frame)`` or ``("failed", None, error)`` (SPEC 4).
+    """:func:`run_task` on one thread, as ``("ok", table, frame)`` or ``("failed", None, error)`` (docs/design.md §4).
 
     One thread per task keeps N workers on N cores, and makes the serial path compute what a
     Ray worker does, bit for bit.
@@ -324,7 +324,7 @@ def run_guarded(task: Task, spec: Mapping[str, Any]) -> tuple[str, Any, Any]:
 
 
 def _metrics(model: torch.nn.Module, x: torch.Tensor, names: list[str], spec: Mapping[str, Any]) -> pd.DataFrame:
-    """The metrics table: ``invariance`` once per group of the spec, the others once (SPEC 4, METHOD 7)."""
+    """The metrics table: ``invariance`` once per group of the spec, the others once (docs/design.md §4, docs/method.md §7)."""
     opts = spec["metrics"]
     which = list(opts.get("which", ["consistency", "eq_t", "eq_t_frac", "eq_r"]))
     options = dict(opts.get("options", {}))
@@ -346,7 +346,7 @@ def _metrics(model: torch.nn.Module, x: torch.Tensor, names: list[str], spec: Ma
 
 def _images(model: torch.nn.Module, spec: Mapping[str, Any]) -> Images:
     """The spec's images prepared for ``model`` at its size: a tensor as given, a folder's, or
-    the embedded photos (SPEC 4)."""
+    the embedded photos (docs/design.md §4)."""
     given, size = spec["images"], _size(spec["size"])
     if isinstance(given, torch.Tensor):
         return Images(given, [f"image{i}" for i in range(len(given))])
@@ -378,7 +378,7 @@ def _sha256_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 def _run_on_ray(pending: list[Task], spec: Mapping[str, Any], record: Callable[[Task, tuple], None],
                 workers: int, address: str | None) -> None:
-    """Run ``pending`` on Ray, and ``record`` each outcome in the order they finish (SPEC 4)."""
+    """Run ``pending`` on Ray, and ``record`` each outcome in the order they finish (docs/design.md §4)."""
     try:
         import ray
     except ImportError:
@@ -411,7 +411,7 @@ def _run_on_ray(pending: list[Task], spec: Mapping[str, Any], record: Callable[[
 
 
 class _ProgressBar:
-    """A rich progress bar of finished tasks, or nothing; the context yields ``advance()`` (SPEC 3)."""
+    """A rich progress bar of finished tasks, or nothing; the context yields ``advance()`` (docs/design.md §3)."""
 
     def __init__(self, show: bool, total: int, done: int) -> None:
         self.progress = (Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -431,20 +431,20 @@ class _ProgressBar:
 
 
 def _task_id(model: str, measure: str, group: str | None) -> str:
-    """``measure-model[-group]-hash``: readable, file-safe, and the same for the same task (SPEC 4)."""
+    """``measure-model[-group]-hash``: readable, file-safe, and the same for the same task (docs/design.md §4)."""
     key = json.dumps([measure, model, group])
     return f"{'-'.join(slug(s) for s in (measure, model, group) if s)}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
 
 
 def slug(text: str) -> str:
     """``text`` as a task id writes it: each run of characters other than letters, digits, ``_``
-    and ``.`` becomes one ``_`` (SPEC 4)."""
+    and ``.`` becomes one ``_`` (docs/design.md §4)."""
     return re.sub(r"[^A-Za-z0-9_.]+", "_", text)
 
 
 def _plain(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The spec as JSON data, as the manifest stores it: a module or a tensor by its class or
-    shape and the hash of its values (SPEC 4)."""
+    shape and the hash of its values (docs/design.md §4)."""
     def described(value: object) -> str:
         if isinstance(value, torch.nn.Module):
             return f"{type(value).__name__} (state sha256 {_sha256_tensors(value.state_dict().items())})"
@@ -457,7 +457,7 @@ def _plain(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _checked(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec with defaults filled in; a bad key or value is a one-line :class:`SpecError` (SPEC 4)."""
+    """The spec with defaults filled in; a bad key or value is a one-line :class:`SpecError` (docs/design.md §4)."""
     unknown = [k for k in spec if k not in KEYS]
     if unknown:
         raise SpecError(f"spec key {unknown[0]!r} is unknown; valid keys: {', '.join(KEYS)}")
@@ -504,7 +504,7 @@ def _checked(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _options(out: dict[str, Any]) -> None:
-    """Check the measures' own tables: estimators, groups, metrics, variants (SPEC 4)."""
+    """Check the measures' own tables: estimators, groups, metrics, variants (docs/design.md §4)."""
     layers, mets, abl = out["layers"], out["metrics"], out["ablation"]
     for key, opts in (("layers", layers), ("ablation", abl)):
         if opts.get("estimator", "exact") not in ESTIMATORS:
@@ -530,7 +530,7 @@ def _options(out: dict[str, Any]) -> None:
 
 
 def _strings(key: str, value: Any) -> list[str]:
-    """A string or a list of strings, as a list (SPEC 4)."""
+    """A string or a list of strings, as a list (docs/design.md §4)."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
         raise SpecError(f"spec key {key!r}: expected a string or a non-empty list of strings, got {value!r}")
@@ -538,7 +538,7 @@ def _strings(key: str, value: Any) -> list[str]:
 
 
 def _groups(key: str, value: Any) -> list[str]:
-    """Group names, ``"all"`` expanded (SPEC 4)."""
+    """Group names, ``"all"`` expanded (docs/design.md §4)."""
     names = _strings(key, value)
     if names == ["all"]:
         return [g.name for g in resolve_groups("all")]
@@ -564,7 +564,7 @@ def _shown(value: object) -> str:
 
 def _models(value: Any) -> list[str | dict[str, Any]]:
     """The models of a spec, in order, each once: timm names from names and fnmatch patterns,
-    ``pkg.module:factory`` as given, and checked tables (SPEC 4)."""
+    ``pkg.module:factory`` as given, and checked tables (docs/design.md §4)."""
     import timm
 
     items = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -592,7 +592,7 @@ def _models(value: Any) -> list[str | dict[str, Any]]:
 def _table(item: Any) -> str | dict[str, Any]:
     """One model given as a callable, a module or a table, checked: its weights at hand (a
     checkpoint readable and hashed, its path taken from the working directory; pretrained
-    weights cached or reachable) and its label (SPEC 4). A table that only names a model is
+    weights cached or reachable) and its label (docs/design.md §4). A table that only names a model is
     that name."""
     import timm
 

@@ -1,4 +1,4 @@
-"""Paper figures drawn from a results store's tables, never from a live model (SPEC 4, STYLE 11).
+"""Paper figures drawn from a results store's tables, never from a live model (docs/design.md §4, STYLE 11).
 
 Each function takes store tables (DataFrames, as :func:`layerlie.load` returns them) and an
 optional ``ax``, and returns a matplotlib ``Figure`` one paper column wide. Layer types keep
@@ -88,7 +88,7 @@ def _need(frame: pd.DataFrame, table: str, columns: tuple[str, ...]) -> None:
 
 def settings(frame: pd.DataFrame, spec: Mapping[str, Any] | None = None) -> str:
     """The title lines of settings: scheme and images from the table (or the sweep spec), and
-    where the weights came from, from the table's ``weights`` column (SPEC 4)."""
+    where the weights came from, from the table's ``weights`` column (docs/design.md §4)."""
     spec = spec or {}
     scheme = ", ".join(sorted(frame["scheme"].astype(str).unique())) if "scheme" in frame else spec.get("scheme", "?")
     n = frame["image"].nunique() if "image" in frame else spec.get("n")
@@ -121,7 +121,7 @@ def _group(frame: pd.DataFrame, group: str | None) -> str:
 
 
 def _magnitude(layers: pd.DataFrame) -> tuple[pd.Series, str]:
-    """A node's size: ``||c_v||`` (exact) or ``|share|`` when the estimator gives no norms (METHOD 4)."""
+    """A node's size: ``||c_v||`` (exact) or ``|share|`` when the estimator gives no norms (docs/method.md §4)."""
     if layers["contribution_norm"].notna().any():
         return layers["contribution_norm"], "||c_v|| (output units)"
     return layers["share"].abs(), "|share| (fraction of ||L F||)"
@@ -131,7 +131,7 @@ def _magnitude(layers: pd.DataFrame) -> tuple[pd.Series, str]:
 def depth(layers: pd.DataFrame, *, group: str | None = None, spec: Mapping[str, Any] | None = None,
           ax: Axes | None = None) -> Figure:
     """Contribution by depth: one line per model (the largest node in each of :data:`_BINS` depth
-    bins) over depth normalised to [0, 1], with a marker per node coloured by layer type (METHOD 3)."""
+    bins) over depth normalised to [0, 1], with a marker per node coloured by layer type (docs/method.md §3)."""
     _need(layers, "layers", ("model", "depth", "layer_type", "contribution_norm", "share", "group"))
     g = _group(layers, group)
     rows = layers[layers["group"] == g]
@@ -158,7 +158,7 @@ def depth(layers: pd.DataFrame, *, group: str | None = None, spec: Mapping[str, 
 
 @_paper
 def by_type(layers: pd.DataFrame, *, spec: Mapping[str, Any] | None = None, ax: Axes | None = None) -> Figure:
-    """Share of the Lie derivative by layer type: one stacked bar per model and group (METHOD 3-4).
+    """Share of the Lie derivative by layer type: one stacked bar per model and group (docs/method.md §3-4).
 
     The share of a type is its nodes' sum of ``||c_v||`` over all nodes' (``|share|`` for the
     shares estimator), so each bar sums to 1.
@@ -186,7 +186,7 @@ def by_type(layers: pd.DataFrame, *, spec: Mapping[str, Any] | None = None, ax: 
 @_paper
 def e2e_groups(e2e: pd.DataFrame, *, spec: Mapping[str, Any] | None = None, ax: Axes | None = None) -> Figure:
     """End-to-end LEE per group across models: each image a dot, each model's mean a marker
-    with a bar over the images' range (METHOD 2)."""
+    with a bar over the images' range (docs/method.md §2)."""
     _need(e2e, "e2e", ("model", "group", "image", "lee"))
     groups = list(e2e["group"].unique())
     models = list(e2e["model"].unique())
@@ -213,7 +213,7 @@ def _mean_lee(e2e: pd.DataFrame, group: str) -> pd.Series:
 @_paper
 def lee_vs_accuracy(e2e: pd.DataFrame, accuracy: pd.DataFrame, *, group: str | None = None,
                     spec: Mapping[str, Any] | None = None, ax: Axes | None = None) -> Figure:
-    """Mean end-to-end LEE against top-1 accuracy, one point per model (METHOD 7).
+    """Mean end-to-end LEE against top-1 accuracy, one point per model (docs/method.md §7).
 
     Args:
         e2e: the store's e2e table.
@@ -248,7 +248,7 @@ def spearman(x: pd.Series, y: pd.Series) -> tuple[float, float]:
 def lee_vs_metrics(e2e: pd.DataFrame, metrics: pd.DataFrame, *, group: str | None = None,
                    spec: Mapping[str, Any] | None = None) -> Figure:
     """Per-image LEE against each finite metric, one panel per metric, with Spearman's rho and
-    its p-value over all (model, image) points (METHOD 7).
+    its p-value over all (model, image) points (docs/method.md §7).
 
     A per-group metric (invariance) is paired with the LEE of its own group; the others with ``group``.
     """
@@ -283,7 +283,7 @@ def lee_vs_metrics(e2e: pd.DataFrame, metrics: pd.DataFrame, *, group: str | Non
 def ablation(table: pd.DataFrame, *, group: str | None = None, spec: Mapping[str, Any] | None = None,
              ax: Axes | None = None) -> Figure:
     """Before/after ablation: per variant, the LEE reduction against the output change, one
-    point per model (METHOD 6)."""
+    point per model (docs/method.md §6)."""
     _need(table, "ablation", ("model", "variant", "output_change"))
     factors = [c.removeprefix("factor_") for c in table if c.startswith("factor_")]
     if not factors:
@@ -316,7 +316,7 @@ def ablation(table: pd.DataFrame, *, group: str | None = None, spec: Mapping[str
 def top_layers(layers: pd.DataFrame, *, model: str | None = None, group: str | None = None, k: int = 15,
                spec: Mapping[str, Any] | None = None, ax: Axes | None = None) -> Figure:
     """The ``k`` nodes of one model with the largest contribution, coloured by layer type; an
-    alias-flagged node (METHOD 6) is hatched and starred when the table has a ``flagged`` column."""
+    alias-flagged node (docs/method.md §6) is hatched and starred when the table has a ``flagged`` column."""
     _need(layers, "layers", ("model", "node", "layer_type", "contribution_norm", "share", "group"))
     model = model or layers["model"].iloc[0]
     rows = layers[layers["model"] == model]
@@ -345,8 +345,8 @@ def top_layers(layers: pd.DataFrame, *, model: str | None = None, group: str | N
 @_paper
 def monitor(table: pd.DataFrame, *, run: str | None = None, ax: Axes | Sequence[Axes] | None = None) -> Figure:
     """Equivariance along training: the e2e LEE per group against the step on a log scale
-    (METHOD 2) and, when the table has layer shares, the signed share of ``L F`` of each layer
-    type against the step, one line style per group (METHOD 4).
+    (docs/method.md §2) and, when the table has layer shares, the signed share of ``L F`` of each layer
+    type against the step, one line style per group (docs/method.md §4).
 
     Args:
         table: :meth:`layerlie.Monitor.table`, or a store's ``monitor`` table.
@@ -418,7 +418,7 @@ def for_store(tables: Mapping[str, pd.DataFrame], spec: Mapping[str, Any] | None
 
 
 def render(store: str | Path, out: str | Path) -> tuple[list[Path], list[str]]:
-    """Write every figure a store can feed to ``out/<name>.png`` and ``.pdf`` (SPEC 4).
+    """Write every figure a store can feed to ``out/<name>.png`` and ``.pdf`` (docs/design.md §4).
 
     Returns:
         The files written, and a one-line note per figure skipped for an absent table.

@@ -1,12 +1,12 @@
-"""One self-contained HTML report of one model, rendered from a results store (SPEC 4).
+"""One self-contained HTML report of one model, rendered from a results store (docs/design.md §4).
 
 :func:`report` runs a one-model sweep (:func:`layerlie.sweep`) into a store, then
 :func:`render` reads that store back, as it would any other sweep's: the page holds the
 settings, where the weights came from and where the tasks ran (from the store's rows),
 versions and timings, the end-to-end LEE of every group measured, the layer table of one group
-with its alias flags and its estimator's check (METHOD 4), the figures of
+with its alias flags and its estimator's check (docs/method.md §4), the figures of
 :mod:`layerlie.views.figures`, the before/after ablation, and the nodes of unknown layout or
-mismatched positions (METHOD 5). CSS is inline and images are ``data:`` URIs, so the file
+mismatched positions (docs/method.md §5). CSS is inline and images are ``data:`` URIs, so the file
 opens anywhere, offline, and makes no request.
 
 Example:
@@ -59,7 +59,7 @@ def report(model: str | nn.Module, x: torch.Tensor | None = None, path: str | Pa
            pretrained: bool = False, n: int = 2, size: int | tuple[int, int] | None = None, seed: int = 0,
            images: str | Path | None = None, store: str | Path | None = None,
            variants: Iterable[str] = ("blurpool", "filtered")) -> Path:
-    """Measure ``model`` with a one-model sweep and write its HTML report (SPEC 4).
+    """Measure ``model`` with a one-model sweep and write its HTML report (docs/design.md §4).
 
     Args:
         model: an ``nn.Module``, a timm name or ``package.module:callable``.
@@ -74,7 +74,7 @@ def report(model: str | nn.Module, x: torch.Tensor | None = None, path: str | Pa
         n, size, seed, images: the photos (``n`` embedded ones, or a folder), their size in
             pixels (square or ``(h, w)``), and the random-init seed.
         store: keep the sweep in this store (default: a temporary one).
-        variants: the anti-aliased variants of the ablation (METHOD 6).
+        variants: the anti-aliased variants of the ablation (docs/method.md §6).
 
     Returns:
         The path written.
@@ -120,7 +120,7 @@ def report(model: str | nn.Module, x: torch.Tensor | None = None, path: str | Pa
 def render(store: str | Path, path: str | Path = "report.html", *, model: str | None = None,
            group: str | None = None, notes: Iterable[str] = (),
            timings: Mapping[str, float] | None = None) -> Path:
-    """Write the HTML report of one model of ``store`` (default: its first model) (SPEC 4)."""
+    """Write the HTML report of one model of ``store`` (default: its first model) (docs/design.md §4)."""
     info = st.manifest(store)
     if info is None:
         raise ReportError(f"{str(store)!r} has no sweep; run `layerlie report MODEL --store {store}` first")
@@ -172,7 +172,7 @@ def _header(spec: Mapping[str, Any], info: Mapping[str, Any], timings: Mapping[s
 
 
 def _notes(layers: pd.DataFrame, notes: Iterable[str], failed: Mapping[str, Mapping[str, str]], model: str) -> str:
-    """The notices that change how the page reads, first of all the granularity (METHOD 3)."""
+    """The notices that change how the page reads, first of all the granularity (docs/method.md §3)."""
     lines = []
     if "granularity" in layers and (layers["granularity"] == "module").any():
         lines.append("torch.fx cannot trace this model, so the layer table is at module granularity: one row "
@@ -188,7 +188,7 @@ def _e2e(e2e: pd.DataFrame) -> str:
         return "<h2>End-to-end LEE</h2><p>not measured</p>"
     summary = e2e.groupby("group")["lee"].agg(["mean", "std", "min", "max", "count"]).reset_index()
     summary.columns = ["group", "mean LEE", "std", "min", "max", "images"]
-    return f"<h2>End-to-end LEE per group (METHOD 2)</h2>{_table(summary)}"
+    return f"<h2>End-to-end LEE per group (docs/method.md §2)</h2>{_table(summary)}"
 
 
 def _layers(layers: pd.DataFrame, group: str | None) -> str:
@@ -202,7 +202,7 @@ def _layers(layers: pd.DataFrame, group: str | None) -> str:
     rows = rows[~zero]
     cols = [c for c in ("node", "layer_type", "depth", "layout", "contribution_norm", "share", "alias_kind",
                         "alias_ratio", "flagged", "position_mismatch") if c in rows]
-    return (f"<h2>Layer table, {html.escape(str(group))} (METHOD 3-4)</h2><p>estimator "
+    return (f"<h2>Layer table, {html.escape(str(group))} (docs/method.md §3-4)</h2><p>estimator "
             f"{html.escape(str(rows['estimator'].iloc[0]) if len(rows) else '')}; check of the estimator, "
             f"{html.escape(check)}; {int(zero.sum())} nodes with no contribution are left out</p>"
             f"{_table(rows[cols])}")
@@ -227,12 +227,12 @@ def _ablation(table: pd.DataFrame) -> str:
     if table.empty:
         return "<h2>Before/after ablation</h2><p>not measured (see the notes above)</p>"
     cols = [c for c in table if c not in ("model", "scheme", "seed")]
-    return f"<h2>Before/after ablation (METHOD 6)</h2>{_table(table[cols])}"
+    return f"<h2>Before/after ablation (docs/method.md §6)</h2>{_table(table[cols])}"
 
 
 def _layouts(layers: pd.DataFrame) -> str:
     if layers.empty or "layout" not in layers:
-        return ("<h2>Unknown layouts and position mismatches (METHOD 5)</h2><p>not inferred at module "
+        return ("<h2>Unknown layouts and position mismatches (docs/method.md §5)</h2><p>not inferred at module "
                 "granularity</p>" if not layers.empty else "")
     unknown = layers[layers["layout"].astype(str).str.startswith("unknown")]
     mismatch = (layers[layers["position_mismatch"].fillna("").astype(str) != ""] if "position_mismatch" in layers
@@ -240,4 +240,4 @@ def _layouts(layers: pd.DataFrame) -> str:
     body = (f"<p>{len(unknown)} nodes of unknown layout, {len(mismatch)} position mismatches.</p>"
             + (_table(unknown[["group", "node", "layer_type", "layout"]]) if len(unknown) else "")
             + (_table(mismatch[["group", "node", "position_mismatch"]]) if len(mismatch) else ""))
-    return f"<h2>Unknown layouts and position mismatches (METHOD 5)</h2>{body}"
+    return f"<h2>Unknown layouts and position mismatches (docs/method.md §5)</h2>{body}"
