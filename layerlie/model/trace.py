@@ -255,7 +255,7 @@ def with_output(gm: fx.GraphModule, output: str) -> tuple[fx.GraphModule, str]:
     if output == "softmax" and output not in names:
         if "logits" not in names:
             raise LayerlieError("this GraphModule does not name its logits node; trace the model with "
-                                "layerlie.model.trace, or pass output= a node name")
+                                "layerlie.trace, or pass output= a node name")
         cut, logits = with_output(gm, "logits")
         return _append_softmax(cut, logits)
     target = names.get(output, output)
