@@ -78,4 +78,5 @@ _MOVED = {
     "windows": "core.windows",
 }
 for _old, _new in _MOVED.items():
-    sys.modules.setdefault(f"layerlie.{_old}", importlib.import_module(f"layerlie.{_new}"))
+    _module = sys.modules.setdefault(f"layerlie.{_old}", importlib.import_module(f"layerlie.{_new}"))
+    globals().setdefault(_old, _module)  # ``ll.store``; a public function of that name (``ll.metrics``) wins

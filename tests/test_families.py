@@ -209,7 +209,7 @@ def test_named_models_have_few_unknown_layouts_and_stay_complete(name):
 def test_without_the_pad_rule_and_probing_hgnetv2_loses_its_layouts(monkeypatch):
     """The 5% bound can fail: without F.pad's entry, and without probing to stand in for it,
     hgnetv2's first pad makes most of the graph unknown."""
-    monkeypatch.delitem(ll.ops._OPS, F.pad)
+    monkeypatch.delitem(ll.core.ops._OPS, F.pad)
     monkeypatch.setattr(ll.layout, "probe_axes", lambda *a, **k: None)
     gm, x = named_model("hgnetv2_b0")
     unknown, total = unknown_layouts(gm, x)
