@@ -35,7 +35,8 @@ from torch import nn
 
 from layerlie.core.groups import Group
 from layerlie.core import ops
-from layerlie.core.ops import Window
+from layerlie.core.geometry import Axes, Window
+from layerlie.core.table import MATMULS
 from layerlie.core.probe import probe_axes, relabelled_axes
 from layerlie.core.engine import Propagator, node_callable
 from layerlie.core.tangent import Frame, central_difference, get_scheme, tangent
@@ -212,11 +213,6 @@ def _difference(h: torch.Tensor, dim: int, out: torch.Tensor) -> None:
     torch.neg(h.narrow(dim, n - 2, 1), out=out.narrow(dim, n - 1, 1))
 
 
-def _window(fn: Any, args: Sequence[Any], kwargs: dict) -> Window | None:
-    """(kernel, stride, padding, dilation) of a spatial window op, from the op registry, or None."""
-    return ops.window(fn, args, kwargs)
-
-
 def _norm_dim(d: int, ndim: int) -> int:
     return d % ndim
 
@@ -295,7 +291,7 @@ class LayoutProp(Propagator):
             relabels = lay.kind == "windows" or _is_roll(fn, method)
             if fn is torch.einsum:
                 got = self._einsum(args, lays, out)
-            elif fn in _MATMULS:
+            elif fn in MATMULS:
                 got = self._matmul(args, lays, out)
             else:
                 got = None if relabels else self._rule(n, fn, method, args, lay, src, out, lays)
@@ -363,7 +359,7 @@ class LayoutProp(Propagator):
             return NONE  # global pooling: no spatial axes left (docs/method.md §3)
         if any(a.kind == "pair" for a in lays):
             return _attention_rule(fn, method, args, n.kwargs, lays, out) or UNKNOWN
-        window = _window(fn, args, n.kwargs)
+        window = ops.window(fn, args, n.kwargs)
         if window is not None and lay.kind == "grid" and (lay.y_dim, lay.x_dim) == (2, 3):
             (ky, kx), (sy, sx), (py, px), (dy, dx) = window
 
@@ -651,7 +647,7 @@ class _Seeded(LayoutProp):
         return self.seed if n.op == "placeholder" else super()._infer(n, out)
 
 
-def _resampled(lay: Layout, moved: ops.Axes, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
+def _resampled(lay: Layout, moved: Axes, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
     """The layout after an op that moves samples (``ops.Op.resample``): each grid axis maps
     output sample ``j`` to input sample ``shift + scale * j``; padding before the tokens adds
     position-less tokens to the prefix (CoaT's ``F.pad`` of a class-token slot)."""
@@ -697,9 +693,6 @@ def _reduced(lay: Layout, args: list, kwargs: dict, src: torch.Tensor, out: torc
         return _norm_dim(d, src.ndim) - sum(r < _norm_dim(d, src.ndim) for r in dims)
 
     return replace(lay, y_dim=moved(lay.y_dim), x_dim=moved(lay.x_dim), token_dim=moved(lay.token_dim))
-
-
-_MATMULS = (operator.matmul, torch.matmul, torch.bmm)
 
 
 def _matmul_form(equation: Any, operands: Sequence[Any]) -> tuple[list[int], list[int], list[int]] | None:
@@ -882,7 +875,7 @@ def _attention_rule(fn: Any, method: str | None, args: list, kwargs: dict, lays:
     gives tokens on the query axis; a product that sums over the tokens (``q^T k`` of
     cross-covariance attention) leaves a map with no spatial axes, and a channel map times
     tokens keeps the tokens."""
-    if fn in (operator.matmul, torch.matmul, torch.bmm) and len(args) >= 2:
+    if fn in MATMULS and len(args) >= 2:
         (a, b), (la, lb), nd = args[:2], lays[:2], out.ndim
         if _tokens_at(la, a, -2) and _tokens_at(lb, b, -1):
             return replace(_on_axis(la, nd - 2), kind="pair", key=_on_axis(lb, nd - 1))
