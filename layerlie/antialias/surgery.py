@@ -646,7 +646,7 @@ def _working_copy(model: nn.Module | fx.GraphModule, example: torch.Tensor | Non
     if not isinstance(model, fx.GraphModule):
         return trace(model, example, output=output)
     work = fx.GraphModule(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
-    work.meta = dict(model.meta)
+    work.meta = dict(model.meta)  # shares the model's stored layouts, if any (infer_layouts)
     _own_called_parents(work)
     return work
 

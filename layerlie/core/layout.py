@@ -25,7 +25,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -228,24 +228,51 @@ def _joins_channels(lays: list[Layout], dim: int, ndim: int) -> bool:
 
 class LayoutProp(Propagator):
     """A primal pass that records every node's value and :class:`Layout`
-    (``node.meta["layerlie.layout"]``)."""
+    (``node.meta["layerlie.layout"]``), inferring the layouts once per graph and input shape,
+    dtype and device (:func:`infer_layouts`): a later pass of any measurement on the same graph,
+    or on a copy of it from :func:`layerlie.trace.with_output`, reads them back."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm, keep=True)
         self.layouts: dict[str, Layout] = {}
         self.mismatches: dict[str, str] = {}
         self.probed: set[str] = set()
+        self._stored: dict[tuple[str, int], _Stored] | None = None
+        self._fingerprints = _fingerprints(gm)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        lay = self._infer(n, out) if n.op != "output" else NONE
+        if self._stored is None:  # the first node: the images
+            self._stored = layout_cache(self.module).setdefault(_input_key(out), {})
+        key = (n.name, self._fingerprints[n])
+        stored = self._stored.get(key)
+        if n.op == "output":  # a copy from with_output differs here alone
+            lay, mismatch = NONE, None
+        elif stored is not None:
+            lay, mismatch = stored.layout, stored.mismatch
+            if mismatch:
+                self.mismatches[n.name] = mismatch
+        else:
+            lay = self.infer(n, out)
+            mismatch = self.mismatches.get(n.name)
+            self._stored[key] = _Stored(lay, mismatch)
+        n.meta["layerlie.layout"] = lay
+        if mismatch:
+            n.meta["layerlie.mismatch"] = mismatch
+        else:
+            n.meta.pop("layerlie.mismatch", None)
+        self.layouts[n.name] = lay
+        return out
+
+    def infer(self, n: fx.Node, out: Any) -> Layout:
+        """The layout of ``n``, whose value is ``out``, from the layouts of its inputs: the pass
+        calls it once per node where no stored layout fits."""
+        lay = self._infer(n, out)
         if lay.probed and n.name not in self.probed:
             lay = replace(lay, probed=False)  # a rule placed it, from a probed input
-        n.meta["layerlie.layout"] = lay
-        self.layouts[n.name] = lay
-        if lay.spatial and n.op != "output":
+        if lay.spatial:
             self._check_positions(n, lay)
-        return out
+        return lay
 
     def _check_positions(self, n: fx.Node, lay: Layout) -> None:
         """Inputs of one op whose samples sit at different input positions (docs/method.md §5: e.g. the
@@ -255,7 +282,6 @@ class LayoutProp(Propagator):
         if len(inputs) > 1 and len(where) > 1:
             desc = "; ".join(f"{a.name} at y={self._lay(a).y}, x={self._lay(a).x}" for a in inputs)
             self.mismatches[n.name] = f"inputs disagree on sample positions (stride, offset): {desc}"
-            n.meta["layerlie.mismatch"] = self.mismatches[n.name]
 
     def _lay(self, a: Any) -> Layout:
         return self.layouts.get(a.name, NONE) if isinstance(a, fx.Node) else NONE
@@ -918,8 +944,57 @@ def _reduced_pair(lay: Layout, args: list, kwargs: dict, src: torch.Tensor, out:
     return q if k.kind == "none" else k
 
 
+class _Stored(NamedTuple):
+    """A node's inferred layout and the disagreement of its inputs' positions, if any."""
+
+    layout: Layout
+    mismatch: str | None
+
+
+CACHE = "layerlie.layouts"
+"""The ``gm.meta`` key of the stored layouts: ``{(input shape, dtype, device): {(node name,
+fingerprint): _Stored}}``, shared with the graph's copies (:func:`layerlie.trace.with_output`,
+surgery's working copy); the fingerprint of the graph up to the node tells a rewritten node apart."""
+
+
+def layout_cache(gm: fx.GraphModule) -> dict:
+    """The layouts stored for ``gm`` (:data:`CACHE`), made empty where there are none yet."""
+    return gm.meta.setdefault(CACHE, {})
+
+
+def _input_key(x: Any) -> tuple:
+    return (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x).__name__,)
+
+
+def _fingerprints(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """A hash of each node and everything upstream of it: op, name, target (for a module call, the
+    module's class and configuration, its ``repr``) and arguments. Equal in a copy of the graph
+    (:func:`layerlie.trace.with_output`, surgery's working copy), changed by a rewrite at or
+    above the node, so a stored layout is read back only where it still holds."""
+    prints: dict[fx.Node, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            module = gm.get_submodule(n.target)
+            target: Any = (type(module), repr(module))
+        else:
+            target = n.target if isinstance(n.target, str) else id(n.target)
+        args = fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{prints[a]}")
+        prints[n] = hash((n.op, n.name, target, repr(args)))
+    return prints
+
+
 def infer_layouts(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Layout]:
-    """Every node's :class:`Layout` for input ``x`` (docs/method.md §5), by name."""
+    """Every node's :class:`Layout` for input ``x`` (docs/method.md §5), by name: the one entry
+    of the value-and-layout pass. The pass runs once per (graph, input shape, dtype, device);
+    its layouts are kept in ``node.meta["layerlie.layout"]`` and in ``gm.meta[CACHE]``, which
+    hands them back here and to the
+    passes of :func:`layerlie.attribute`, :func:`layerlie.aliasing`, :func:`layerlie.with_aliasing`,
+    :func:`layerlie.antialias` and :func:`layerlie.ablate` (:class:`LayoutProp`)."""
+    stored = layout_cache(gm).get(_input_key(x), {})
+    prints = _fingerprints(gm)
+    found = {n.name: stored.get((n.name, prints[n])) for n in gm.graph.nodes if n.op != "output"}
+    if None not in found.values():
+        return {n.name: found[n.name].layout if n.op != "output" else NONE for n in gm.graph.nodes}
     prop = LayoutProp(gm)
     prop.propagate(x, None)
     return prop.layouts
