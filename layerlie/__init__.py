@@ -58,7 +58,7 @@ _MOVED = {
     "figures": "views.figures",
     "groups": "core.groups",
     "hooks": "measure.hooks",
-    "jvprules": "core.jvprules",
+    "jvprules": "core.rules",
     "layout": "core.layout",
     "lie": "measure.lie",
     "memory": "core.memory",

@@ -211,7 +211,7 @@ def conv_relu_net() -> nn.Module:
 @pytest.fixture
 def wrong_relu_rule():
     """The ReLU's linearization rule scaled by 0.9, restored afterwards."""
-    targets = [t for t in ll.list_rules() if t in (nn.ReLU, F.relu, torch.relu, "relu")]
+    targets = [nn.ReLU, F.relu, torch.relu, "relu"]
     saved = {t: ll.get_rule(t) for t in targets}
     right = saved[nn.ReLU]
     ll.register_rule(*targets)(lambda call, tangents: 0.9 * right(call, tangents))

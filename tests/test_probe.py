@@ -16,7 +16,7 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 import layerlie as ll
-from layerlie.core import ops, probe
+from layerlie.core import layout, ops, probe
 from layerlie.measure.hooks import guessed_layout, module_layouts
 from layerlie.antialias.surgery import PolyphaseSample
 
@@ -54,7 +54,7 @@ def _registry_cases() -> list:
     resizing = (F.interpolate, nn.Upsample, nn.PixelShuffle, F.pixel_shuffle, nn.AdaptiveAvgPool2d,
                 F.adaptive_avg_pool2d, nn.AdaptiveMaxPool2d, F.adaptive_max_pool2d)
     cases = []
-    for op in ops.list_ops():
+    for op in map(ops.get_op, ops.list_ops()):
         if (op.window is not None or op.resample is not None) and op.key is not PolyphaseSample \
                 and op.key not in resizing:
             fn, args = op.example(op.key)
@@ -131,7 +131,7 @@ def test_an_op_no_rule_knows_is_probed_and_said_so():
 
 def test_without_probing_the_unknown_op_is_unknown(monkeypatch):
     """The probed layout is probing's doing: without it the pool and everything after are unknown."""
-    monkeypatch.setattr(ll.layout, "probe_axes", lambda *a, **k: None)
+    monkeypatch.setattr(layout, "probe_axes", lambda *a, **k: None)
     lay = ll.infer_layouts(ll.trace(LpNet().double().eval()), torch.rand(1, 3, 16, 16, dtype=torch.float64))
     assert lay["pool"].kind == "unknown" and lay["head"].kind == "unknown"
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from layerlie.measure.attribution import CHECKS, ESTIMATORS, Estimator, attribute
 from layerlie.model.contract import Output, prepare
+from layerlie.core.layout import infer_layouts
 from layerlie.core.ops import LAYER_TYPES
 from layerlie.errors import LayerlieError
 from layerlie.core.groups import resolve_groups
@@ -139,6 +140,7 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
         raise LayerlieError(f"labels must have shape ({x.shape[0]},), one class index per image, "
                             f"got {tuple(labels.shape)}")
     original = model if isinstance(model, fx.GraphModule) else trace(model, x, output=output)
+    infer_layouts(original, x)  # once: the variants' surgery and every attribution read them back
     models = {"original": original}
     skipped = []
     for v in variants:

@@ -55,8 +55,10 @@ from layerlie.model.contract import Output, eval_copy, prepare
 from layerlie.errors import LayerlieError
 from layerlie.core.layout import Layout, LayoutProp
 from layerlie.model.loading import input_channels
-from layerlie.core.ops import (LAYER_TYPES, Tangents, get_op, layer_type, module_example, pair, register_op, stride_one,
-                          strided)
+from layerlie.core.examples import module_example
+from layerlie.core.geometry import pair
+from layerlie.core.ops import LAYER_TYPES, Tangents, find_op, get_op, layer_type, register_op, strided
+from layerlie.core.twins import stride_one
 from layerlie.core.engine import Call, Recorder
 from layerlie.model.trace import input_size, trace
 
@@ -469,7 +471,7 @@ def _strided_layer(gm: fx.GraphModule, node: fx.Node, policy: str) -> nn.Module 
     """The strided convolution or pool that ``node`` applies (a functional pool as a module) when
     its op lists ``policy`` among its substitutes, or None; a patch embedding already blurred is
     left alone, so reapplying is safe (the samplers list no substitute)."""
-    op = get_op(gm, node)
+    op = find_op(gm, node)
     if op is None or policy not in op.substitutes:
         return None
     if node.op == "call_module":
@@ -505,7 +507,7 @@ def _aps(gm: fx.GraphModule, node: fx.Node, options: Options) -> nn.Module | Non
 @register_policy("filtered", "pointwise nonlinearities on image-like tensors (activations='filtered')",
                  activation=True, needs_layouts=True)
 def _filtered(gm: fx.GraphModule, node: fx.Node, options: Options) -> nn.Module | None:
-    op = get_op(gm, node)
+    op = find_op(gm, node)
     if op is None or "filtered" not in op.substitutes:
         return None
     layout = options.layouts.get(node.name)
@@ -644,7 +646,7 @@ def _working_copy(model: nn.Module | fx.GraphModule, example: torch.Tensor | Non
     if not isinstance(model, fx.GraphModule):
         return trace(model, example, output=output)
     work = fx.GraphModule(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
-    work.meta = dict(model.meta)
+    work.meta = dict(model.meta)  # shares the model's stored layouts, if any (infer_layouts)
     _own_called_parents(work)
     return work
 

@@ -25,7 +25,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -35,7 +35,8 @@ from torch import nn
 
 from layerlie.core.groups import Group
 from layerlie.core import ops
-from layerlie.core.ops import Window
+from layerlie.core.geometry import Axes, Window
+from layerlie.core.table import MATMULS
 from layerlie.core.probe import probe_axes, relabelled_axes
 from layerlie.core.engine import Propagator, node_callable
 from layerlie.core.tangent import Frame, central_difference, get_scheme, tangent
@@ -212,11 +213,6 @@ def _difference(h: torch.Tensor, dim: int, out: torch.Tensor) -> None:
     torch.neg(h.narrow(dim, n - 2, 1), out=out.narrow(dim, n - 1, 1))
 
 
-def _window(fn: Any, args: Sequence[Any], kwargs: dict) -> Window | None:
-    """(kernel, stride, padding, dilation) of a spatial window op, from the op registry, or None."""
-    return ops.window(fn, args, kwargs)
-
-
 def _norm_dim(d: int, ndim: int) -> int:
     return d % ndim
 
@@ -232,24 +228,51 @@ def _joins_channels(lays: list[Layout], dim: int, ndim: int) -> bool:
 
 class LayoutProp(Propagator):
     """A primal pass that records every node's value and :class:`Layout`
-    (``node.meta["layerlie.layout"]``)."""
+    (``node.meta["layerlie.layout"]``), inferring the layouts once per graph and input shape,
+    dtype and device (:func:`infer_layouts`): a later pass of any measurement on the same graph,
+    or on a copy of it from :func:`layerlie.trace.with_output`, reads them back."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm, keep=True)
         self.layouts: dict[str, Layout] = {}
         self.mismatches: dict[str, str] = {}
         self.probed: set[str] = set()
+        self._stored: dict[tuple[str, int], _Stored] | None = None
+        self._fingerprints = _fingerprints(gm)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        lay = self._infer(n, out) if n.op != "output" else NONE
+        if self._stored is None:  # the first node: the images
+            self._stored = layout_cache(self.module).setdefault(_input_key(out), {})
+        key = (n.name, self._fingerprints[n])
+        stored = self._stored.get(key)
+        if n.op == "output":  # a copy from with_output differs here alone
+            lay, mismatch = NONE, None
+        elif stored is not None:
+            lay, mismatch = stored.layout, stored.mismatch
+            if mismatch:
+                self.mismatches[n.name] = mismatch
+        else:
+            lay = self.infer(n, out)
+            mismatch = self.mismatches.get(n.name)
+            self._stored[key] = _Stored(lay, mismatch)
+        n.meta["layerlie.layout"] = lay
+        if mismatch:
+            n.meta["layerlie.mismatch"] = mismatch
+        else:
+            n.meta.pop("layerlie.mismatch", None)
+        self.layouts[n.name] = lay
+        return out
+
+    def infer(self, n: fx.Node, out: Any) -> Layout:
+        """The layout of ``n``, whose value is ``out``, from the layouts of its inputs: the pass
+        calls it once per node where no stored layout fits."""
+        lay = self._infer(n, out)
         if lay.probed and n.name not in self.probed:
             lay = replace(lay, probed=False)  # a rule placed it, from a probed input
-        n.meta["layerlie.layout"] = lay
-        self.layouts[n.name] = lay
-        if lay.spatial and n.op != "output":
+        if lay.spatial:
             self._check_positions(n, lay)
-        return out
+        return lay
 
     def _check_positions(self, n: fx.Node, lay: Layout) -> None:
         """Inputs of one op whose samples sit at different input positions (docs/method.md §5: e.g. the
@@ -259,7 +282,6 @@ class LayoutProp(Propagator):
         if len(inputs) > 1 and len(where) > 1:
             desc = "; ".join(f"{a.name} at y={self._lay(a).y}, x={self._lay(a).x}" for a in inputs)
             self.mismatches[n.name] = f"inputs disagree on sample positions (stride, offset): {desc}"
-            n.meta["layerlie.mismatch"] = self.mismatches[n.name]
 
     def _lay(self, a: Any) -> Layout:
         return self.layouts.get(a.name, NONE) if isinstance(a, fx.Node) else NONE
@@ -295,7 +317,7 @@ class LayoutProp(Propagator):
             relabels = lay.kind == "windows" or _is_roll(fn, method)
             if fn is torch.einsum:
                 got = self._einsum(args, lays, out)
-            elif fn in _MATMULS:
+            elif fn in MATMULS:
                 got = self._matmul(args, lays, out)
             else:
                 got = None if relabels else self._rule(n, fn, method, args, lay, src, out, lays)
@@ -363,7 +385,7 @@ class LayoutProp(Propagator):
             return NONE  # global pooling: no spatial axes left (docs/method.md §3)
         if any(a.kind == "pair" for a in lays):
             return _attention_rule(fn, method, args, n.kwargs, lays, out) or UNKNOWN
-        window = _window(fn, args, n.kwargs)
+        window = ops.window(fn, args, n.kwargs)
         if window is not None and lay.kind == "grid" and (lay.y_dim, lay.x_dim) == (2, 3):
             (ky, kx), (sy, sx), (py, px), (dy, dx) = window
 
@@ -651,7 +673,7 @@ class _Seeded(LayoutProp):
         return self.seed if n.op == "placeholder" else super()._infer(n, out)
 
 
-def _resampled(lay: Layout, moved: ops.Axes, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
+def _resampled(lay: Layout, moved: Axes, src: torch.Tensor, out: torch.Tensor) -> Layout | None:
     """The layout after an op that moves samples (``ops.Op.resample``): each grid axis maps
     output sample ``j`` to input sample ``shift + scale * j``; padding before the tokens adds
     position-less tokens to the prefix (CoaT's ``F.pad`` of a class-token slot)."""
@@ -697,9 +719,6 @@ def _reduced(lay: Layout, args: list, kwargs: dict, src: torch.Tensor, out: torc
         return _norm_dim(d, src.ndim) - sum(r < _norm_dim(d, src.ndim) for r in dims)
 
     return replace(lay, y_dim=moved(lay.y_dim), x_dim=moved(lay.x_dim), token_dim=moved(lay.token_dim))
-
-
-_MATMULS = (operator.matmul, torch.matmul, torch.bmm)
 
 
 def _matmul_form(equation: Any, operands: Sequence[Any]) -> tuple[list[int], list[int], list[int]] | None:
@@ -882,7 +901,7 @@ def _attention_rule(fn: Any, method: str | None, args: list, kwargs: dict, lays:
     gives tokens on the query axis; a product that sums over the tokens (``q^T k`` of
     cross-covariance attention) leaves a map with no spatial axes, and a channel map times
     tokens keeps the tokens."""
-    if fn in (operator.matmul, torch.matmul, torch.bmm) and len(args) >= 2:
+    if fn in MATMULS and len(args) >= 2:
         (a, b), (la, lb), nd = args[:2], lays[:2], out.ndim
         if _tokens_at(la, a, -2) and _tokens_at(lb, b, -1):
             return replace(_on_axis(la, nd - 2), kind="pair", key=_on_axis(lb, nd - 1))
@@ -925,8 +944,57 @@ def _reduced_pair(lay: Layout, args: list, kwargs: dict, src: torch.Tensor, out:
     return q if k.kind == "none" else k
 
 
+class _Stored(NamedTuple):
+    """A node's inferred layout and the disagreement of its inputs' positions, if any."""
+
+    layout: Layout
+    mismatch: str | None
+
+
+CACHE = "layerlie.layouts"
+"""The ``gm.meta`` key of the stored layouts: ``{(input shape, dtype, device): {(node name,
+fingerprint): _Stored}}``, shared with the graph's copies (:func:`layerlie.trace.with_output`,
+surgery's working copy); the fingerprint of the graph up to the node tells a rewritten node apart."""
+
+
+def layout_cache(gm: fx.GraphModule) -> dict:
+    """The layouts stored for ``gm`` (:data:`CACHE`), made empty where there are none yet."""
+    return gm.meta.setdefault(CACHE, {})
+
+
+def _input_key(x: Any) -> tuple:
+    return (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x).__name__,)
+
+
+def _fingerprints(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """A hash of each node and everything upstream of it: op, name, target (for a module call, the
+    module's class and configuration, its ``repr``) and arguments. Equal in a copy of the graph
+    (:func:`layerlie.trace.with_output`, surgery's working copy), changed by a rewrite at or
+    above the node, so a stored layout is read back only where it still holds."""
+    prints: dict[fx.Node, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            module = gm.get_submodule(n.target)
+            target: Any = (type(module), repr(module))
+        else:
+            target = n.target if isinstance(n.target, str) else id(n.target)
+        args = fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{prints[a]}")
+        prints[n] = hash((n.op, n.name, target, repr(args)))
+    return prints
+
+
 def infer_layouts(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, Layout]:
-    """Every node's :class:`Layout` for input ``x`` (docs/method.md §5), by name."""
+    """Every node's :class:`Layout` for input ``x`` (docs/method.md §5), by name: the one entry
+    of the value-and-layout pass. The pass runs once per (graph, input shape, dtype, device);
+    its layouts are kept in ``node.meta["layerlie.layout"]`` and in ``gm.meta[CACHE]``, which
+    hands them back here and to the
+    passes of :func:`layerlie.attribute`, :func:`layerlie.aliasing`, :func:`layerlie.with_aliasing`,
+    :func:`layerlie.antialias` and :func:`layerlie.ablate` (:class:`LayoutProp`)."""
+    stored = layout_cache(gm).get(_input_key(x), {})
+    prints = _fingerprints(gm)
+    found = {n.name: stored.get((n.name, prints[n])) for n in gm.graph.nodes if n.op != "output"}
+    if None not in found.values():
+        return {n.name: found[n.name].layout if n.op != "output" else NONE for n in gm.graph.nodes}
     prop = LayoutProp(gm)
     prop.propagate(x, None)
     return prop.layouts

@@ -43,7 +43,7 @@ from layerlie.measure.attribution import Attribution
 from layerlie.model.contract import Output, prepare
 from layerlie.core.layout import Layout, LayoutProp
 from layerlie.measure.lie import jvp_ready
-from layerlie.core.ops import get_op, is_pointwise_in_space, is_strided, layer_type
+from layerlie.core.ops import find_op, is_pointwise_in_space, is_strided, layer_type
 from layerlie.core.engine import Call, bind
 from layerlie.model.trace import trace
 
@@ -156,7 +156,7 @@ class AliasProp(LayoutProp):
             return None, math.nan
         call, _ = bind(self.module, n, self.values, {}, out)
         if self.strided(n):
-            op = get_op(self.module, n)
+            op = find_op(self.module, n)
             return "downsampling", _downsampling_ratio(call, op.dense if op is not None else None, src, lay)
         spatial = (lay.token_dim,) if lay.kind == "tokens" else (lay.y_dim, lay.x_dim)
         if len(inputs) == 1 and src.kind == lay.kind \

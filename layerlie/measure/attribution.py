@@ -42,8 +42,8 @@ from layerlie.core.groups import Group, group as get_group
 from layerlie.core.layout import NONE, Coords, Layout, LayoutProp, layout_tangent
 from layerlie.measure.hooks import module_contributions, module_cotangents, module_defects
 from layerlie.measure.lie import exact_math, jvp_ready, push_tangents
-from layerlie.core import ops
-from layerlie.core.ops import is_strided, layer_type, linearization, module_type, op_key, softmax_jvp
+from layerlie.core.ops import commuting, is_strided, layer_type, linearization, module_type, op_key, relabels
+from layerlie.core.rules import Offset, softmax_jvp
 from layerlie.core.engine import Propagator, Recorder, bind, jvp_call, linearize, padded
 from layerlie.core.tangent import check_scheme, tangent
 from layerlie.model.trace import TraceError, trace, with_output
@@ -181,64 +181,14 @@ def rounding_floor(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** 0.5
 
 
-Offset = torch.Tensor | None
-
-
-def _channel_linear(fn: Any, args: Sequence[Any], lay: Layout) -> tuple[bool, Offset]:
-    """A linear layer on the last axis, which is not spatial; its bias is the offset."""
-    x = args[0]
-    spatial = (lay.y_dim, lay.x_dim) if lay.kind == "grid" else (lay.token_dim,)
-    ok = isinstance(x, torch.Tensor) and all(d % x.ndim != x.ndim - 1 for d in spatial)
-    bias = fn.bias if isinstance(fn, nn.Module) else (args[2] if len(args) > 2 else None)
-    return ok, bias
-
-
-def _pointwise_conv(fn: nn.Conv2d, args: Sequence[Any], lay: Layout) -> tuple[bool, Offset]:
-    """A 1x1 convolution at stride 1 without padding, on the grid's own axes."""
-    w = ops.window(fn, args, {})
-    ok = lay.kind == "grid" and (lay.y_dim, lay.x_dim) == (2, 3) and w is not None and w.kernel == (1, 1) \
-        and w.stride == (1, 1) and w.padding == (0, 0)
-    return ok, fn.bias.reshape(-1, 1, 1) if fn.bias is not None else None
-
-
-_COMMUTING: dict[Any, Callable[[Any, Sequence[Any], Layout], tuple[bool, Offset]]] = {
-    nn.Linear: _channel_linear,
-    torch.nn.functional.linear: _channel_linear,
-    nn.Conv2d: _pointwise_conv,
-}
-"""Affine maps ``h -> W h + b`` that act on each sample alone, the same at every position: where
-they keep their input's layout, ``W`` commutes with ``G`` and ``e_v = -G b`` (docs/method.md §3; the
-offset ``b``, constant in space, has a defect only where the scheme's border brings in zeros).
-Each entry says whether the call is one, and its offset ``b`` shaped to broadcast. By exact type:
-a subclass may compute something else. The linearization ``W G h``, a second forward of the
-layer, is then not computed."""
-
-
-_RELABELLING = {nn.Identity, nn.Dropout, "reshape", "view", "flatten", "unflatten", "permute", "transpose", "swapaxes",
-                "swapdims", "contiguous", torch.reshape, torch.flatten, torch.permute, torch.transpose, torch.swapaxes,
-                torch.swapdims}
-"""Ops that only relabel samples (or pass them through, as eval dropout): where the output has a
-spatial layout, it was inferred from the op (docs/method.md §5), and ``G`` of the output is the relabelled
-``G`` of the input, exactly; the pushed tangent serves as ``G_v h_v`` and ``e_v = 0``."""
-
-
-def _relabels(key: Any, fn: Any) -> bool:
-    """Whether the op of registry key ``key`` (:func:`layerlie.core.ops.op_key`) is in :data:`_RELABELLING`
-    (dropout only in eval mode)."""
-    try:
-        return key in _RELABELLING and not getattr(fn, "training", False)
-    except TypeError:  # an unhashable call target
-        return False
-
-
 class _Defects(LayoutProp):
     """One walk: each node's value and layout (:class:`LayoutProp`), then its ``G_v h_v`` and
     ``e_v`` (docs/method.md §3). ``G_v h_v`` is dropped after its last user, except at the input and the
     output. An ``e_v`` under :func:`rounding_floor` of its two terms is zero (``.rounded``).
     Run it with ``propagate(x, None)``.
 
-    With ``shortcuts`` (the default), an op of :data:`_COMMUTING` that keeps its input's layout
-    gets ``e_v = 0`` without its linearization being computed (``.commuting``): for linear layers
+    With ``shortcuts`` (the default), an op whose entry ``commutes`` (:class:`layerlie.core.ops.Op`)
+    and that keeps its input's layout gets ``e_v = 0`` without its linearization being computed (``.commuting``): for linear layers
     that is the cost of a second forward. ``shortcuts=False`` computes both terms at every node,
     the reference that the tests compare with."""
 
@@ -317,7 +267,7 @@ class _Defects(LayoutProp):
             self.g[n], self.e[n] = pushed, None  # the representation on tuples is the incoming one
             return
         if self.shortcuts and lay.spatial and list(incoming) == [0] and isinstance(pushed, torch.Tensor) \
-                and _relabels(op_key(self.gm, n), call.fn):
+                and relabels(op_key(self.gm, n), call.fn):
             self.g[n], self.e[n] = pushed, None
             self.commuting.add(n)
             return
@@ -350,15 +300,12 @@ class _Defects(LayoutProp):
         return own
 
     def _commutes(self, n: fx.Node, call: Any, incoming: Mapping[int, Any], lay: Layout) -> Offset | bool:
-        """``n`` applies an op of :data:`_COMMUTING` to its first argument alone, which carries
+        """``n`` applies an op whose entry ``commutes`` to its first argument alone, which carries
         ``G h`` and has the layout of ``n`` (the same samples at the same positions): its offset
         (None: none), or False."""
         if not self.group.spatial or list(incoming) != [0] or not lay.spatial or n.op == "get_attr":
             return False
-        try:
-            rule = _COMMUTING.get(type(call.fn) if isinstance(call.fn, nn.Module) else call.fn)
-        except TypeError:  # an unhashable call target
-            return False
+        rule = commuting(type(call.fn) if isinstance(call.fn, nn.Module) else call.fn)
         first = n.all_input_nodes[0] if n.all_input_nodes else None
         if rule is None or first is None or self.layout(first) != lay:
             return False

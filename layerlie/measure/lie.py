@@ -31,7 +31,7 @@ from layerlie.core.attention import differentiable_attention
 from layerlie.model.contract import Output, check_images, prepare
 from layerlie.errors import LayerlieError
 from layerlie.core.groups import Group, resolve_groups
-from layerlie.core.jvprules import FastRules
+from layerlie.core.rules import FastRules
 from layerlie.core.memory import Footprint, measure_footprint, plan_chunks
 from layerlie.core.tangent import IMAGE, Frame, base_point, check_scheme, tangent
 
@@ -89,7 +89,7 @@ def push_tangents(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         f: a function of one tensor.
         x: the primal point.
         tangents: ``(K, *x.shape)``, K directions.
-        fast: use the cheaper rules of :mod:`layerlie.core.jvprules` for convolutions, linear
+        fast: use the cheaper rules of :mod:`layerlie.core.rules` for convolutions, linear
             layers and batch norms (the same derivative, without the weights' zero terms).
             None: on the CPU only. They save arithmetic, which is what a CPU pass spends
             its time on; on a GPU at benchmark batches the pass is bound by the host's
@@ -174,7 +174,7 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             weights. The images and groups are split into chunks that fit, by a footprint
             measured on one image (:func:`footprint`). None: three times what a no-grad
             forward of the batch holds; ``float("inf")``: everything in one pass.
-        fast: the cheaper forward-mode rules of :mod:`layerlie.core.jvprules` (same numbers);
+        fast: the cheaper forward-mode rules of :mod:`layerlie.core.rules` (same numbers);
             False runs PyTorch's own formulas throughout; None, the default, uses the
             rules on the CPU only (see :func:`push_tangents`).
         output: for an ``nn.Module``, the tensor of its output to differentiate (the output

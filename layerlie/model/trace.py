@@ -32,6 +32,7 @@ from timm.data import resolve_data_config
 from timm.layers import _fx as timm_fx
 from torch import nn
 
+from layerlie.core.layout import layout_cache
 from layerlie.core.attention import differentiable_attention, explicit_attention_modules, scaled_dot_product_attention
 from layerlie.model.contract import Output, eval_copy, prepare, select, selecting
 from layerlie.errors import LayerlieError, TraceError
@@ -275,6 +276,7 @@ def with_output(gm: fx.GraphModule, output: str) -> tuple[fx.GraphModule, str]:
 
 def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    layout_cache(gm)  # the copy and ``gm`` share their stored layouts
     new.meta = dict(gm.meta)
     return new
 
