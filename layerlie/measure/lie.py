@@ -191,9 +191,10 @@ def _derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grou
             xb = x[images_of]
             for idx in by_base.values():
                 x0 = base_point(xb, groups[idx[0]])
-                for chunk in ([idx[j:j + per_chunk] for j in range(0, len(idx), per_chunk)] if method == "jvp" else [idx]):
-                    d = _push(gm, x0, xb, [groups[i] for i in chunk], scheme, output_frame, fast) if method == "jvp" \
-                        else _baseline(f, x0, xb, [groups[i] for i in chunk], scheme, output_frame)
+                for chunk in (idx[j:j + per_chunk] for j in range(0, len(idx), per_chunk)):
+                    gs = [groups[i] for i in chunk]
+                    d = _push(gm, x0, xb, gs, scheme, output_frame, fast) if method == "jvp" \
+                        else _baseline(f, x0, xb, gs, scheme, output_frame)
                     for k, i in enumerate(chunk):
                         parts[i].append(d[k])
             if progress is not None:
