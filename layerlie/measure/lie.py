@@ -183,10 +183,10 @@ def _derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grou
     by_base: dict[int | None, list[int]] = {}
     for i, g in enumerate(groups):
         by_base.setdefault(None if g.origin is None else i, []).append(i)
-    images, per_chunk = _plan(f, x, groups, scheme, method, memory_budget, fast, batch_size)
     gm = coarsest(f)
     parts: list[list[torch.Tensor]] = [[] for _ in groups]
     with jvp_ready(f):
+        images, per_chunk = _plan(f, x, groups, scheme, method, memory_budget, fast, batch_size)
         for images_of in memory.batches(len(x), images):
             xb = x[images_of]
             for idx in by_base.values():
