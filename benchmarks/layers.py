@@ -250,8 +250,8 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=100, help="Hutchinson probes of the baseline")
     parser.add_argument("--group", default="translate_x")
     parser.add_argument("--memory-budget", type=float, default=None,
-                        help="exact: bytes of the largest stacked tangent of a chunk, per image (memory_budget "
-                             "= this times the batch); by default the library's, half of a forward's activations")
+                        help="exact: bytes of tensors a chunk's propagation may hold, per image (memory_budget "
+                             "= this times the batch); by default the library's, three forwards")
     parser.add_argument("--repeat", type=int, default=3, help="best of N for the cheap timings")
     parser.add_argument("--check", action="store_true",
                         help="instead of timing: the baseline beside exact attribution in the published "

@@ -1,5 +1,6 @@
-"""The memory budget: live-byte accounting on known allocations (analytic), the chunk
-plan, and chunked against unchunked Lie derivatives (they must be equal)."""
+"""The memory plan: live-byte accounting on known allocations (analytic), the chunk plans of
+images, groups and sources (analytic), and chunked against unchunked Lie derivatives (they must
+be equal)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from test_lie import small_cnn
 
 import layerlie as ll
 import layerlie.measure.lie as lie
-from layerlie.core.memory import Footprint, LiveBytes, peak_bytes, plan_chunks
+from layerlie.core import memory
+from layerlie.core.engine import coarsest, propagate
+from layerlie.core.memory import Footprint, Lifetimes, LiveBytes, batches, peak_bytes, plan_chunks, plan_sources
 
 
 def test_live_bytes_counts_what_is_created_and_alive():
@@ -35,6 +38,26 @@ def test_plan_takes_all_groups_per_image_first_then_splits_groups():
     assert plan_chunks(fp, 8, 10, 1) == (1, 1)
 
 
+def test_budget_defaults_to_three_forwards_and_batches_cover_the_images():
+    assert memory.budget_bytes(None, 100) == memory.FORWARDS * 100 == 300
+    assert memory.budget_bytes(5.0, 100) == 5.0
+    assert batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 6)] and batches(5, None) == [slice(0, 5)]
+    with pytest.raises(ll.LayerlieError, match="batch_size must be 1 or more"):
+        batches(5, -1)
+
+
+def test_source_plan_counts_the_live_stacks():
+    """analytic: a chain of four nodes of 10 bytes, each alive until the next: a forward holds 20
+    bytes; a source at node p holds a slice of every later value, two at once at most."""
+    lt = Lifetimes.of([10, 10, 10, 10], [1, 2, 3, 3])
+    assert lt.forward == 20 and lt.below()[:, 0].tolist() == [10, 20, 20, 20]
+    assert plan_sources(lt, [0, 1, 2, 3], 80) == [[0, 1, 2, 3]]  # at node 3: 10 * 4 + 10 * 4
+    assert plan_sources(lt, [0, 1, 2, 3], 40) == [[0, 1], [2, 3]]
+    assert plan_sources(lt, [0, 1, 2, 3], 1, strict=False) == [[0], [1], [2], [3]]
+    with pytest.raises(ll.LayerlieError, match="too small for one source"):
+        plan_sources(lt, [0, 1, 2, 3], 1)
+
+
 def test_measured_footprint_predicts_a_larger_pass():
     """The linear model fitted on one image and two tangents predicts the peak of two
     images and four tangents within 25%."""
@@ -42,22 +65,28 @@ def test_measured_footprint_predicts_a_larger_pass():
     x = ll.photos(model, n=2)[..., ::4, ::4].contiguous()
     f = lie.probabilities(model)
     tangents = torch.stack([ll.tangent(x, ll.group(g)) for g in ["translate_x", "rotate", "scale", "shear_x"]])
-    fp, per_image = lie.footprint(f, x, tangents)
-    measured = peak_bytes(lambda: lie.push_tangents(f, x, tangents))
+    fp, per_image = memory.footprint(f, x, tangents, fast=True)
+    measured = peak_bytes(lambda: propagate(coarsest(f), x, tangents, fast=True))
     assert per_image and abs(fp.bytes(2, 4) / measured - 1) < 0.25, (fp, measured)
+
+
+def _passes(monkeypatch) -> list[tuple[int, int]]:
+    """``(tangents, images)`` of every pass of ``lee``, as the engine receives them."""
+    calls = []
+
+    def spy(gm, x0, tangents, fast):
+        calls.append(tuple(tangents.shape[:2]))
+        return propagate(gm, x0, tangents, fast=fast)
+
+    monkeypatch.setattr(lie, "propagate", spy)
+    return calls
 
 
 def test_chunked_equals_unchunked_and_a_tiny_budget_pushes_one_group_of_one_image(monkeypatch):
     model = timm_model("resnet18")
     x = ll.photos(model, n=3)[..., ::4, ::4].contiguous()
     groups = ["translate_x", "rotate", "saturate"]
-    calls = []
-    push = lie.push_tangents
-    def spy(f, x0, tangents, fast=True):
-        calls.append(tuple(tangents.shape[:2]))
-        return push(f, x0, tangents, fast)
-
-    monkeypatch.setattr(lie, "push_tangents", spy)
+    calls = _passes(monkeypatch)
     whole = ll.lee(model, x, groups, memory_budget=float("inf"))
     assert calls == [(3, 3)]
     calls.clear()
@@ -66,7 +95,17 @@ def test_chunked_equals_unchunked_and_a_tiny_budget_pushes_one_group_of_one_imag
     assert rel(torch.tensor(chunked["lee"].values), torch.tensor(whole["lee"].values)) < TOL[torch.float32]
     calls.clear()
     default = ll.lie_derivative(small_cnn(), torch.randn(4, 3, 12, 12, dtype=torch.float64), groups)
-    assert len(calls) >= 2 + 1 and default.shape == (3, 4, 5)  # the footprint's probes, then the chunks
+    assert len(calls) >= 1 and default.shape == (3, 4, 5)
+
+
+def test_batch_size_caps_the_planned_passes(monkeypatch):
+    """``batch_size`` bounds the images of each pass that the planner picks; ``progress`` hears of
+    each pass."""
+    model = timm_model("resnet18")
+    x = ll.photos(model, n=3)[..., ::4, ::4].contiguous()
+    calls, done = _passes(monkeypatch), []
+    ll.lee(model, x, ["translate_x", "rotate"], batch_size=2, memory_budget=float("inf"), progress=done.append)
+    assert calls == [(2, 2), (2, 1)] and done == [2, 1]
 
 
 def test_bad_budget_is_rejected():

@@ -1,19 +1,23 @@
-"""Tangent propagation over a traced graph: one primal pass, stacked tangents (docs/design.md §7).
+"""The engine: one tangent propagation over a graph, for every measurement (docs/design.md §7).
 
-Every measurement is this walk. An fx ``Interpreter`` runs each node once and, beside its
-value, carries a stack of K tangents ``(K, *shape)``: the linear part of the node's op
-applied to its parents' tangents. Sources may inject a tangent at any node.
+An fx ``Interpreter`` runs each node once and, beside its value, carries a stack of K
+tangents ``(K, *shape)``: the linear part of the node's op applied to its parents' tangents.
+Sources enter where they sit (:meth:`Propagator.enter`). The measurements differ only in their
+graph and their sources:
 
-- End-to-end Lie derivative: one source, ``G x`` at the input, one slice per group.
-- Exact attribution: every node with a defect ``e_v`` is a source in its own slice. The
-  stack grows where each source enters (``sources``): the tangents of a node hold only the
-  sources upstream of it, so no zero slice is carried from the chunk's first source on.
-- Local defects: each node's op linearized at its inputs, applied to ``G_p h_p``.
+- ``lee`` and ``lie_derivative``: the coarsest graph of the callable (:func:`coarsest`, one
+  node, ``torch.func.jvp`` under ``vmap``), ``G x`` at the input, one slice per group;
+- local defects: the traced graph, ``G x`` at the input, and every node replaces its pushed
+  tangent by its own ``G_v h_v`` (:class:`layerlie.measure.attribution` ``_Defects``);
+- exact attribution: the traced graph on the recorded primal values, every node with a
+  defect ``e_v`` a source in its own slice (``sources``); the stack grows where each source
+  enters, so no zero slice is carried from the chunk's first source on.
 
 The linear part of an op is its linearization rule in the op registry (:mod:`layerlie.core.ops`,
-:func:`layerlie.core.ops.register_rule`): folding the K axis into the batch for ops that are linear in their
-input (convolutions, pooling), ``s'(h) * t`` for pointwise activations; ``torch.func.jvp``
-under ``vmap`` for the rest.
+:func:`layerlie.core.ops.register_rule`): folding the K axis into the batch for ops that are linear
+in their input (convolutions, pooling), ``s'(h) * t`` for pointwise activations. An op without a
+rule runs once inside ``torch.func.jvp`` under ``vmap``, which gives its value and its tangents
+together.
 
 Example:
     >>> import torch, layerlie as ll
@@ -26,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,26 +41,8 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from layerlie.errors import LayerlieError
-from layerlie.core.ops import Tangents, linearization, op_key
-
-
-@dataclass
-class Call:
-    """One node's call: its function, its flat arguments (fx-level leaves: a tuple value
-    is one leaf), their structure, and its output."""
-
-    fn: Callable[..., Any]
-    flat: list[Any]
-    spec: pytree.TreeSpec
-    out: Any
-
-    def rebuild(self, leaves: list[Any] | None = None) -> tuple[tuple, dict]:
-        args, kwargs = pytree.tree_unflatten(self.flat if leaves is None else leaves, self.spec)
-        return args, kwargs
-
-    def __call__(self, leaves: list[Any]) -> Any:
-        args, kwargs = self.rebuild(leaves)
-        return self.fn(*args, **kwargs)
+from layerlie.core.rules import FastRules
+from layerlie.core.ops import Call, Tangents, linearization, op_key
 
 
 def node_callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
@@ -77,14 +64,15 @@ def bind(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, Any],
     return Call(node_callable(gm, node), flat, spec, out), stacks
 
 
-def linearize(call: Call, tangents: Tangents, key: Any = None) -> Any:
+def linearize(call: Call, tangents: Tangents, key: Any = None, fast: bool = False) -> Any:
     """The tangent stack of ``call``'s output given tangent stacks of some of its flat
-    arguments; None when no argument carries a tangent or the output holds no float tensor."""
+    arguments; None when no argument carries a tangent or the output holds no float tensor.
+    ``fast``: an op without a rule runs its jvp under :class:`FastRules`."""
     if not tangents or not _has_tensor(call.out):
         return None
     rule = linearization(key)
     out = rule(call, tangents) if rule is not None else NotImplemented
-    return _vmap_jvp(call, tangents) if out is NotImplemented else out
+    return jvp_stack(call, tangents, fast)[1] if out is NotImplemented else out
 
 
 def _has_tensor(out: Any) -> bool:
@@ -105,29 +93,22 @@ def _of(call: Call, where: list[int]) -> Callable[..., Any]:
     return f
 
 
-def _vmap_jvp(call: Call, tangents: Tangents) -> Any:
+def jvp_stack(call: Call, tangents: Tangents, fast: bool = False) -> tuple[Any, Any]:
+    """``call``'s output and its tangent stack from ``torch.func.jvp`` under ``vmap``: the op runs
+    once for both (the primal is not batched). ``call.out`` is not read. ``fast``: under
+    :class:`FastRules`, which skip the weights' zero terms (docs/method.md §2)."""
     where = sorted(tangents)
     f = _of(call, where)
     primals = tuple(_dense(call.flat[i]) for i in where)
     stacks = tuple(tangents[i] for i in where)
-    with warnings.catch_warnings():
-        # functorch's notice that an op falls back to a loop: slower, still exact.
+    with warnings.catch_warnings(), FastRules() if fast else contextlib.nullcontext():
+        # functorch's notice that an op falls back to a loop (as_strided_, in timm's global
+        # pooling): slower, still exact.
         warnings.filterwarnings("ignore", message="There is a performance drop")
         if _stack_size(tangents) == 1:
-            first = pytree.tree_map(lambda t: t[0], stacks)
-            result = torch.func.jvp(f, primals, first)[1]
-            return pytree.tree_map(lambda t: t[None] if isinstance(t, torch.Tensor) else t, result)
-        return torch.func.vmap(lambda *ts: torch.func.jvp(f, primals, ts)[1])(*stacks)
-
-
-def jvp_call(call: Call, tangents: Tangents) -> tuple[Any, Any]:
-    """``call``'s output and its tangent, given one tangent (no stack axis) for some of its flat
-    arguments, from one ``torch.func.jvp``: the op runs once for both, where running it and then
-    :func:`linearize` runs it twice. ``call.out`` is not read."""
-    where = sorted(tangents)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="There is a performance drop")
-        return torch.func.jvp(_of(call, where), tuple(_dense(call.flat[i]) for i in where), tuple(tangents[i] for i in where))
+            out, first = torch.func.jvp(f, primals, pytree.tree_map(lambda t: t[0], stacks))
+            return out, pytree.tree_map(lambda t: t[None] if isinstance(t, torch.Tensor) else t, first)
+        return torch.func.vmap(lambda *ts: torch.func.jvp(f, primals, ts), out_dims=(None, 0))(*stacks)
 
 
 def _dense(t: Any) -> Any:
@@ -137,8 +118,15 @@ def _dense(t: Any) -> Any:
     return t
 
 
+_CALLS = ("call_module", "call_function", "call_method")
+
+
 class Propagator(fx.Interpreter):
-    """Runs a GraphModule once with a stack of K tangents beside every value.
+    """Runs a GraphModule once with a stack of K tangents beside every value (docs/design.md §7).
+
+    Each node is evaluated (:meth:`evaluate`), then carries its tangent (:meth:`carry`): the
+    pushed tangent of its op (:meth:`push`) with the sources that enter there added
+    (:meth:`enter`). A subclass changes what a pass measures by overriding these steps.
 
     Args:
         gm: the traced model.
@@ -151,54 +139,94 @@ class Propagator(fx.Interpreter):
             at its node. A node's stack holds slices ``0 .. k-1`` for the sources entered
             upstream of it; an op whose arguments hold fewer slices than others sees them
             padded with zeros, so each source costs only the path below it.
+        fast: ops without a rule run their jvp under :class:`FastRules`.
     """
+
+    deferred = False
+    """Whether :meth:`run_node` leaves :meth:`carry` to the subclass (which needs something it
+    learns of the node after evaluating it, e.g. its layout)."""
 
     def __init__(self, gm: fx.GraphModule, inject: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
                  keep: bool = False, primal: Mapping[fx.Node, Any] | None = None,
-                 sources: Mapping[str, torch.Tensor] | None = None) -> None:
+                 sources: Mapping[str, torch.Tensor] | None = None, fast: bool = False) -> None:
         super().__init__(gm, garbage_collect_values=not keep)
         self.inject = inject or {}
         self.sources = {name: (i, e) for i, (name, e) in enumerate((sources or {}).items())}
         self.keep = keep
         self.primal = primal or {}
+        self.fast = fast
         self.tangents: dict[fx.Node, Any] = {}
         self.values: dict[fx.Node, Any] = {}
         self.input_tangent: torch.Tensor | None = None
         self.out_tangent: Any = None
+        self._pushed: dict[fx.Node, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
+        out = self.evaluate(n)
+        if self.keep:
+            self.values[n] = out
+        if n.op == "output":
+            self.out_tangent = self._gather(n.args[0])
+        elif not self.deferred:
+            self.carry(n, out)
+        return out
+
+    def evaluate(self, n: fx.Node) -> Any:
+        """``n``'s value: recorded (``primal``), or computed; an op without a rule whose arguments
+        carry tangents runs once inside ``torch.func.jvp`` for its value and its tangents. A
+        failing node is named in the error."""
         try:
-            known = n in self.primal and n.op != "placeholder"  # placeholders consume the inputs
-            out = self.primal[n] if known else super().run_node(n)
+            if n in self.primal and n.op != "placeholder":  # placeholders consume the inputs
+                return self.primal[n]
+            if n.op in _CALLS and linearization(op_key(self.module, n)) is None:
+                call, tangents = bind(self.module, n, self.env, self.tangents, None)
+                if tangents:
+                    try:
+                        out, self._pushed[n] = jvp_stack(call, self._aligned(tangents), self.fast)
+                        return out
+                    except Exception:  # no forward-mode formula, non-tensor outputs: the plain path reports it
+                        pass
+            return super().run_node(n)
         except LayerlieError:
             raise
         except Exception as err:
             raise LayerlieError(f"node {n.format_node()} (module {n.meta.get('nn_module_stack', n.target)}) "
                                 f"failed: {' '.join(str(err).split())[:200]}") from None
-        if n.op == "placeholder":  # the first is the input; later ones are constant options
-            tan = self.input_tangent if next(iter(self.module.graph.nodes)) is n else None
-        elif n.op == "output":
-            self.out_tangent = self._gather(n.args[0])
-            return out
-        elif n.op == "get_attr" or all(self.tangents.get(a) is None for a in n.all_input_nodes):
-            tan = None
-        else:
-            call, tangents = bind(self.module, n, self.env, self.tangents, out)
-            tan = linearize(call, aligned(tangents) if self.sources else tangents, op_key(self.module, n))
-        if n.name in self.inject:
-            src = self.inject[n.name](out)
-            tan = src if tan is None else tan + src
-        if n.name in self.sources:
-            i, e = self.sources[n.name]
-            tan = padded(tan, i, e)
-            tan = torch.cat([tan, e[None]]) if tan is not None else e[None]
-        self.tangents[n] = tan
-        if self.keep:
-            self.values[n] = out
-        else:
+
+    def carry(self, n: fx.Node, out: Any) -> None:
+        """Set ``n``'s tangent, :meth:`enter` of :meth:`push`, and drop those no later node reads."""
+        self.tangents[n] = self.enter(n, out, self.push(n, out))
+        if not self.keep:
             for dead in self.user_to_last_uses.get(n, []):
                 self.tangents.pop(dead, None)
-        return out
+
+    def push(self, n: fx.Node, out: Any) -> Any:
+        """The tangent that ``n``'s op makes of its arguments' tangents (the input tangent at the
+        first placeholder; later ones are constant options); None where none arrives."""
+        if n.op == "placeholder":
+            return self.input_tangent if next(iter(self.module.graph.nodes)) is n else None
+        if n in self._pushed:
+            pushed = self._pushed.pop(n)
+            return pushed if _has_tensor(out) else None
+        if n.op == "get_attr" or all(self.tangents.get(a) is None for a in n.all_input_nodes):
+            return None
+        call, tangents = bind(self.module, n, self.env, self.tangents, out)
+        return linearize(call, self._aligned(tangents), op_key(self.module, n), self.fast)
+
+    def enter(self, n: fx.Node, out: Any, tangent: Any) -> Any:
+        """``n``'s outgoing tangent: ``tangent`` with the sources at ``n`` added (``inject``) or
+        stacked as new slices (``sources``)."""
+        if n.name in self.inject:
+            src = self.inject[n.name](out)
+            tangent = src if tangent is None else tangent + src
+        if n.name in self.sources:
+            i, e = self.sources[n.name]
+            tangent = padded(tangent, i, e)
+            tangent = torch.cat([tangent, e[None]]) if tangent is not None else e[None]
+        return tangent
+
+    def _aligned(self, tangents: Tangents) -> Tangents:
+        return aligned(tangents) if self.sources else tangents
 
     def _gather(self, arg: Any) -> Any:
         return pytree.tree_map(lambda a: self.tangents.get(a) if isinstance(a, fx.Node) else None, arg)
@@ -268,9 +296,43 @@ class Recorder(fx.Interpreter):
         return out
 
 
-def propagate(gm: fx.GraphModule, x: torch.Tensor, tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``gm(x)`` and ``J_gm(x)[tangents]`` for a stack ``tangents: (K, *x.shape)``."""
-    out, tan = Propagator(gm).propagate(x, tangents)
+class _Whole(torch.nn.Module):
+    """A callable as a module, so that a graph can call it as one node."""
+
+    def __init__(self, f: Callable[..., Any]) -> None:
+        super().__init__()
+        self.f = f
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.f(x)
+
+
+def coarsest(f: Callable[[torch.Tensor], Any]) -> fx.GraphModule:
+    """``f`` as the coarsest graph: one node, which no rule linearizes, so that the engine runs it
+    once inside ``torch.func.jvp`` under ``vmap`` (docs/design.md §7). This is how a callable
+    that is not a GraphModule (``lambda x: m(x).softmax(-1)``, a model fx cannot trace) is
+    propagated.
+
+    Example:
+        >>> import torch
+        >>> gm = coarsest(lambda z: z.sin())
+        >>> x = torch.randn(3)
+        >>> out, t = propagate(gm, x, torch.ones(1, 3))
+        >>> bool(torch.allclose(t[0], x.cos()))
+        True
+    """
+    graph = fx.Graph()
+    graph.output(graph.call_module("whole", (graph.placeholder("x"),)))
+    root = torch.nn.Module()
+    root.whole = _Whole(f)
+    return fx.GraphModule(root, graph)
+
+
+def propagate(gm: fx.GraphModule, x: torch.Tensor, tangents: torch.Tensor, *,
+              fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gm(x)`` and ``J_gm(x)[tangents]`` for a stack ``tangents: (K, *x.shape)``; ``fast`` as in
+    :class:`Propagator`."""
+    out, tan = Propagator(gm, fast=fast).propagate(x, tangents)
     if tan is None:
         tan = torch.zeros((tangents.shape[0], *out.shape), dtype=out.dtype, device=out.device)
     return out, tan

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from layerlie.core.geometry import Axes, ResampleFn, Window, WindowFn, pair
 from layerlie.errors import LayerlieError
 
 if TYPE_CHECKING:
-    from layerlie.core.engine import Call
     from layerlie.core.examples import Example
     from layerlie.core.layout import Layout
 
@@ -46,11 +46,32 @@ LAYER_TYPES = ("nonlinearity", "strided/downsampling", "conv", "linear", "norm",
 appended as the measured output (docs/method.md §2), which is not a layer of the model."""
 
 Tangents = dict[int, Any]
-Rule = Callable[["Call", Tangents], Any]
-"""``(call, tangents) -> tangent stack of the output``, or ``NotImplemented`` to let the engine
-take ``torch.func.jvp`` under ``vmap``."""
 Commutes = Callable[[Any, Sequence[Any], "Layout"], tuple[bool, Union[torch.Tensor, None]]]
 """``(fn, args, layout) -> (is an affine map per sample that keeps the layout, its offset b)``."""
+
+
+@dataclasses.dataclass
+class Call:
+    """One node's call: its function, its flat arguments (fx-level leaves: a tuple value
+    is one leaf), their structure, and its output."""
+
+    fn: Callable[..., Any]
+    flat: list[Any]
+    spec: pytree.TreeSpec
+    out: Any
+
+    def rebuild(self, leaves: list[Any] | None = None) -> tuple[tuple, dict]:
+        args, kwargs = pytree.tree_unflatten(self.flat if leaves is None else leaves, self.spec)
+        return args, kwargs
+
+    def __call__(self, leaves: list[Any]) -> Any:
+        args, kwargs = self.rebuild(leaves)
+        return self.fn(*args, **kwargs)
+
+
+Rule = Callable[[Call, Tangents], Any]
+"""``(call, tangents) -> tangent stack of the output``, or ``NotImplemented`` to let the engine
+take ``torch.func.jvp`` under ``vmap``."""
 
 
 @dataclasses.dataclass(frozen=True)

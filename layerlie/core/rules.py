@@ -33,9 +33,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from layerlie.core.engine import Call
 from layerlie.core.geometry import CONV_ARGS, conv_window, given
-from layerlie.core.ops import Rule, Tangents, find_op
+from layerlie.core.ops import Call, Rule, Tangents, find_op
 
 if TYPE_CHECKING:
     from layerlie.core.layout import Layout

@@ -19,7 +19,7 @@ from torch import nn
 from layerlie.core.geometry import given
 
 if TYPE_CHECKING:
-    from layerlie.core.engine import Call
+    from layerlie.core.ops import Call
 
 
 def stride_one(layer: nn.Module) -> nn.Module:

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -34,17 +35,17 @@ import pandas as pd
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from layerlie.model.contract import Output, prepare, select
 from layerlie.errors import LayerlieError, note
 from layerlie.core.groups import Group, group as get_group
 from layerlie.core.layout import NONE, Coords, Layout, LayoutProp, layout_tangent
 from layerlie.measure.hooks import module_contributions, module_cotangents, module_defects
-from layerlie.measure.lie import exact_math, jvp_ready, push_tangents
+from layerlie.measure.lie import exact_math, jvp_ready
+from layerlie.core import memory
 from layerlie.core.ops import commuting, is_strided, layer_type, linearization, module_type, op_key, relabels
 from layerlie.core.rules import Offset, softmax_jvp
-from layerlie.core.engine import Propagator, Recorder, bind, jvp_call, linearize, padded
+from layerlie.core.engine import Propagator, Recorder, bind, padded
 from layerlie.core.tangent import check_scheme, tangent
 from layerlie.model.trace import TraceError, trace, with_output
 
@@ -182,15 +183,19 @@ def rounding_floor(dtype: torch.dtype) -> float:
 
 
 class _Defects(LayoutProp):
-    """One walk: each node's value and layout (:class:`LayoutProp`), then its ``G_v h_v`` and
-    ``e_v`` (docs/method.md §3). ``G_v h_v`` is dropped after its last user, except at the input and the
-    output. An ``e_v`` under :func:`rounding_floor` of its two terms is zero (``.rounded``).
-    Run it with ``propagate(x, None)``.
+    """The engine's pass with every node as a source of its own ``G_v h_v`` (docs/method.md §3,
+    docs/design.md §7): ``G x`` enters at the input, each node's pushed tangent (one slice) gives
+    ``e_v = pushed - G_v h_v``, and ``G_v h_v`` goes on in its place. Values and layouts are
+    recorded as in :class:`LayoutProp`; the tangents are dropped after their last user, except at
+    the input and the output. An ``e_v`` under :func:`rounding_floor` of its two terms is zero
+    (``.rounded``). Run it with ``propagate(x, None)``.
 
     With ``shortcuts`` (the default), an op whose entry ``commutes`` (:class:`layerlie.core.ops.Op`)
     and that keeps its input's layout gets ``e_v = 0`` without its linearization being computed (``.commuting``): for linear layers
     that is the cost of a second forward. ``shortcuts=False`` computes both terms at every node,
     the reference that the tests compare with."""
+
+    deferred = True  # a node's G_v needs its layout, inferred after its value
 
     def __init__(self, gm: fx.GraphModule, group: Group, scheme: str, coords: Coords,
                  shortcuts: bool = True) -> None:
@@ -198,10 +203,9 @@ class _Defects(LayoutProp):
         self.gm, self.group, self.scheme, self.coords = gm, group, scheme, coords
         self.shortcuts = shortcuts
         self.commuting: set[fx.Node] = set()
-        self._pushed: dict[fx.Node, Any] = {}
-        self.g: dict[fx.Node, Any] = {}
         self.e: dict[fx.Node, torch.Tensor | None] = {}
         self.rounded: set[fx.Node] = set()
+        self._offsets: dict[fx.Node, Offset] = {}
         nodes = list(gm.graph.nodes)
         keep = {nodes[0], *nodes[-1].all_input_nodes}
         last_user = {p: n for n in nodes for p in n.all_input_nodes}
@@ -213,76 +217,61 @@ class _Defects(LayoutProp):
     def layout(self, n: fx.Node) -> Layout:
         return self.layouts.get(n.name, NONE)
 
+    def own(self, n: fx.Node) -> torch.Tensor | None:
+        """``G_v h_v`` of node ``n`` (None where ``G_v = 0``), as the pass left it."""
+        t = self.tangents.get(n)
+        return t[0] if t is not None else None
+
+    def propagate(self, x: torch.Tensor, stack: torch.Tensor | None = None) -> tuple[Any, Any]:
+        """Run the pass at ``x``; the input tangent is ``G x`` unless ``stack`` gives another."""
+        return super().propagate(x, tangent(x, self.group, self.scheme)[None] if stack is None else stack)
+
     def run_node(self, n: fx.Node) -> Any:
-        if n.op in ("call_module", "call_function", "call_method") and linearization(op_key(self.gm, n)) is None:
-            self._joint(n)
         out = super().run_node(n)
-        self.primal.pop(n, None)
-        with torch.no_grad():
-            self._visit(n)
+        if n.op != "output":
+            with torch.no_grad():
+                self.carry(n, out)
         for p in self._dead.get(n, []):
-            self.g.pop(p, None)
+            self.tangents.pop(p, None)
         return out
 
-    def _joint(self, n: fx.Node) -> None:
-        """An op with no rule of its own is linearized by ``torch.func.jvp``, which computes its
-        value too: take both from one call (``.primal``, ``._pushed``) instead of running the op
-        again for the tangent. Where the jvp fails, the plain path runs and names the node."""
-        call, incoming = bind(self.gm, n, self.values, self.g, None)
-        if not incoming:
-            return
-        try:
-            with torch.no_grad():
-                out, pushed = jvp_call(call, incoming)
-        except Exception:  # no forward-mode formula, non-tensor outputs: the plain path reports it
-            return
-        self.primal[n] = out
-        self._pushed[n] = pushed
+    def push(self, n: fx.Node, out: Any) -> Any:
+        offset = self._commutes(n, out) if self.shortcuts else False
+        if offset is False:
+            return super().push(n, out)
+        self._offsets[n] = offset
+        return None
 
-    def _visit(self, n: fx.Node) -> None:
-        value = self.values.get(n)
-        if n.op == "output":
-            return
-        if n.op == "placeholder":  # the images; other placeholders are constant options
-            first = next(iter(self.gm.graph.nodes)) is n
-            self.g[n] = tangent(value, self.group, self.scheme) if first else None
-            return
-        call, incoming = bind(self.gm, n, self.values, self.g, value)
+    def enter(self, n: fx.Node, value: Any, pushed: Any) -> Any:
         lay = self.layout(n)
-        offset = self._commutes(n, call, incoming, lay) if self.shortcuts else False
-        if offset is not False:
-            self.g[n] = self._own(n, value, lay)
+        if n.op == "placeholder":  # the images; other placeholders are constant options
+            return pushed
+        if lay.kind == "tuple" or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            self.e[n] = None
+            return pushed  # the representation on tuples is the incoming one
+        if n in self._offsets:
+            offset = self._offsets.pop(n)
             moved = offset is not None and bool(offset.any())
             self.e[n] = -layout_tangent(offset.expand_as(value), lay, self.group, self.scheme, self.coords) \
                 if moved else None
             self.commuting.add(n)
-            return
-        if n in self._pushed:
-            pushed = self._pushed.pop(n) if _has_float(value) else None
-        else:
-            incoming = {i: pytree.tree_map(lambda t: t[None], g) for i, g in incoming.items()}
-            pushed = linearize(call, incoming, op_key(self.gm, n)) if n.op != "get_attr" else None
-            pushed = pytree.tree_map(lambda t: t[0], pushed) if pushed is not None else None
-        if lay.kind == "tuple" or not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            self.g[n], self.e[n] = pushed, None  # the representation on tuples is the incoming one
-            return
-        if self.shortcuts and lay.spatial and list(incoming) == [0] and isinstance(pushed, torch.Tensor) \
-                and relabels(op_key(self.gm, n), call.fn):
-            self.g[n], self.e[n] = pushed, None
+            return self._own(n, value, lay)[None]
+        if self.shortcuts and lay.spatial and isinstance(pushed, torch.Tensor) and self._relabelling(n, value):
+            self.e[n] = None
             self.commuting.add(n)
-            return
+            return pushed
         own = layout_tangent(value, lay, self.group, self.scheme, self.coords) \
             if lay.moves and self.group.spatial else None
-        self.g[n] = own
         if pushed is None:
             self.e[n] = None if own is None else -own
-            return
-        e = pushed if own is None else pushed - own
+            return None if own is None else own[None]
+        e = pushed[0] if own is None else pushed[0] - own
         size = _finite(n, e.norm())
-        if own is not None and self._rounding(size, pushed, own):
+        if own is not None and self._rounding(size, pushed[0], own):
             self.rounded.add(n)
             e = None
         self.e[n] = e
+        return None if own is None else own[None]
 
     @staticmethod
     def _rounding(size: torch.Tensor, pushed: torch.Tensor, own: torch.Tensor) -> bool:
@@ -299,11 +288,15 @@ class _Defects(LayoutProp):
         _finite(n, own.sum())
         return own
 
-    def _commutes(self, n: fx.Node, call: Any, incoming: Mapping[int, Any], lay: Layout) -> Offset | bool:
+    def _commutes(self, n: fx.Node, value: Any) -> Offset | bool:
         """``n`` applies an op whose entry ``commutes`` to its first argument alone, which carries
         ``G h`` and has the layout of ``n`` (the same samples at the same positions): its offset
         (None: none), or False."""
-        if not self.group.spatial or list(incoming) != [0] or not lay.spatial or n.op == "get_attr":
+        lay = self.layout(n)
+        if not self.group.spatial or not lay.spatial or n.op not in ("call_module", "call_function", "call_method"):
+            return False
+        call, incoming = bind(self.gm, n, self.env, self.tangents, value)
+        if list(incoming) != [0]:
             return False
         rule = commuting(type(call.fn) if isinstance(call.fn, nn.Module) else call.fn)
         first = n.all_input_nodes[0] if n.all_input_nodes else None
@@ -313,6 +306,11 @@ class _Defects(LayoutProp):
         ok, offset = rule(call.fn, args, lay)
         return offset if ok else False
 
+    def _relabelling(self, n: fx.Node, value: Any) -> bool:
+        """``n`` relabels the samples of its first argument, the only one that carries ``G h``."""
+        call, incoming = bind(self.gm, n, self.env, self.tangents, value)
+        return list(incoming) == [0] and relabels(op_key(self.gm, n), call.fn)
+
 
 def _finite(n: fx.Node, reduced: torch.Tensor) -> torch.Tensor:
     """``reduced`` (a sum or norm of a node's tensor), after checking it: a NaN or inf anywhere in
@@ -321,10 +319,6 @@ def _finite(n: fx.Node, reduced: torch.Tensor) -> torch.Tensor:
         raise LayerlieError(f"NaN or inf first appears at node {n.format_node()}; check the model's "
                             "weights or use dtype=torch.float64")
     return reduced
-
-
-def _has_float(value: Any) -> bool:
-    return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in pytree.tree_leaves(value))
 
 
 def _sources(defects: _Defects) -> list[fx.Node]:
@@ -363,9 +357,9 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
             on a generator of their own; the global random state is left alone.
         coords: ``"receptive_field"`` sample positions (docs/method.md §5) or the ``"published"``
             per-tensor ``[-1, 1]`` convention.
-        memory_budget: bytes for the largest stacked tangent of one chunk of sources (exact
-            estimator); by default a sixteenth of the measured bytes of one forward's activations,
-            so that exact attribution holds about three forwards' worth at most.
+        memory_budget: bytes of tensors a propagation of a chunk of sources may hold beside the
+            recorded values (exact estimator, :mod:`layerlie.core.memory`); by default
+            :data:`layerlie.core.memory.FORWARDS` times what a no-grad forward holds.
         granularity: ``"node"`` (the fx graph) or ``"module"`` (leaf-module forward hooks,
             :mod:`layerlie.measure.hooks`). A model that fx cannot trace falls back to ``"module"``
             with a one-line warning that says why.
@@ -429,9 +423,9 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
             raise LayerlieError(f"output {o.output!r} has shape {tuple(y.shape)}, with no batch axis; choose "
                                 "a node whose first axis is the batch")
         x_node = next(iter(gm.graph.nodes))
-        total = _end_to_end(gm, out_name, x, defects.g[x_node], y)
-        if defects.g[out_node] is not None:
-            total = total - defects.g[out_node]
+        total = _end_to_end(gm, out_name, x, defects.own(x_node), y)
+        if defects.own(out_node) is not None:
+            total = total - defects.own(out_node)
         sources = _sources(defects)
         contrib: dict[fx.Node, float] = {}
         shares: dict[fx.Node, float] = {}
@@ -442,10 +436,7 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
             for n in sources:
                 if n not in live:
                     contrib[n] = shares[n] = 0.0
-            # a chunk's walk holds a few stacks at once (an op's input, its temporaries, the residual
-            # stream): a sixteenth of the activations keeps it to a fraction of one forward's
-            budget = o.memory_budget if o.memory_budget is not None else _footprint(defects) / 16
-            for chunk in _chunks(gm, live, defects, budget, strict=o.memory_budget is not None):
+            for chunk in _chunks(gm, live, defects, o.memory_budget):
                 c = _propagate_sources(gm, x, chunk, defects)
                 for n, cv in zip(chunk, c):
                     contrib[n] = float(cv.norm())
@@ -465,15 +456,17 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
 
 
 def _end_to_end(gm: fx.GraphModule, out_name: str, x: torch.Tensor, gx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``J_F[G x]`` by autograd's forward mode through the module's own code, no rule of the
-    registry, so that a wrong rule cannot cancel out of the check (docs/method.md §4). The softmax head
+    """``J_F[G x]`` by one ``torch.func.jvp`` of the module's own code, outside the engine and its
+    rules, so that a wrong rule cannot cancel out of the check (docs/method.md §4). The softmax head
     that layerlie appends is linearized at the logits in its shifted form (:func:`softmax_jvp`):
     autograd's formula loses float32 digits on a nearly one-hot softmax."""
     names = gm.meta.get("layerlie.outputs", {})
-    if out_name != names.get("softmax") or "logits" not in names:
-        return push_tangents(gm, x, gx[None])[1][0]
-    logits = push_tangents(with_output(gm, "logits")[0], x, gx[None])[1][0]
-    return softmax_jvp(y, logits, -1)
+    whole = out_name != names.get("softmax") or "logits" not in names
+    f = gm if whole else with_output(gm, "logits")[0]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop")  # functorch's loop fallback
+        jv = torch.func.jvp(f, (x,), (gx,))[1]
+    return jv if whole else softmax_jvp(y, jv, -1)
 
 
 def _squared_norm(total: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
@@ -553,53 +546,18 @@ def _traced(model: nn.Module, x: torch.Tensor, output: Output) -> fx.GraphModule
         return trace(model, x, output=output)
 
 
-def _bytes(value: Any) -> int:
-    return sum(v.numel() * v.element_size() for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor))
-
-
-def _footprint(defects: _Defects) -> int:
-    """The bytes of every node's value, views counted once: what one forward with all its
-    activations kept holds, measured on the defects pass that keeps them."""
-    storages = {}
-    for v in pytree.tree_leaves(list(defects.values.values())):
-        if isinstance(v, torch.Tensor):
-            storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-    return sum(storages.values())
-
-
-def _chunks(gm: fx.GraphModule, sources: list[fx.Node], defects: _Defects, budget: float,
-            strict: bool = True) -> list[list[fx.Node]]:
-    """Consecutive sources (in graph order), as many per chunk as keep every stacked tangent under
-    ``budget`` bytes: below a node, the stack holds one slice per chunk source entered above it
-    (:func:`_propagate_sources`), so sources late in the graph, where few nodes follow, share
-    chunks more cheaply than early ones. A budget too small for one source is an error where the
-    caller chose it (``strict``), and otherwise raised to one source per chunk."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    size = [_bytes(defects.values.get(n)) for n in gm.graph.nodes]
-    after = list(size)  # the largest value from each node to the output
-    for i in range(len(after) - 2, -1, -1):
-        after[i] = max(after[i], after[i + 1])
-    if sources and after[order[sources[0]]] > budget and not strict:
-        budget = after[order[sources[0]]]
-    if sources and after[order[sources[0]]] > budget:
-        raise LayerlieError(f"memory_budget={budget:.0f} bytes is too small for one source "
-                            f"({after[order[sources[0]]]} bytes per stacked activation); raise it")
-    chunks: list[list[fx.Node]] = []
-    for n in sources:
-        chunk = chunks[-1] if chunks else None
-        if chunk is not None and _peak(chunk + [n], order, size, after) <= budget:
-            chunk.append(n)
-        else:
-            chunks.append([n])
-    return chunks
-
-
-def _peak(chunk: list[fx.Node], order: dict[fx.Node, int], size: list[int], after: list[int]) -> int:
-    """The largest stacked tangent of a chunk: ``j`` slices between its ``j``-th and next source."""
-    starts = [order[n] for n in chunk]
-    ends = starts[1:] + [len(size)]
-    return max(j * max(size[a:b] or [0]) if b < len(size) else j * after[a]
-               for j, (a, b) in enumerate(zip(starts, ends), start=1))
+def _chunks(gm: fx.GraphModule, sources: list[fx.Node], defects: _Defects,
+            memory_budget: float | None) -> list[list[fx.Node]]:
+    """The sources in consecutive chunks whose propagation holds at most ``memory_budget`` bytes
+    of stacked tangents (:func:`layerlie.core.memory.plan_sources`), by the recorded values:
+    a stack holds, below each source of its chunk, one slice shaped like the value (docs/design.md §7)."""
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    last = [max((order[u] for u in n.users), default=i) for i, n in enumerate(nodes)]
+    lifetimes = memory.Lifetimes.of([memory.nbytes(defects.values.get(n)) for n in nodes], last)
+    budget = memory.budget_bytes(memory_budget, lifetimes.forward)
+    plan = memory.plan_sources(lifetimes, [order[n] for n in sources], budget, strict=memory_budget is not None)
+    return [[sources[k] for k in chunk] for chunk in plan]
 
 
 def _shares(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects: _Defects,

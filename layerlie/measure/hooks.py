@@ -9,7 +9,9 @@ gets a guessed one (a ``(B, C, H, W)`` tensor whose grid divides the input's eve
 centres as in ``align_corners=False`` resizing; anything else is ``unknown`` and ``G_s = 0``). One
 forward-mode pass in which every hook replaces the arriving tangent by ``G_s h_s`` gives
 every site's defect ``e_s = (arriving tangent) - G_s h_s``, and the chain rule gives
-``L F = sum_s J_{out<-s}[e_s]`` exactly, as on the graph.
+``L F = sum_s J_{out<-s}[e_s]`` exactly, as on the graph. The hooks are where the engine's
+sources would enter (docs/design.md §7); the tangents cross the glue inside the model's own code,
+as dual tensors, because without a trace the glue has no dataflow that a walk could replay.
 
 Example:
     >>> import torch, layerlie as ll

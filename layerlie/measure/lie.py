@@ -1,10 +1,12 @@
 """The end-to-end Lie derivative of a model and the published LEE metric (docs/method.md §2).
 
 ``L f(x) = J_f(x)[G x] - G f(x)`` (the second term only for image-like outputs). The
-Jacobian-vector product is forward-mode AD (``torch.func.jvp``), one primal pass shared
-by all groups: the tangents of several groups are stacked and pushed through together
-with ``torch.func.vmap``. The published two-reverse-pass trick is kept as
-``method="double_backward"``, a baseline for tests and benchmarks.
+Jacobian-vector product is the engine's pass over the callable's coarsest graph
+(:func:`layerlie.core.engine.coarsest`, docs/design.md §7): forward-mode AD
+(``torch.func.jvp``) with the tangents of several groups stacked under ``torch.func.vmap``,
+so that the groups of one pass share its primal computation. The memory plan
+(:mod:`layerlie.core.memory`) picks the passes. The published two-reverse-pass trick is kept
+as ``method="double_backward"``, a baseline for tests and benchmarks.
 
 Example:
     >>> import torch, layerlie as ll
@@ -25,14 +27,16 @@ from typing import Literal
 
 import pandas as pd
 import torch
+import torch.fx as fx
 from torch import nn
 
 from layerlie.core.attention import differentiable_attention
 from layerlie.model.contract import Output, check_images, prepare
 from layerlie.errors import LayerlieError
 from layerlie.core.groups import Group, resolve_groups
-from layerlie.core.rules import FastRules
-from layerlie.core.memory import Footprint, measure_footprint, plan_chunks
+from layerlie.core import memory
+from layerlie.core.engine import coarsest, propagate
+from layerlie.core.memory import Footprint
 from layerlie.core.tangent import IMAGE, Frame, base_point, check_scheme, tangent
 
 Method = Literal["jvp", "double_backward"]
@@ -83,32 +87,19 @@ def _image_like(y: torch.Tensor) -> bool:
 
 def push_tangents(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                   tangents: torch.Tensor, fast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One primal pass of ``f`` at ``x`` and the Jacobian applied to every tangent.
+    """Deprecated: ``layerlie.core.engine.propagate(coarsest(f), x, tangents, fast=...)``."""
+    warnings.warn("layerlie.measure.lie.push_tangents is deprecated; use "
+                  "layerlie.core.engine.propagate(layerlie.core.engine.coarsest(f), x, tangents, fast=...)",
+                  DeprecationWarning, stacklevel=2)
+    return propagate(coarsest(f), x, tangents, fast=_fast(fast, x))
 
-    Args:
-        f: a function of one tensor.
-        x: the primal point.
-        tangents: ``(K, *x.shape)``, K directions.
-        fast: use the cheaper rules of :mod:`layerlie.core.rules` for convolutions, linear
-            layers and batch norms (the same derivative, without the weights' zero terms).
-            None: on the CPU only. They save arithmetic, which is what a CPU pass spends
-            its time on; on a GPU at benchmark batches the pass is bound by the host's
-            per-op work, which their dispatch mode adds to (benchmarks/RESULTS.md).
 
-    Returns:
-        ``(f(x), J_f(x)[tangents])`` with shapes ``out`` and ``(K, *out)``.
-    """
-    if fast is None:
-        fast = x.device.type == "cpu"
-    with torch.no_grad(), warnings.catch_warnings(), FastRules() if fast else contextlib.nullcontext():
-        # functorch's notice that an op falls back to a loop (as_strided_, in timm's global
-        # pooling): slower, still exact.
-        warnings.filterwarnings("ignore", message="There is a performance drop")
-        if tangents.shape[0] == 1:
-            y, jv = torch.func.jvp(f, (x,), (tangents[0],))
-            return y, jv[None]
-        y, jv = torch.func.vmap(lambda t: torch.func.jvp(f, (x,), (t,)), out_dims=(None, 0))(tangents)
-        return y, jv
+def _fast(fast: bool | None, x: torch.Tensor) -> bool:
+    """The default of ``fast``: the rules of :mod:`layerlie.core.rules` on the CPU only. They
+    save arithmetic, which is what a CPU pass spends its time on; on a GPU at benchmark batches
+    the pass is bound by the host's per-op work, which their dispatch mode adds to
+    (benchmarks/RESULTS.md)."""
+    return x.device.type == "cpu" if fast is None else fast
 
 
 def _double_backward(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -124,30 +115,12 @@ def _double_backward(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return y.detach(), jv
 
 
-_FOOTPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def footprint(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
               tangents: torch.Tensor, fast: bool | None = None) -> tuple[Footprint, bool]:
-    """The memory footprint per image of pushing tangents through ``f`` at ``x``, measured
-    on the first image and two tangents (see :mod:`layerlie.core.memory`), and whether ``f``
-    keeps the batch axis (so that chunks of images can run apart).
-
-    Cached by ``f`` (weakly), the image shape, dtype and device, and ``fast``.
-    """
-    where = (tuple(x.shape[1:]), x.dtype, x.device, fast)
-    try:
-        cache = _FOOTPRINTS.setdefault(f, {})
-    except TypeError:  # not weakly referenceable: measured on every call
-        cache = {}
-    if where not in cache:
-        x1, t1 = x[:1], tangents[:1, :1]
-        with torch.no_grad():
-            y = f(x1)
-            fp = measure_footprint(lambda: f(x1), lambda: push_tangents(f, x1, t1, fast),
-                                   lambda: push_tangents(f, x1, t1.expand(2, *t1.shape[1:]), fast))
-        cache[where] = fp, y.ndim > 0 and y.shape[0] == 1
-    return cache[where]
+    """Deprecated: :func:`layerlie.core.memory.footprint`."""
+    warnings.warn("layerlie.measure.lie.footprint is deprecated; use layerlie.core.memory.footprint",
+                  DeprecationWarning, stacklevel=2)
+    return memory.footprint(f, x, tangents, _fast(fast, x))
 
 
 def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -170,13 +143,14 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             spatial size above 1 as an image at its own resolution; None means ``T`` acts
             trivially on the output (logits, pooled features).
         method: ``"jvp"`` (forward mode) or ``"double_backward"`` (published baseline).
-        memory_budget: bytes that the forward-mode pass may hold beside its inputs and
-            weights. The images and groups are split into chunks that fit, by a footprint
-            measured on one image (:func:`footprint`). None: three times what a no-grad
-            forward of the batch holds; ``float("inf")``: everything in one pass.
+        memory_budget: bytes of tensors a pass may hold beside its inputs and weights
+            (:mod:`layerlie.core.memory`). The images and groups are split into passes that
+            fit, by a footprint measured on one image (:func:`layerlie.core.memory.footprint`).
+            None: :data:`layerlie.core.memory.FORWARDS` times what a no-grad forward of the
+            images holds; ``float("inf")``: everything in one pass.
         fast: the cheaper forward-mode rules of :mod:`layerlie.core.rules` (same numbers);
             False runs PyTorch's own formulas throughout; None, the default, uses the
-            rules on the CPU only (see :func:`push_tangents`).
+            rules on the CPU only, where a pass spends its time on arithmetic.
         output: for an ``nn.Module``, the tensor of its output to differentiate (the output
             rule of :mod:`layerlie.model.contract`).
 
@@ -184,67 +158,83 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         ``L f(x)`` shaped like ``f(x)``, or ``(K, *f(x).shape)`` for a list of K groups.
     """
     check_scheme(scheme)
-    if method not in METHODS:
-        raise LayerlieError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    if memory_budget is not None and not memory_budget > 0:
-        raise LayerlieError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}; "
-                            "pass None for three times a forward's memory, or float('inf') for no limit")
     if isinstance(f, nn.Module):
         p = prepare(f, x, output)
         f, x = p.selected, p.x
     check_images(x)
     groups = resolve_groups(group, channels=x.shape[1])
     single = isinstance(group, Group) or (isinstance(group, str) and len(groups) == 1)
-    results: dict[int, torch.Tensor] = {}
+    d = _derivative(f, x, groups, scheme, output_frame, method, memory_budget, fast)
+    return d[0] if single else d
+
+
+def _derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, groups: list[Group], scheme: str,
+                output_frame: Frame | None | Literal["auto"], method: Method, memory_budget: float | None,
+                fast: bool | None, batch_size: int | None = None,
+                progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """``L f`` for every group, ``(K, *f(x).shape)``, in the passes that the memory plan picks
+    (:mod:`layerlie.core.memory`): at most ``batch_size`` images each; ``progress`` is called
+    with the images done after each chunk of images."""
+    if method not in METHODS:
+        raise LayerlieError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    memory.check_budget(memory_budget)
+    fast = _fast(fast, x)
     # Groups that share a base point share one primal pass.
     by_base: dict[int | None, list[int]] = {}
     for i, g in enumerate(groups):
         by_base.setdefault(None if g.origin is None else i, []).append(i)
+    gm = coarsest(f)
+    parts: list[list[torch.Tensor]] = [[] for _ in groups]
     with jvp_ready(f):
-        for idx in by_base.values():
-            x0 = base_point(x, groups[idx[0]])
-            if method == "jvp":
-                images, per_chunk = _plan(f, x0, [groups[i] for i in idx], scheme, memory_budget, fast)
-                for chunk in _split(idx, per_chunk):
-                    parts = [_push(f, x0[s:s + images], x[s:s + images], [groups[i] for i in chunk], scheme,
-                                   output_frame, fast) for s in range(0, len(x), images)]
-                    d = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        images, per_chunk = _plan(f, x, groups, scheme, method, memory_budget, fast, batch_size)
+        for images_of in memory.batches(len(x), images):
+            xb = x[images_of]
+            for idx in by_base.values():
+                x0 = base_point(xb, groups[idx[0]])
+                for chunk in (idx[j:j + per_chunk] for j in range(0, len(idx), per_chunk)):
+                    gs = [groups[i] for i in chunk]
+                    d = _push(gm, x0, xb, gs, scheme, output_frame, fast) if method == "jvp" \
+                        else _baseline(f, x0, xb, gs, scheme, output_frame)
                     for k, i in enumerate(chunk):
-                        results[i] = d[k]
-            else:
-                try:
-                    pairs = [_double_backward(f, x0, tangent(x, groups[i], scheme)) for i in idx]
-                except RuntimeError as err:
-                    raise LayerlieError(
-                        f"the double-backward baseline fails on this model ({str(err).splitlines()[0]}); "
-                        "use method='jvp', which needs no second derivative") from None
-                y = check_finite(pairs[0][0], "model output")
-                for (_, jv), i in zip(pairs, idx):
-                    results[i] = _subtract_output_tangent(jv, y, groups[i], scheme, output_frame)
-    return results[0] if single else torch.stack([results[i] for i in range(len(groups))])
+                        parts[i].append(d[k])
+            if progress is not None:
+                progress(len(xb))
+    return torch.stack([torch.cat(p) if len(p) > 1 else p[0] for p in parts])
 
 
-def _split(idx: list[int], size: int) -> list[list[int]]:
-    return [idx[j:j + size] for j in range(0, len(idx), size)]
+def _plan(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, groups: list[Group], scheme: str,
+          method: Method, memory_budget: float | None, fast: bool, batch_size: int | None) -> tuple[int, int]:
+    """``(images, groups)`` per pass: the planner's (:func:`layerlie.core.memory.plan_chunks`) under
+    the budget, at most ``batch_size`` images, and all of both without a limit."""
+    images = min(batch_size or len(x), len(x))
+    if method != "jvp" or memory_budget == float("inf"):
+        return images, len(groups)
+    fp, per_image = memory.footprint(f, x, tangent(x[:1], groups[0], scheme)[None], fast)
+    budget = memory.budget_bytes(memory_budget, fp.forward * images)
+    fit, per_chunk = memory.plan_chunks(fp, images, len(groups), budget)
+    return (fit if per_image else images), per_chunk
 
 
-def _plan(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, groups: list[Group], scheme: str,
-          memory_budget: float | None, fast: bool | None) -> tuple[int, int]:
-    """``(images, groups)`` per chunk under the budget (all of both without a limit)."""
-    if memory_budget == float("inf"):
-        return len(x0), len(groups)
-    fp, per_image = footprint(f, x0, tangent(x0[:1], groups[0], scheme)[None], fast)
-    budget = 3 * fp.forward * len(x0) if memory_budget is None else memory_budget
-    images, per_chunk = plan_chunks(fp, len(x0), len(groups), budget)
-    return (images if per_image else len(x0)), per_chunk
-
-
-def _push(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, x: torch.Tensor, groups: list[Group],
-          scheme: str, output_frame: Frame | None | Literal["auto"], fast: bool | None) -> torch.Tensor:
-    """``L f`` of a chunk of images ``x`` (base point ``x0``) for a chunk of groups: ``(k, *f(x0).shape)``."""
-    y, jv = push_tangents(f, x0, torch.stack([tangent(x, g, scheme) for g in groups]), fast)
+def _push(gm: fx.GraphModule, x0: torch.Tensor, x: torch.Tensor, groups: list[Group], scheme: str,
+          output_frame: Frame | None | Literal["auto"], fast: bool) -> torch.Tensor:
+    """``L f`` of a chunk of images ``x`` (base point ``x0``) for a chunk of groups, by the engine
+    on ``f``'s coarsest graph ``gm``: ``(k, *f(x0).shape)``."""
+    y, jv = propagate(gm, x0, torch.stack([tangent(x, g, scheme) for g in groups]), fast=fast)
     check_finite(y, "model output")
     return torch.stack([_subtract_output_tangent(jv[k], y, g, scheme, output_frame) for k, g in enumerate(groups)])
+
+
+def _baseline(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, x: torch.Tensor, groups: list[Group],
+              scheme: str, output_frame: Frame | None | Literal["auto"]) -> torch.Tensor:
+    """The same by the published double backward, one group at a time: ``(k, *f(x0).shape)``."""
+    try:
+        pairs = [_double_backward(f, x0, tangent(x, g, scheme)) for g in groups]
+    except RuntimeError as err:
+        raise LayerlieError(
+            f"the double-backward baseline fails on this model ({str(err).splitlines()[0]}); "
+            "use method='jvp', which needs no second derivative") from None
+    y = check_finite(pairs[0][0], "model output")
+    return torch.stack([_subtract_output_tangent(jv, y, g, scheme, output_frame) for (_, jv), g in zip(pairs, groups)])
 
 
 def _subtract_output_tangent(jv: torch.Tensor, y: torch.Tensor, group: Group, scheme: str,
@@ -290,7 +280,7 @@ def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         output: the tensor whose softmax is measured (the output rule of :mod:`layerlie.model.contract`).
         scheme, method, memory_budget, fast: as in :func:`lie_derivative`.
         names: one name per image (default: the image index).
-        batch_size: images per pass (default: all at once).
+        batch_size: at most this many images per pass (default: as many as the memory plan fits).
         progress: called with the number of images done after each pass.
 
     Returns:
@@ -307,19 +297,10 @@ def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     model, x = p.selected, p.x
     gs = resolve_groups(groups, channels=x.shape[1])
     names = [str(i) for i in range(len(x))] if names is None else list(names)
-    step = batch_size or len(x)
-    f = probabilities(model)
-    rows = []
-    for start in range(0, len(x), step):
-        xb = x[start:start + step]
-        with jvp_ready(model):
-            d = lie_derivative(f, xb, gs, scheme=scheme, output_frame=None, method=method,
-                               memory_budget=memory_budget, fast=fast)
-        per_image = d.abs().flatten(2).mean(-1).tolist()  # (K, B)
-        for k, g in enumerate(gs):
-            rows += [(names[start + b], g.name, v) for b, v in enumerate(per_image[k])]
-        if progress is not None:
-            progress(xb.shape[0])
+    with jvp_ready(model):
+        d = _derivative(probabilities(model), x, gs, scheme, None, method, memory_budget, fast, batch_size, progress)
+    per_image = d.abs().flatten(2).mean(-1).tolist()  # (K, B)
+    rows = [(names[b], g.name, v) for k, g in enumerate(gs) for b, v in enumerate(per_image[k])]
     table = pd.DataFrame(rows, columns=["image", "group", "lee"])
     table.attrs.update(scheme=scheme, method=method, groups=[g.name for g in gs])
     return table

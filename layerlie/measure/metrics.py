@@ -33,6 +33,7 @@ from layerlie.model.contract import Output, prepare, selected
 from layerlie.errors import LayerlieError
 from layerlie.core.groups import Group, get_group
 from layerlie.core.layout import Layout, LayoutProp
+from layerlie.core.memory import batches
 from layerlie.model.trace import trace, with_output
 
 PSNR_CAP = 100.0
@@ -82,7 +83,8 @@ def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, 
         return torch.stack([xi[:, dy:dy + h, dx:dx + w] for xi, (dy, dx) in zip(xb, off.tolist())])
 
     agree = torch.zeros(x.shape[0], pairs, dtype=torch.float64)
-    for start, xb in _batches(x, batch_size):
+    for images in batches(len(x), batch_size):
+        start, xb = images.start, x[images]
         off = offsets[start:start + len(xb)]
         with torch.no_grad():
             for p in range(pairs):
@@ -250,7 +252,8 @@ def invariance(model: Model, x: torch.Tensor, group: Group | str, magnitude: flo
         y = model(z)
         return y.softmax(-1) if softmax else y
 
-    for start, xb in _batches(x, batch_size):
+    for images in batches(len(x), batch_size):
+        start, xb = images.start, x[images]
         with torch.no_grad():
             y = f(xb)
             for d in range(draws):
@@ -341,7 +344,8 @@ def _psnr_metric(f: Model, x: torch.Tensor, chosen: list[list[Any]],
                  peak: float | None, batch_size: int | None) -> torch.Tensor:
     """Pool the squared error over each image's draws, then one PSNR per image (docs/method.md §7)."""
     out = torch.zeros(x.shape[0], dtype=torch.float64)
-    for start, xb in _batches(x, batch_size):
+    for images in batches(len(x), batch_size):
+        start, xb = images.start, x[images]
         with torch.no_grad():
             y = f(xb)
             ranges = (y.amax((1, 2, 3)) - y.amin((1, 2, 3))).double().cpu()
@@ -470,12 +474,3 @@ def _measured(model: Model, x: torch.Tensor, output: Output, node: str | None = 
     if node is not None and isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule):
         return trace(model, x, output=output), x
     return selected(model, output), x
-
-
-def _batches(x: torch.Tensor, batch_size: int | None) -> Iterable[tuple[int, torch.Tensor]]:
-    """``(start, x[start:start + batch_size])`` over ``x``: every metric's ``batch_size`` (docs/method.md §7)."""
-    step = batch_size or len(x)
-    if step < 1:
-        raise LayerlieError(f"batch_size must be 1 or more, got {batch_size}")
-    for start in range(0, len(x), step):
-        yield start, x[start:start + step]
