@@ -8,12 +8,14 @@ from layerlie.measure.aliasing import aliasing, with_aliasing
 from layerlie.measure.attribution import CHECKS, ESTIMATORS, Attribution, attribute
 from layerlie.model.data import Images, images, photo_batch, photos
 from layerlie.errors import LayerlieError, Note
-from layerlie.core.groups import Group, get_group, group, list_groups, load_groups, parse_group, register_group, resolve_groups
+from layerlie.core.groups import (DEFAULT_GROUPS, Group, get_group, group, list_groups, load_groups, parse_group,
+                                  register_group, resolve_groups)
 from layerlie.core.layout import Layout, infer_layouts, unknown_layouts
 from layerlie.measure.lie import jvp_ready, lee, lie_derivative, summarize
 from layerlie.measure.metrics import consistency, eq_r, eq_t, eq_t_frac, invariance, metrics
 from layerlie.model.loading import load_model
 from layerlie.measure.monitor import Monitor
+from layerlie.model.normact import get_norm_act, list_norm_acts, register_norm_act
 from layerlie.core.ops import (Op, get_layer_type, get_op, get_rule, list_layer_types, list_ops, list_rules,
                           register_layer_type, register_op, register_rule)
 from layerlie.core.engine import Propagator, propagate
@@ -21,7 +23,7 @@ from layerlie.views.report import report
 from layerlie.results.store import load
 from layerlie.antialias.surgery import NothingToReplace, antialias, get_policy, list_policies, register_policy
 from layerlie.results.sweep import sweep
-from layerlie.core.tangent import IMAGE, Frame, get_scheme, list_schemes, register_scheme, tangent
+from layerlie.core.tangent import IMAGE, Frame, Scheme, get_scheme, list_schemes, register_scheme, tangent
 from layerlie.model.trace import TraceError, trace, with_output
 
 __all__ = [
@@ -30,19 +32,20 @@ __all__ = [
     "CHECKS", "ESTIMATORS", "Attribution", "attribute", "get_layer_type", "list_layer_types", "register_layer_type",
     "Images", "images", "photo_batch", "photos",
     "LayerlieError", "Note",
-    "Group", "get_group", "group", "list_groups", "load_groups", "parse_group", "register_group", "resolve_groups",
+    "DEFAULT_GROUPS", "Group", "get_group", "group", "list_groups", "load_groups", "parse_group", "register_group", "resolve_groups",
     "Layout", "infer_layouts", "unknown_layouts",
     "jvp_ready", "lee", "lie_derivative", "summarize",
     "consistency", "eq_r", "eq_t", "eq_t_frac", "invariance", "metrics",
     "load_model",
     "Monitor",
+    "get_norm_act", "list_norm_acts", "register_norm_act",
     "Op", "get_op", "list_ops", "register_op",
     "Propagator", "get_rule", "list_rules", "propagate", "register_rule",
     "load",
     "report",
     "NothingToReplace", "antialias", "get_policy", "list_policies", "register_policy",
     "sweep",
-    "IMAGE", "Frame", "get_scheme", "list_schemes", "register_scheme", "tangent",
+    "IMAGE", "Frame", "Scheme", "get_scheme", "list_schemes", "register_scheme", "tangent",
     "TraceError", "trace", "with_output",
 ]
 
