@@ -2,18 +2,23 @@
 
 import importlib
 import sys
+import warnings
 
 from layerlie.antialias.ablation import Ablation, ablate, get_variant, list_variants, register_variant
 from layerlie.measure.aliasing import aliasing, with_aliasing
-from layerlie.measure.attribution import CHECKS, ESTIMATORS, Attribution, attribute
+from layerlie.measure.attribution import Attribution, attribute
+from layerlie.measure.estimators import Estimator, get_estimator, list_estimators, register_estimator
 from layerlie.model.data import Images, images, photo_batch, photos
 from layerlie.errors import LayerlieError, Note
-from layerlie.core.groups import Group, get_group, group, list_groups, load_groups, parse_group, register_group, resolve_groups
+from layerlie.core.groups import (DEFAULT_GROUPS, Group, get_group, group, list_groups, load_groups, parse_group,
+                                  register_group, resolve_groups)
 from layerlie.core.layout import Layout, infer_layouts, unknown_layouts
 from layerlie.measure.lie import jvp_ready, lee, lie_derivative, summarize
-from layerlie.measure.metrics import consistency, eq_r, eq_t, eq_t_frac, invariance, metrics
+from layerlie.measure.metrics import (DEFAULT_METRICS, Metric, consistency, eq_r, eq_t, eq_t_frac, get_metric,
+                                      invariance, list_metrics, metrics, register_metric)
 from layerlie.model.loading import load_model
 from layerlie.measure.monitor import Monitor
+from layerlie.model.normact import get_norm_act, list_norm_acts, register_norm_act
 from layerlie.core.ops import (Op, get_layer_type, get_op, get_rule, list_layer_types, list_ops, list_rules,
                           register_layer_type, register_op, register_rule)
 from layerlie.core.engine import Propagator, propagate
@@ -21,28 +26,31 @@ from layerlie.views.report import report
 from layerlie.results.store import load
 from layerlie.antialias.surgery import NothingToReplace, antialias, get_policy, list_policies, register_policy
 from layerlie.results.sweep import sweep
-from layerlie.core.tangent import IMAGE, Frame, get_scheme, list_schemes, register_scheme, tangent
+from layerlie.core.tangent import IMAGE, Frame, Scheme, get_scheme, list_schemes, register_scheme, tangent
 from layerlie.model.trace import TraceError, trace, with_output
 
 __all__ = [
     "Ablation", "ablate", "get_variant", "list_variants", "register_variant",
     "aliasing", "with_aliasing",
-    "CHECKS", "ESTIMATORS", "Attribution", "attribute", "get_layer_type", "list_layer_types", "register_layer_type",
+    "Attribution", "attribute", "get_layer_type", "list_layer_types", "register_layer_type",
     "Images", "images", "photo_batch", "photos",
     "LayerlieError", "Note",
-    "Group", "get_group", "group", "list_groups", "load_groups", "parse_group", "register_group", "resolve_groups",
+    "DEFAULT_GROUPS", "Group", "get_group", "group", "list_groups", "load_groups", "parse_group", "register_group", "resolve_groups",
     "Layout", "infer_layouts", "unknown_layouts",
     "jvp_ready", "lee", "lie_derivative", "summarize",
+    "Estimator", "get_estimator", "list_estimators", "register_estimator",
     "consistency", "eq_r", "eq_t", "eq_t_frac", "invariance", "metrics",
+    "DEFAULT_METRICS", "Metric", "get_metric", "list_metrics", "register_metric",
     "load_model",
     "Monitor",
+    "get_norm_act", "list_norm_acts", "register_norm_act",
     "Op", "get_op", "list_ops", "register_op",
     "Propagator", "get_rule", "list_rules", "propagate", "register_rule",
     "load",
     "report",
     "NothingToReplace", "antialias", "get_policy", "list_policies", "register_policy",
     "sweep",
-    "IMAGE", "Frame", "get_scheme", "list_schemes", "register_scheme", "tangent",
+    "IMAGE", "Frame", "Scheme", "get_scheme", "list_schemes", "register_scheme", "tangent",
     "TraceError", "trace", "with_output",
 ]
 
@@ -80,3 +88,15 @@ _MOVED = {
 for _old, _new in _MOVED.items():
     _module = sys.modules.setdefault(f"layerlie.{_old}", importlib.import_module(f"layerlie.{_new}"))
     globals().setdefault(_old, _module)  # ``ll.store``; a public function of that name (``ll.metrics``) wins
+
+_REPLACED = {"ESTIMATORS": "layerlie.list_estimators()", "CHECKS": "layerlie.get_estimator(name).check"}
+
+
+def __getattr__(name: str) -> object:
+    """``ESTIMATORS`` and ``CHECKS``, the constants that the estimator registry replaced, for
+    one release."""
+    if name not in _REPLACED:
+        raise AttributeError(f"module 'layerlie' has no attribute {name!r}")
+    warnings.warn(f"layerlie.{name} is deprecated; use {_REPLACED[name]}", DeprecationWarning, stacklevel=2)
+    names = list_estimators()
+    return tuple(names) if name == "ESTIMATORS" else {n: get_estimator(n).check for n in names}

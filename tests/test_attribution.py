@@ -174,7 +174,7 @@ def test_receptive_field_positions_make_a_pooled_ramp_defect_free():
 def test_bad_input():
     model = timm_model("resnet18")
     x = small_input(model, 32, 1)
-    with pytest.raises(ll.LayerlieError, match="unknown estimator .lrp.; valid estimators: exact, shares, hutchinson"):
+    with pytest.raises(ll.LayerlieError, match="unknown estimator .lrp.; valid estimators: exact, hutchinson, shares"):
         ll.attribute(model, x, "rotate", estimator="lrp")
     with pytest.raises(ll.LayerlieError, match="not a node"):
         ll.attribute(model, x, "rotate", output="nowhere")

@@ -170,7 +170,7 @@ def test_group_text_builds_through_group_affine():
     c = parse_group("channel:warm=1,0,0;0,0,0;0,0,-1")
     assert c.kind == "channel" and c.generator.shape == (3, 3)
     names = [g.name for g in ll.resolve_groups(f"all,{TILT_TEXT},rotate")]
-    assert names == ll.list_groups()[:10] + ["tilt"]
+    assert names == [g.name for g in ll.resolve_groups("all")] + ["tilt"]
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     d = ll.lie_derivative(lambda z: z.pow(2).mean((2, 3)), x, TILT_TEXT)  # one group: not stacked
     assert d.shape == (1, 3) and torch.equal(d, ll.lie_derivative(lambda z: z.pow(2).mean((2, 3)), x,

@@ -221,7 +221,7 @@ def wrong_relu_rule():
 
 
 def checks(x: torch.Tensor) -> dict[str, ll.Attribution]:
-    return {e: ll.attribute(conv_relu_net(), x, "rotate", estimator=e, probes=20) for e in ll.ESTIMATORS}
+    return {e: ll.attribute(conv_relu_net(), x, "rotate", estimator=e, probes=20) for e in ll.list_estimators()}
 
 
 def test_each_estimator_reports_its_own_check():
@@ -247,7 +247,7 @@ def test_no_public_function_changes_the_global_random_state():
     gm = ll.trace(model, x)
     state = torch.get_rng_state()
     ll.lee(model, x, "translate_x")
-    for estimator in ll.ESTIMATORS:
+    for estimator in ll.list_estimators():
         ll.attribute(gm, x, "translate_x", estimator=estimator, probes=3)
     ll.attribute(model, x, "translate_x", estimator="hutchinson", probes=3, granularity="module")
     ll.aliasing(gm, x)

@@ -207,7 +207,7 @@ def test_custom_groups_and_their_errors():
         ll.Group.channel("bad", [[1, 0, 0]])
     with pytest.raises(ll.LayerlieError, match="4x4 generator|mixes 2 channels"):
         ll.tangent(img, ll.Group.channel("two", torch.eye(2)))
-    with pytest.raises(ll.LayerlieError, match="valid groups: translate_x"):
+    with pytest.raises(ll.LayerlieError, match="valid groups: hyperbolic_rotate"):
         ll.group("spin")
     with pytest.raises(ll.LayerlieError, match="valid schemes"):
         ll.tangent(img, custom, "fourier")
@@ -219,6 +219,33 @@ def test_registered_custom_group_is_found_by_name():
     g = ll.register_group(ll.Group.channel("swap_rb", [[0, 0, 1], [0, 0, 0], [-1, 0, 0]]))
     assert ll.group("swap_rb") is g and "swap_rb" in ll.list_groups()
     assert ll.resolve_groups("translate_x,swap_rb")[1] is g
+    img = torch.randn(1, 3, 4, 4)
+    d = ll.lie_derivative(lambda z: z.mean((2, 3)), img, "swap_rb")  # the output is no image: J G x
+    assert torch.allclose(d, ll.tangent(img, g).mean((2, 3)))
+
+
+def test_group_registry_lists_sorted_names_and_names_them_in_its_error():
+    names, every = ll.list_groups(), ll.list_groups(compat=True)
+    assert names == sorted(names) and every == sorted(every) and set(names) < set(every)
+    assert set(ll.DEFAULT_GROUPS) <= set(names)
+    assert [g.name for g in ll.resolve_groups("all")][:2] == ["translate_x", "translate_y"]  # docs/method.md §1 order
+    with pytest.raises(ll.LayerlieError, match=f"valid groups: {', '.join(every)}, or"):
+        ll.get_group("spin")
+
+
+def test_scheme_registry_lists_sorted_names_and_names_them_in_its_error():
+    names = ll.list_schemes()
+    assert names == sorted(names) and {"central", "published", "spectral"} <= set(names)
+    assert all(ll.get_scheme(n).name == n for n in names)  # published too: an entry, never None
+    with pytest.raises(ll.LayerlieError, match=f"valid schemes: {', '.join(names)}"):
+        ll.get_scheme("fourier")
+
+
+def test_a_registered_scheme_is_used_by_tangent():
+    ll.register_scheme("forward_difference", lambda h, dim: h.roll(-1, dim) - h)
+    img = torch.randn(1, 3, 9, 9, dtype=torch.float64)
+    g = ll.tangent(img, ll.group("translate_x"), "forward_difference")
+    assert torch.equal(g, (img.roll(-1, -1) - img) * 4)  # 8 pixels span 2 units of u_x
 
 
 def test_published_sampler_value_is_the_image_at_t0():

@@ -260,3 +260,34 @@ def test_a_sweep_of_eq_t_on_a_vit_succeeds(tmp_path):
     assert not result.failed
     table = ll.load(tmp_path, "metrics")
     assert sorted(table.metric) == ["eq_r", "eq_t"] and ((table.value > 0) & (table.value < PSNR_CAP)).all()
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+def test_metric_registry_lists_sorted_names_and_names_them_in_its_error():
+    names = ll.list_metrics()
+    assert names == sorted(names) and set(ll.DEFAULT_METRICS) | {"invariance", "lee"} <= set(names)
+    assert all(ll.get_metric(n).finite for n in ll.DEFAULT_METRICS) and not ll.get_metric("lee").finite
+    with pytest.raises(ll.LayerlieError, match=f"valid metrics: {', '.join(names)}"):
+        ll.get_metric("eq_x")
+
+
+def test_a_registered_metric_appears_in_metrics():
+    def mean_logit(model, x, *, seed, batch_size, output, scale=1.0):
+        with torch.no_grad():
+            return model(x).double().mean(1) * scale
+
+    ll.register_metric(ll.Metric("mean_logit", mean_logit, options={"scale": 2.0}))
+    model, x = ConvNet().eval(), images(2, side=16)
+    table = ll.metrics(model, x, which=["consistency", "mean_logit"])
+    assert table.metric.tolist() == ["consistency"] * 2 + ["mean_logit"] * 2
+    with torch.no_grad():
+        want = (model(x).double().mean(1) * 2).tolist()
+    assert table[table.metric == "mean_logit"].value.tolist() == want
+    assert table.attrs["options"]["mean_logit"] == {"scale": 2.0}
+
+
+def test_the_lee_metric_is_the_lee_of_one_group():
+    model, x = ConvNet().eval(), images(2, side=16)
+    table = ll.metrics(model, x, which=["lee"], lee={"group": "rotate"})
+    assert table.value.tolist() == ll.lee(model, x, "rotate")["lee"].tolist()

@@ -23,7 +23,7 @@ from timm.layers.norm_act import FrozenBatchNormAct2d, SyncBatchNormAct
 from torch import nn
 
 import layerlie as ll
-from layerlie.model.normact import get_norm_act, list_norm_acts, norm_part
+from layerlie.model.normact import norm_part
 from layerlie.antialias.surgery import FilteredActivation
 
 # EfficientNet, MobileNet and RegNet; in mobilenetv2_100 and regnetx_002 every norm-act leaf has an activation too.
@@ -46,7 +46,7 @@ def image(hw: int) -> torch.Tensor:
 
 def leaves(model: nn.Module) -> dict[str, nn.Module]:
     """The norm-act leaves of ``model`` by module path."""
-    return {path: m for path, m in model.named_modules() if get_norm_act(type(m)) is not None}
+    return {path: m for path, m in model.named_modules() if type(m).__name__ in ll.list_norm_acts()}
 
 
 def act_nodes(model: nn.Module) -> set[str]:
@@ -56,7 +56,7 @@ def act_nodes(model: nn.Module) -> set[str]:
 
 def test_timm_norm_act_leaves_are_all_registered():
     in_timm = {c for c in timm_fx.get_notrace_modules() if c.__module__ == "timm.layers.norm_act"}
-    assert in_timm and in_timm <= set(list_norm_acts())
+    assert in_timm and all(ll.get_norm_act(c) is ll.get_norm_act(c.__name__) for c in in_timm)
 
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_100"])
@@ -89,7 +89,7 @@ def test_split_reproduces_every_leaf_bit_for_bit(name):
         assert torch.equal(values[node], norm_only(inp)), path  # the norm alone, kept by the engine
         assert torch.equal(values[last], out), path
     # the user's model is not touched
-    assert all(type(m) is not get_norm_act(type(m)) for m in leaves(model).values())
+    assert all(type(m) is not ll.get_norm_act(type(m)) for m in leaves(model).values())
     assert {p: m.act.inplace for p, m in leaves(model).items() if hasattr(m.act, "inplace")} == inplace
 
 
@@ -100,7 +100,7 @@ def test_parameters_and_state_dict_keys_are_the_models(name):
     mine, theirs = gm.state_dict(), model.state_dict()
     assert list(mine) == list(theirs)
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
-    assert all(type(gm.get_submodule(path)) is get_norm_act(type(m)) for path, m in leaves(model).items())
+    assert all(type(gm.get_submodule(path)) is ll.get_norm_act(type(m)) for path, m in leaves(model).items())
 
 
 @pytest.mark.parametrize("convert", [lambda m: m, convert_sync_batchnorm, freeze_batch_norm_2d],
@@ -111,7 +111,7 @@ def test_the_norm_twin_holds_the_leafs_own_tensors(convert):
         for t in (leaf.weight, leaf.bias, leaf.running_mean, leaf.running_var):
             t.uniform_(0.5, 1.5)
     twin = norm_part(leaf)
-    assert type(twin) is get_norm_act(type(leaf))
+    assert type(twin) is ll.get_norm_act(type(leaf))
     assert dict(twin.named_parameters()).keys() == dict(leaf.named_parameters()).keys()
     assert all(t is dict(leaf.named_parameters())[k] for k, t in twin.named_parameters())
     assert all(t is dict(leaf.named_buffers())[k] for k, t in twin.named_buffers())
@@ -139,6 +139,14 @@ def test_converted_leaves_split_with_completeness(convert, cls):
 def test_norm_part_of_an_unregistered_class_names_the_fix():
     with pytest.raises(ll.LayerlieError, match=r"GroupNormAct is not a registered .*register_norm_act\(cls, norm\)"):
         norm_part(GroupNormAct(8, 4))
+
+
+def test_norm_act_registry_lists_sorted_names_and_names_them_in_its_error():
+    names = ll.list_norm_acts()
+    assert names == sorted(names) and "BatchNormAct2d" in names
+    assert ll.get_norm_act(BatchNormAct2d) is ll.get_norm_act("BatchNormAct2d") is nn.BatchNorm2d
+    with pytest.raises(ll.LayerlieError, match=f"registered: {', '.join(names)}"):
+        ll.get_norm_act("GroupNormAct")
 
 
 class NormActs(nn.Module):
@@ -220,3 +228,19 @@ def test_antialias_of_a_traced_model_leaves_it_alone():
     assert all(not isinstance(m, FilteredActivation) for m in gm.modules())
     assert torch.equal(gm(x), before)
     assert new.get_submodule("bn1").weight is gm.get_submodule("bn1").weight  # the weights stay shared
+
+
+class LeafNormAct(BatchNormAct2d):
+    """A user's fused norm+activation, a leaf of the trace."""
+
+
+timm_fx.register_notrace_module(LeafNormAct)
+
+
+def test_a_registered_norm_act_is_split_by_trace():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), LeafNormAct(4, act_layer=nn.ReLU)).eval()
+    ll.register_norm_act(LeafNormAct, nn.BatchNorm2d)
+    assert "LeafNormAct" in ll.list_norm_acts()
+    gm = ll.trace(model, image(16))
+    assert [n.name for n in gm.graph.nodes if n.op == "call_module"] == ["_0", "_1", "_1_act"]
+    assert type(gm.get_submodule("1")) is nn.BatchNorm2d

@@ -24,12 +24,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from layerlie.measure.attribution import CHECKS, ESTIMATORS, Estimator, attribute
+from layerlie.measure.attribution import attribute
+from layerlie.measure.estimators import Estimator, get_estimator
 from layerlie.model.contract import Output, prepare
 from layerlie.core.layout import infer_layouts
 from layerlie.core.ops import LAYER_TYPES
 from layerlie.errors import LayerlieError
-from layerlie.core.groups import resolve_groups
+from layerlie.core.groups import DEFAULT_GROUPS, resolve_groups
 from layerlie.measure.lie import lee, summarize
 from layerlie.antialias.surgery import NothingToReplace, Where, antialias
 from layerlie.model.trace import trace, with_output
@@ -105,8 +106,8 @@ class Ablation:
 
 def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
            variants: Iterable[str] = ("blurpool", "filtered", "aps", "all"),
-           groups: str | Iterable[str] = ("translate_x", "rotate"), labels: torch.Tensor | None = None,
-           estimator: Estimator = "exact", scheme: str = "central", filter_size: int = 3,
+           groups: str | Iterable[str] = DEFAULT_GROUPS, labels: torch.Tensor | None = None,
+           estimator: str | Estimator = "exact", scheme: str = "central", filter_size: int = 3,
            where: Where = None, output: Output = None) -> Ablation:
     """Compare ``model`` with its anti-aliased variants at images ``x: (B, C, H, W)`` (docs/method.md §6).
 
@@ -131,8 +132,7 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise LayerlieError(f"unknown variant(s) {unknown or variants}; valid variants: {', '.join(VARIANTS)}")
-    if estimator not in ESTIMATORS:
-        raise LayerlieError(f"unknown estimator {estimator!r}; valid estimators: {', '.join(ESTIMATORS)}")
+    est = get_estimator(estimator)
     model, x, output, _ = prepare(model, x, output)
     chosen = resolve_groups(groups, channels=x.shape[1])
     gs = [g.name for g in chosen]
@@ -152,7 +152,7 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
         raise LayerlieError("no variant applies; " + "; ".join(skipped))
     if skipped:
         warnings.warn("variant left out, " + "; ".join(skipped), stacklevel=2)
-    value = "share" if estimator == "shares" else "contribution_norm"
+    value = est.column
     rows, by_type, reference = [], {}, None
     for name, gm in models.items():  # the original first: its softmax is the reference
         table = summarize(lee(with_output(gm, "logits")[0], x, chosen, scheme=scheme))
@@ -174,7 +174,7 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
         result[f"factor_{g}"] = result[f"lee_{g}"].iloc[0] / result[f"lee_{g}"]
     types = pd.DataFrame(by_type)
     types = types.reindex([t for t in LAYER_TYPES if t in types.index])
-    settings = dict(groups=gs, group=gs[0], estimator=estimator, check=CHECKS[estimator], scheme=scheme,
+    settings = dict(groups=gs, group=gs[0], estimator=est.name, check=est.check, scheme=scheme,
                     filter_size=filter_size,
                     images=int(x.shape[0]), by_type_value=value, variants=[v for v in variants if v in models])
     return Ablation(result, types.fillna(0.0), settings)

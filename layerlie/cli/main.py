@@ -21,11 +21,12 @@ from rich.table import Table
 
 from layerlie.antialias.ablation import VARIANTS, ablate
 from layerlie.measure.aliasing import ALIAS_THRESHOLDS, aliasing, with_aliasing
-from layerlie.measure.attribution import ESTIMATORS, attribute
+from layerlie.measure.attribution import attribute
+from layerlie.measure.estimators import list_estimators
 from layerlie.model.contract import ImagesError, Output, Prepared, prepare
 from layerlie.model.data import Images, images, photo_batch
 from layerlie.errors import LayerlieError
-from layerlie.core.groups import list_groups, resolve_groups
+from layerlie.core.groups import DEFAULT_GROUPS, list_groups, resolve_groups
 from layerlie.measure.lie import METHODS, lee, summarize
 from layerlie.model.loading import load_model
 from layerlie.core.tangent import list_schemes
@@ -181,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(n=2)
     p.add_argument("--group", default="translate_x",
                    help="one group: a name or 'affine:NAME=a,b,c;d,e,f' (default translate_x)")
-    p.add_argument("--estimator", default="exact", choices=ESTIMATORS,
+    p.add_argument("--estimator", default="exact", choices=list_estimators(),
                    help="exact contributions, signed shares, or Hutchinson norms (default exact)")
     p.add_argument("--scheme", default="central", choices=list_schemes())
     p.add_argument("--probes", type=_positive, default=100, help="Hutchinson probes (default 100)")
@@ -202,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(n=2)
     p.add_argument("--variants", default="blurpool,filtered,aps,all",
                    help=f"comma-separated, from: {', '.join(VARIANTS)} (default blurpool,filtered,aps,all)")
-    p.add_argument("--groups", default="translate_x,rotate", help="groups of the end-to-end LEE, the first "
-                   "also attributed per layer type (default translate_x,rotate): " + GROUPS_HELP + "see e2e --help")
-    p.add_argument("--estimator", default="exact", choices=ESTIMATORS,
+    p.add_argument("--groups", default=",".join(DEFAULT_GROUPS), help="groups of the end-to-end LEE, the first "
+                   "also attributed per layer type (default %(default)s): " + GROUPS_HELP + "see e2e --help")
+    p.add_argument("--estimator", default="exact", choices=list_estimators(),
                    help="attribution estimator of the by-type table (default exact)")
     p.add_argument("--scheme", default="central", choices=list_schemes())
     p.add_argument("--filter-size", type=_positive, default=3, help="binomial taps (default 3)")

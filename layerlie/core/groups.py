@@ -153,6 +153,10 @@ def _as_generator(name: str, generator: Sequence[Sequence[float]] | torch.Tensor
 _GROUPS: dict[str, Group] = {}
 _BUILTIN: list[str] = []
 
+DEFAULT_GROUPS: tuple[str, ...] = ("translate_x", "rotate")
+"""The groups measured when none are given: the Monitor, :func:`layerlie.ablate`, a sweep and
+``layerlie layers``. The LEE's default is ``"all"``, the built-ins."""
+
 
 def register_group(g: Group, *, builtin: bool = False) -> Group:
     """Add ``g`` to the registry, so that its name works everywhere a built-in's does."""
@@ -163,13 +167,14 @@ def register_group(g: Group, *, builtin: bool = False) -> Group:
 
 
 def list_groups(compat: bool = False) -> list[str]:
-    """The built-in group names (docs/method.md §1 table) followed by registered custom ones.
-    Compatibility maps that are not groups are listed only with ``compat=True``."""
-    return [n for n, g in _GROUPS.items() if compat or g.origin is None]
+    """The names of the registered groups, sorted: the built-ins (docs/method.md §1 table) and
+    custom ones. Compatibility maps that are not groups are listed only with ``compat=True``."""
+    return sorted(n for n, g in _GROUPS.items() if compat or g.origin is None)
 
 
 def group(spec: str | Group) -> Group:
-    """A group by name, by its text form (see :func:`parse_group`), or the group itself.
+    """A group by name, by its text form (see :func:`parse_group`), or the group itself; an
+    unknown name raises a :class:`LayerlieError` that lists the valid ones.
 
     Example:
         >>> group("translate_x").generator[0, 2].item()

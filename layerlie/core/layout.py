@@ -148,7 +148,7 @@ def layout_tangent(h: torch.Tensor, layout: Layout, group: Group, scheme: str = 
     if layout.kind == "pair":
         return layout_tangent(h, layout.query, group, scheme, coords).add_(
             layout_tangent(h, layout.key, group, scheme, coords))
-    fused = get_scheme(scheme) is central_difference and group.origin is None
+    fused = get_scheme(scheme).derivative is central_difference and group.origin is None
     if layout.kind == "grid":
         frame = layout.frame(coords)
         return _central_tangent(h, group, frame, torch.empty_like(h)) if fused else tangent(h, group, scheme, frame)

@@ -4,7 +4,8 @@ For an affine group, ``G h = v(u) . grad_u h``: the velocity field at the sample
 normalized positions times a discrete spatial derivative. For a channel group,
 ``G h = A h`` along the channel axis. Nothing here differentiates ``grid_sample``.
 
-Derivative schemes (a registry: :func:`register_scheme`, :func:`list_schemes`):
+Derivative schemes (a registry: :func:`register_scheme`, :func:`get_scheme`,
+:func:`list_schemes`):
 
 - ``"central"`` (default): ``(h[j+1] - h[j-1]) / 2``, zeros beyond the border. It is the
   symmetric derivative of the bilinear interpolant, so it equals the limit of
@@ -27,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,29 +82,57 @@ IMAGE = Frame()
 """A (B, C, H, W) tensor at its own resolution: the model's input."""
 
 Derivative = Callable[[torch.Tensor, int], torch.Tensor]
-_SCHEMES: dict[str, Derivative | None] = {}
+"""``derivative(h, dim)``: dh/d(index) along ``dim``, the same shape as ``h``."""
 
 
-def register_scheme(name: str, derivative: Derivative) -> None:
-    """Register a scheme: ``derivative(h, dim)`` is dh/d(index) along ``dim``."""
-    _SCHEMES[name] = derivative
+@dataclass(frozen=True)
+class Scheme:
+    """A derivative scheme: how ``G h`` of an affine group is computed (docs/method.md §5).
+
+    Attributes:
+        name: registry name.
+        tangent: ``tangent(h, group, frame)``, ``G h`` for an affine group.
+        derivative: the axis derivative that ``tangent`` moves along the velocity field, or
+            None for a scheme that is not one (``published``: the published sampler's terms).
+    """
+
+    name: str
+    tangent: Callable[[torch.Tensor, Group, Frame], torch.Tensor]
+    derivative: Derivative | None = None
 
 
-def get_scheme(name: str) -> Derivative | None:
-    """The derivative of a registered scheme (None for ``published``, which is not one
-    derivative but the published sampler's terms)."""
-    return _SCHEMES[check_scheme(name)]
+_SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(name: str, derivative: Derivative) -> Scheme:
+    """Register a scheme: ``derivative(h, dim)`` is dh/d(index) along ``dim``, and ``G h`` is
+    the velocity field times it along each axis (docs/method.md §5)."""
+    scheme = Scheme(name, functools.partial(_along_velocity, derivative), derivative)
+    _SCHEMES[name] = scheme
+    return scheme
+
+
+def get_scheme(name: str) -> Scheme:
+    """The registered scheme ``name``; an unknown name raises a :class:`LayerlieError` that
+    lists the valid ones.
+
+    Example:
+        >>> get_scheme("central").derivative is central_difference
+        True
+    """
+    if name not in _SCHEMES:
+        raise LayerlieError(f"unknown scheme {name!r}; valid schemes: {', '.join(list_schemes())}")
+    return _SCHEMES[name]
 
 
 def list_schemes() -> list[str]:
-    """The names of the registered schemes."""
-    return list(_SCHEMES)
+    """The names of the registered schemes, sorted."""
+    return sorted(_SCHEMES)
 
 
 def check_scheme(name: str) -> str:
-    if name not in _SCHEMES:
-        raise LayerlieError(f"unknown scheme {name!r}; valid schemes: {', '.join(_SCHEMES)}")
-    return name
+    """``name`` if it is a registered scheme; else :func:`get_scheme`'s error."""
+    return get_scheme(name).name
 
 
 def central_difference(h: torch.Tensor, dim: int) -> torch.Tensor:
@@ -125,11 +155,6 @@ def spectral_derivative(h: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.fft.irfft(spectrum, n=n, dim=dim)
 
 
-register_scheme("central", central_difference)
-register_scheme("spectral", spectral_derivative)
-_SCHEMES["published"] = None  # not an axis derivative: see published_sampler_terms
-
-
 def tangent(h: torch.Tensor, group: Group, scheme: str = "central",
             frame: Frame = IMAGE) -> torch.Tensor:
     """``G h`` for an image-like tensor (docs/method.md §1, 5).
@@ -137,21 +162,24 @@ def tangent(h: torch.Tensor, group: Group, scheme: str = "central",
     Args:
         h: image-like tensor, e.g. ``(B, C, H, W)``; ``frame`` names its axes.
         group: the one-parameter group.
-        scheme: ``"central"``, ``"spectral"`` or ``"published"``.
+        scheme: a registered scheme (:func:`list_schemes`): ``"central"``, ``"spectral"``,
+            ``"published"``.
         frame: axes and sample positions of ``h``.
 
     Returns:
         ``G h``, the same shape as ``h``.
     """
-    check_scheme(scheme)
+    entry = get_scheme(scheme)
     if not group.spatial:
         return _channel_tangent(h, group, frame)
-    if scheme == "published":
-        return _published_tangent(h, group, frame)
+    return entry.tangent(h, group, frame)
+
+
+def _along_velocity(derivative: Derivative, h: torch.Tensor, group: Group, frame: Frame) -> torch.Tensor:
+    """``v(u) . grad_u h`` with ``derivative`` along each axis, scaled to normalized units."""
     if group.origin is not None:
         raise LayerlieError(f"group {group.name!r} is the published stretch map, not a group; "
                             "use it with scheme='published', or use stretch_x/stretch_y")
-    derivative = _SCHEMES[scheme]
     m = group.generator.to(h)
     (sy, _), (sx, _) = frame.axis_map(h, "y"), frame.axis_map(h, "x")
     uy, ux = frame.positions(h)
@@ -222,6 +250,11 @@ def _published_tangent(h: torch.Tensor, group: Group, frame: Frame) -> torch.Ten
     vx = flow[..., 0].reshape(shape) * (n_x - 1) / 2
     vy = flow[..., 1].reshape(shape) * (n_y - 1) / 2
     return vx * d_ix + vy * d_iy
+
+
+register_scheme("central", central_difference)
+register_scheme("spectral", spectral_derivative)
+_SCHEMES["published"] = Scheme("published", _published_tangent)
 
 
 def base_point(x: torch.Tensor, group: Group) -> torch.Tensor:

@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from layerlie.core.groups import Group
+from layerlie.core.groups import DEFAULT_GROUPS, Group
 from layerlie.measure.lie import check_images
 from layerlie.measure.monitor import Metrics, Monitor, MonitorError
 
@@ -44,7 +44,7 @@ class LieMonitor(pl.Callback):
             ``callback.monitor.table()`` after ``trainer.fit``.
     """
 
-    def __init__(self, x_probe: torch.Tensor, groups: str | Group | Iterable[str | Group] = ("translate_x", "rotate"),
+    def __init__(self, x_probe: torch.Tensor, groups: str | Group | Iterable[str | Group] = DEFAULT_GROUPS,
                  *, every: int = 50, layers: bool = False, metrics: Metrics = False, scheme: str = "central",
                  store: str | Path | None = None, run: str | None = None, submodule: str | None = None) -> None:
         super().__init__()

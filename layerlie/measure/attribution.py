@@ -8,12 +8,12 @@ independently of the parts: ``torch.func.jvp`` of the whole GraphModule, not the
 linearization rules of :mod:`layerlie.core.engine` that give the defects. Completeness
 telescopes, so a total made by the same rules would hide any wrong rule.
 
-Estimators of ``c_v`` (docs/method.md §4):
-- ``"exact"``: forward-mode propagation of every ``e_v`` to the output, the sources stacked
-  on the tangent axis and chunked under a memory budget; sources that cannot reach the output
-  (one reverse pass tells) are skipped.
-- ``"shares"``: the signed shares ``<c_v, L F> / ||L F||^2`` from one reverse pass.
-- ``"hutchinson"``: the published estimator of ``||c_v||^2`` with Gaussian probes.
+Estimators of ``c_v`` (docs/method.md §4), by how they run (:mod:`layerlie.measure.estimators`):
+- ``"forward"`` (``exact``): forward-mode propagation of every ``e_v`` to the output, the
+  sources stacked on the tangent axis and chunked under a memory budget; sources that cannot
+  reach the output (one reverse pass tells) are skipped.
+- ``"reverse"`` (``shares``): the signed shares ``<c_v, L F> / ||L F||^2`` from one reverse pass.
+- ``"probes"`` (``hutchinson``): the published estimator of ``||c_v||^2``, with the entry's probes.
 
 Example:
     >>> import layerlie as ll
@@ -47,14 +47,8 @@ from layerlie.core.ops import commuting, is_strided, layer_type, linearization, 
 from layerlie.core.rules import Offset, softmax_jvp
 from layerlie.core.engine import Propagator, Recorder, bind, padded
 from layerlie.core.tangent import check_scheme, tangent
+from layerlie.measure.estimators import Estimator, get_estimator
 from layerlie.model.trace import TraceError, trace, with_output
-
-Estimator = Literal["exact", "shares", "hutchinson"]
-ESTIMATORS = ("exact", "shares", "hutchinson")
-CHECKS = {"exact": "completeness residual", "shares": "share-sum residual", "hutchinson": "not checkable"}
-"""The check each estimator reports (docs/method.md §4): the completeness residual
-``||L F - sum_v c_v|| / ||L F||``, the share-sum residual ``|sum_v share_v - 1|``; Hutchinson's
-norms admit none (``residual`` is NaN)."""
 
 
 @dataclass
@@ -69,7 +63,7 @@ class Attribution:
         total: ``L F(x)``, by forward-mode AD of the whole model (independent of the parts).
         residual: the value of ``check``: ``||L F - sum_v c_v|| / ||L F||`` (exact),
             ``|sum_v share_v - 1|`` (shares), NaN (Hutchinson); absolute when ``L F`` is about 0.
-        check: its name, from :data:`CHECKS`.
+        check: its name: the estimator's :attr:`~layerlie.Estimator.check`.
         defects: the local defect ``e_v`` of every node where it is not zero, by node name,
             shaped like the node's output (nodes absent from it have ``e_v = 0``).
         settings: group, scheme, estimator, output, coords, dtype; on graphs also ``rounded`` (nodes
@@ -80,7 +74,7 @@ class Attribution:
     nodes: pd.DataFrame
     total: torch.Tensor
     residual: float
-    check: str = CHECKS["exact"]
+    check: str = get_estimator("exact").check
     defects: Mapping[str, torch.Tensor] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -140,7 +134,7 @@ class Attribution:
 
     def check_line(self) -> str:
         """The check by its name and its value, e.g. ``completeness residual (relative): 3.1e-07``."""
-        if self.check == CHECKS["hutchinson"]:
+        if self.check == get_estimator("hutchinson").check:
             return f"{self.check} (Hutchinson estimates norms, not vectors): nan"
         kind = "absolute" if self.degenerate else "relative"
         return f"{self.check} ({kind}): {self.residual:.2e}"
@@ -336,7 +330,7 @@ def _propagate_sources(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Nod
 
 
 def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group | str, *,
-              estimator: Estimator = "exact", scheme: str = "central", output: str | int = "softmax",
+              estimator: str | Estimator = "exact", scheme: str = "central", output: str | int = "softmax",
               probes: int = 100, seed: int = 0, coords: Coords = "receptive_field",
               memory_budget: float | None = None, granularity: Literal["node", "module"] = "node") -> Attribution:
     """Attribute the Lie derivative of ``model`` at ``x`` to the nodes of its graph (docs/method.md §3-4).
@@ -346,8 +340,10 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
             model contract (:mod:`layerlie.model.contract`): never changed, measured in eval mode.
         x: images ``(B, C, H, W)``.
         group: the group or its name.
-        estimator: ``"exact"`` (contributions ``c_v``), ``"shares"`` (signed shares from one
-            reverse pass) or ``"hutchinson"`` (the published probe estimate of ``||c_v||``).
+        estimator: a registered estimator (:func:`layerlie.list_estimators`) or an
+            :class:`~layerlie.Estimator`: ``"exact"`` (contributions ``c_v``), ``"shares"``
+            (signed shares from one reverse pass) or ``"hutchinson"`` (the published probe
+            estimate of ``||c_v||``).
         scheme: derivative scheme for every ``G_v``.
         output: ``"softmax"`` (published) or ``"logits"`` of the tensor the output rule selects,
             a node name (features), or an index, key or attribute of a tuple, dict or object
@@ -368,8 +364,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         An :class:`Attribution` with its check (``a.check``, ``a.residual``);
         ``settings["granularity"]`` says which.
     """
-    if estimator not in ESTIMATORS:
-        raise LayerlieError(f"unknown estimator {estimator!r}; valid estimators: {', '.join(ESTIMATORS)}")
+    est = get_estimator(estimator)
     check_scheme(scheme)
     model, x, pick, head = prepare(model, x, output, heads=True)
     g = get_group(group)
@@ -377,7 +372,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         raise LayerlieError(f"group {g.name!r} is a compatibility map, not a group; attribution needs a group")
     if granularity not in ("node", "module"):
         raise LayerlieError(f"unknown granularity {granularity!r}; use 'node' or 'module'")
-    options = _Options(g, estimator, scheme, head, probes, seed, coords, memory_budget, pick)
+    options = _Options(g, est, scheme, head, probes, seed, coords, memory_budget, pick)
     if granularity == "module":
         return _attribute_modules(model, x, options)
     if isinstance(model, fx.GraphModule):
@@ -406,14 +401,14 @@ class _Options(NamedTuple):
     pick: Output = None  # the tensor of a structured output (the output rule of layerlie.contract)
 
     def settings(self, **more: Any) -> dict[str, Any]:
-        return dict(group=self.group.name, scheme=self.scheme, estimator=self.estimator, output=self.output,
+        return dict(group=self.group.name, scheme=self.scheme, estimator=self.estimator.name, output=self.output,
                     selected=self.pick, coords=self.coords, **more)
 
 
 def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attribution:
     gm, out_name = with_output(gm, o.output)
     rng = torch.Generator(device=x.device).manual_seed(o.seed)
-    reaching = _reaching(gm, x, rng) if o.estimator == "exact" else None
+    reaching = _reaching(gm, x, rng) if o.estimator.runs == "forward" else None
     with torch.no_grad(), jvp_ready(gm):
         defects = _Defects(gm, o.group, o.scheme, o.coords)
         defects.propagate(x, None)
@@ -431,7 +426,7 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
         shares: dict[fx.Node, float] = {}
         stderr: dict[fx.Node, float] = {}
         summed = torch.zeros_like(total)
-        if o.estimator == "exact":
+        if o.estimator.runs == "forward":
             live = [n for n in sources if n.name in reaching]
             for n in sources:
                 if n not in live:
@@ -442,17 +437,17 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
                     contrib[n] = float(cv.norm())
                     shares[n] = float((cv * total).sum())
                     summed += cv
-    if o.estimator == "shares":
+    if o.estimator.runs == "reverse":
         shares = _shares(gm, x, sources, defects, total)
-    elif o.estimator == "hutchinson":
-        contrib, stderr = _hutchinson(gm, x, sources, defects, o.probes, rng)
+    elif o.estimator.runs == "probes":
+        contrib, stderr = _hutchinson(gm, x, sources, defects, o.probes, o.estimator.probe, rng)
     lf2, degenerate = _squared_norm(total, y)
     residual = _check(o.estimator, total, summed, shares.values(), lf2, degenerate)
     table = _table(gm, defects, contrib, shares, stderr, lf2, degenerate)
     settings = o.settings(dtype=str(x.dtype), degenerate=degenerate, granularity="node",
                           rounded=len(defects.rounded), commuting=len(defects.commuting))
     e = {n.name: defects.e[n] for n in sources}
-    return Attribution(table, total, residual, CHECKS[o.estimator], e, settings)
+    return Attribution(table, total, residual, o.estimator.check, e, settings)
 
 
 def _end_to_end(gm: fx.GraphModule, out_name: str, x: torch.Tensor, gx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -482,10 +477,10 @@ def _check(estimator: Estimator, total: torch.Tensor, summed: torch.Tensor, shar
     exact: ``||L F - sum_v c_v|| / ||L F||``; shares: ``|sum_v <c_v, L F> - ||L F||^2| / ||L F||^2``,
     the reverse pass against the forward total; Hutchinson: NaN, it estimates norms only.
     """
-    if estimator == "exact":
+    if estimator.runs == "forward":
         residual = float((total - summed).norm())
         return residual if degenerate else residual / math.sqrt(lf2)
-    if estimator == "shares":
+    if estimator.runs == "reverse":
         gap = abs(math.fsum(shares) - lf2)
         return gap if degenerate else gap / lf2
     return float("nan")
@@ -507,15 +502,15 @@ def _attribute_modules(model: nn.Module, x: torch.Tensor, o: _Options) -> Attrib
         contrib, shares, stderr = {}, {}, {}
         summed = torch.zeros_like(total)
         active = [s for s in sites if s.defect.any()]
-        if o.estimator == "exact":
+        if o.estimator.runs == "forward":
             for s, c in zip(active, module_contributions(model, x, active, head)):
                 contrib[s.name], shares[s.name] = float(c.norm()), float((c * total).sum())
                 summed += c
-        elif o.estimator == "shares":
+        elif o.estimator.runs == "reverse":
             grads = module_cotangents(model, x, active, [total], head)[0]
             shares = {s.name: float((gr * s.defect).sum()) for s, gr in zip(active, grads)}
         else:
-            zs = [torch.randn(y.shape, dtype=y.dtype, device=y.device, generator=rng) for _ in range(o.probes)]
+            zs = [o.estimator.probe(y.shape, dtype=y.dtype, device=y.device, generator=rng) for _ in range(o.probes)]
             samples = [[float((gr * s.defect).sum()) ** 2 for gr, s in zip(grads, active)]
                        for grads in module_cotangents(model, x, active, zs, head)]
             contrib, stderr = _probe_stats(dict(zip([s.name for s in active], zip(*samples))))
@@ -538,7 +533,7 @@ def _attribute_modules(model: nn.Module, x: torch.Tensor, o: _Options) -> Attrib
     settings = o.settings(dtype=str(x.dtype), degenerate=degenerate, model=type(model).__name__,
                           granularity="module")
     e = {s.name: s.defect for s in active}
-    return Attribution(pd.DataFrame(rows), total, residual, CHECKS[o.estimator], e, settings)
+    return Attribution(pd.DataFrame(rows), total, residual, o.estimator.check, e, settings)
 
 
 def _traced(model: nn.Module, x: torch.Tensor, output: Output) -> fx.GraphModule:
@@ -609,11 +604,12 @@ def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node],
 
 
 def _hutchinson(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects: _Defects,
-                probes: int, rng: torch.Generator) -> tuple[dict[fx.Node, float], dict[fx.Node, float]]:
-    """Unbiased ``||c_v||^2 ~ mean_z (z^T J_{out<-v} e_v)^2`` with Gaussian probes, as the
-    published method estimates it; returns ``sqrt`` of the mean and its standard error."""
+                probes: int, probe: Callable[..., torch.Tensor],
+                rng: torch.Generator) -> tuple[dict[fx.Node, float], dict[fx.Node, float]]:
+    """Unbiased ``||c_v||^2 ~ mean_z (z^T J_{out<-v} e_v)^2`` with ``probe``'s draws (Gaussian
+    as published) for probes of unit variance; returns ``sqrt`` of the mean and its standard error."""
     out_shape = defects.values[next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]].shape
-    zs = [torch.randn(out_shape, dtype=x.dtype, device=x.device, generator=rng) for _ in range(probes)]
+    zs = [probe(out_shape, dtype=x.dtype, device=x.device, generator=rng) for _ in range(probes)]
     probed = _cotangents(gm, x, sources, zs, lambda n, g: float((g * defects.e[n]).sum()) ** 2)
     return _probe_stats({n: [p[n] for p in probed] for n in sources})
 

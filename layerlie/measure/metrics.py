@@ -11,6 +11,10 @@ peak-to-peak range of ``f(x)`` per image, so that the figure does not depend on 
 scale. An exact match has an infinite PSNR; it is reported as :data:`PSNR_CAP` (100 dB), and
 every PSNR is capped there: float32 round-off alone stays near 140 dB.
 
+The metrics are a registry (:func:`register_metric`, :func:`get_metric`, :func:`list_metrics`),
+which also holds the LEE of one group (``lee``, not finite); :func:`metrics` measures several
+at once, by default :data:`DEFAULT_METRICS`.
+
 Example:
     >>> import layerlie as ll
     >>> m = ll.load_model("resnet18")
@@ -22,7 +26,9 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pandas as pd
@@ -31,9 +37,10 @@ from torch import fx, nn
 
 from layerlie.model.contract import Output, prepare, selected
 from layerlie.errors import LayerlieError
-from layerlie.core.groups import Group, get_group
+from layerlie.core.groups import DEFAULT_GROUPS, Group, get_group
 from layerlie.core.layout import Layout, LayoutProp
 from layerlie.core.memory import batches
+from layerlie.measure.lie import lee
 from layerlie.model.trace import trace, with_output
 
 PSNR_CAP = 100.0
@@ -264,49 +271,120 @@ def invariance(model: Model, x: torch.Tensor, group: Group | str, magnitude: flo
     return out
 
 
-METRICS: dict[str, Callable[..., torch.Tensor]] = {
-    "consistency": consistency, "eq_t": eq_t, "eq_t_frac": eq_t_frac, "eq_r": eq_r, "invariance": invariance}
-"""The metrics by name, in the order :func:`metrics` reports them."""
+def lee_metric(model: Model, x: torch.Tensor, *, group: Group | str = DEFAULT_GROUPS[0], scheme: str = "central",
+               seed: int = 0, batch_size: int | None = None, output: Output = None) -> torch.Tensor:
+    """The published LEE of one group (docs/method.md §2), as a metric: :func:`layerlie.lee`'s
+    value per image. ``seed`` is taken for the metrics' common call; the LEE draws nothing.
+
+    Returns:
+        ``(B,)`` the mean over classes of ``|L softmax(model(x))|``.
+    """
+    table = lee(model, x, [group], output=output, scheme=scheme, batch_size=batch_size)
+    return torch.tensor(table["lee"].tolist(), dtype=torch.float64)
 
 
-def metrics(model: Model, x: torch.Tensor, which: Iterable[str] = ("consistency", "eq_t", "eq_t_frac", "eq_r"),
+@dataclass(frozen=True)
+class Metric:
+    """A measure of equivariance with one value per image (docs/method.md §2, 7).
+
+    Attributes:
+        name: registry name.
+        function: ``function(model, x, *, seed, batch_size, output, **options)``, the ``(B,)``
+            values.
+        finite: whether it compares finite transforms (docs/method.md §7), or is the
+            infinitesimal Lie derivative (docs/method.md §2).
+        features: whether it reads a feature map, ``node="features"`` unless its options name
+            another node, when the model is a classifier.
+        options: the options it takes unless given others.
+    """
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    finite: bool = True
+    features: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+_METRICS: dict[str, Metric] = {}
+
+DEFAULT_METRICS: tuple[str, ...] = ("consistency", "eq_t", "eq_t_frac", "eq_r")
+"""The finite metrics measured when none are named: by :func:`metrics`, the Monitor's
+``metrics=True`` and a sweep."""
+
+
+def register_metric(metric: Metric) -> Metric:
+    """Add ``metric`` to the registry, so that :func:`metrics` takes its name."""
+    _METRICS[metric.name] = metric
+    return metric
+
+
+def get_metric(name: str) -> Metric:
+    """The registered metric ``name``; an unknown name raises a :class:`LayerlieError` that
+    lists the valid ones."""
+    if name not in _METRICS:
+        raise LayerlieError(f"unknown metric {name!r}; valid metrics: {', '.join(list_metrics())}")
+    return _METRICS[name]
+
+
+def list_metrics() -> list[str]:
+    """The names of the registered metrics, sorted."""
+    return sorted(_METRICS)
+
+
+register_metric(Metric("consistency", consistency))
+register_metric(Metric("eq_t", eq_t, features=True))
+register_metric(Metric("eq_t_frac", eq_t_frac, features=True))
+register_metric(Metric("eq_r", eq_r, features=True))
+register_metric(Metric("invariance", invariance, options={"group": DEFAULT_GROUPS[0], "magnitude": 0.125}))
+register_metric(Metric("lee", lee_metric, finite=False))
+
+
+def __getattr__(name: str) -> Any:
+    """``METRICS``, the table of before the registry, for one release."""
+    if name != "METRICS":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn("layerlie.measure.metrics.METRICS is deprecated; use layerlie.list_metrics() and "
+                  "layerlie.get_metric(name).function", DeprecationWarning, stacklevel=2)
+    return {n: m.function for n, m in _METRICS.items()}
+
+
+def metrics(model: Model, x: torch.Tensor, which: Iterable[str] = DEFAULT_METRICS,
             *, names: Sequence[str] | None = None, seed: int = 0, batch_size: int | None = None,
             output: Output = None, **options: dict[str, Any]) -> pd.DataFrame:
     """Several finite metrics of one model at images ``x: (B, C, H, W)`` (docs/method.md §7).
 
     Args:
-        model: the model; a classifier's PSNR metrics read its last feature map
-            (``node="features"``) unless their options name another node.
+        model: the model; a classifier's feature-map metrics (the PSNR ones) read its last
+            feature map (``node="features"``) unless their options name another node.
         x: images.
-        which: metric names from :data:`METRICS`.
+        which: registered metric names (:func:`list_metrics`).
         names: one name per image (default: the image index).
         seed, batch_size, output: passed to every metric.
         **options: per metric, its keyword options, e.g. ``eq_r={"max_angle": 45}`` or
-            ``invariance={"group": "rotate", "magnitude": 0.1}`` (the default group is
-            ``translate_x`` and magnitude ``0.125``).
+            ``invariance={"group": "rotate", "magnitude": 0.1}``, over the entry's own
+            (:attr:`Metric.options`: for ``invariance`` the group ``translate_x`` and
+            magnitude ``0.125``).
 
     Returns:
         A DataFrame with columns ``image, metric, value``; ``.attrs`` holds the options.
     """
-    which = list(which)
-    unknown = [w for w in [*which, *options] if w not in METRICS]
-    if unknown or not which:
-        raise LayerlieError(f"unknown metric(s) {unknown or which}; valid metrics: {', '.join(METRICS)}")
+    chosen = [get_metric(w) for w in which]
+    for name in options:  # options of a metric not measured must still name one
+        get_metric(name)
+    if not chosen:
+        raise LayerlieError(f"no metric given; valid metrics: {', '.join(list_metrics())}")
     model, x, output, _ = prepare(model, x, output)
     names = [str(i) for i in range(len(x))] if names is None else list(names)
     is_classifier = _output_ndim(model, x, output) == 2
     rows = []
     settings: dict[str, dict[str, Any]] = {}
-    for name in which:
-        kwargs = dict(options.get(name, {}))
-        if name == "invariance":
-            kwargs.setdefault("group", "translate_x")
-            kwargs.setdefault("magnitude", 0.125)
-        elif name != "consistency" and is_classifier:
+    for metric in chosen:
+        kwargs = {**metric.options, **options.get(metric.name, {})}
+        if metric.features and is_classifier:
             kwargs.setdefault("node", "features")
-        settings[name] = dict(kwargs)
-        values = METRICS[name](model, x, seed=seed, batch_size=batch_size, output=output, **kwargs)
-        rows += [(names[i], name, float(v)) for i, v in enumerate(values)]
+        settings[metric.name] = dict(kwargs)
+        values = metric.function(model, x, seed=seed, batch_size=batch_size, output=output, **kwargs)
+        rows += [(names[i], metric.name, float(v)) for i, v in enumerate(values)]
     table = pd.DataFrame(rows, columns=["image", "metric", "value"])
     table.attrs.update(seed=seed, options=settings, psnr_cap=PSNR_CAP)
     return table

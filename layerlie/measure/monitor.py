@@ -42,21 +42,18 @@ from layerlie.results import store as st
 from layerlie.measure.attribution import attribute
 from layerlie.model.contract import Output, prepare
 from layerlie.errors import LayerlieError
-from layerlie.core.groups import Group, resolve_groups
+from layerlie.core.groups import DEFAULT_GROUPS, Group, resolve_groups
 from layerlie.measure.lie import lee
-from layerlie.measure.metrics import METRICS, metrics as finite_metrics
+from layerlie.measure.metrics import DEFAULT_METRICS, list_metrics, metrics as finite_metrics
 from layerlie.core.ops import list_layer_types
 from layerlie.core.tangent import check_scheme
 from layerlie.model.trace import TraceError, trace, with_output
-
-FINITE = ("consistency", "eq_t", "eq_t_frac", "eq_r")
-"""The finite metrics that ``metrics=True`` records (docs/method.md §7)."""
 
 TABLE = "monitor"
 """The store table the monitor writes."""
 
 Metrics = bool | Sequence[str] | Mapping[str, Mapping[str, Any]]
-"""``metrics=``: True for :data:`FINITE`, metric names, or metric names mapped to their options."""
+"""``metrics=``: True for :data:`~layerlie.measure.metrics.DEFAULT_METRICS`, metric names, or metric names mapped to their options."""
 
 
 class MonitorError(LayerlieError):
@@ -109,7 +106,7 @@ class Monitor:
             ``layerlie.attribute(..., estimator="shares")`` (docs/method.md §4), as ``share_<layer type>``
             columns, and their check ``|sum share - 1|`` as ``share_residual``.
         metrics: also record finite metrics (docs/method.md §7), the mean over the probe images, one
-            column each: True for :data:`FINITE`, names from :data:`layerlie.measure.metrics.METRICS`,
+            column each: True for :data:`~layerlie.measure.metrics.DEFAULT_METRICS`, names from :func:`layerlie.list_metrics`,
             or a mapping of names to their options (``{"eq_t": {"max_shift": 0.25}}``), as
             :func:`layerlie.metrics` takes them. They do not depend on the group.
         scheme: the derivative scheme of ``G``.
@@ -132,7 +129,7 @@ class Monitor:
     """
 
     def __init__(self, model: nn.Module, x_probe: torch.Tensor,
-                 groups: str | Group | Iterable[str | Group] = ("translate_x", "rotate"), *, every: int = 50,
+                 groups: str | Group | Iterable[str | Group] = DEFAULT_GROUPS, *, every: int = 50,
                  layers: bool = False, metrics: Metrics = False, scheme: str = "central",
                  store: str | Path | None = None, run: str | None = None, output: Output = None) -> None:
         start = time.perf_counter()
@@ -148,10 +145,10 @@ class Monitor:
                                "drop it from groups= or pass layers=False")
         self.options = _metric_options(metrics)
         self.which = list(self.options)
-        unknown = [w for w in self.which if w not in METRICS]
+        unknown = [w for w in self.which if w not in list_metrics()]
         if unknown:
             raise MonitorError(f"unknown metric {unknown[0]!r}; pass metrics=True or names from "
-                               f"{', '.join(METRICS)}")
+                               f"{', '.join(list_metrics())}")
         if store is not None and not run:
             raise MonitorError("store= needs run=, the name of this training run, e.g. run='resnet10t-seed0'")
         self.model, self.x = model, x_probe.detach().clone()
@@ -324,7 +321,7 @@ def _write(writer: Any, scalars: Mapping[str, float], step: int) -> None:
 def _metric_options(metrics: Metrics) -> dict[str, dict[str, Any]]:
     """``metrics=`` as ``{name: options}``, in the order given."""
     if metrics is True:
-        return {m: {} for m in FINITE}
+        return {m: {} for m in DEFAULT_METRICS}
     if isinstance(metrics, Mapping):
         return {m: dict(o) for m, o in metrics.items()}
     return {m: {} for m in metrics or []}

@@ -10,9 +10,10 @@ substitute can reach it. :func:`split_norm_acts` rewrites each such node into
 - ``<path>.drop`` unless it is an ``nn.Identity``;
 - ``<path>.act`` unless it is an ``nn.Identity`` (``apply_act=False``).
 
-The norm class of each leaf class is a registry entry (:func:`register_norm_act`): its
-``forward`` must compute exactly the leaf's norm in eval mode. timm's ``GroupNormAct``,
-``LayerNormAct(2d)`` and ``RmsNormAct(2d)`` are not leaves: fx traces through them already.
+The norm class of each leaf class is a registry entry (:func:`register_norm_act`,
+:func:`get_norm_act`, :func:`list_norm_acts`): its ``forward`` must compute exactly the leaf's
+norm in eval mode. timm's ``GroupNormAct``, ``LayerNormAct(2d)`` and ``RmsNormAct(2d)`` are not
+leaves: fx traces through them already.
 
 Example:
     >>> import timm, layerlie as ll
@@ -43,14 +44,21 @@ def register_norm_act(cls: type[nn.Module], norm: type[nn.Module]) -> type[nn.Mo
     return cls
 
 
-def get_norm_act(cls: type[nn.Module]) -> type[nn.Module] | None:
-    """The norm class that computes the norm part of a ``cls`` leaf, or None."""
-    return _NORM_OF.get(cls)
+def get_norm_act(cls: type[nn.Module] | str) -> type[nn.Module]:
+    """The norm class that computes the norm part of a ``cls`` leaf; ``cls`` is a registered
+    class or its name. An unregistered one raises a :class:`LayerlieError` that lists them."""
+    found = [norm for leaf, norm in _NORM_OF.items() if leaf is cls or leaf.__name__ == cls]
+    if not found:
+        name = cls if isinstance(cls, str) else cls.__name__
+        raise LayerlieError(f"{name} is not a registered norm+activation class (registered: "
+                            f"{', '.join(list_norm_acts())}); register its norm class with "
+                            "layerlie.register_norm_act(cls, norm)")
+    return found[0]
 
 
-def list_norm_acts() -> list[type[nn.Module]]:
-    """The leaf classes that :func:`split_norm_acts` takes apart."""
-    return list(_NORM_OF)
+def list_norm_acts() -> list[str]:
+    """The names of the leaf classes that :func:`split_norm_acts` takes apart, sorted."""
+    return sorted(leaf.__name__ for leaf in _NORM_OF)
 
 
 # SyncBatchNorm synchronizes batch statistics in training only; in eval it is a BatchNorm.
@@ -63,9 +71,6 @@ def norm_part(m: nn.Module) -> nn.Module:
     """A twin of the norm-act module ``m`` whose forward is only its norm: an instance of the
     registered norm class holding ``m``'s own parameter and buffer tensors and its children."""
     cls = get_norm_act(type(m))
-    if cls is None:
-        raise LayerlieError(f"{type(m).__name__} is not a registered norm+activation class; register its norm "
-                            "class with layerlie.model.normact.register_norm_act(cls, norm)")
     twin = cls.__new__(cls)
     twin.__dict__.update(m.__dict__)
     for key in ("_parameters", "_buffers", "_modules"):  # own dicts, the same tensors and modules
@@ -85,7 +90,7 @@ def split_norm_acts(root: nn.Module, graph: fx.Graph) -> list[str]:
     """
     paths = []
     for node in list(graph.nodes):
-        if node.op != "call_module" or get_norm_act(type(root.get_submodule(node.target))) is None:
+        if node.op != "call_module" or type(root.get_submodule(node.target)) not in _NORM_OF:
             continue
         module = root.get_submodule(node.target)
         last = node

@@ -67,13 +67,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from layerlie.results import store as st
 from layerlie.antialias.ablation import ablate, list_variants
 from layerlie.measure.aliasing import with_aliasing
-from layerlie.measure.attribution import ESTIMATORS, attribute
+from layerlie.measure.attribution import attribute
+from layerlie.measure.estimators import list_estimators
 from layerlie.model.contract import prepare
 from layerlie.model.data import Images, images, photo_batch
 from layerlie.errors import LayerlieError
-from layerlie.core.groups import list_groups, resolve_groups
+from layerlie.core.groups import DEFAULT_GROUPS, list_groups, resolve_groups
 from layerlie.measure.lie import lee
-from layerlie.measure.metrics import METRICS, invariance, metrics
+from layerlie.measure.metrics import DEFAULT_METRICS, invariance, list_metrics, metrics
 from layerlie.model.loading import load_model, pretrained_weights, read_state_dict
 from layerlie.core.tangent import list_schemes
 
@@ -95,7 +96,7 @@ OPTIONS = {"layers": ("estimator", "groups", "top", "output", "probes", "alias")
            "ablation": ("variants", "estimator", "filter_size", "groups")}
 """The keys of each measure's optional table."""
 
-DEFAULTS: dict[str, Any] = dict(groups=["translate_x", "rotate"], measures=["e2e"], n=8, images=None, seed=0,
+DEFAULTS: dict[str, Any] = dict(groups=list(DEFAULT_GROUPS), measures=["e2e"], n=8, images=None, seed=0,
                                 scheme="central", batch_size=None, size=None)
 
 
@@ -326,7 +327,7 @@ def run_guarded(task: Task, spec: Mapping[str, Any]) -> tuple[str, Any, Any]:
 def _metrics(model: torch.nn.Module, x: torch.Tensor, names: list[str], spec: Mapping[str, Any]) -> pd.DataFrame:
     """The metrics table: ``invariance`` once per group of the spec, the others once (docs/design.md §4, docs/method.md §7)."""
     opts = spec["metrics"]
-    which = list(opts.get("which", ["consistency", "eq_t", "eq_t_frac", "eq_r"]))
+    which = list(opts.get("which", DEFAULT_METRICS))
     options = dict(opts.get("options", {}))
     shared = dict(seed=spec["seed"], batch_size=spec["batch_size"])
     frames = []
@@ -507,9 +508,9 @@ def _options(out: dict[str, Any]) -> None:
     """Check the measures' own tables: estimators, groups, metrics, variants (docs/design.md §4)."""
     layers, mets, abl = out["layers"], out["metrics"], out["ablation"]
     for key, opts in (("layers", layers), ("ablation", abl)):
-        if opts.get("estimator", "exact") not in ESTIMATORS:
+        if opts.get("estimator", "exact") not in list_estimators():
             raise SpecError(f"spec key '{key}.estimator': unknown estimator {opts['estimator']!r}; valid: "
-                            f"{', '.join(ESTIMATORS)}")
+                            f"{', '.join(list_estimators())}")
     for key, opts in (("layers", layers), ("ablation", abl)):
         if "groups" in opts:
             opts["groups"] = _groups(f"{key}.groups", opts["groups"])
@@ -517,11 +518,11 @@ def _options(out: dict[str, Any]) -> None:
         raise SpecError(f"spec key 'layers.alias': expected true or false, got {layers['alias']!r}")
     if "top" in layers and (not isinstance(layers["top"], int) or layers["top"] < 1):
         raise SpecError(f"spec key 'layers.top': expected a positive integer, got {layers['top']!r}")
-    which = _strings("metrics.which", mets.get("which", list(METRICS)))
+    which = _strings("metrics.which", mets.get("which", list(DEFAULT_METRICS)))
     named = [*which, *mets.get("options", {})]
-    if any(w not in METRICS for w in named):
-        bad = next(w for w in named if w not in METRICS)
-        raise SpecError(f"spec key 'metrics.which': unknown metric {bad!r}; valid: {', '.join(METRICS)}")
+    if any(w not in list_metrics() for w in named):
+        bad = next(w for w in named if w not in list_metrics())
+        raise SpecError(f"spec key 'metrics.which': unknown metric {bad!r}; valid: {', '.join(list_metrics())}")
     variants = _strings("ablation.variants", abl.get("variants", list(VARIANTS)))
     bad_variants = [v for v in variants if v not in list_variants()]
     if bad_variants:
