@@ -19,7 +19,8 @@ from layerlie.core.ops import (Op, get_layer_type, get_op, get_rule, list_layer_
 from layerlie.core.engine import Propagator, propagate
 from layerlie.views.report import report
 from layerlie.results.store import load
-from layerlie.antialias.surgery import NothingToReplace, antialias, get_policy, list_policies, register_policy
+from layerlie.antialias.rewrite import NothingToReplace, antialias
+from layerlie.antialias.policies import get_policy, list_policies, register_policy
 from layerlie.results.sweep import sweep
 from layerlie.core.tangent import IMAGE, Frame, get_scheme, list_schemes, register_scheme, tangent
 from layerlie.model.trace import TraceError, trace, with_output
@@ -71,7 +72,7 @@ _MOVED = {
     "propagate": "core.engine",
     "report": "views.report",
     "store": "results.store",
-    "surgery": "antialias.surgery",
+    "surgery": "antialias",
     "sweep": "results.sweep",
     "tangent": "core.tangent",
     "trace": "model.trace",

@@ -30,7 +30,7 @@ from layerlie.core.ops import LAYER_TYPES
 from layerlie.errors import LayerlieError
 from layerlie.core.groups import resolve_groups
 from layerlie.measure.lie import lee, summarize
-from layerlie.antialias.surgery import NothingToReplace, Where, antialias
+from layerlie.antialias.rewrite import NothingToReplace, Where, antialias
 from layerlie.model.trace import trace, with_output
 
 VARIANTS: dict[str, dict[str, Any]] = {
