@@ -47,7 +47,7 @@ def test_filtered_variant_moves_the_nonlinearity_contribution():
 def test_ablate_rejects_bad_input():
     model = timm_model("resnet18")
     x = torch.randn(1, 3, 32, 32)
-    with pytest.raises(ll.LayerlieError, match="unknown variant.*valid variants: blurpool, filtered, aps"):
+    with pytest.raises(ll.LayerlieError, match="unknown variant.*valid variants: all, aps, blurpool, both, filtered"):
         ll.ablate(model, x, variants=["sharpen"])
     with pytest.raises(ll.LayerlieError, match="labels must have shape"):
         ll.ablate(model, x, variants=["blurpool"], labels=torch.tensor([1, 2]))

@@ -18,7 +18,8 @@ import timm
 import layerlie as ll
 from layerlie.results import store as st
 from layerlie.cli import main
-from layerlie.results.sweep import SpecError, read_spec, tasks
+from layerlie.results.spec import SpecError, read_spec
+from layerlie.results.sweep import tasks
 
 # 3 small models x 2 groups on 32 px images; consistency on crops gives 28 px images, which the
 # ViT (built for 32 px) and convnext_atto (too small for its last downsampling) refuse: real failures
