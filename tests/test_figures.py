@@ -129,3 +129,11 @@ def test_titles_say_the_weights_the_rows_record_and_assume_none(tables):
     assert figures.depth(layers).axes[0].get_title().endswith("\nrandom init (seed 0)")
     unrecorded = figures.depth(layers.drop(columns="weights")).axes[0].get_title()
     assert unrecorded.endswith("\nweights not recorded") and "random init" not in unrecorded
+
+
+def test_for_store_draws_the_registered_store_figures_in_order(tables):
+    drawn = figures.for_store(tables, model="resnet18")
+    store_figures = [name for name in ll.list_figures() if ll.get_figure(name).in_store]
+    assert sorted(drawn) == store_figures and "monitor" not in drawn
+    assert list(drawn)[:3] == ["depth", "by_type", "e2e_groups"]
+    assert drawn["lee_vs_accuracy"].startswith("lee_vs_accuracy: skipped, no accuracy column")
