@@ -80,7 +80,7 @@ def test_variants_policies_and_figures_are_registries():
     assert ll.list_variants() == ["all", "aps", "blurpool", "both", "filtered"]
     assert ll.get_variant("filtered") == dict(blurpool=False, activations="filtered")
     assert ll.list_policies() == ["aps", "blurpool", "filtered"]
-    with pytest.raises(ll.LayerlieError, match="unknown surgery policy 'sharpen'; registered: aps, blurpool"):
+    with pytest.raises(ll.LayerlieError, match="unknown surgery policy 'sharpen'; valid surgery policies: aps, blurpool"):
         ll.get_policy("sharpen")
     assert "top_layers" in ll.list_figures() and ll.get_figure("lee_vs_metrics").tables == ("e2e", "metrics")
     with pytest.raises(ll.LayerlieError, match="unknown figure 'histogram'; valid figures: ablation, by_type"):

@@ -27,18 +27,19 @@ from torch import nn
 from layerlie.measure.attribution import CHECKS, ESTIMATORS, Estimator, attribute
 from layerlie.model.contract import Output, prepare
 from layerlie.core.ops import LAYER_TYPES
+from layerlie.core.registry import Registry
 from layerlie.errors import LayerlieError
 from layerlie.core.groups import resolve_groups
 from layerlie.measure.lie import lee, summarize
 from layerlie.antialias.rewrite import NothingToReplace, Where, antialias
 from layerlie.model.trace import trace, with_output
 
-_VARIANTS: dict[str, dict[str, Any]] = {}
+_VARIANTS: Registry[dict[str, Any]] = Registry("variant")
 
 
 def register_variant(name: str, **options: Any) -> None:
     """Make ``name`` a variant of :func:`ablate`: the model after ``antialias(model, **options)``."""
-    _VARIANTS[name] = dict(options)
+    _VARIANTS.add(name, dict(options))
 
 
 def get_variant(name: str) -> dict[str, Any]:
@@ -47,14 +48,12 @@ def get_variant(name: str) -> dict[str, Any]:
     Raises:
         LayerlieError: an unknown name; the message lists the registered ones.
     """
-    if name not in _VARIANTS:
-        raise LayerlieError(f"unknown variant {name!r}; valid variants: {', '.join(list_variants())}")
-    return dict(_VARIANTS[name])
+    return dict(_VARIANTS.get(name))
 
 
 def list_variants() -> list[str]:
     """The names :func:`ablate` accepts, sorted."""
-    return sorted(_VARIANTS)
+    return _VARIANTS.names()
 
 
 register_variant("blurpool", blurpool=True)
@@ -71,7 +70,7 @@ def __getattr__(name: str) -> Any:
     if name == "VARIANTS":
         warnings.warn("layerlie.antialias.ablation.VARIANTS is deprecated; use list_variants(), get_variant(name) "
                       "and register_variant(name, **options)", DeprecationWarning, stacklevel=2)
-        return _VARIANTS
+        return dict(_VARIANTS.items())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from layerlie.antialias.layers import BlurPool2d, FilteredActivation, Pointwise, Resampled, is_patch_embedding
 from layerlie.core.layout import Layout
 from layerlie.core.ops import get_op, strided
-from layerlie.errors import LayerlieError
+from layerlie.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Policy:
     needs_layouts: bool = False
 
 
-_POLICIES: dict[str, Policy] = {}
+_POLICIES: Registry[Policy] = Registry("surgery policy", "surgery policies")
 
 
 def register_policy(name: str, looks_for: str, activation: bool = False,
@@ -67,7 +67,7 @@ def register_policy(name: str, looks_for: str, activation: bool = False,
     """Register a surgery policy under ``name``."""
 
     def deco(fn: Factory) -> Factory:
-        _POLICIES[name] = Policy(name, looks_for, fn, activation, needs_layouts)
+        _POLICIES.add(name, Policy(name, looks_for, fn, activation, needs_layouts))
         return fn
 
     return deco
@@ -79,14 +79,12 @@ def get_policy(name: str) -> Policy:
     Raises:
         LayerlieError: an unknown name; the message lists the registered ones.
     """
-    if name not in _POLICIES:
-        raise LayerlieError(f"unknown surgery policy {name!r}; registered: {', '.join(list_policies())}")
-    return _POLICIES[name]
+    return _POLICIES.get(name)
 
 
 def list_policies() -> list[str]:
     """The registered policies' names, sorted."""
-    return sorted(_POLICIES)
+    return _POLICIES.names()
 
 
 def _strided_layer(gm: fx.GraphModule, node: fx.Node, policy: str) -> nn.Module | None:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from layerlie.antialias.ablation import ablate
+from layerlie.core.registry import Registry
 from layerlie.errors import LayerlieError
 from layerlie.measure.aliasing import with_aliasing
 from layerlie.measure.attribution import attribute
@@ -57,7 +58,7 @@ class Measure:
     per_group: bool = False
 
 
-_MEASURES: dict[str, Measure] = {}
+_MEASURES: Registry[Measure] = Registry("measure")
 
 
 def register_measure(name: str, *, table: str | None = None, options: tuple[str, ...] = (),
@@ -74,7 +75,7 @@ def register_measure(name: str, *, table: str | None = None, options: tuple[str,
                             f"tables: {', '.join(st.TABLES)}")
 
     def deco(run: Run) -> Run:
-        _MEASURES[name] = Measure(name, run, table, tuple(options), per_group)
+        _MEASURES.add(name, Measure(name, run, table, tuple(options), per_group))
         return run
 
     return deco
@@ -86,14 +87,12 @@ def get_measure(name: str) -> Measure:
     Raises:
         LayerlieError: an unknown name; the message lists the registered ones.
     """
-    if name not in _MEASURES:
-        raise LayerlieError(f"unknown measure {name!r}; valid measures: {', '.join(list_measures())}")
-    return _MEASURES[name]
+    return _MEASURES.get(name)
 
 
 def list_measures() -> list[str]:
     """The registered measures' names, sorted."""
-    return sorted(_MEASURES)
+    return _MEASURES.names()
 
 
 def _given(options: Mapping[str, Any], *keys: str) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from scipy import stats
 from layerlie.results import store as st
 from layerlie.errors import LayerlieError
 from layerlie.core.ops import LAYER_TYPES
+from layerlie.core.registry import Registry
 
 PALETTE: dict[str, str] = dict(zip(LAYER_TYPES, ("#d62728", "#1f77b4", "#7f7f7f", "#8c564b", "#2ca02c",
                                                  "#9467bd", "#ff7f0e", "#bcbd22", "#17becf")))
@@ -85,7 +86,7 @@ class Plot:
     in_store: bool = True
 
 
-_FIGURES: dict[str, Plot] = {}
+_FIGURES: Registry[Plot] = Registry("figure")
 
 
 def register_figure(name: str, *, tables: tuple[str, ...], per_model: bool = False,
@@ -93,7 +94,7 @@ def register_figure(name: str, *, tables: tuple[str, ...], per_model: bool = Fal
     """Register a figure function under ``name``, with the tables it takes in order."""
 
     def deco(draw: Callable[..., Figure]) -> Callable[..., Figure]:
-        _FIGURES[name] = Plot(name, draw, tuple(tables), per_model, in_store)
+        _FIGURES.add(name, Plot(name, draw, tuple(tables), per_model, in_store))
         return draw
 
     return deco
@@ -105,14 +106,12 @@ def get_figure(name: str) -> Plot:
     Raises:
         LayerlieError: an unknown name; the message lists the registered ones.
     """
-    if name not in _FIGURES:
-        raise LayerlieError(f"unknown figure {name!r}; valid figures: {', '.join(list_figures())}")
-    return _FIGURES[name]
+    return _FIGURES.get(name)
 
 
 def list_figures() -> list[str]:
     """The registered figures' names, sorted."""
-    return sorted(_FIGURES)
+    return _FIGURES.names()
 
 
 def _paper(draw: Callable[..., Figure]) -> Callable[..., Figure]:
@@ -462,7 +461,7 @@ def for_store(tables: Mapping[str, pd.DataFrame], spec: Mapping[str, Any] | None
     if model is not None:
         tables = {k: v[v["model"] == model] if "model" in v else v for k, v in tables.items()}
     out: dict[str, Figure | str] = {}
-    for plot in _FIGURES.values():
+    for _, plot in _FIGURES.items():
         if not plot.in_store:
             continue
         options = {"model": model} if plot.per_model else {}
