@@ -1,7 +1,7 @@
 """Anti-aliased variants: forward cost and end-to-end LEE reduction, measured in one run.
 
-For each model (random init, batch of embedded photos) and each variant of
-``layerlie.antialias.ablation.VARIANTS``:
+For each model (random init, batch of embedded photos) and each registered variant
+(``ll.list_variants()``):
 - the variant's no-grad forward time / the original traced model's;
 - the mean LEE of the original / the variant's, per group (the reduction factor).
 
@@ -17,7 +17,6 @@ import warnings
 import torch
 
 import layerlie as ll
-from layerlie.antialias.ablation import VARIANTS
 from layerlie.model.trace import with_output
 
 from e2e import best_time
@@ -26,7 +25,7 @@ from e2e import best_time
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="resnet18,resnet50,vit_tiny_patch16_224,convnext_atto")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(ll.list_variants()))
     parser.add_argument("--groups", default="translate_x,rotate")
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
@@ -44,7 +43,7 @@ def main() -> None:
         variants = {"original": original}
         for v in args.variants.split(","):
             try:
-                variants[v] = ll.antialias(original, **VARIANTS[v], example=x)
+                variants[v] = ll.antialias(original, **ll.get_variant(v), example=x)
             except ll.LayerlieError as err:
                 print(f"{name:22s} {v:9s} skipped: {err}")
         logits = {v: with_output(gm, "logits")[0] for v, gm in variants.items()}

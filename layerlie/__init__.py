@@ -23,9 +23,12 @@ from layerlie.core.ops import (Op, get_layer_type, get_op, get_rule, list_layer_
                           register_layer_type, register_op, register_rule)
 from layerlie.core.engine import Propagator, propagate
 from layerlie.views.report import report
+from layerlie.views.figures import get_figure, list_figures, register_figure
 from layerlie.results.store import load
-from layerlie.antialias.surgery import NothingToReplace, antialias, get_policy, list_policies, register_policy
+from layerlie.antialias.rewrite import NothingToReplace, antialias
+from layerlie.antialias.policies import get_policy, list_policies, register_policy
 from layerlie.results.sweep import sweep
+from layerlie.results.measures import get_measure, list_measures, register_measure
 from layerlie.core.tangent import IMAGE, Frame, Scheme, get_scheme, list_schemes, register_scheme, tangent
 from layerlie.model.trace import TraceError, trace, with_output
 
@@ -50,6 +53,8 @@ __all__ = [
     "report",
     "NothingToReplace", "antialias", "get_policy", "list_policies", "register_policy",
     "sweep",
+    "get_measure", "list_measures", "register_measure",
+    "get_figure", "list_figures", "register_figure",
     "IMAGE", "Frame", "Scheme", "get_scheme", "list_schemes", "register_scheme", "tangent",
     "TraceError", "trace", "with_output",
 ]
@@ -79,7 +84,7 @@ _MOVED = {
     "propagate": "core.engine",
     "report": "views.report",
     "store": "results.store",
-    "surgery": "antialias.surgery",
+    "surgery": "antialias",
     "sweep": "results.sweep",
     "tangent": "core.tangent",
     "trace": "model.trace",

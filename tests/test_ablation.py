@@ -47,7 +47,7 @@ def test_filtered_variant_moves_the_nonlinearity_contribution():
 def test_ablate_rejects_bad_input():
     model = timm_model("resnet18")
     x = torch.randn(1, 3, 32, 32)
-    with pytest.raises(ll.LayerlieError, match="unknown variant.*valid variants: blurpool, filtered, aps"):
+    with pytest.raises(ll.LayerlieError, match="unknown variant.*valid variants: all, aps, blurpool, both, filtered"):
         ll.ablate(model, x, variants=["sharpen"])
     with pytest.raises(ll.LayerlieError, match="labels must have shape"):
         ll.ablate(model, x, variants=["blurpool"], labels=torch.tensor([1, 2]))
@@ -74,3 +74,14 @@ def test_a_variant_with_nothing_to_replace_is_left_out_with_a_warning():
     assert list(ab.table["variant"]) == ["original", "blurpool"]
     with pytest.raises(ll.LayerlieError, match="no variant applies; filtered: nothing to replace"):
         ll.ablate(linear_cnn, x, variants=["filtered"], groups=["translate_x"])
+
+
+def test_variants_policies_and_figures_are_registries():
+    assert ll.list_variants() == ["all", "aps", "blurpool", "both", "filtered"]
+    assert ll.get_variant("filtered") == dict(blurpool=False, activations="filtered")
+    assert ll.list_policies() == ["aps", "blurpool", "filtered"]
+    with pytest.raises(ll.LayerlieError, match="unknown surgery policy 'sharpen'; valid surgery policies: aps, blurpool"):
+        ll.get_policy("sharpen")
+    assert "top_layers" in ll.list_figures() and ll.get_figure("lee_vs_metrics").tables == ("e2e", "metrics")
+    with pytest.raises(ll.LayerlieError, match="unknown figure 'histogram'; valid figures: ablation, by_type"):
+        ll.get_figure("histogram")

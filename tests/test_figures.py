@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import layerlie as ll
+from layerlie.results import store as st
 from layerlie.views import figures
 from layerlie.cli import main
 
@@ -25,7 +26,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tables(store):
-    return {t: ll.load(store, t) for t in ll.results.store.TABLES}
+    return {t: ll.load(store, t) for t in st.TABLES}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def _saved(fig, tmp_path, name):
 
 
 def test_depth_has_one_line_per_model(store, tables, tmp_path):
-    fig = figures.depth(tables["layers"], spec=ll.results.store.manifest(store)["spec"])
+    fig = figures.depth(tables["layers"], spec=st.manifest(store)["spec"])
     assert len(fig.axes[0].get_lines()) == len(MODELS)
     assert "n=3" in fig.axes[0].get_title() and "random init" in fig.axes[0].get_title()
     _saved(fig, tmp_path, "depth")
@@ -128,3 +129,11 @@ def test_titles_say_the_weights_the_rows_record_and_assume_none(tables):
     assert figures.depth(layers).axes[0].get_title().endswith("\nrandom init (seed 0)")
     unrecorded = figures.depth(layers.drop(columns="weights")).axes[0].get_title()
     assert unrecorded.endswith("\nweights not recorded") and "random init" not in unrecorded
+
+
+def test_for_store_draws_the_registered_store_figures_in_order(tables):
+    drawn = figures.for_store(tables, model="resnet18")
+    store_figures = [name for name in ll.list_figures() if ll.get_figure(name).in_store]
+    assert sorted(drawn) == store_figures and "monitor" not in drawn
+    assert list(drawn)[:3] == ["depth", "by_type", "e2e_groups"]
+    assert drawn["lee_vs_accuracy"].startswith("lee_vs_accuracy: skipped, no accuracy column")

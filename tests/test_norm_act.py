@@ -23,8 +23,8 @@ from timm.layers.norm_act import FrozenBatchNormAct2d, SyncBatchNormAct
 from torch import nn
 
 import layerlie as ll
-from layerlie.model.normact import norm_part
-from layerlie.antialias.surgery import FilteredActivation
+from layerlie.model.normact import get_norm_act, list_norm_acts, norm_part
+from layerlie.antialias.layers import FilteredActivation
 
 # EfficientNet, MobileNet and RegNet; in mobilenetv2_100 and regnetx_002 every norm-act leaf has an activation too.
 FAMILIES = ["efficientnet_b0", "mobilenetv3_small_100", "mobilenetv2_100", "regnetx_002"]

@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 import layerlie as ll
 from layerlie.core import examples, ops
 from layerlie.core.engine import Call, linearize
-from layerlie.antialias.surgery import PolyphaseSample
+from layerlie.antialias.layers import PolyphaseSample
 
 from conftest import TOL, rel
 

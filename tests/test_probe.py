@@ -18,7 +18,7 @@ from torch import nn
 import layerlie as ll
 from layerlie.core import layout, ops, probe
 from layerlie.measure.hooks import guessed_layout, module_layouts
-from layerlie.antialias.surgery import PolyphaseSample
+from layerlie.antialias.layers import PolyphaseSample
 
 
 def _graph(fn: Any, *rest: Any) -> fx.GraphModule:

@@ -15,7 +15,7 @@ from torch import nn
 
 import layerlie as ll
 from layerlie.core.layout import Layout
-from layerlie.antialias.surgery import BlurPool2d, FilteredActivation, PolyphaseSample, Resampled, antialias, binomial
+from layerlie.antialias import BlurPool2d, FilteredActivation, PolyphaseSample, Resampled, antialias, binomial
 
 VIT = ("vit_tiny_patch16_224", (("img_size", 64),))
 VIT_SHALLOW = ("vit_tiny_patch16_224", (("img_size", 64), ("depth", 2)))  # local defects do not need depth

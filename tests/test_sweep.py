@@ -18,7 +18,8 @@ import timm
 import layerlie as ll
 from layerlie.results import store as st
 from layerlie.cli import main
-from layerlie.results.sweep import SpecError, read_spec, tasks
+from layerlie.results.spec import SpecError, read_spec
+from layerlie.results.sweep import tasks
 
 # 3 small models x 2 groups on 32 px images; consistency on crops gives 28 px images, which the
 # ViT (built for 32 px) and convnext_atto (too small for its last downsampling) refuse: real failures
@@ -218,3 +219,14 @@ def test_sigkill_then_resume_loses_nothing(tmp_path, capsys):
     ll.sweep(spec, reference, workers=0, progress=False)
     assert_same_tables(store, reference)  # loads every part: none is corrupt
     assert not [p for p in (store / "parts").iterdir() if p.suffix != ".parquet"]
+
+
+def test_measures_are_a_registry_the_spec_reads():
+    assert ll.list_measures() == sorted(ll.list_measures())
+    layers = ll.get_measure("layers")
+    assert layers.table == "layers" and layers.per_group and "alias" in layers.options
+    assert not ll.get_measure("metrics").per_group
+    with pytest.raises(ll.LayerlieError, match="unknown measure 'lee'; valid measures: ablation, e2e, layers"):
+        ll.get_measure("lee")
+    with pytest.raises(ll.LayerlieError, match="would write table 'nowhere', which a store does not hold"):
+        ll.register_measure("nowhere")

@@ -29,38 +29,51 @@ from layerlie.measure.estimators import Estimator, get_estimator
 from layerlie.model.contract import Output, prepare
 from layerlie.core.layout import infer_layouts
 from layerlie.core.ops import LAYER_TYPES
+from layerlie.core.registry import Registry
 from layerlie.errors import LayerlieError
 from layerlie.core.groups import DEFAULT_GROUPS, resolve_groups
 from layerlie.measure.lie import lee, summarize
-from layerlie.antialias.surgery import NothingToReplace, Where, antialias
+from layerlie.antialias.rewrite import NothingToReplace, Where, antialias
 from layerlie.model.trace import trace, with_output
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "blurpool": dict(blurpool=True),
-    "filtered": dict(blurpool=False, activations="filtered"),
-    "aps": dict(blurpool=False, aps=True),
-    "both": dict(blurpool=True, activations="filtered"),
-    "all": dict(blurpool=True, activations="filtered", aps=True),
-}
-"""The variants :func:`ablate` knows, as :func:`layerlie.antialias` options: ``both`` is BlurPool
-with filtered nonlinearities, ``all`` adds adaptive polyphase sampling after the blur."""
+_VARIANTS: Registry[dict[str, Any]] = Registry("variant")
 
 
 def register_variant(name: str, **options: Any) -> None:
     """Make ``name`` a variant of :func:`ablate`: the model after ``antialias(model, **options)``."""
-    VARIANTS[name] = dict(options)
+    _VARIANTS.add(name, dict(options))
 
 
 def get_variant(name: str) -> dict[str, Any]:
-    """The :func:`layerlie.antialias` options of a variant."""
-    if name not in VARIANTS:
-        raise LayerlieError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
-    return dict(VARIANTS[name])
+    """The :func:`layerlie.antialias` options of a variant.
+
+    Raises:
+        LayerlieError: an unknown name; the message lists the registered ones.
+    """
+    return dict(_VARIANTS.get(name))
 
 
 def list_variants() -> list[str]:
-    """The names :func:`ablate` accepts."""
-    return list(VARIANTS)
+    """The names :func:`ablate` accepts, sorted."""
+    return _VARIANTS.names()
+
+
+register_variant("blurpool", blurpool=True)
+register_variant("filtered", blurpool=False, activations="filtered")
+register_variant("aps", blurpool=False, aps=True)
+register_variant("both", blurpool=True, activations="filtered")  # BlurPool with filtered nonlinearities
+register_variant("all", blurpool=True, activations="filtered", aps=True)  # and APS after the blur
+
+DEFAULT_VARIANTS = ("blurpool", "filtered", "aps", "all")
+"""The variants :func:`ablate` compares unless told otherwise, and so a sweep's and the CLI's."""
+
+
+def __getattr__(name: str) -> Any:
+    if name == "VARIANTS":
+        warnings.warn("layerlie.antialias.ablation.VARIANTS is deprecated; use list_variants(), get_variant(name) "
+                      "and register_variant(name, **options)", DeprecationWarning, stacklevel=2)
+        return dict(_VARIANTS.items())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -105,7 +118,7 @@ class Ablation:
 
 
 def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
-           variants: Iterable[str] = ("blurpool", "filtered", "aps", "all"),
+           variants: Iterable[str] = DEFAULT_VARIANTS,
            groups: str | Iterable[str] = DEFAULT_GROUPS, labels: torch.Tensor | None = None,
            estimator: str | Estimator = "exact", scheme: str = "central", filter_size: int = 3,
            where: Where = None, output: Output = None) -> Ablation:
@@ -129,9 +142,9 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
         An :class:`Ablation`.
     """
     variants = list(variants)
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in _VARIANTS]
     if unknown or not variants:
-        raise LayerlieError(f"unknown variant(s) {unknown or variants}; valid variants: {', '.join(VARIANTS)}")
+        raise LayerlieError(f"unknown variant(s) {unknown or variants}; valid variants: {', '.join(list_variants())}")
     est = get_estimator(estimator)
     model, x, output, _ = prepare(model, x, output)
     chosen = resolve_groups(groups, channels=x.shape[1])

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from layerlie.antialias.ablation import VARIANTS, ablate
+from layerlie.antialias.ablation import DEFAULT_VARIANTS, ablate, list_variants
 from layerlie.measure.aliasing import ALIAS_THRESHOLDS, aliasing, with_aliasing
 from layerlie.measure.attribution import attribute
 from layerlie.measure.estimators import list_estimators
@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES["ablate"], formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
     p.set_defaults(n=2)
-    p.add_argument("--variants", default="blurpool,filtered,aps,all",
-                   help=f"comma-separated, from: {', '.join(VARIANTS)} (default blurpool,filtered,aps,all)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, from: {', '.join(list_variants())} (default %(default)s)")
     p.add_argument("--groups", default=",".join(DEFAULT_GROUPS), help="groups of the end-to-end LEE, the first "
                    "also attributed per layer type (default %(default)s): " + GROUPS_HELP + "see e2e --help")
     p.add_argument("--estimator", default="exact", choices=list_estimators(),

@@ -51,7 +51,7 @@ from layerlie.errors import LayerlieError
 from layerlie.measure.lie import jvp_ready, lee, lie_derivative
 from layerlie.measure.metrics import metrics
 from layerlie.measure.monitor import Monitor
-from layerlie.antialias.surgery import antialias
+from layerlie.antialias.rewrite import antialias
 
 CANVAS = 48
 """Pixels per side of every model input."""

@@ -1,1 +1,9 @@
-"""Results at scale (docs/design.md §1): sweeps over models on Ray, and the parquet store."""
+"""Results at scale (docs/design.md §1): sweep specs, the measures as a registry, sweeps over models
+on Ray, and the parquet store."""
+
+from layerlie.results.measures import Measure, get_measure, list_measures, register_measure
+from layerlie.results.spec import SpecError, read_spec
+from layerlie.results.store import load
+from layerlie.results.sweep import sweep
+
+__all__ = ["Measure", "get_measure", "list_measures", "register_measure", "SpecError", "read_spec", "load", "sweep"]

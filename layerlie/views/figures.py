@@ -2,12 +2,15 @@
 
 Each function takes store tables (DataFrames, as :func:`layerlie.load` returns them) and an
 optional ``ax``, and returns a matplotlib ``Figure`` one paper column wide. Layer types keep
-one colour everywhere (:data:`PALETTE`). :func:`render` writes every figure a store can feed.
+one colour everywhere (:data:`PALETTE`). Each is registered with the tables it reads
+(:func:`register_figure`); :func:`render` writes every figure a store can feed.
 
 Example:
     >>> import layerlie as ll
     >>> from layerlie.views import figures
     >>> fig = figures.depth(ll.load("out/", "layers"))  # doctest: +SKIP
+    >>> ll.get_figure("depth").tables
+    ('layers',)
     >>> figures.render("out/", "figs/")  # doctest: +SKIP
 """
 
@@ -18,6 +21,7 @@ import itertools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from scipy import stats
 from layerlie.results import store as st
 from layerlie.errors import LayerlieError
 from layerlie.core.ops import LAYER_TYPES
+from layerlie.core.registry import Registry
 
 PALETTE: dict[str, str] = dict(zip(LAYER_TYPES, ("#d62728", "#1f77b4", "#7f7f7f", "#8c564b", "#2ca02c",
                                                  "#9467bd", "#ff7f0e", "#bcbd22", "#17becf")))
@@ -60,6 +65,53 @@ _STYLE = {"font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "legend.font
 
 class FigureError(LayerlieError):
     """A table that cannot feed a figure: one line that names the missing table or column."""
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A paper figure: the function that draws it, and the store tables it reads (docs/design.md §4).
+
+    Attributes:
+        name: the registry key, and the file name :func:`render` gives it.
+        draw: the figure function; it takes the tables in order, then keyword options.
+        tables: the tables it takes, by store table name (``accuracy`` is a table of the caller's).
+        per_model: takes ``model=``, the one model to draw.
+        in_store: drawn by :func:`for_store`, and so by :func:`render` and the report.
+    """
+
+    name: str
+    draw: Callable[..., Figure]
+    tables: tuple[str, ...]
+    per_model: bool = False
+    in_store: bool = True
+
+
+_FIGURES: Registry[Plot] = Registry("figure")
+
+
+def register_figure(name: str, *, tables: tuple[str, ...], per_model: bool = False,
+                    in_store: bool = True) -> Callable[[Callable[..., Figure]], Callable[..., Figure]]:
+    """Register a figure function under ``name``, with the tables it takes in order."""
+
+    def deco(draw: Callable[..., Figure]) -> Callable[..., Figure]:
+        _FIGURES.add(name, Plot(name, draw, tuple(tables), per_model, in_store))
+        return draw
+
+    return deco
+
+
+def get_figure(name: str) -> Plot:
+    """The figure registered under ``name``.
+
+    Raises:
+        LayerlieError: an unknown name; the message lists the registered ones.
+    """
+    return _FIGURES.get(name)
+
+
+def list_figures() -> list[str]:
+    """The registered figures' names, sorted."""
+    return _FIGURES.names()
 
 
 def _paper(draw: Callable[..., Figure]) -> Callable[..., Figure]:
@@ -127,6 +179,7 @@ def _magnitude(layers: pd.DataFrame) -> tuple[pd.Series, str]:
     return layers["share"].abs(), "|share| (fraction of ||L F||)"
 
 
+@register_figure("depth", tables=("layers",))
 @_paper
 def depth(layers: pd.DataFrame, *, group: str | None = None, spec: Mapping[str, Any] | None = None,
           ax: Axes | None = None) -> Figure:
@@ -156,6 +209,7 @@ def depth(layers: pd.DataFrame, *, group: str | None = None, spec: Mapping[str, 
     return fig
 
 
+@register_figure("by_type", tables=("layers",))
 @_paper
 def by_type(layers: pd.DataFrame, *, spec: Mapping[str, Any] | None = None, ax: Axes | None = None) -> Figure:
     """Share of the Lie derivative by layer type: one stacked bar per model and group (docs/method.md §3-4).
@@ -183,6 +237,7 @@ def by_type(layers: pd.DataFrame, *, spec: Mapping[str, Any] | None = None, ax: 
     return fig
 
 
+@register_figure("e2e_groups", tables=("e2e",))
 @_paper
 def e2e_groups(e2e: pd.DataFrame, *, spec: Mapping[str, Any] | None = None, ax: Axes | None = None) -> Figure:
     """End-to-end LEE per group across models: each image a dot, each model's mean a marker
@@ -210,6 +265,7 @@ def _mean_lee(e2e: pd.DataFrame, group: str) -> pd.Series:
     return e2e[e2e["group"] == group].groupby("model", sort=False)["lee"].mean()
 
 
+@register_figure("lee_vs_accuracy", tables=("e2e", "accuracy"))
 @_paper
 def lee_vs_accuracy(e2e: pd.DataFrame, accuracy: pd.DataFrame, *, group: str | None = None,
                     spec: Mapping[str, Any] | None = None, ax: Axes | None = None) -> Figure:
@@ -244,6 +300,7 @@ def spearman(x: pd.Series, y: pd.Series) -> tuple[float, float]:
     return float(result.statistic), float(result.pvalue)
 
 
+@register_figure("lee_vs_metrics", tables=("e2e", "metrics"))
 @_paper
 def lee_vs_metrics(e2e: pd.DataFrame, metrics: pd.DataFrame, *, group: str | None = None,
                    spec: Mapping[str, Any] | None = None) -> Figure:
@@ -279,6 +336,7 @@ def lee_vs_metrics(e2e: pd.DataFrame, metrics: pd.DataFrame, *, group: str | Non
     return fig
 
 
+@register_figure("ablation", tables=("ablation",))
 @_paper
 def ablation(table: pd.DataFrame, *, group: str | None = None, spec: Mapping[str, Any] | None = None,
              ax: Axes | None = None) -> Figure:
@@ -312,6 +370,7 @@ def ablation(table: pd.DataFrame, *, group: str | None = None, spec: Mapping[str
     return fig
 
 
+@register_figure("top_layers", tables=("layers",), per_model=True)
 @_paper
 def top_layers(layers: pd.DataFrame, *, model: str | None = None, group: str | None = None, k: int = 15,
                spec: Mapping[str, Any] | None = None, ax: Axes | None = None) -> Figure:
@@ -342,6 +401,7 @@ def top_layers(layers: pd.DataFrame, *, model: str | None = None, group: str | N
     return fig
 
 
+@register_figure("monitor", tables=("monitor",), in_store=False)
 @_paper
 def monitor(table: pd.DataFrame, *, run: str | None = None, ax: Axes | Sequence[Axes] | None = None) -> Figure:
     """Equivariance along training: the e2e LEE per group against the step on a log scale
@@ -395,25 +455,20 @@ def monitor(table: pd.DataFrame, *, run: str | None = None, ax: Axes | Sequence[
 
 def for_store(tables: Mapping[str, pd.DataFrame], spec: Mapping[str, Any] | None = None,
               model: str | None = None) -> dict[str, Figure | str]:
-    """Every figure the tables can feed, by name; a figure whose table is absent is a one-line
-    note instead. ``model`` restricts the figures to one model."""
+    """Every registered figure drawn from a store (``in_store``) that the tables can feed, by
+    name, in the order they were registered; a figure whose table is absent is a one-line note
+    instead. ``model`` restricts the figures to one model."""
     if model is not None:
         tables = {k: v[v["model"] == model] if "model" in v else v for k, v in tables.items()}
-    draws: dict[str, Callable[[], Figure]] = {
-        "depth": lambda: depth(tables["layers"], spec=spec),
-        "by_type": lambda: by_type(tables["layers"], spec=spec),
-        "e2e_groups": lambda: e2e_groups(tables["e2e"], spec=spec),
-        "lee_vs_accuracy": lambda: lee_vs_accuracy(tables["e2e"], tables.get("accuracy"), spec=spec),
-        "lee_vs_metrics": lambda: lee_vs_metrics(tables["e2e"], tables["metrics"], spec=spec),
-        "ablation": lambda: ablation(tables["ablation"], spec=spec),
-        "top_layers": lambda: top_layers(tables["layers"], model=model, spec=spec),
-    }
     out: dict[str, Figure | str] = {}
-    for name, draw in draws.items():
+    for _, plot in _FIGURES.items():
+        if not plot.in_store:
+            continue
+        options = {"model": model} if plot.per_model else {}
         try:
-            out[name] = draw()
+            out[plot.name] = plot.draw(*(tables.get(t) for t in plot.tables), spec=spec, **options)
         except FigureError as err:
-            out[name] = f"{name}: skipped, {err}"
+            out[plot.name] = f"{plot.name}: skipped, {err}"
     return out
 
 

@@ -34,10 +34,9 @@ from torch import nn
 from layerlie.views import figures
 from layerlie.results import store as st
 from layerlie.errors import LayerlieError
-from layerlie.results.sweep import SpecError, read_spec, slug, sweep, tasks
-
-MEASURES = ("e2e", "layers", "metrics", "ablation")
-"""What a report's sweep measures."""
+from layerlie.results.measures import list_measures
+from layerlie.results.spec import SpecError, read_spec
+from layerlie.results.sweep import slug, sweep, tasks
 
 _CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
@@ -89,7 +88,7 @@ def report(model: str | nn.Module, x: torch.Tensor | None = None, path: str | Pa
                  **({"checkpoint": str(checkpoint)} if checkpoint is not None else {})}
     names = [g.strip() for g in groups.split(",")] if isinstance(groups, str) else list(groups)
     spec: dict[str, Any] = dict(models=[entry], groups=names,
-                                measures=list(MEASURES), n=n, seed=seed,
+                                measures=list_measures(), n=n, seed=seed,
                                 layers={"groups": [group], "alias": True},
                                 metrics={"which": ["consistency", "invariance"]},
                                 ablation={"variants": list(variants), "groups": [group]})
@@ -241,3 +240,11 @@ def _layouts(layers: pd.DataFrame) -> str:
             + (_table(unknown[["group", "node", "layer_type", "layout"]]) if len(unknown) else "")
             + (_table(mismatch[["group", "node", "position_mismatch"]]) if len(mismatch) else ""))
     return f"<h2>Unknown layouts and position mismatches (docs/method.md §5)</h2>{body}"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MEASURES":
+        warnings.warn("layerlie.views.report.MEASURES is deprecated; use layerlie.list_measures()", DeprecationWarning,
+                      stacklevel=2)
+        return tuple(list_measures())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
