@@ -286,7 +286,7 @@ def run_task(task: Task, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
     elif task.measure == "layers":
         opts = spec["layers"]
         a = attribute(model, x, task.group, scheme=spec["scheme"], estimator=opts.get("estimator", "exact"),
-                      output=opts.get("output", "softmax"), probes=opts.get("probes", 100), seed=spec["seed"])
+                      output=opts.get("output", "softmax"), samples=opts.get("probes", 100), seed=spec["seed"])
         if opts.get("alias") and a.settings.get("granularity") == "node":
             a = with_aliasing(a, model, x)
         table = a.nodes.assign(group=task.group, estimator=opts.get("estimator", "exact"), check=a.check,
@@ -352,7 +352,7 @@ def _images(model: torch.nn.Module, spec: Mapping[str, Any]) -> Images:
         return Images(given, [f"image{i}" for i in range(len(given))])
     if given is not None:
         return images(given, model, n=spec["n"], size=size)
-    return photo_batch(model, spec["n"], size=size)
+    return photo_batch(model, n=spec["n"], size=size)
 
 
 def _size(size: int | list[int] | None) -> int | tuple[int, int] | None:
