@@ -43,7 +43,7 @@ def main() -> None:
         variants = {"original": original}
         for v in args.variants.split(","):
             try:
-                variants[v] = ll.antialias(original, **ll.get_variant(v), example=x)
+                variants[v] = ll.antialias(original, **ll.get_variant(v), x=x)
             except ll.LayerlieError as err:
                 print(f"{name:22s} {v:9s} skipped: {err}")
         logits = {v: with_output(gm, "logits")[0] for v, gm in variants.items()}

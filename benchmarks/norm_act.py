@@ -49,7 +49,7 @@ def measure(name: str) -> dict[str, object]:
         table = ll.aliasing(model, x)
         row[f"alias nonlinearity rows {size}px"] = int((table["alias_kind"] == "nonlinearity").sum())
     try:
-        new = ll.antialias(model, blurpool=False, activations="filtered", example=x64)
+        new = ll.antialias(model, blurpool=False, activations="filtered", x=x64)
         row["filtered replaced"] = len(new.meta["layerlie.surgery"])
     except ll.LayerlieError:  # NothingToReplace
         row["filtered replaced"] = 0

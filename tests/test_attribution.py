@@ -143,7 +143,7 @@ def test_exact_equals_brute_force_and_shares_and_hutchinson_agree():
     both = exact.nodes.set_index("node")["share"].fillna(0)
     assert (both - shares.nodes.set_index("node")["share"].fillna(0)).abs().max() < 1e-9
 
-    hutch = ll.attribute(gm, x, "rotate", estimator="hutchinson", probes=400)
+    hutch = ll.attribute(gm, x, "rotate", estimator="hutchinson", samples=400)
     h = hutch.nodes.set_index("node")
     for node, value in exact.nodes.set_index("node")["contribution_norm"].items():
         if value > 0:

@@ -140,7 +140,7 @@ def test_custom_groups_from_the_cli_match_the_python_api(capsys, tmp_path):
     means = {g: r["mean"] for g, r in json.loads(out)["groups"].items()}
     assert list(means) == ["translate_x", "tx", "tilt", "tilt_file", "warm"] and means["warm"] > 0
     assert means["tx"] == means["translate_x"] and means["tilt_file"] == means["tilt"]
-    torch.manual_seed(0)  # the CLI's default --seed
+    torch.manual_seed(0)  # the CLI's default --init-seed
     model = ll.load_model("test_resnet")
     api = ll.lee(model, ll.photos(model, n=1), ll.Group.affine("tilt", TILT))["lee"].item()
     assert means["tilt"] > 0

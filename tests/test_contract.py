@@ -187,7 +187,7 @@ def test_filtered_activations_without_example_use_the_models_input_size():
     model = timm_model(name, **dict(kwargs))
     x = small_photo(model, 32)
     implicit = ll.antialias(model, blurpool=False, activations="filtered")
-    explicit = ll.antialias(model, blurpool=False, activations="filtered", example=x)
+    explicit = ll.antialias(model, blurpool=False, activations="filtered", x=x)
     assert implicit.meta["layerlie.surgery"].keys() == explicit.meta["layerlie.surgery"].keys()
     assert len(implicit.meta["layerlie.surgery"]) == 2  # the GELU of each block
     with torch.no_grad():
@@ -195,7 +195,7 @@ def test_filtered_activations_without_example_use_the_models_input_size():
     resnet = ll.antialias(ll.trace(timm_model("resnet18")), blurpool=False, activations="filtered")
     assert len(resnet.meta["layerlie.surgery"]) == 17  # a GraphModule from trace knows the size too
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
-    with pytest.raises(ll.LayerlieError, match=r"^activations='filtered' needs example= .*Sequential does not state "
+    with pytest.raises(ll.LayerlieError, match=r"^activations='filtered' needs x= .*Sequential does not state "
                                                r"its input size$"):
         ll.antialias(plain, activations="filtered")
 
@@ -221,7 +221,7 @@ def wrong_relu_rule():
 
 
 def checks(x: torch.Tensor) -> dict[str, ll.Attribution]:
-    return {e: ll.attribute(conv_relu_net(), x, "rotate", estimator=e, probes=20) for e in ll.list_estimators()}
+    return {e: ll.attribute(conv_relu_net(), x, "rotate", estimator=e, samples=20) for e in ll.list_estimators()}
 
 
 def test_each_estimator_reports_its_own_check():
@@ -248,17 +248,17 @@ def test_no_public_function_changes_the_global_random_state():
     state = torch.get_rng_state()
     ll.lee(model, x, "translate_x")
     for estimator in ll.list_estimators():
-        ll.attribute(gm, x, "translate_x", estimator=estimator, probes=3)
-    ll.attribute(model, x, "translate_x", estimator="hutchinson", probes=3, granularity="module")
+        ll.attribute(gm, x, "translate_x", estimator=estimator, samples=3)
+    ll.attribute(model, x, "translate_x", estimator="hutchinson", samples=3, granularity="module")
     ll.aliasing(gm, x)
-    ll.antialias(model, activations="filtered", aps=True, example=x)
+    ll.antialias(model, activations="filtered", aps=True, x=x)
     ll.ablate(gm, x, variants=["blurpool"], groups=["translate_x"], estimator="shares")
     assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_the_probes_are_seeded():
     x = smooth_image(b=1, h=12, w=12)
-    a, b, c = (ll.attribute(conv_relu_net(), x, "rotate", estimator="hutchinson", probes=5, seed=s).nodes
+    a, b, c = (ll.attribute(conv_relu_net(), x, "rotate", estimator="hutchinson", samples=5, seed=s).nodes
                for s in (0, 0, 1))
     assert a["contribution_norm"].equals(b["contribution_norm"])
     assert not a["contribution_norm"].equals(c["contribution_norm"])

@@ -55,21 +55,21 @@ def images(b: int = 4, side: int = 32, seed: int = 0) -> torch.Tensor:
 def test_circular_stride_one_cnn_is_consistent_and_at_the_cap():
     model = ConvNet("circular").eval()
     x = images(8)
-    assert ll.consistency(model, x, max_shift=8, pairs=4).tolist() == [1.0] * 8
-    assert ll.eq_t(model, x, node="features", draws=3).tolist() == [PSNR_CAP] * 8
+    assert ll.consistency(model, x, max_shift=8, samples=4).tolist() == [1.0] * 8
+    assert ll.eq_t(model, x, node="features", samples=3).tolist() == [PSNR_CAP] * 8
     # the same net with zero padding is not equivariant at its border: a finite EQ-T
     assert ll.eq_t(ConvNet("zeros").eval(), x, node="features").max() < 60
     # a ReLU aliases under sub-pixel shifts: finite EQ-T_frac; without it the net is linear and
     # commutes with the band-limited shift
     assert ll.eq_t_frac(model, x, node="features").max() < 40
     linear = ConvNet("circular", relu=False).eval()
-    assert ll.eq_t_frac(linear, x, node="features", draws=3).tolist() == [PSNR_CAP] * 8
+    assert ll.eq_t_frac(linear, x, node="features", samples=3).tolist() == [PSNR_CAP] * 8
 
 
 def test_identity_model_is_at_the_cap():
     x = images()
     for metric in (ll.eq_t, ll.eq_t_frac, ll.eq_r):
-        assert metric(nn.Identity().eval(), x, draws=2).tolist() == [PSNR_CAP] * 4, metric.__name__
+        assert metric(nn.Identity().eval(), x, samples=2).tolist() == [PSNR_CAP] * 4, metric.__name__
 
 
 def test_added_pattern_gives_the_hand_computed_psnr():
@@ -100,7 +100,7 @@ def test_invariance_of_a_one_pixel_translation():
     # translate_x by one pixel (2 / (W - 1) in align_corners coordinates) of a constant image
     # zeroes one column of W: the mean squared change of the identity is 1 / W.
     x = torch.ones(2, 3, 16, 16)
-    value = ll.invariance(nn.Identity().eval(), x, "translate_x", 2 / 15, softmax=False, draws=3)
+    value = ll.invariance(nn.Identity().eval(), x, "translate_x", 2 / 15, softmax=False, samples=3)
     assert value == pytest.approx([1 / 16] * 2, rel=1e-5)
     constant = ll.invariance(lambda z: torch.zeros(z.shape[0], 5), x, "rotate", 0.3)
     assert constant.tolist() == [0.0, 0.0]
@@ -124,9 +124,9 @@ def test_blurpool_raises_consistency_and_eq_t_on_a_strided_cnn():
     torch.manual_seed(0)
     x = images(32)
     model = balanced(ConvNet("circular", stride=2, classes=2).eval(), x)
-    blurred = balanced(ll.antialias(model, example=x), x)
-    before = ll.consistency(model, x, max_shift=7, pairs=8).mean()
-    after = ll.consistency(blurred, x, max_shift=7, pairs=8).mean()
+    blurred = balanced(ll.antialias(model, x=x), x)
+    before = ll.consistency(model, x, max_shift=7, samples=8).mean()
+    after = ll.consistency(blurred, x, max_shift=7, samples=8).mean()
     assert before < 0.75 and after > before + 0.15, (before, after)
     eq_before = ll.eq_t(model, x, node="features").mean()
     eq_after = ll.eq_t(blurred, x, node="features").mean()
@@ -161,8 +161,8 @@ def test_batch_size_does_not_change_the_values():
     model = ConvNet("zeros", stride=2).eval()
     x = images(5)
     for metric in (ll.eq_t, ll.eq_r):
-        whole = metric(model, x, node="features", draws=2)
-        assert torch.allclose(metric(model, x, node="features", draws=2, batch_size=2), whole, rtol=1e-5)
+        whole = metric(model, x, node="features", samples=2)
+        assert torch.allclose(metric(model, x, node="features", samples=2, batch_size=2), whole, rtol=1e-5)
 
 
 def test_metric_errors_are_one_line():
@@ -210,7 +210,7 @@ def test_grid_nhwc_and_token_maps_give_the_same_values():
     x = images(3)
     model = Layouts("zeros", stride=2).eval()
     for metric in (ll.eq_t, ll.eq_t_frac, ll.eq_r):
-        nchw, nhwc, tokens = (metric(model, x, node=n, draws=2) for n in MAPS)
+        nchw, nhwc, tokens = (metric(model, x, node=n, samples=2) for n in MAPS)
         assert torch.equal(nhwc, nchw) and torch.equal(tokens, nchw), metric.__name__
         assert (nchw < 60).all(), metric.__name__  # zero padding and stride 2: finite values compared
     # the last feature map of the classifier is its tokens
@@ -221,7 +221,7 @@ def test_a_circular_map_is_at_the_cap_on_every_layout():
     x = images(2)
     model = Layouts("circular").eval()
     for n in MAPS:
-        assert ll.eq_t(model, x, node=n, draws=3).tolist() == [PSNR_CAP] * 2, n
+        assert ll.eq_t(model, x, node=n, samples=3).tolist() == [PSNR_CAP] * 2, n
     # a 1 x 1 conv of stride 2 commutes with even shifts: 2 input pixels are 1 sample of its map
     strided = Layouts(stride=2, kernel=1).eval()
     for n in MAPS:

@@ -236,12 +236,12 @@ def test_cli_untraceable_model_is_a_one_line_note(capsys):
 
 def test_photos_take_a_size_square_or_not():
     model = timm_model("resnet18")
-    assert ll.photos(model, 2, size=40).shape == (2, 3, 40, 40)
-    assert ll.photo_batch(model, 1, size=(32, 48)).x.shape == (1, 3, 32, 48)
+    assert ll.photos(model, n=2, size=40).shape == (2, 3, 40, 40)
+    assert ll.photo_batch(model, n=1, size=(32, 48)).x.shape == (1, 3, 32, 48)
     assert ll.images(ll.model.data.photo_paths()[0].parent, model, n=1, size=24).x.shape == (1, 3, 24, 24)
     for bad in (0, (32,), (32, 0), 2.5):
         with pytest.raises(ll.LayerlieError, match="size must be a positive integer or \\(height, width\\)"):
-            ll.photos(model, 1, size=bad)
+            ll.photos(model, n=1, size=bad)
 
 
 def test_a_plain_module_gets_224_and_timms_default_normalisation():
@@ -257,8 +257,8 @@ def test_channels_follow_the_first_layer_and_one_channel_is_luminance():
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     gray, rgb = ll.load_model("usernets:gray"), ll.load_model("usernets:tiny")
-    x1, x3 = ll.photos(gray, 2, size=32), ll.photos(rgb, 2, size=32)
-    assert x1.shape == (2, 1, 32, 32) and ll.photos(gray, 1, size=32, channels=3).shape == (1, 3, 32, 32)
+    x1, x3 = ll.photos(gray, n=2, size=32), ll.photos(rgb, n=2, size=32)
+    assert x1.shape == (2, 1, 32, 32) and ll.photos(gray, n=1, size=32, channels=3).shape == (1, 3, 32, 32)
     assert ll.photos(ll.load_model("resnet10t", in_chans=1), 1, size=32).shape == (1, 1, 32, 32)
     mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None], torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
     pixels = x3 * std + mean  # back to [0, 1]
@@ -269,7 +269,7 @@ def test_channels_follow_the_first_layer_and_one_channel_is_luminance():
     assert table["lee"].gt(0).all()
     with pytest.raises(ll.LayerlieError, match="1 \\(luminance\\) or 3 \\(RGB\\) channels, not the 4 that Conv2d "
                                                "takes; pass a tensor of your own images"):
-        ll.photos(torch.nn.Conv2d(4, 2, 3), 1)
+        ll.photos(torch.nn.Conv2d(4, 2, 3), n=1)
 
 
 @pytest.mark.parametrize("command", ["e2e", "layers", "aliasing", "ablate", "report"])

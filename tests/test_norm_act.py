@@ -192,7 +192,7 @@ def test_aliasing_lists_the_activations(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_filtered_substitute_replaces_the_activations(name):
     model = raw(name)
-    new = ll.antialias(model, blurpool=False, activations="filtered", example=image(64))
+    new = ll.antialias(model, blurpool=False, activations="filtered", x=image(64))
     replaced = set(new.meta["layerlie.surgery"])
     if name in ONLY_NORM_ACT:
         assert replaced == act_nodes(model)
@@ -223,7 +223,7 @@ def test_antialias_of_a_traced_model_leaves_it_alone():
     x = image(64)
     gm = ll.trace(model)
     before = gm(x)
-    new = ll.antialias(gm, blurpool=False, activations="filtered", example=x)
+    new = ll.antialias(gm, blurpool=False, activations="filtered", x=x)
     assert isinstance(new.get_submodule("bn1.act"), FilteredActivation)
     assert all(not isinstance(m, FilteredActivation) for m in gm.modules())
     assert torch.equal(gm(x), before)

@@ -109,7 +109,7 @@ def test_report_on_a_callable_says_callable_everywhere(drawn, tmp_path):
 def test_report_on_a_module_says_it_was_given_and_takes_images(drawn, tmp_path):
     torch.manual_seed(0)
     model = Tiny()
-    x = ll.photos(model, 2, size=32)
+    x = ll.photos(model, n=2, size=32)
     out = ll.report(model, x, path=tmp_path / "r.html", groups="translate_x")
     text = text_of(out)
     assert "layerlie report: Tiny" in text and "module Tiny (given)" in text

@@ -33,7 +33,7 @@ def images(spec: str | tuple) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def surgery(spec: str | tuple, **kwargs: object) -> fx.GraphModule:
-    return antialias(model(spec), example=images(spec), **kwargs)
+    return antialias(model(spec), x=images(spec), **kwargs)
 
 
 @functools.lru_cache(maxsize=8)
@@ -156,7 +156,7 @@ def test_filtered_nonlinearities_lower_their_local_defects(spec):
 def test_aps_makes_a_circular_cnn_exactly_shift_invariant(blurpool):
     net = circular_cnn()
     x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
-    new = antialias(net, aps=True, blurpool=blurpool, example=x)
+    new = antialias(net, aps=True, blurpool=blurpool, x=x)
     stages = ("_0", "_0_blur", "_0_aps") if blurpool else ("_0", "_0_aps")
     assert new.meta["layerlie.surgery"]["_0"].nodes == stages
     with torch.no_grad():
@@ -243,7 +243,7 @@ def test_reapplying_replaces_nothing_new_and_records_accumulate():
         antialias(once)
     with pytest.raises(ll.LayerlieError, match=r"nothing to replace in VisionTransformer"):
         antialias(surgery(VIT_SHALLOW, blurpool=True))  # the patch embedding is blurred already
-    both = antialias(once, blurpool=False, activations="filtered", example=x)
+    both = antialias(once, blurpool=False, activations="filtered", x=x)
     first, second = once.meta["layerlie.surgery"], both.meta["layerlie.surgery"]
     added = set(second) - set(first)
     assert set(first) < set(second) and len(added) == 17
@@ -263,8 +263,8 @@ def test_bad_options_are_one_line_errors():
         with pytest.raises(ll.LayerlieError, match="filter_size must be an integer from 1 to 7"):
             antialias(m, filter_size=bad)
     with pytest.raises(ll.LayerlieError, match="needs filter_size >= 2"):
-        antialias(m, activations="filtered", filter_size=1, example=x)
-    with pytest.raises(ll.LayerlieError, match=r"activations='filtered' needs example="):
+        antialias(m, activations="filtered", filter_size=1, x=x)
+    with pytest.raises(ll.LayerlieError, match=r"activations='filtered' needs x="):
         antialias(nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU()), activations="filtered")  # no input size
     with pytest.raises(ll.LayerlieError, match="nothing to do"):
         antialias(m, blurpool=False)
@@ -278,7 +278,7 @@ def test_a_model_with_nothing_to_replace_says_so():
     flat = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(ll.LayerlieError, match=r"nothing to replace in Sequential: looked for strided convolutions "
                                                r"and pools \(blurpool\) and pointwise nonlinearities"):
-        antialias(flat.eval(), activations="filtered", example=torch.randn(1, 3, 8, 8))
+        antialias(flat.eval(), activations="filtered", x=torch.randn(1, 3, 8, 8))
 
 
 def test_a_filter_larger_than_a_tensor_can_take_names_the_node_and_the_fix():
@@ -286,8 +286,8 @@ def test_a_filter_larger_than_a_tensor_can_take_names_the_node_and_the_fix():
                                                r"feature maps of at least 3 x 3, got a side of 2; use a smaller "
                                                r"filter_size"):
         antialias(model("resnet18"), blurpool=False, activations="filtered", filter_size=7,
-                  example=images("resnet18"))
+                  x=images("resnet18"))
     reflect = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="reflect"),
                             nn.Conv2d(4, 4, 3, stride=2, padding=1, padding_mode="reflect"), nn.Flatten())
     with pytest.raises(ll.LayerlieError, match=r"node _1_blur: BlurPool2d\(filter_size=7, reflect\) needs .* 4 x 4"):
-        antialias(reflect.eval(), filter_size=7, example=torch.randn(1, 3, 6, 6))
+        antialias(reflect.eval(), filter_size=7, x=torch.randn(1, 3, 6, 6))

@@ -470,7 +470,7 @@ def test_shares_and_hutchinson(name):
     shares = ll.attribute(model, x, "rotate", estimator="shares")
     assert shares.residual <= TOL[torch.float32]
     assert shares.by_type().loc["attention", "share"] != 0
-    h = ll.attribute(model, x, "rotate", estimator="hutchinson", probes=8, seed=0)
+    h = ll.attribute(model, x, "rotate", estimator="hutchinson", samples=8, seed=0)
     assert h.residual != h.residual  # not checkable: NaN, never 0
     assert torch.isfinite(torch.tensor(h.nodes["contribution_norm"].values)).all()
     assert h.by_type().loc["attention", "contribution_norm"] > 0
@@ -479,7 +479,7 @@ def test_shares_and_hutchinson(name):
 @pytest.mark.slow
 def test_antialias_then_lee_and_ablate_on_torchvision_vit():
     model, x = build("torchvision_vit"), images()
-    smooth = ll.antialias(model, blurpool=True, example=x)
+    smooth = ll.antialias(model, blurpool=True, x=x)
     assert rel(torch.tensor(ll.lee(smooth, x, GROUPS, method="double_backward")["lee"].values),
                torch.tensor(ll.lee(smooth, x, GROUPS)["lee"].values)) < TOL[torch.float32]
     ab = ll.ablate(model, x, variants=["blurpool", "filtered"])
@@ -494,7 +494,7 @@ def test_the_caller_model_is_unchanged(name):
     types = [type(m) for m in model.modules()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     ll.attribute(model, x, "rotate")
-    ll.antialias(model, blurpool=True, example=x)
+    ll.antialias(model, blurpool=True, x=x)
     assert [type(m) for m in model.modules()] == types
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 

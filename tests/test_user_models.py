@@ -230,14 +230,14 @@ def check_aliasing(model: nn.Module, twin: nn.Module, x: torch.Tensor, case: Cas
 
 def check_antialias_then_lee(model: nn.Module, twin: nn.Module, x: torch.Tensor, case: Case) -> float:
     before = snapshot(model)
-    with pytest.raises(ll.LayerlieError, match=r"^activations='filtered' needs example= .*x\[:1\]\): Net does not "
+    with pytest.raises(ll.LayerlieError, match=r"^activations='filtered' needs x= .*images\[:1\]\): Net does not "
                                                r"state its input size$"):
         ll.antialias(model, activations="filtered")
     with notes(*[n for n in case.notes if n != TRAINING]):  # a new model in eval mode, as from trace
-        variant = ll.antialias(model, activations="filtered", example=x)
+        variant = ll.antialias(model, activations="filtered", x=x)
     assert_unchanged(before, model)
     with notes(CAST, all_of=False):
-        want = ll.antialias(twin, activations="filtered", example=x)
+        want = ll.antialias(twin, activations="filtered", x=x)
         got, ref = (ll.lee(m, x, "translate_x")["lee"].values for m in (variant, want))
     assert sorted(variant.meta["layerlie.surgery"]) == ["act1", "act2", "conv2"]  # ReLUs filtered, conv blurred
     return rel(torch.tensor(got), torch.tensor(ref))

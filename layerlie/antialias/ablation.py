@@ -158,7 +158,7 @@ def ablate(model: nn.Module | fx.GraphModule, x: torch.Tensor, *,
     skipped = []
     for v in variants:
         try:
-            models[v] = antialias(original, **get_variant(v), filter_size=filter_size, where=where, example=x)
+            models[v] = antialias(original, **get_variant(v), filter_size=filter_size, where=where, x=x)
         except NothingToReplace as err:
             skipped.append(f"{v}: {err}")
     if skipped and len(models) == 1:

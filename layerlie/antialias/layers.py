@@ -230,7 +230,7 @@ class FilteredActivation(nn.Module):
         d, p, (h, w) = self.token_dim + lead, self.prefix, self.hw
         if x.shape[d] != p + h * w:
             raise LayerlieError(f"FilteredActivation was built for {p} prefix tokens and a {h} x {w} grid "
-                                f"({p + h * w} tokens), got {x.shape[d]}; rerun antialias with an example "
+                                f"({p + h * w} tokens), got {x.shape[d]}; rerun antialias with x= "
                                 "of this input size")
         grid = x.narrow(d, p, h * w).unflatten(d, (h, w)).movedim((d, d + 1), (-2, -1))
         return grid, x.narrow(d, 0, p)

@@ -30,7 +30,7 @@ from layerlie.core.registry import Registry
 @dataclass(frozen=True)
 class Options:
     """What a policy needs besides the node: filter size, whether samplers blur, and the layouts
-    of an example pass (None without ``example``)."""
+    of an example pass (None without ``x``)."""
 
     filter_size: int = 3
     blur: bool = True
@@ -49,7 +49,7 @@ class Policy:
         looks_for: what it replaces, for messages.
         substitute: ``(gm, node, options) -> nn.Module | None``.
         activation: selected by ``activations=``, not by a flag.
-        needs_layouts: needs an ``example`` pass.
+        needs_layouts: needs an example pass (``x=``, or the model's input size).
     """
 
     name: str

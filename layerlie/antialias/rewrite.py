@@ -43,6 +43,7 @@ from layerlie.core.layout import Layout, LayoutProp
 from layerlie.core.ops import LAYER_TYPES, layer_type
 from layerlie.errors import LayerlieError
 from layerlie.model.contract import Output, eval_copy, prepare
+from layerlie.deprecation import renamed
 from layerlie.model.loading import input_channels
 from layerlie.model.trace import input_size, trace
 
@@ -63,9 +64,10 @@ class Replacement(NamedTuple):
     nodes: tuple[str, ...]
 
 
+@renamed(example="x")
 def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activations: str | None = None,
               aps: bool = False, filter_size: int = 3, where: Where = None,
-              example: torch.Tensor | None = None, output: Output = None) -> fx.GraphModule:
+              x: torch.Tensor | None = None, output: Output = None) -> fx.GraphModule:
     """A copy of ``model`` with anti-aliased substitutes, the weights kept (docs/method.md §6).
 
     Args:
@@ -75,7 +77,7 @@ def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activ
         blurpool: blur before every strided subsampling (Zhang 2019); with ``aps``, a blur at
             stride 1 before the polyphase sampling.
         activations: ``"filtered"``: pointwise nonlinearities on grids and token maps run at twice
-            the resolution between low-pass filters (Karras et al. 2021); needs an ``example``,
+            the resolution between low-pass filters (Karras et al. 2021); needs ``x``,
             or a model that states its input size (a timm model, or a GraphModule traced from one).
         aps: adaptive polyphase sampling in every strided convolution and pool.
         filter_size: binomial taps per axis, 1 to 7 (1: no blur; filtered nonlinearities need 2).
@@ -84,7 +86,7 @@ def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activ
             names and layer types (e.g. ``"layer2_*"``, ``"nonlinearity"``,
             ``"strided/downsampling"``), or a ``range``/``slice`` of node depths (positions in
             ``gm.graph.nodes``, the ``depth`` column of :func:`layerlie.attribute`).
-        example: an input batch ``(B, C, H, W)``: gives the layouts, and checks that the new
+        x: an input batch ``(B, C, H, W)``: gives the layouts, and checks that the new
             model runs on it and that every replaced node keeps its output shape. Without it,
             ``activations`` uses a zero image of the model's input size (timm's data config) and
             channels (:func:`layerlie.model.loading.input_channels`); a model that states no size needs it.
@@ -109,14 +111,14 @@ def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activ
     """
     policies = _policies(blurpool, activations, aps)
     _check_filter_size(filter_size, activations)
-    if example is None and any(p.needs_layouts for p in policies):
-        example = _default_example(model, activations)
+    if x is None and any(p.needs_layouts for p in policies):
+        x = _default_example(model, activations)
     model = eval_copy(model, quiet=True)  # the result is a new model in eval mode
-    if example is not None:
-        model, example, output, _ = prepare(model, example, output)
-    work = _working_copy(model, example, output)
+    if x is not None:
+        model, x, output, _ = prepare(model, x, output)
+    work = _working_copy(model, x, output)
     select = _selector(work, where)
-    layouts, shapes = _example_pass(work, example) if example is not None else (None, None)
+    layouts, shapes = _example_pass(work, x) if x is not None else (None, None)
     options = Options(filter_size, blurpool, layouts)
     subs: dict[fx.Node, nn.Module] = {}
     for depth, node in enumerate(work.graph.nodes):
@@ -133,7 +135,7 @@ def antialias(model: nn.Module | fx.GraphModule, *, blurpool: bool = True, activ
                             f"{' and '.join(p.looks_for for p in policies)}{scope}")
     record = _rewrite(work, subs)
     if shapes is not None:
-        _check_shapes(work, example, shapes, record)
+        _check_shapes(work, x, shapes, record)
     return work
 
 
@@ -142,8 +144,8 @@ def _default_example(model: nn.Module, activations: str | None) -> torch.Tensor:
     the shapes."""
     size = input_size(model)
     if size is None:
-        raise LayerlieError(f"activations={activations!r} needs example= (an input batch (B, C, H, W), e.g. "
-                            f"example=x[:1]): {type(model).__name__} does not state its input size")
+        raise LayerlieError(f"activations={activations!r} needs x= (an input batch (B, C, H, W), e.g. "
+                            f"x=images[:1]): {type(model).__name__} does not state its input size")
     like = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
     return torch.zeros(1, input_channels(model) or size[0], *size[1:], dtype=like.dtype if like is not None else None,
                        device=like.device if like is not None else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import fnmatch
+import functools
 import json
 import math
 import sys
@@ -38,7 +39,7 @@ EXAMPLES = {
     "models": "examples:\n  layerlie models 'resnet*'\n  layerlie models vit_tiny* --json",
     "layers": ("examples:\n  layerlie layers resnet18 --group translate_x\n"
                "  layerlie layers vit_tiny_patch16_224 --group rotate --estimator shares --n 2 --plot vit.png\n"
-               "  layerlie layers resnet50 --group scale --estimator hutchinson --probes 200 --out layers.parquet"),
+               "  layerlie layers resnet50 --group scale --estimator hutchinson --samples 200 --out layers.parquet"),
     "aliasing": ("examples:\n  layerlie aliasing resnet18\n"
                  "  layerlie aliasing vit_tiny_patch16_224 --n 2 --all --out alias.csv"),
     "ablate": ("examples:\n  layerlie ablate resnet18\n"
@@ -100,11 +101,31 @@ class ArgumentParser(argparse.ArgumentParser):
     def unexpected(self, token: str) -> str:
         """The error for an argument the parser does not know, with the closest option."""
         if token.startswith("-"):
-            flags = [f for a in self._actions for f in a.option_strings]
+            flags = [f for a in self._actions if a.help != argparse.SUPPRESS for f in a.option_strings]
             close = difflib.get_close_matches(token.split("=")[0], flags, n=1)
             return f"unknown option {token!r}; " + (f"did you mean {close[0]}?" if close else "leave it out")
         words = " ".join(self._metavar(a) for a in self._actions if not a.option_strings)
         return f"unexpected argument {token!r}: {self.prog} takes {words} and options; write lists comma-separated"
+
+
+class _Renamed(argparse.Action):
+    """A flag's old spelling, kept for one release and hidden from ``--help``: it sets the new
+    flag's value and prints a one-line note naming the new one."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(f"layerlie: note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_renamed(p: argparse.ArgumentParser, old: str, new: str, **kwargs: object) -> None:
+    """The flag ``new``, and ``old`` as its deprecated spelling (:class:`_Renamed`)."""
+    action = p.add_argument(new, **kwargs)
+    p.add_argument(old, dest=action.dest, type=action.type, action=functools.partial(_Renamed, new=new))
 
 
 def _positive(text: str) -> int:
@@ -140,7 +161,7 @@ def _add_model_args(p: argparse.ArgumentParser, heads: bool = False) -> None:
     p.add_argument("--float64", action="store_true", help="compute in double precision")
     p.add_argument("--images", help="folder of images (labels from subfolders); default: embedded photos")
     p.add_argument("--n", type=_positive, default=8, help="number of images (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random-init weights (default 0)")
+    _add_renamed(p, "--seed", "--init-seed", type=int, default=0, help="seed for random-init weights (default 0)")
     p.add_argument("--output", type=_output, default=None,
                    help="the tensor to measure of a tuple, dict or .logits output: an index or a key (default: the "
                         "first tensor of a tuple, else logits)" + ("; also softmax (default), logits of that tensor, "
@@ -173,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", default="all", help=GROUPS_HELP + ", ".join(list_groups(compat=True)))
     p.add_argument("--scheme", default="central", choices=list_schemes())
     p.add_argument("--method", default="jvp", choices=METHODS)
-    p.add_argument("--batch", type=_positive, default=4, help="images per pass (default 4)")
+    _add_renamed(p, "--batch", "--batch-size", type=_positive, default=4, help="images per pass (default 4)")
     _add_output_args(p)
 
     p = sub.add_parser("layers", help="attribute the Lie derivative to the graph's nodes",
@@ -185,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator", default="exact", choices=list_estimators(),
                    help="exact contributions, signed shares, or Hutchinson norms (default exact)")
     p.add_argument("--scheme", default="central", choices=list_schemes())
-    p.add_argument("--probes", type=_positive, default=100, help="Hutchinson probes (default 100)")
+    _add_renamed(p, "--probes", "--samples", type=_positive, default=100, help="Hutchinson probes (default 100)")
     p.add_argument("--top", type=_positive, default=15, help="rows of the top-layers table")
     p.add_argument("--plot", help="write the contribution figure to this PNG/PDF")
     _add_output_args(p)
@@ -260,13 +281,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _model_and_images(args: argparse.Namespace) -> tuple[Prepared, Images]:
     """The model and images under the model contract: a model built for other inputs, or an output
     with no tensor to select, fails here in one line, rather than deep in a pass."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.init_seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float64 if args.float64 else None
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                        device=device, dtype=dtype, size=args.size)
     batch = (images(args.images, model, n=args.n, size=args.size) if args.images
-             else photo_batch(model, args.n, size=args.size))
+             else photo_batch(model, n=args.n, size=args.size))
     try:
         prepared = prepare(model, batch.x, args.output, heads=args.command == "layers")
     except ImagesError as err:
@@ -333,7 +354,7 @@ def cmd_e2e(args: argparse.Namespace) -> int:
     with progress_bar() as bar:
         task = bar.add_task(f"{args.model}: {len(groups)} groups", total=len(batch.x))
         table = lee(prepared.model, batch.x, groups, output=prepared.output, scheme=args.scheme, method=args.method,
-                    names=batch.names, batch_size=args.batch, progress=lambda k: bar.advance(task, k))
+                    names=batch.names, batch_size=args.batch_size, progress=lambda k: bar.advance(task, k))
     table.insert(0, "model", args.model)
     table["scheme"] = args.scheme
     if out is not None:
@@ -370,7 +391,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         except TraceError:  # attribute falls back to forward hooks and says why
             target, output = prepared.model, args.output or "softmax"
         result = attribute(target, batch.x, g, estimator=args.estimator, scheme=args.scheme, output=output,
-                           probes=args.probes)
+                           samples=args.samples)
         if result.settings["granularity"] == "node":
             result = with_aliasing(result, target, batch.x)
     table = result.nodes.assign(model=args.model, group=g.name, scheme=args.scheme, estimator=args.estimator)
@@ -579,7 +600,7 @@ def _add_view_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", help="render from this store when it holds the model; else sweep into it")
     p.add_argument("--images", help="folder of images; default: embedded photos")
     p.add_argument("--n", type=_positive, default=2, help="number of images (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random-init weights (default 0)")
+    _add_renamed(p, "--seed", "--init-seed", type=int, default=0, help="seed for random-init weights (default 0)")
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
@@ -606,7 +627,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         out = report(args.model, path=args.out, groups=args.groups, group=args.group or "translate_x",
                      checkpoint=args.checkpoint, pretrained=args.pretrained, n=args.n, size=args.size,
-                     seed=args.seed, images=args.images, store=args.store)
+                     init_seed=args.init_seed, images=args.images, store=args.store)
     console.print(f"wrote {out}", highlight=False, soft_wrap=True)
     return 0
 

@@ -184,7 +184,7 @@ def _resnet(in_chans: int, num_classes: int) -> nn.Module:
 def _resnet_blurpool(in_chans: int, num_classes: int) -> nn.Module:
     # anti-aliased before training, so that training learns around the blur; the first stem
     # convolution keeps its stride, as in Zhang's anti-aliased ResNets (and at a quarter the cost)
-    return antialias(_resnet(in_chans, num_classes), example=torch.zeros(1, in_chans, CANVAS, CANVAS),
+    return antialias(_resnet(in_chans, num_classes), x=torch.zeros(1, in_chans, CANVAS, CANVAS),
                      where=lambda node: node.name != "conv1_0")
 
 

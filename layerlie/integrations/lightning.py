@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from layerlie.core.groups import DEFAULT_GROUPS, Group
+from layerlie.deprecation import renamed
 from layerlie.measure.lie import check_images
 from layerlie.measure.monitor import Metrics, Monitor, MonitorError
 
@@ -32,7 +33,7 @@ class LieMonitor(pl.Callback):
     """Measure a LightningModule's equivariance on a probe batch along its fit (docs/method.md §2, 4, 7).
 
     Args:
-        x_probe: the probe images ``(B, C, H, W)``, normalized as the model expects, on any
+        x: the probe images ``(B, C, H, W)``, normalized as the model expects, on any
             device and in any floating dtype: a copy goes to the module's at fit start.
         groups, every, layers, metrics, scheme, store, run: as for :class:`layerlie.Monitor`;
             the step is the trainer's ``global_step``.
@@ -44,12 +45,13 @@ class LieMonitor(pl.Callback):
             ``callback.monitor.table()`` after ``trainer.fit``.
     """
 
-    def __init__(self, x_probe: torch.Tensor, groups: str | Group | Iterable[str | Group] = DEFAULT_GROUPS,
+    @renamed(x_probe="x")
+    def __init__(self, x: torch.Tensor, groups: str | Group | Iterable[str | Group] = DEFAULT_GROUPS,
                  *, every: int = 50, layers: bool = False, metrics: Metrics = False, scheme: str = "central",
                  store: str | Path | None = None, run: str | None = None, submodule: str | None = None) -> None:
         super().__init__()
-        check_images(x_probe)
-        self.x_probe = x_probe.detach().clone()
+        check_images(x)
+        self.x = x.detach().clone()
         self.groups, self.submodule = groups, submodule
         self.options = dict(every=every, layers=layers, metrics=metrics, scheme=scheme, store=store, run=run)
         self.monitor: Monitor | None = None
@@ -59,7 +61,7 @@ class LieMonitor(pl.Callback):
         net = self._network(pl_module)
         param = next(iter(net.parameters()), None)
         device, dtype = (param.device, param.dtype) if param is not None else (pl_module.device, pl_module.dtype)
-        self.monitor = Monitor(net, self.x_probe.to(device=device, dtype=dtype), self.groups, **self.options)
+        self.monitor = Monitor(net, self.x.to(device=device, dtype=dtype), self.groups, **self.options)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object,
                              batch_idx: int) -> None:

@@ -37,6 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from layerlie.model.contract import Output, prepare, select
+from layerlie.deprecation import renamed
 from layerlie.errors import LayerlieError, note
 from layerlie.core.groups import Group, group as get_group
 from layerlie.core.layout import NONE, Coords, Layout, LayoutProp, layout_tangent
@@ -329,9 +330,10 @@ def _propagate_sources(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Nod
     return padded(tan, len(sources), out)
 
 
+@renamed(probes="samples")
 def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group | str, *,
               estimator: str | Estimator = "exact", scheme: str = "central", output: str | int = "softmax",
-              probes: int = 100, seed: int = 0, coords: Coords = "receptive_field",
+              samples: int = 100, seed: int = 0, coords: Coords = "receptive_field",
               memory_budget: float | None = None, granularity: Literal["node", "module"] = "node") -> Attribution:
     """Attribute the Lie derivative of ``model`` at ``x`` to the nodes of its graph (docs/method.md §3-4).
 
@@ -348,7 +350,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         output: ``"softmax"`` (published) or ``"logits"`` of the tensor the output rule selects,
             a node name (features), or an index, key or attribute of a tuple, dict or object
             output, which selects a tensor measured as it is.
-        probes: Hutchinson probes.
+        samples: Hutchinson probes.
         seed: seeds the random probes (Hutchinson, and the reach test of the exact estimator)
             on a generator of their own; the global random state is left alone.
         coords: ``"receptive_field"`` sample positions (docs/method.md §5) or the ``"published"``
@@ -372,7 +374,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         raise LayerlieError(f"group {g.name!r} is a compatibility map, not a group; attribution needs a group")
     if granularity not in ("node", "module"):
         raise LayerlieError(f"unknown granularity {granularity!r}; use 'node' or 'module'")
-    options = _Options(g, est, scheme, head, probes, seed, coords, memory_budget, pick)
+    options = _Options(g, est, scheme, head, samples, seed, coords, memory_budget, pick)
     if granularity == "module":
         return _attribute_modules(model, x, options)
     if isinstance(model, fx.GraphModule):

@@ -1,7 +1,8 @@
 """Finite equivariance metrics beside the Lie derivative (docs/method.md §7).
 
 Each metric is one function of a model and images ``x: (B, C, H, W)`` that returns one value
-per image, ``(B,)`` float64. Each draws its transforms from a ``torch.Generator`` of its own
+per image: :class:`~layerlie.measure.scores.Scores`, a ``(B,)`` float64 tensor whose ``.table``
+is a DataFrame. Each draws its transforms from a ``torch.Generator`` of its own
 (``seed=``), so the global random state is left alone, and runs ``batch_size`` images per pass.
 
 The PSNR metrics (EQ-T, EQ-T_frac, EQ-R, after StyleGAN3) compare ``f(T x)`` with ``T f(x)``
@@ -36,11 +37,13 @@ import torch
 from torch import fx, nn
 
 from layerlie.model.contract import Output, prepare, selected
+from layerlie.deprecation import renamed
 from layerlie.errors import LayerlieError
 from layerlie.core.groups import DEFAULT_GROUPS, Group, get_group
 from layerlie.core.layout import Layout, LayoutProp
 from layerlie.core.memory import batches
 from layerlie.measure.lie import lee
+from layerlie.measure.scores import Scores, scored
 from layerlie.model.trace import trace, with_output
 
 PSNR_CAP = 100.0
@@ -49,12 +52,14 @@ PSNR_CAP = 100.0
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
-def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, pairs: int = 1,
+@renamed(pairs="samples")
+@scored
+def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, samples: int = 1,
                 mode: Literal["circular", "crop"] = "circular", seed: int = 0,
-                batch_size: int | None = None, output: Output = None) -> torch.Tensor:
+                batch_size: int | None = None, output: Output = None) -> Scores:
     """Shift consistency (Zhang 2019, docs/method.md §7): does the top-1 class agree at two random shifts?
 
-    Convention: per image, ``pairs`` pairs of integer offsets ``(dy, dx)`` are drawn uniformly
+    Convention: per image, ``samples`` pairs of integer offsets ``(dy, dx)`` are drawn uniformly
     in ``[0, max_shift]``. ``"circular"`` rolls the whole image by each offset (content moves
     down and right); ``"crop"`` takes the ``(H - max_shift, W - max_shift)`` window at each
     offset, as Zhang's 224 crops of 256 images, so the model sees smaller images.
@@ -64,7 +69,7 @@ def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, 
         x: images ``(B, C, H, W)``.
         max_shift: the largest offset, in pixels (default: an eighth of the shorter side, as
             Zhang's 32 of 256).
-        pairs: pairs of shifts per image.
+        samples: pairs of shifts per image.
         mode: ``"circular"`` or ``"crop"``.
         seed: seeds the offsets.
         batch_size: images per pass (default: all).
@@ -72,7 +77,7 @@ def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, 
             :mod:`layerlie.model.contract`, which every metric follows).
 
     Returns:
-        ``(B,)``: the share of an image's pairs whose top-1 classes agree.
+        ``(B,)`` :class:`Scores`: the share of an image's pairs whose top-1 classes agree.
     """
     model, x = _measured(model, x, output)
     if mode not in ("circular", "crop"):
@@ -81,7 +86,7 @@ def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, 
     if not 1 <= max_shift < min(x.shape[-2:]):
         raise LayerlieError(f"consistency: max_shift must be between 1 and the image side - 1, got {max_shift}")
     gen = torch.Generator().manual_seed(seed)
-    offsets = torch.randint(0, max_shift + 1, (x.shape[0], pairs, 2, 2), generator=gen)
+    offsets = torch.randint(0, max_shift + 1, (x.shape[0], samples, 2, 2), generator=gen)
     h, w = x.shape[-2] - max_shift, x.shape[-1] - max_shift
 
     def moved(xb: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
@@ -89,22 +94,24 @@ def consistency(model: Model, x: torch.Tensor, *, max_shift: int | None = None, 
             return torch.stack([xi.roll((int(dy), int(dx)), (-2, -1)) for xi, (dy, dx) in zip(xb, off)])
         return torch.stack([xi[:, dy:dy + h, dx:dx + w] for xi, (dy, dx) in zip(xb, off.tolist())])
 
-    agree = torch.zeros(x.shape[0], pairs, dtype=torch.float64)
+    agree = torch.zeros(x.shape[0], samples, dtype=torch.float64)
     for images in batches(len(x), batch_size):
         start, xb = images.start, x[images]
         off = offsets[start:start + len(xb)]
         with torch.no_grad():
-            for p in range(pairs):
+            for p in range(samples):
                 a = model(moved(xb, off[:, p, 0])).argmax(-1)
                 b = model(moved(xb, off[:, p, 1])).argmax(-1)
                 agree[start:start + len(xb), p] = (a == b).double().cpu()
     return agree.mean(1)
 
 
-def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int = 1,
+@renamed(draws="samples")
+@scored
+def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, samples: int = 1,
          shifts: Sequence[tuple[int, int]] | None = None, node: str | None = None,
          peak: float | None = None, seed: int = 0, batch_size: int | None = None,
-         output: Output = None) -> torch.Tensor:
+         output: Output = None) -> Scores:
     """EQ-T (StyleGAN3, docs/method.md §7): PSNR in dB between ``f(shift x)`` and ``shift f(x)`` for
     integer translations of the input.
 
@@ -120,9 +127,9 @@ def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int 
             ``node=``.
         x: images ``(B, C, H, W)``.
         max_shift: the largest shift, as a fraction of the image side (StyleGAN3: 0.125); each
-            draw is uniform over the nonzero integer shifts within it.
-        draws: shifts per image; the PSNR is taken over their pooled squared error.
-        shifts: explicit shifts in input pixels, used for every image instead of random draws.
+            sample is uniform over the nonzero integer shifts within it.
+        samples: shifts per image; the PSNR is taken over their pooled squared error.
+        shifts: explicit shifts in input pixels, used for every image instead of random samples.
         node: a feature map to measure: a node name of the traced model, or ``"features"`` for
             its last feature map with more than one sample per side (the input of a CNN's global
             pooling, a ViT's last tokens). The node's layout (docs/method.md §5) says how to read it: a
@@ -134,13 +141,13 @@ def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int 
         output: as in :func:`consistency`.
 
     Returns:
-        ``(B,)`` PSNR in dB, capped at :data:`PSNR_CAP`.
+        ``(B,)`` :class:`Scores`: PSNR in dB, capped at :data:`PSNR_CAP`.
     """
     model, x = _measured(model, x, output, node)
     f, stride = _feature_map(model, x, node, "eq_t")
     if shifts is None:
         gen = torch.Generator().manual_seed(seed)
-        chosen = [[_integer_shift(x.shape[-2:], max_shift, gen) for _ in range(draws)] for _ in range(len(x))]
+        chosen = [[_integer_shift(x.shape[-2:], max_shift, gen) for _ in range(samples)] for _ in range(len(x))]
     else:
         chosen = [[(int(dy), int(dx)) for dy, dx in shifts]] * len(x)
 
@@ -151,10 +158,12 @@ def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int 
     return _psnr_metric(f, x, chosen, pair, peak, batch_size)
 
 
-def eq_t_frac(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws: int = 1,
+@renamed(draws="samples")
+@scored
+def eq_t_frac(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, samples: int = 1,
               shifts: Sequence[tuple[float, float]] | None = None, node: str | None = None,
               peak: float | None = None, seed: int = 0, batch_size: int | None = None,
-              output: Output = None) -> torch.Tensor:
+              output: Output = None) -> Scores:
     """EQ-T_frac (StyleGAN3, docs/method.md §7): as :func:`eq_t` for fractional translations.
 
     Convention: shifts are uniform in ``[-max_shift, max_shift]`` times the image side, in input
@@ -163,11 +172,11 @@ def eq_t_frac(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws:
     the band of ``ceil(|shift| / stride)`` output pixels that wrapped around is left out.
 
     Args:
-        model, x, max_shift, draws, node, peak, seed, batch_size, output: as in :func:`eq_t`.
+        model, x, max_shift, samples, node, peak, seed, batch_size, output: as in :func:`eq_t`.
         shifts: explicit shifts ``(dy, dx)`` in input pixels, for every image.
 
     Returns:
-        ``(B,)`` PSNR in dB, capped at :data:`PSNR_CAP`.
+        ``(B,)`` :class:`Scores`: PSNR in dB, capped at :data:`PSNR_CAP`.
     """
     model, x = _measured(model, x, output, node)
     f, stride = _feature_map(model, x, node, "eq_t_frac")
@@ -175,7 +184,7 @@ def eq_t_frac(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws:
         gen = torch.Generator().manual_seed(seed)
         side = torch.tensor(x.shape[-2:], dtype=torch.float64)
         chosen = [[tuple(((torch.rand(2, generator=gen, dtype=torch.float64) * 2 - 1) * max_shift * side).tolist())
-                   for _ in range(draws)] for _ in range(len(x))]
+                   for _ in range(samples)] for _ in range(len(x))]
     else:
         chosen = [[(float(dy), float(dx)) for dy, dx in shifts]] * len(x)
 
@@ -186,9 +195,11 @@ def eq_t_frac(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, draws:
     return _psnr_metric(f, x, chosen, pair, peak, batch_size)
 
 
-def eq_r(model: Model, x: torch.Tensor, *, max_angle: float = 180.0, draws: int = 1,
+@renamed(draws="samples")
+@scored
+def eq_r(model: Model, x: torch.Tensor, *, max_angle: float = 180.0, samples: int = 1,
          angles: Sequence[float] | None = None, node: str | None = None, peak: float | None = None,
-         seed: int = 0, batch_size: int | None = None, output: Output = None) -> torch.Tensor:
+         seed: int = 0, batch_size: int | None = None, output: Output = None) -> Scores:
     """EQ-R (StyleGAN3, docs/method.md §7): PSNR in dB between ``f(R x)`` and ``R f(x)`` for rotations.
 
     Convention: ``R`` is the ``rotate`` group's finite transform (bilinear, zero padding) by an
@@ -197,12 +208,12 @@ def eq_r(model: Model, x: torch.Tensor, *, max_angle: float = 180.0, draws: int 
     all-ones image is 1 at the output's resolution.
 
     Args:
-        model, x, draws, node, peak, seed, batch_size, output: as in :func:`eq_t`.
+        model, x, samples, node, peak, seed, batch_size, output: as in :func:`eq_t`.
         max_angle: the largest angle in degrees (StyleGAN3 draws in the full circle: 180).
         angles: explicit angles in degrees, for every image.
 
     Returns:
-        ``(B,)`` PSNR in dB, capped at :data:`PSNR_CAP`.
+        ``(B,)`` :class:`Scores`: PSNR in dB, capped at :data:`PSNR_CAP`.
     """
     model, x = _measured(model, x, output, node)
     f, _ = _feature_map(model, x, node, "eq_r")
@@ -210,7 +221,7 @@ def eq_r(model: Model, x: torch.Tensor, *, max_angle: float = 180.0, draws: int 
     if angles is None:
         gen = torch.Generator().manual_seed(seed)
         chosen = [[float((torch.rand((), generator=gen, dtype=torch.float64) * 2 - 1) * max_angle)
-                   for _ in range(draws)] for _ in range(len(x))]
+                   for _ in range(samples)] for _ in range(len(x))]
     else:
         chosen = [[float(a) for a in angles]] * len(x)
 
@@ -223,16 +234,18 @@ def eq_r(model: Model, x: torch.Tensor, *, max_angle: float = 180.0, draws: int 
     return _psnr_metric(f, x, chosen, pair, peak, batch_size)
 
 
-def invariance(model: Model, x: torch.Tensor, group: Group | str, magnitude: float, *, draws: int = 4,
+@renamed(draws="samples")
+@scored
+def invariance(model: Model, x: torch.Tensor, group: Group | str, magnitude: float, *, samples: int = 4,
                softmax: bool = True, seed: int = 0, batch_size: int | None = None,
-               output: Output = None) -> torch.Tensor:
+               output: Output = None) -> Scores:
     """Finite-sample invariance (docs/method.md §7): the mean squared change of the output under the
     group's finite transform ``T_t`` with ``|t| = magnitude``.
 
-    Convention: per draw, the sign of ``t`` is random (``t = ±magnitude``, in the group's units:
+    Convention: per sample, the sign of ``t`` is random (``t = ±magnitude``, in the group's units:
     normalized coordinates, so 1 is half the image for ``translate_x``, radians for ``rotate``);
     ``T_t`` is :meth:`Group.transform` (bilinear, zero padding). The change is averaged over the
-    output's entries and the draws. A classifier's logits go through a softmax first, as in the
+    output's entries and the samples. A classifier's logits go through a softmax first, as in the
     published LEE, unless ``softmax=False``.
 
     Args:
@@ -240,19 +253,19 @@ def invariance(model: Model, x: torch.Tensor, group: Group | str, magnitude: flo
         x: images ``(B, C, H, W)``.
         group: a group or its name.
         magnitude: ``|t|``.
-        draws: transforms per image.
+        samples: transforms per image.
         softmax: compare ``softmax(model(x), -1)`` rather than ``model(x)``.
         seed: seeds the signs.
         batch_size: images per pass (default: all).
         output: as in :func:`consistency`.
 
     Returns:
-        ``(B,)`` mean squared change.
+        ``(B,)`` :class:`Scores`: the mean squared change.
     """
     model, x = _measured(model, x, output)
     g = get_group(group)
     gen = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (x.shape[0], draws), generator=gen) * 2 - 1
+    signs = torch.randint(0, 2, (x.shape[0], samples), generator=gen) * 2 - 1
     out = torch.zeros(x.shape[0], dtype=torch.float64)
 
     def f(z: torch.Tensor) -> torch.Tensor:
@@ -263,11 +276,11 @@ def invariance(model: Model, x: torch.Tensor, group: Group | str, magnitude: flo
         start, xb = images.start, x[images]
         with torch.no_grad():
             y = f(xb)
-            for d in range(draws):
+            for d in range(samples):
                 s = signs[start:start + len(xb), d]
                 moved = torch.cat([g.transform(xi[None], float(si) * magnitude) for xi, si in zip(xb, s)])
                 change = (f(moved) - y).double().pow(2).flatten(1).mean(1)
-                out[start:start + len(xb)] += change.cpu() / draws
+                out[start:start + len(xb)] += change.cpu() / samples
     return out
 
 
@@ -420,7 +433,7 @@ def _capped(peak: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
 def _psnr_metric(f: Model, x: torch.Tensor, chosen: list[list[Any]],
                  pair: Callable[[torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, ...]],
                  peak: float | None, batch_size: int | None) -> torch.Tensor:
-    """Pool the squared error over each image's draws, then one PSNR per image (docs/method.md §7)."""
+    """Pool the squared error over each image's samples, then one PSNR per image (docs/method.md §7)."""
     out = torch.zeros(x.shape[0], dtype=torch.float64)
     for images in batches(len(x), batch_size):
         start, xb = images.start, x[images]

@@ -41,6 +41,7 @@ from torch import fx, nn
 from layerlie.results import store as st
 from layerlie.measure.attribution import attribute
 from layerlie.model.contract import Output, prepare
+from layerlie.deprecation import renamed
 from layerlie.errors import LayerlieError
 from layerlie.core.groups import DEFAULT_GROUPS, Group, resolve_groups
 from layerlie.measure.lie import lee
@@ -98,7 +99,7 @@ class Monitor:
     Args:
         model: the model being trained; it returns logits ``(B, K)``, or a structure that holds
             them (the output rule of :mod:`layerlie.model.contract`).
-        x_probe: the probe images ``(B, C, H, W)``, normalized as the model expects; a copy is
+        x: the probe images ``(B, C, H, W)``, normalized as the model expects; a copy is
             kept, in the model's dtype and on its device (cast with a note).
         groups: names or groups, as :func:`layerlie.resolve_groups` takes them.
         every: :meth:`step` measures when ``step % every == 0``.
@@ -128,7 +129,8 @@ class Monitor:
             scheme.
     """
 
-    def __init__(self, model: nn.Module, x_probe: torch.Tensor,
+    @renamed(x_probe="x")
+    def __init__(self, model: nn.Module, x: torch.Tensor,
                  groups: str | Group | Iterable[str | Group] = DEFAULT_GROUPS, *, every: int = 50,
                  layers: bool = False, metrics: Metrics = False, scheme: str = "central",
                  store: str | Path | None = None, run: str | None = None, output: Output = None) -> None:
@@ -137,8 +139,8 @@ class Monitor:
             raise MonitorError(f"every must be a positive integer (measure every that many steps), got {every!r}")
         check_scheme(scheme)
         with untouched(model):  # the live model, measured in eval mode as every measurement is
-            _, x_probe, self.output, _ = prepare(model, x_probe, output)
-        self.groups = resolve_groups(groups, channels=x_probe.shape[1])
+            _, x, self.output, _ = prepare(model, x, output)
+        self.groups = resolve_groups(groups, channels=x.shape[1])
         compat = [g.name for g in self.groups if g.origin is not None]
         if layers and compat:
             raise MonitorError(f"group {compat[0]!r} is a compatibility map, which layer shares cannot take; "
@@ -151,7 +153,7 @@ class Monitor:
                                f"{', '.join(list_metrics())}")
         if store is not None and not run:
             raise MonitorError("store= needs run=, the name of this training run, e.g. run='resnet10t-seed0'")
-        self.model, self.x = model, x_probe.detach().clone()
+        self.model, self.x = model, x.detach().clone()
         self.every, self.layers, self.scheme = every, layers, scheme
         self.store, self.run = (None if store is None else Path(store)), run
         self._gm = self._trace() if layers or self.which else None

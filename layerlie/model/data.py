@@ -10,7 +10,7 @@ Example:
     >>> m = ll.load_model("resnet18")
     >>> ll.photos(m, n=2).shape
     torch.Size([2, 3, 224, 224])
-    >>> ll.photos(m, 2, size=(32, 48)).shape
+    >>> ll.photos(m, n=2, size=(32, 48)).shape
     torch.Size([2, 3, 32, 48])
 """
 
@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
+from layerlie.deprecation import renamed
 from layerlie.errors import LayerlieError
 from layerlie.model.loading import input_channels
 
@@ -49,7 +50,8 @@ MODES = {1: "L", 3: "RGB"}
 """The PIL mode of the images for each number of channels they can have."""
 
 
-def eval_transform(model: nn.Module, size: Size | None = None,
+@renamed(positional=("size", "channels"))
+def eval_transform(model: nn.Module, *, size: Size | None = None,
                    channels: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """timm's eval transform for the model's data config, at ``size`` and with ``channels``
     (default: the model's, see :func:`layerlie.model.loading.input_channels`); it takes a PIL image of
@@ -85,7 +87,8 @@ def photo_paths() -> list[Path]:
     return sorted(Path(str(p)) for p in folder.iterdir() if Path(str(p)).suffix == ".jpg")
 
 
-def photos(model: nn.Module, n: int = 8, *, size: Size | None = None, channels: int | None = None) -> torch.Tensor:
+@renamed(positional=("n",))
+def photos(model: nn.Module, *, n: int = 8, size: Size | None = None, channels: int | None = None) -> torch.Tensor:
     """``n`` embedded real photos prepared for ``model``: ``(n, C, H, W)``, on the
     model's device and in its dtype. Nothing is downloaded.
 
@@ -95,10 +98,11 @@ def photos(model: nn.Module, n: int = 8, *, size: Size | None = None, channels: 
         size: their size in pixels, square or ``(h, w)`` (default: the config's).
         channels: 3 (RGB) or 1 (luminance) (default: what the model's first layer takes).
     """
-    return photo_batch(model, n, size=size, channels=channels).x
+    return photo_batch(model, n=n, size=size, channels=channels).x
 
 
-def photo_batch(model: nn.Module, n: int = 8, *, size: Size | None = None,
+@renamed(positional=("n",))
+def photo_batch(model: nn.Module, *, n: int = 8, size: Size | None = None,
                 channels: int | None = None) -> Images:
     """As :func:`photos`, with the photos' names."""
     paths = photo_paths()
@@ -132,7 +136,7 @@ def images(folder: str | Path, model: nn.Module, *, n: int | None = None, size: 
 def _prepare(model: nn.Module, paths: list[Path], names: list[str], labels: list[str] | None = None, *,
              size: Size | None = None, channels: int | None = None) -> Images:
     c = _channels(model, channels)
-    transform = eval_transform(model, size, c)
+    transform = eval_transform(model, size=size, channels=c)
     kept, kept_names, kept_labels = [], [], []
     for i, path in enumerate(paths):
         try:

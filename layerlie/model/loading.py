@@ -33,10 +33,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from layerlie.deprecation import renamed
 from layerlie.errors import LayerlieError
 
 
-def load_model(spec: str | nn.Module, pretrained: bool = False, checkpoint: str | Path | None = None,
+@renamed(positional=("pretrained", "checkpoint", "device", "dtype", "size"))
+def load_model(spec: str | nn.Module, *, pretrained: bool = False, checkpoint: str | Path | None = None,
                device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                size: int | tuple[int, int] | None = None, **kwargs: object) -> nn.Module:
     """A model ready for measurement.

@@ -35,6 +35,7 @@ from torch import nn
 from layerlie.core.layout import layout_cache
 from layerlie.core.attention import differentiable_attention, explicit_attention_modules, scaled_dot_product_attention
 from layerlie.model.contract import Output, eval_copy, prepare, select, selecting
+from layerlie.deprecation import renamed
 from layerlie.errors import LayerlieError, TraceError
 from layerlie.model.normact import split_norm_acts
 
@@ -56,13 +57,14 @@ class _TimmTracer(fx.Tracer):
         return super().create_proxy(kind, target, args, kwargs, *rest, **more)
 
 
-def trace(model: nn.Module, example: torch.Tensor | None = None, *, softmax: bool = False,
+@renamed(example="x")
+def trace(model: nn.Module, x: torch.Tensor | None = None, *, softmax: bool = False,
           output: Output = None) -> fx.GraphModule:
     """Trace ``model`` (a copy of it) to a GraphModule whose forward returns what the model's does.
 
     Args:
         model: the model, traced in eval mode on a copy (it is never changed).
-        example: an input batch ``(B, C, H, W)``; when given, the traced output must equal the model's.
+        x: an input batch ``(B, C, H, W)``; when given, the traced output must equal the model's.
         softmax: return ``softmax(logits, -1)`` instead of the logits (the output the published
             LEE differentiates); :func:`with_output` gives it on demand either way.
         output: the tensor of a tuple, dict or ``.logits`` output that the graph returns (the
@@ -77,8 +79,8 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, *, softmax: boo
         TraceError: with the tracer's reason, in one line; or naming an in-place op that has
             no out-of-place twin.
     """
-    if example is not None:  # the eager output to check against is the eval-mode one
-        model, example, output, _ = prepare(eval_copy(model, quiet=True), example, output)
+    if x is not None:  # the eager output to check against is the eval-mode one
+        model, x, output, _ = prepare(eval_copy(model, quiet=True), x, output)
     copied = copy.deepcopy(model).eval()
     selecting(copied, output)
     for m in copied.modules():
@@ -104,8 +106,8 @@ def trace(model: nn.Module, example: torch.Tensor | None = None, *, softmax: boo
     gm.meta["layerlie.input_size"] = input_size(model)
     if softmax:
         gm, _ = with_output(gm, "softmax")
-    if example is not None:
-        check_trace(model, gm, example, softmax=softmax, output=output)
+    if x is not None:
+        check_trace(model, gm, x, softmax=softmax, output=output)
     return gm
 
 

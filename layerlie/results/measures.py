@@ -107,14 +107,15 @@ def _e2e(model: nn.Module, x: torch.Tensor, names: list[str], group: str | None,
     return lee(model, x, [group], scheme=spec["scheme"], names=names, batch_size=spec["batch_size"])
 
 
-@register_measure("layers", options=("estimator", "groups", "top", "output", "probes", "alias"), per_group=True)
+@register_measure("layers", options=("estimator", "groups", "top", "output", "samples", "probes", "alias"), per_group=True)
 def _layers(model: nn.Module, x: torch.Tensor, names: list[str], group: str | None,
             spec: Mapping[str, Any]) -> pd.DataFrame:
     """The attribution of one group to the nodes (docs/method.md §3-4), joined to the alias flags
     with ``alias`` (docs/method.md §6), the ``top`` largest with ``top``."""
     opts = spec["layers"]
     a = attribute(model, x, group, scheme=spec["scheme"], seed=spec["seed"],
-                  **_given(opts, "estimator", "output", "probes"))
+                  **_given(opts, "estimator", "output", "samples"),
+                  **({"samples": opts["probes"]} if "probes" in opts and "samples" not in opts else {}))  # the old key
     granularity = a.settings.get("granularity", "node")
     if opts.get("alias") and granularity == "node":
         a = with_aliasing(a, model, x)

@@ -12,7 +12,7 @@ A spec is TOML (or a dict) with fixed keys::
     batch_size = 8                        # optional: images per pass
     size = 64                             # optional: images of 64 x 64 pixels (or [h, w]), and
                                           # img_size=size for models that take it (ViTs)
-    [layers]                              # optional: estimator, groups, top, output, probes, and
+    [layers]                              # optional: estimator, groups, top, output, samples, and
                                           # alias = true to join the alias flags (docs/method.md §6)
     [metrics]                             # optional: which, options = {eq_r = {max_angle = 45}}
     [ablation]                            # optional: variants, estimator, filter_size, groups

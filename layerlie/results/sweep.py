@@ -180,7 +180,7 @@ def _images(model: torch.nn.Module, spec: Mapping[str, Any]) -> Images:
         return Images(given, [f"image{i}" for i in range(len(given))])
     if given is not None:
         return images(given, model, n=spec["n"], size=size)
-    return photo_batch(model, spec["n"], size=size)
+    return photo_batch(model, n=spec["n"], size=size)
 
 
 def _run_on_ray(pending: list[Task], spec: Mapping[str, Any], record: Callable[[Task, tuple], None],

@@ -33,6 +33,7 @@ from torch import nn
 
 from layerlie.views import figures
 from layerlie.results import store as st
+from layerlie.deprecation import renamed
 from layerlie.errors import LayerlieError
 from layerlie.results.measures import list_measures
 from layerlie.results.spec import SpecError, read_spec
@@ -53,9 +54,10 @@ class ReportError(LayerlieError):
     """A report that cannot be made: one line that names the fix."""
 
 
-def report(model: str | nn.Module, x: torch.Tensor | None = None, path: str | Path = "report.html", *,
+@renamed(positional=("path",), seed="init_seed")
+def report(model: str | nn.Module, x: torch.Tensor | None = None, *, path: str | Path = "report.html",
            groups: str | Iterable[str] = "all", group: str = "translate_x", checkpoint: str | Path | None = None,
-           pretrained: bool = False, n: int = 2, size: int | tuple[int, int] | None = None, seed: int = 0,
+           pretrained: bool = False, n: int = 2, size: int | tuple[int, int] | None = None, init_seed: int = 0,
            images: str | Path | None = None, store: str | Path | None = None,
            variants: Iterable[str] = ("blurpool", "filtered")) -> Path:
     """Measure ``model`` with a one-model sweep and write its HTML report (docs/design.md §4).
@@ -70,8 +72,9 @@ def report(model: str | nn.Module, x: torch.Tensor | None = None, path: str | Pa
         group: the group of the layer table and the ablation; it is measured along with ``groups``.
         checkpoint: a state dict to load into the model; the report names it and its sha256.
         pretrained: timm's pretrained weights (a timm name only).
-        n, size, seed, images: the photos (``n`` embedded ones, or a folder), their size in
-            pixels (square or ``(h, w)``), and the random-init seed.
+        n, size, images: the photos (``n`` embedded ones, or a folder), and their size in
+            pixels (square or ``(h, w)``).
+        init_seed: the seed of random-init weights (and of the metrics' draws: the sweep's ``seed``).
         store: keep the sweep in this store (default: a temporary one).
         variants: the anti-aliased variants of the ablation (docs/method.md §6).
 
@@ -79,7 +82,7 @@ def report(model: str | nn.Module, x: torch.Tensor | None = None, path: str | Pa
         The path written.
     """
     if x is not None and not isinstance(x, torch.Tensor):
-        raise ReportError(f"report(model, x, path): x is an image batch (B, C, H, W) or None, got a "
+        raise ReportError(f"report(model, x, path=): x is an image batch (B, C, H, W) or None, got a "
                           f"{type(x).__name__}; pass the HTML file as path=, a folder of images as images=")
     entry: Any = model
     if isinstance(model, nn.Module) or checkpoint is not None or pretrained:
@@ -88,7 +91,7 @@ def report(model: str | nn.Module, x: torch.Tensor | None = None, path: str | Pa
                  **({"checkpoint": str(checkpoint)} if checkpoint is not None else {})}
     names = [g.strip() for g in groups.split(",")] if isinstance(groups, str) else list(groups)
     spec: dict[str, Any] = dict(models=[entry], groups=names,
-                                measures=list_measures(), n=n, seed=seed,
+                                measures=list_measures(), n=n, seed=init_seed,
                                 layers={"groups": [group], "alias": True},
                                 metrics={"which": ["consistency", "invariance"]},
                                 ablation={"variants": list(variants), "groups": [group]})
