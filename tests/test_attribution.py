@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, rel, smooth_image, timm_model
 from torch import nn
 
 import layerlie as ll
+from layerlie.testing import TOL, rel, smooth_image, timm_model
 
 GROUPS = ["translate_x", "rotate", "scale", "shear_y", "hyperbolic_rotate", "saturate"]
 

@@ -9,7 +9,6 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, rel
 from torch import nn
 
 import layerlie as ll
@@ -19,6 +18,7 @@ from layerlie.core.layout import Layout, layout_tangent
 from layerlie.measure.lie import jvp_ready
 from layerlie.core.engine import Propagator
 from layerlie.core.tangent import Frame, tangent
+from layerlie.testing import TOL, rel
 
 AGREE = 1e-5  # fast against reference, relative
 

@@ -17,10 +17,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TOL, smooth_image, timm_model
 from torch import nn
 
 import layerlie as ll
+from layerlie.testing import TOL, smooth_image, timm_model
 
 SEED = 0
 

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel, smooth_image
 
 import layerlie as ll
 from layerlie.core.tangent import published_sampler_terms
+from layerlie.testing import rel, smooth_image
 
 SPATIAL = [g for g in ll.list_groups() if ll.group(g).spatial]
 

@@ -9,13 +9,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TOL, rel
 from timm.models import maxxvit, swin_transformer
 from torch import nn
 
 import layerlie as ll
 from layerlie.core.layout import Layout, layout_tangent
 from layerlie.core.engine import Call, linearize
+from layerlie.testing import TOL, rel
 from torch.utils import _pytree as pytree
 
 RELABELLING = ("permute", "view", "reshape", "contiguous", "roll", "window_reverse", "grid_reverse")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOL, rel, timm_model
-from test_lie import small_cnn
 
 import layerlie as ll
 import layerlie.measure.lie as lie
 from layerlie.core.memory import Footprint, LiveBytes, peak_bytes, plan_chunks
+from layerlie.testing import TOL, rel, small_cnn, timm_model
 
 
 def test_live_bytes_counts_what_is_created_and_alive():

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 import usernets
-from conftest import timm_model
 from PIL import Image
 from safetensors.torch import save_file
 
 import layerlie as ll
 from layerlie.cli import main
+from layerlie.testing import timm_model
 
 FAMILIES = ["resnet18", "vit_tiny_patch16_224", "convnext_atto"]
 

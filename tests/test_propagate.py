@@ -13,9 +13,9 @@ from torch import nn
 import layerlie as ll
 from layerlie.measure.lie import jvp_ready
 from layerlie.core.engine import Call, linearize
+from layerlie.testing import TOL, rel, timm_model
 from torch.utils import _pytree as pytree
 
-from conftest import TOL, rel, timm_model
 
 K = 3  # tangents per stack: the rules must treat the stack axis as a batch of tangents
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from conftest import TOL, timm_model
 from torch import nn
 
 import layerlie as ll
 from layerlie.core.layout import Layout
 from layerlie.antialias.surgery import BlurPool2d, FilteredActivation, PolyphaseSample, Resampled, antialias, binomial
+from layerlie.testing import TOL, timm_model
 
 VIT = ("vit_tiny_patch16_224", (("img_size", 64),))
 VIT_SHALLOW = ("vit_tiny_patch16_224", (("img_size", 64), ("depth", 2)))  # local defects do not need depth
