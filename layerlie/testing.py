@@ -27,7 +27,7 @@ from layerlie.core.ops import call_example, module_example, register_op
 from layerlie.model.loading import load_model
 
 __all__ = [
-    "ATOL", "ESTIMATOR_TOL", "FAST_AGREES", "REGROUPED", "TOL",
+    "ATOL", "ESTIMATOR_TOL", "RTOL", "TOL",
     "registered_op", "without_op",
     "call_example", "module_example",
     "rel", "smooth_image",
@@ -48,14 +48,6 @@ ESTIMATOR_TOL: dict[str, dict[torch.dtype, float]] = {
 of ``exact``; each share, and their sum against 1, of ``shares``, where a reverse pass meets a
 forward one. ``hutchinson`` has no check; its error is its standard error."""
 
-REGROUPED: dict[torch.dtype, float] = {torch.float32: 1e-5}
-"""Relative error of one computation against itself with its ops regrouped: traced against eager,
-batched against whole, two loadings of one model."""
-
-FAST_AGREES: float = 1e-5
-"""Relative error of the fast defects (commuting ops pass ``G h`` through) against the reference
-that forms every node's defect, of the largest defect."""
-
 ATOL: dict[str, float] = {
     "op": 1e-14,
     "ops": 1e-13,
@@ -63,7 +55,7 @@ ATOL: dict[str, float] = {
     "central_difference": 1e-8,
     "ramp": 1e-5,
     "traced": 1e-6,
-    "rewritten": 1e-5,
+    "logits": 1e-5,
     "norms": 1e-9,
 }
 """Absolute errors, each beside a relative one (``torch.allclose``'s default where none is named).
@@ -72,8 +64,16 @@ In float64, on values of order one: the round-off of one op against another impl
 matrix products, a layout's tangent, a defect (``graph``); a central difference at step 1e-6
 against the derivative (``central_difference``); a finite-difference tangent of a linear ramp
 against its exact value (``ramp``). In float32: logits or probabilities of a traced graph against
-the eager model (``traced``), logits of a model rewritten into the same function (``rewritten``),
-attribution norms near zero (``norms``)."""
+the eager model (``traced``); logits computed another way, by the engine's walk or by a model
+rewritten into the same function (``logits``); attribution norms near zero (``norms``)."""
+
+RTOL: dict[str, float] = {
+    "regrouped": 1e-5,
+    "central_difference": 1e-4,
+}
+"""Relative errors: of one float32 computation against itself with its ops regrouped (traced
+against eager, batched against whole, two loadings of one model: ``regrouped``); of a central
+difference at step 1e-4 of a float64 model against its derivative (``central_difference``)."""
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
