@@ -6,10 +6,10 @@ import functools
 
 import pytest
 import torch
-from conftest import TOL, timm_model
 
 import layerlie as ll
 from layerlie.cli import main
+from layerlie.testing import TOL, timm_model
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, smooth_image, timm_model
 from torch import nn
 
 import layerlie as ll
 from layerlie.measure.aliasing import ALIAS_THRESHOLDS, energy_above, upsample
+from layerlie.testing import TOL, smooth_image, timm_model
 
 
 def cosine(n: int = 32, k: int = 13, b: int = 1, c: int = 2) -> torch.Tensor:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, rel, smooth_image, timm_model
 from torch import nn
 
 import layerlie as ll
+from layerlie.testing import ESTIMATOR_TOL, TOL, rel, smooth_image, timm_model
 
 GROUPS = ["translate_x", "rotate", "scale", "shear_y", "hyperbolic_rotate", "saturate"]
 
@@ -233,8 +233,8 @@ def test_fallback_hooks_are_complete_and_match_the_end_to_end_derivative(dtype):
     assert n.loc["act#2:in0", "local_norm"] > 0  # the glue (GELU, slice, add) has a defect
     shares = ll.attribute(model, x, "rotate", estimator="shares", granularity="module").nodes["share"]
     assert torch.allclose(torch.tensor(shares.to_numpy()), torch.tensor(n["share"].to_numpy()),
-                          atol=10 * TOL[dtype])
-    assert abs(shares.sum() - 1) <= 10 * TOL[dtype]
+                          atol=ESTIMATOR_TOL["shares"][dtype])
+    assert abs(shares.sum() - 1) <= ESTIMATOR_TOL["shares"][dtype]
 
 
 def test_fallback_on_a_traceable_model_gives_the_graph_total():

@@ -9,7 +9,6 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, rel
 from torch import nn
 
 import layerlie as ll
@@ -20,6 +19,7 @@ from layerlie.measure.lie import jvp_ready
 from layerlie.core import memory
 from layerlie.core.engine import Propagator
 from layerlie.core.tangent import Frame, tangent
+from layerlie.testing import ATOL, TOL, rel
 
 AGREE = 1e-5  # fast against reference, relative
 
@@ -75,7 +75,7 @@ def test_defects_with_shortcuts_equal_both_terms_at_every_node(name, group):
         assert offsets >= 4
     for n in ref.values:
         if isinstance(ref.values[n], torch.Tensor):
-            torch.testing.assert_close(fast.values[n], ref.values[n], rtol=AGREE, atol=1e-12)
+            torch.testing.assert_close(fast.values[n], ref.values[n], rtol=AGREE, atol=ATOL["graph"])
 
 
 def test_exact_attribution_with_and_without_shortcuts_agree(monkeypatch):

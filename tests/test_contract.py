@@ -17,10 +17,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TOL, smooth_image, timm_model
 from torch import nn
 
 import layerlie as ll
+from layerlie.testing import ATOL, RTOL, TOL, smooth_image, timm_model
 
 SEED = 0
 
@@ -41,7 +41,7 @@ def test_raw_timm_model_gives_the_table_of_load_model():
     a, b = (ll.attribute(m, x, "translate_x").nodes.set_index("node") for m in (raw, loaded))
     assert list(a.index) == list(b.index)
     for col in ("local_norm", "contribution_norm"):
-        assert torch.allclose(torch.tensor(a[col].values), torch.tensor(b[col].values), rtol=1e-5, atol=1e-9), col
+        assert torch.allclose(torch.tensor(a[col].values), torch.tensor(b[col].values), rtol=RTOL["regrouped"], atol=ATOL["norms"]), col
     # an eval BatchNorm is pointwise affine: no defect of its own; the ReLU after it carries one
     total = float(a["contribution_norm"].max())
     assert a.loc["bn1", "local_norm"] < 1e-6 * a.loc["act1", "local_norm"]
@@ -150,13 +150,13 @@ def test_trace_and_antialias_return_logits_and_lee_of_the_variant_is_what_ablate
     with torch.no_grad():
         logits = model(x)
         gm = ll.trace(model, x)
-        assert torch.allclose(gm(x), logits, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(gm(x), logits, rtol=RTOL["regrouped"], atol=ATOL["traced"])
         m2 = ll.antialias(model)
         new = m2(x)
     assert new.shape == logits.shape and not torch.allclose(new.sum(-1), torch.ones(1))  # logits, not probabilities
     with torch.no_grad():
         same = ll.antialias(model, filter_size=1)(x)  # one tap: the blur is the identity
-    assert torch.allclose(same, logits, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(same, logits, rtol=RTOL["regrouped"], atol=ATOL["logits"])
     ab = ll.ablate(model, x, variants=["blurpool"], groups=["translate_x"], estimator="shares").table
     lees = ab.set_index("variant")["lee_translate_x"]
     assert float(ll.lee(m2, x, "translate_x")["lee"].mean()) == pytest.approx(lees["blurpool"], rel=1e-5)
@@ -172,8 +172,8 @@ def test_the_softmax_stays_a_named_output():
     assert probs.meta["layerlie.outputs"] == {"logits": "fc", "softmax": name}
     assert gm.meta["layerlie.outputs"] == {"logits": "fc"}  # gm itself is left alone
     with torch.no_grad():
-        assert torch.allclose(probs(x), model(x).softmax(-1), atol=1e-6)
-        assert torch.allclose(gm(x), model(x), atol=1e-5)
+        assert torch.allclose(probs(x), model(x).softmax(-1), atol=ATOL["traced"])
+        assert torch.allclose(gm(x), model(x), atol=ATOL["traced"])
     assert all(probs.get_parameter(k) is p for k, p in gm.named_parameters())  # shared, not copied
     a = ll.attribute(gm, x, "translate_x", output="softmax", estimator="shares")
     b = ll.attribute(probs, x, "translate_x", output="softmax", estimator="shares")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import layerlie as ll
-from layerlie.results import store as st
 from layerlie.views import figures
 from layerlie.cli import main
+from layerlie.results.store import TABLES, manifest
 
 MODELS = ["resnet18", "resnet10t"]
 
@@ -26,7 +26,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tables(store):
-    return {t: ll.load(store, t) for t in st.TABLES}
+    return {t: ll.load(store, t) for t in TABLES}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def _saved(fig, tmp_path, name):
 
 
 def test_depth_has_one_line_per_model(store, tables, tmp_path):
-    fig = figures.depth(tables["layers"], spec=st.manifest(store)["spec"])
+    fig = figures.depth(tables["layers"], spec=manifest(store)["spec"])
     assert len(fig.axes[0].get_lines()) == len(MODELS)
     assert "n=3" in fig.axes[0].get_title() and "random init" in fig.axes[0].get_title()
     _saved(fig, tmp_path, "depth")

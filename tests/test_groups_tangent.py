@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel, smooth_image
 
 import layerlie as ll
 from layerlie.core.tangent import published_sampler_terms
+from layerlie.testing import ATOL, rel, smooth_image
 
 SPATIAL = [g for g in ll.list_groups() if ll.group(g).spatial]
 
@@ -41,7 +41,7 @@ def test_matrix_is_a_one_parameter_group():
         g = ll.group(name).homogeneous()
         a, b = 0.3, -0.7
         ma, mb, mab = (torch.linalg.matrix_exp(s * g) for s in (a, b, a + b))
-        assert torch.allclose(ma @ mb, mab, atol=1e-12)
+        assert torch.allclose(ma @ mb, mab, atol=ATOL["graph"])
 
 
 def test_velocity_is_generator_times_position():
@@ -63,7 +63,7 @@ def test_ramp_tangent_is_velocity_times_slope():
         expected = 0.7 * v[..., 0] - 1.3 * v[..., 1]
         for scheme in ("central", "published"):
             got = ll.tangent(img, g, scheme)[0, 0]
-            assert torch.allclose(got[1:-1, 1:-1], expected[1:-1, 1:-1], atol=1e-5), (name, scheme)
+            assert torch.allclose(got[1:-1, 1:-1], expected[1:-1, 1:-1], atol=ATOL["ramp"]), (name, scheme)
 
 
 # --- references -------------------------------------------------------------------------

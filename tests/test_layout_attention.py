@@ -20,12 +20,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TOL, rel, smooth_image
 from torch import nn
 
 import layerlie as ll
 from layerlie.core import layout
 from layerlie.core.layout import Layout, layout_tangent, unknown_layouts
+from layerlie.testing import TOL, rel, smooth_image
 
 # create-time kwargs of each family at test size, and the input's side (None: its img_size)
 FAMILIES: dict[str, tuple[dict[str, object], int]] = {

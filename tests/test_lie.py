@@ -5,17 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOL, rel, smooth_image, timm_model
 from test_groups_tangent import PUBLISHED_THETA, double_backward_derivative, published_transform
 from torch import nn
 
 import layerlie as ll
-
-
-def small_cnn(dtype=torch.float64) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 8, 3, stride=2),
-                         nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).to(dtype).eval()
+from layerlie.testing import TOL, rel, small_cnn, smooth_image, timm_model
 
 
 @pytest.mark.parametrize("name", ll.list_groups())

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOL, rel, timm_model
-from test_lie import small_cnn
 
 import layerlie as ll
 import layerlie.measure.lie as lie
 from layerlie.core import memory
 from layerlie.core.engine import coarsest, propagate
 from layerlie.core.memory import Footprint, Lifetimes, LiveBytes, batches, peak_bytes, plan_chunks, plan_sources
+from layerlie.testing import TOL, rel, small_cnn, timm_model
 
 
 def test_live_bytes_counts_what_is_created_and_alive():

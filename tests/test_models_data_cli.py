@@ -11,12 +11,14 @@ import pandas as pd
 import pytest
 import torch
 import usernets
-from conftest import timm_model
 from PIL import Image
 from safetensors.torch import save_file
 
 import layerlie as ll
 from layerlie.cli import main
+from layerlie.model.data import photo_paths
+from layerlie.results.store import failures
+from layerlie.testing import timm_model
 
 FAMILIES = ["resnet18", "vit_tiny_patch16_224", "convnext_atto"]
 
@@ -238,7 +240,7 @@ def test_photos_take_a_size_square_or_not():
     model = timm_model("resnet18")
     assert ll.photos(model, n=2, size=40).shape == (2, 3, 40, 40)
     assert ll.photo_batch(model, n=1, size=(32, 48)).x.shape == (1, 3, 32, 48)
-    assert ll.images(ll.model.data.photo_paths()[0].parent, model, n=1, size=24).x.shape == (1, 3, 24, 24)
+    assert ll.images(photo_paths()[0].parent, model, n=1, size=24).x.shape == (1, 3, 24, 24)
     for bad in (0, (32,), (32, 0), 2.5):
         with pytest.raises(ll.LayerlieError, match="size must be a positive integer or \\(height, width\\)"):
             ll.photos(model, n=1, size=bad)
@@ -248,7 +250,7 @@ def test_a_plain_module_gets_224_and_timms_default_normalisation():
     from timm.data import create_transform
 
     x = ll.photos(usernets.tiny(), 1)
-    with Image.open(ll.model.data.photo_paths()[0]) as img:
+    with Image.open(photo_paths()[0]) as img:
         reference = create_transform(input_size=(3, 224, 224), is_training=False)(img.convert("RGB"))
     assert x.shape == (1, 3, 224, 224) and torch.equal(x[0], reference)
 
@@ -279,7 +281,7 @@ def test_every_measurement_command_takes_size(capsys, tmp_path, command):
     code, _, err = run_cli(capsys, command, "usernets:fixed32", "--n", "1", "--size", "32", *more.get(command, []))
     assert code == 0, err
     if command == "report":
-        assert ll.load(tmp_path / "s", "e2e")["lee"].gt(0).all() and not ll.results.store.failures(tmp_path / "s")
+        assert ll.load(tmp_path / "s", "e2e")["lee"].gt(0).all() and not failures(tmp_path / "s")
     else:  # the same model at the photos' own size fails, in one line that names --size
         code, _, err = run_cli(capsys, command, "usernets:fixed32", "--n", "1", *more.get(command, []))
         assert code == 2 and err.count("\n") == 1 and "pass the size it takes with --size" in err

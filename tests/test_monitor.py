@@ -17,8 +17,8 @@ import layerlie as ll
 from layerlie.views import figures
 from layerlie.results import store as st
 from layerlie.measure.monitor import untouched
+from layerlie.testing import TOL
 
-from conftest import TOL
 
 GROUPS = ["translate_x", "rotate"]
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]

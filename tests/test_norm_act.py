@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import timm
-from conftest import TOL
 from timm.layers import BatchNormAct2d, DropBlock2d, GroupNormAct, LayerNormAct2d, convert_sync_batchnorm, \
     freeze_batch_norm_2d
 from timm.layers import _fx as timm_fx
@@ -25,6 +24,7 @@ from torch import nn
 import layerlie as ll
 from layerlie.model.normact import get_norm_act, list_norm_acts, norm_part
 from layerlie.antialias.layers import FilteredActivation
+from layerlie.testing import TOL
 
 # EfficientNet, MobileNet and RegNet; in mobilenetv2_100 and regnetx_002 every norm-act leaf has an activation too.
 FAMILIES = ["efficientnet_b0", "mobilenetv3_small_100", "mobilenetv2_100", "regnetx_002"]

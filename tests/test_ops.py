@@ -18,8 +18,8 @@ import layerlie as ll
 from layerlie.core import examples, ops
 from layerlie.core.engine import Call, linearize
 from layerlie.antialias.layers import PolyphaseSample
+from layerlie.testing import TOL, registered_op, rel
 
-from conftest import TOL, rel
 
 K = 3  # tangents per stack: a rule must treat the stack axis as a batch of tangents
 OPS = [ops.get_op(name) for name in ops.list_ops()]
@@ -68,25 +68,23 @@ def test_linearization_equals_jvp(op):
     assert _rule_error(op) < TOL[torch.float64]
 
 
-def test_a_wrong_rule_fails_conformance(monkeypatch):
+def test_a_wrong_rule_fails_conformance():
     """The conformance check can fail: a rule off by 10%, registered as a user would, is caught."""
     right = ops.get_op(nn.GELU)
-    monkeypatch.setitem(ops._OPS, nn.GELU, right)  # restored afterwards
-    ll.register_rule(nn.GELU)(lambda call, tangents: 1.1 * right.linearize(call, tangents))
-    assert ops.get_op(nn.GELU).linearize is not right.linearize
-    assert _rule_error(ops.get_op(nn.GELU)) > 0.05
+    with registered_op():
+        ll.register_rule(nn.GELU)(lambda call, tangents: 1.1 * right.linearize(call, tangents))
+        assert ops.get_op(nn.GELU).linearize is not right.linearize
+        assert _rule_error(ops.get_op(nn.GELU)) > 0.05
 
 
 def test_a_rule_for_a_subclass_keeps_what_it_inherits():
     class Conv(nn.Conv2d):
         pass
 
-    try:
+    with registered_op():
         ll.register_rule(Conv)(ops.get_op(nn.Conv2d).linearize)
         assert ops.get_op(Conv).key is Conv and ops.get_op(Conv).window is ops.get_op(nn.Conv2d).window
         assert ops.module_type(Conv(3, 4, 3, stride=2)) == "strided/downsampling"
-    finally:
-        ops._OPS.pop(Conv, None)
 
 
 def test_a_subclass_with_its_own_forward_gets_no_inherited_rule():
@@ -239,7 +237,7 @@ def test_interpolate_positions_in_every_mode(mode, corners, size):
     assert _placement_error(fn, args, lay, slack=0.5) <= 0.5 + 1e-9
 
 
-def test_a_wrong_resample_is_caught(monkeypatch):
+def test_a_wrong_resample_is_caught():
     """The check can fail: an ``F.pad`` rule that shifts the wrong way puts every sample a
     pixel or more from the pixel that it copies."""
     op = ops.get_op(F.pad)
@@ -247,8 +245,8 @@ def test_a_wrong_resample_is_caught(monkeypatch):
     def backwards(fn, args, kwargs, out):
         return {d: (scale, -shift) for d, (scale, shift) in op.resample(fn, args, kwargs, out).items()}
 
-    monkeypatch.setitem(ops._OPS, F.pad, ops.Op(**{**op.__dict__, "resample": backwards}))
-    assert _window_error(ops.get_op(F.pad)) >= 1.0
+    with registered_op(F.pad, resample=backwards):
+        assert _window_error(ops.get_op(F.pad)) >= 1.0
 
 
 def test_bilinear_positions_are_the_weights_centroids():
@@ -268,13 +266,13 @@ def test_bilinear_positions_are_the_weights_centroids():
             assert abs(lay.y[1] + lay.y[0] * j - centroid) < 1e-9, (kwargs, j)
 
 
-def test_corners_taken_for_centres_are_caught(monkeypatch):
+def test_corners_taken_for_centres_are_caught():
     """The centroid check can fail: a rule that ignores ``align_corners`` misplaces the samples."""
     op = ops.get_op(F.interpolate)
-    monkeypatch.setitem(ops._OPS, F.interpolate, ops.Op(**{**op.__dict__, "resample": lambda fn, a, k, out: op.resample(
-        fn, a, {**k, "align_corners": False}, out)}))
-    with pytest.raises(AssertionError, match="align_corners"):
-        test_bilinear_positions_are_the_weights_centroids()
+    with registered_op(F.interpolate, resample=lambda fn, a, k, out: op.resample(fn, a, {**k, "align_corners": False},
+                                                                                   out)):
+        with pytest.raises(AssertionError, match="align_corners"):
+            test_bilinear_positions_are_the_weights_centroids()
 
 
 class _Call(nn.Module):
@@ -288,7 +286,7 @@ class _Call(nn.Module):
         return self.fn(x)
 
 
-def test_a_wrong_window_is_caught(monkeypatch):
+def test_a_wrong_window_is_caught():
     """The window check can fail: a padding off by one moves every sample by a pixel."""
     op = ops.get_op(nn.Conv2d)
 
@@ -296,8 +294,8 @@ def test_a_wrong_window_is_caught(monkeypatch):
         w = op.window(fn, args, kwargs)
         return w._replace(padding=(w.padding[0] + 1, w.padding[1]))
 
-    monkeypatch.setitem(ops._OPS, nn.Conv2d, ops.Op(**{**op.__dict__, "window": off_by_one}))
-    assert _window_error(ops.get_op(nn.Conv2d)) >= 1.0
+    with registered_op(nn.Conv2d, window=off_by_one):
+        assert _window_error(ops.get_op(nn.Conv2d)) >= 1.0
 
 
 def test_timm_same_padding_is_read_from_the_input():
@@ -347,12 +345,10 @@ def test_attribution_aliasing_and_surgery_agree_on_downsampling():
     assert set(alias.loc[alias["alias_kind"] == "downsampling", "layer_type"]) == {"strided/downsampling"}
 
 
-def test_an_entry_without_its_window_breaks_the_agreement(monkeypatch):
+def test_an_entry_without_its_window_breaks_the_agreement():
     """The agreement can fail: without a window in Conv2dSame's entry (as when each reader kept its
     own list of window ops), surgery no longer finds it and the layouts after it are lost."""
-    op = ops.get_op(Conv2dSame)
-    monkeypatch.setitem(ops._OPS, Conv2dSame, ops.Op(**{**op.__dict__, "window": None}))
-    with pytest.raises(AssertionError, match=r"\} == \{"):
+    with registered_op(Conv2dSame, window=None), pytest.raises(AssertionError, match=r"\} == \{"):
         test_attribution_aliasing_and_surgery_agree_on_downsampling()
 
 
@@ -361,13 +357,11 @@ def test_register_layer_type_and_register_op_check_the_kind():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * 2
 
-    try:
+    with registered_op():
         ll.register_layer_type(Gate, "norm")
         gm = _one_op_graph(Gate(), (torch.zeros(1),))
         node = next(n for n in gm.graph.nodes if n.op == "call_module")
         assert ops.layer_type(gm, node) == "norm" and ops.module_type(Gate()) == "norm"
-    finally:
-        ops._OPS.pop(Gate, None)
     with pytest.raises(ll.LayerlieError, match="unknown layer type 'gate'; valid: attention, conv"):
         ops.register_op(Gate, layer_type="gate")
 

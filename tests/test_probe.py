@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from conftest import TOL
 from timm.layers import Conv2dSame
 from torch import nn
 
@@ -19,6 +18,7 @@ import layerlie as ll
 from layerlie.core import layout, ops, probe
 from layerlie.measure.hooks import guessed_layout, module_layouts
 from layerlie.antialias.layers import PolyphaseSample
+from layerlie.testing import TOL, registered_op
 
 
 def _graph(fn: Any, *rest: Any) -> fx.GraphModule:
@@ -90,12 +90,10 @@ def test_probing_agrees_with_the_rule(fn, x, rest):
     assert [v for axis in probed for v in axis] == pytest.approx([v for axis in rule for v in axis], abs=1e-9)
 
 
-def test_a_wrong_rule_disagrees_with_probing(monkeypatch):
+def test_a_wrong_rule_disagrees_with_probing():
     """The agreement can fail: a padding rule that forgets the padding is off by its padding."""
-    op = ops.get_op(nn.ReflectionPad2d)
-    monkeypatch.setitem(ops._OPS, nn.ReflectionPad2d, ops.Op(**{**op.__dict__, "window": lambda fn, a, k: ops.Window(
-        (1, 1), (1, 1), (0, 0), (1, 1))}))
-    rule, probed = _rule_and_probe(nn.ReflectionPad2d((2, 1, 1, 3)), X)
+    with registered_op(nn.ReflectionPad2d, window=lambda fn, a, k: ops.Window((1, 1), (1, 1), (0, 0), (1, 1))):
+        rule, probed = _rule_and_probe(nn.ReflectionPad2d((2, 1, 1, 3)), X)
     assert rule == ((1.0, 0.0), (1.0, 0.0)) and probed == ((1.0, -1.0), (1.0, -2.0))
 
 

@@ -13,9 +13,9 @@ from torch import nn
 import layerlie as ll
 from layerlie.measure.lie import jvp_ready
 from layerlie.core.engine import Call, linearize
+from layerlie.testing import ATOL, TOL, rel, timm_model
 from torch.utils import _pytree as pytree
 
-from conftest import TOL, rel, timm_model
 
 K = 3  # tangents per stack: the rules must treat the stack axis as a batch of tangents
 
@@ -44,7 +44,7 @@ def test_walk_equals_jvp_of_the_model(name):
     stack = torch.randn(K, *x.shape)
     out, tan = ll.propagate(gm, x, stack)
     with torch.no_grad(), jvp_ready(model):
-        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out, model(x), rtol=TOL[torch.float32], atol=ATOL["logits"])
         for i in range(K):
             want = torch.func.jvp(model, (x,), (stack[i],))[1]
             assert rel(tan[i], want) < TOL[torch.float32]

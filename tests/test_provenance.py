@@ -16,13 +16,13 @@ import timm
 import torch
 from conftest import cache_weights
 from safetensors.torch import save_file
-from usernets import Tiny
 
 import layerlie as ll
 from layerlie.views import figures
 from layerlie.results import store as st
 from layerlie.cli import main
 from layerlie.results.sweep import SpecError, read_spec, run_task, tasks
+from layerlie.testing import Tiny
 
 
 def sha256(path) -> str:
@@ -174,10 +174,7 @@ def test_sweep_of_model_tables_records_each_models_weights(weights_file, tmp_pat
     assert "checkpoint x1" in together and "callable x1" in together and "random init x1" in together
 
 
-def test_pretrained_in_a_spec_comes_from_the_cache_and_is_named_by_its_tag(offline, monkeypatch, tmp_path):
-    from layerlie.model import loading as models
-
-    monkeypatch.setattr(models, "_reachable", lambda url: pytest.fail("cached weights need no network"))
+def test_pretrained_in_a_spec_comes_from_the_cache_and_is_named_by_its_tag(offline, no_network, tmp_path):
     cfg = timm.models.get_pretrained_cfg("test_resnet")
     torch.manual_seed(1)
     model = timm.create_model("test_resnet")
@@ -190,6 +187,7 @@ def test_pretrained_in_a_spec_comes_from_the_cache_and_is_named_by_its_tag(offli
     assert task.model == f"test_resnet.{cfg.tag}"
     _, table = run_task(task, spec)
     assert set(table["weights"]) == {f"pretrained (timm test_resnet.{cfg.tag})"}
+    assert not no_network, "cached weights need no network"
 
 
 def test_a_checkpoint_changed_after_the_check_fails_its_task(tmp_path):

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, rel, timm_model
 from torch.profiler import ProfilerActivity, profile
 
 import layerlie as ll
 from layerlie.core import ops
 from layerlie.core.rules import FastRules
+from layerlie.testing import TOL, rel, timm_model
 
 
 def _examples() -> dict:

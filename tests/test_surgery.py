@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from conftest import TOL, timm_model
 from torch import nn
 
 import layerlie as ll
 from layerlie.core.layout import Layout
 from layerlie.antialias import BlurPool2d, FilteredActivation, PolyphaseSample, Resampled, antialias, binomial
+from layerlie.testing import ATOL, TOL, timm_model
 
 VIT = ("vit_tiny_patch16_224", (("img_size", 64),))
 VIT_SHALLOW = ("vit_tiny_patch16_224", (("img_size", 64), ("depth", 2)))  # local defects do not need depth
@@ -84,7 +84,7 @@ def test_one_tap_blurpool_is_the_original_model():
     m, x = model("resnet18"), images("resnet18")
     new = antialias(m, filter_size=1)
     with torch.no_grad():
-        assert torch.allclose(new(x), m(x), atol=1e-5)
+        assert torch.allclose(new(x), m(x), atol=ATOL["logits"])
 
 
 # --- the engine on the new graph, and what BlurPool does to the replaced nodes -----------------
@@ -164,7 +164,7 @@ def test_aps_makes_a_circular_cnn_exactly_shift_invariant(blurpool):
         for shift in [(1, 0), (0, 1), (3, 5), (-2, 7)]:
             moved = torch.roll(x, shift, dims=(2, 3))
             assert torch.equal(new(moved).argmax(-1), y.argmax(-1))  # consistency 1.0
-            assert torch.allclose(new(moved), y, rtol=0, atol=1e-13)
+            assert torch.allclose(new(moved), y, rtol=0, atol=ATOL["ops"])
             assert (net(moved) - y0).abs().max() > 1e-4  # the original is not invariant
     assert ll.attribute(new, x[:2], "translate_x").residual <= TOL[torch.float64]
 
@@ -189,23 +189,23 @@ def test_binomial_taps_and_blurpool_against_kornia_and_timm():
     for size in range(1, 8):
         for stride in (1, 2, 3):
             ours = BlurPool2d(size, stride).double()(x)
-            assert torch.allclose(ours, kornia.filters.blur_pool2d(x, size, stride=stride), atol=1e-14)
+            assert torch.allclose(ours, kornia.filters.blur_pool2d(x, size, stride=stride), atol=ATOL["op"])
     for size in (3, 5):
         assert torch.allclose(BlurPool2d(size, 2, "reflect").double()(x),
-                              TimmBlurPool2d(3, size, 2, pad_mode="reflect").double()(x), atol=1e-14)
+                              TimmBlurPool2d(3, size, 2, pad_mode="reflect").double()(x), atol=ATOL["op"])
 
 
 def test_filtered_activation_keeps_constants_and_its_linearization_is_the_jvp():
     x = torch.randn(2, 1 + 12, 5, dtype=torch.float64)
     f = FilteredActivation.from_activation(F.gelu, Layout("tokens", token_dim=1, prefix=1, hw=(3, 4)), 5)
     const = torch.full_like(x, 0.7)
-    assert torch.allclose(f(const), F.gelu(const), atol=1e-14)
+    assert torch.allclose(f(const), F.gelu(const), atol=ATOL["op"])
     assert torch.equal(f(x)[:, 0], F.gelu(x[:, 0]))  # the class token goes through the plain GELU
     t = torch.randn(3, *x.shape, dtype=torch.float64)
     jvp = torch.stack([torch.func.jvp(f, (x,), (ti,))[1] for ti in t])
-    assert torch.allclose(f.linear(x, t), jvp, atol=1e-13)
+    assert torch.allclose(f.linear(x, t), jvp, atol=ATOL["ops"])
     fd = (f(x + 1e-6 * t[0]) - f(x - 1e-6 * t[0])) / 2e-6
-    assert torch.allclose(fd, jvp[0], atol=1e-8)
+    assert torch.allclose(fd, jvp[0], atol=ATOL["central_difference"])
 
 
 def test_resampled_substitutes_eagerly_with_the_original_weights():

@@ -23,7 +23,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import TOL, rel, smooth_image
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -31,6 +30,7 @@ import layerlie as ll
 from layerlie.core import attention
 from layerlie.core.layout import unknown_layouts
 from layerlie.model.trace import TraceError
+from layerlie.testing import TOL, rel, smooth_image
 
 GROUPS = ["translate_x", "rotate"]
 

@@ -11,11 +11,11 @@ from collections.abc import Callable
 import pytest
 import torch
 import torchvision
-from conftest import TOL
 from torch import nn
 from torchvision.models import maxvit, swin_transformer
 
 import layerlie as ll
+from layerlie.testing import TOL
 
 MAX_UNKNOWN = 0.05
 

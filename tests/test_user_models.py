@@ -22,12 +22,12 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, rel
 from torch import nn
 
 import layerlie as ll
 from layerlie.cli import main
 from layerlie.model.loading import input_channels
+from layerlie.testing import TOL, rel
 
 SIZE, BATCH = 32, 2
 
