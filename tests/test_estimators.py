@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import smooth_image
+from layerlie.testing import smooth_image
 from torch import nn
 
 import layerlie as ll

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from layerlie.measure.attribution import attribute
+from layerlie.measure.attribution import attribute, two_panels
 from layerlie.measure.estimators import Estimator, get_estimator
 from layerlie.model.contract import Output, prepare
 from layerlie.core.layout import infer_layouts
@@ -97,13 +97,7 @@ class Ablation:
 
     def plot(self, ax: Any = None) -> Any:
         """LEE per group and variant (left) and the contribution by layer type (right)."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            fig, (ax_lee, ax_type) = plt.subplots(1, 2, figsize=(11, 3.8))
-        else:
-            ax_lee, ax_type = ax
-            fig = ax_lee.figure
+        fig, (ax_lee, ax_type) = two_panels(ax, (11, 3.8))
         lee_cols = [f"lee_{g}" for g in self.settings["groups"]]
         frame = self.table.set_index("variant")[lee_cols]
         frame.columns = list(self.settings["groups"])

@@ -73,18 +73,12 @@ def register_policy(name: str, looks_for: str, activation: bool = False,
     return deco
 
 
-def get_policy(name: str) -> Policy:
-    """The policy registered under ``name``.
+get_policy = _POLICIES.get
+"""The policy registered under a name; an unknown name raises a :class:`layerlie.LayerlieError`
+that lists the valid ones."""
 
-    Raises:
-        LayerlieError: an unknown name; the message lists the registered ones.
-    """
-    return _POLICIES.get(name)
-
-
-def list_policies() -> list[str]:
-    """The registered policies' names, sorted."""
-    return _POLICIES.names()
+list_policies = _POLICIES.names
+"""The registered policies' names, sorted."""
 
 
 def _strided_layer(gm: fx.GraphModule, node: fx.Node, policy: str) -> nn.Module | None:

@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pandas as pd
 import torch
@@ -327,6 +327,17 @@ def write_table(table: pd.DataFrame, out: Path) -> None:
                             "path") from None
 
 
+def _save(table: pd.DataFrame, out: Path | None, result: Any, plot: str | None) -> None:
+    """Write the table to ``--out`` and the result's figure to ``--plot``, where given."""
+    if out is not None:
+        write_table(table, out)
+    if plot:
+        try:
+            result.plot().savefig(plot, dpi=120)
+        except OSError as err:
+            raise LayerlieError(f"cannot write --plot {plot!r} ({err.strerror})") from None
+
+
 def to_json(payload: object) -> str:
     """Strict JSON: NaN and inf (a spread over one image, say) become null."""
     def finite(v: object) -> object:
@@ -395,13 +406,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         if result.settings["granularity"] == "node":
             result = with_aliasing(result, target, batch.x)
     table = result.nodes.assign(model=args.model, group=g.name, scheme=args.scheme, estimator=args.estimator)
-    if out is not None:
-        write_table(table, out)
-    if args.plot:
-        try:
-            result.plot().savefig(args.plot, dpi=120)
-        except OSError as err:
-            raise LayerlieError(f"cannot write --plot {args.plot!r} ({err.strerror})") from None
+    _save(table, out, result, args.plot)
     kind = "absolute" if result.degenerate else "relative"
     if args.json:
         print(to_json({"model": args.model, "group": g.name, "estimator": args.estimator,
@@ -492,13 +497,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                         labels=_class_indices(batch.labels), estimator=args.estimator, scheme=args.scheme,
                         filter_size=args.filter_size, where=where, output=prepared.output)
     table = result.table.assign(model=args.model, scheme=args.scheme)
-    if out is not None:
-        write_table(table, out)
-    if args.plot:
-        try:
-            result.plot().savefig(args.plot, dpi=120)
-        except OSError as err:
-            raise LayerlieError(f"cannot write --plot {args.plot!r} ({err.strerror})") from None
+    _save(table, out, result, args.plot)
     if args.json:
         print(to_json({"model": args.model, "images": len(batch.x), "settings": result.settings,
                        "variants": result.table.to_dict(orient="records")}))

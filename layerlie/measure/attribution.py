@@ -52,6 +52,17 @@ from layerlie.measure.estimators import Estimator, get_estimator
 from layerlie.model.trace import TraceError, trace, with_output
 
 
+def two_panels(ax: Any, figsize: tuple[float, float]) -> tuple[Any, tuple[Any, Any]]:
+    """The figure and the two axes of a result's plot: ``ax`` (a pair) where given, else a new
+    figure of ``figsize``."""
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        fig, pair = plt.subplots(1, 2, figsize=figsize)
+        return fig, tuple(pair)
+    return ax[0].figure, tuple(ax)
+
+
 @dataclass
 class Attribution:
     """Per-node attribution of ``L F(x)`` (docs/method.md §3-4).
@@ -142,13 +153,7 @@ class Attribution:
 
     def plot(self, ax: Any = None) -> Any:
         """Contribution by depth (left) and share by layer type (right). Returns the figure."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            fig, (ax_depth, ax_type) = plt.subplots(1, 2, figsize=(11, 3.5))
-        else:
-            ax_depth, ax_type = ax
-            fig = ax_depth.figure
+        fig, (ax_depth, ax_type) = two_panels(ax, (11, 3.5))
         exact = not self.nodes["contribution_norm"].isna().any()
         y = self.nodes["contribution_norm"] if exact else self.nodes["share"].abs()
         rows = self.nodes.assign(y=y)[y.fillna(0) > 0]

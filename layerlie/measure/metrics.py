@@ -145,11 +145,7 @@ def eq_t(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, samples: in
     """
     model, x = _measured(model, x, output, node)
     f, stride = _feature_map(model, x, node, "eq_t")
-    if shifts is None:
-        gen = torch.Generator().manual_seed(seed)
-        chosen = [[_integer_shift(x.shape[-2:], max_shift, gen) for _ in range(samples)] for _ in range(len(x))]
-    else:
-        chosen = [[(int(dy), int(dx)) for dy, dx in shifts]] * len(x)
+    chosen = _chosen(len(x), shifts, samples, seed, int, lambda gen: _integer_shift(x.shape[-2:], max_shift, gen))
 
     def pair(xb: torch.Tensor, yb: torch.Tensor, s: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         out = (s[0] / stride[0], s[1] / stride[1])
@@ -180,13 +176,9 @@ def eq_t_frac(model: Model, x: torch.Tensor, *, max_shift: float = 0.125, sample
     """
     model, x = _measured(model, x, output, node)
     f, stride = _feature_map(model, x, node, "eq_t_frac")
-    if shifts is None:
-        gen = torch.Generator().manual_seed(seed)
-        side = torch.tensor(x.shape[-2:], dtype=torch.float64)
-        chosen = [[tuple(((torch.rand(2, generator=gen, dtype=torch.float64) * 2 - 1) * max_shift * side).tolist())
-                   for _ in range(samples)] for _ in range(len(x))]
-    else:
-        chosen = [[(float(dy), float(dx)) for dy, dx in shifts]] * len(x)
+    side = torch.tensor(x.shape[-2:], dtype=torch.float64)
+    chosen = _chosen(len(x), shifts, samples, seed, float, lambda gen: tuple(
+        ((torch.rand(2, generator=gen, dtype=torch.float64) * 2 - 1) * max_shift * side).tolist()))
 
     def pair(xb: torch.Tensor, yb: torch.Tensor, s: tuple[float, float]) -> tuple[torch.Tensor, ...]:
         out = (s[0] / stride[0], s[1] / stride[1])
@@ -526,6 +518,16 @@ def _last_feature_map(gm: fx.GraphModule, layouts: dict[str, Layout], values: di
         raise LayerlieError("no feature map (a grid or tokens of known layout) ends this model's graph; pass "
                             "node= a node name whose output is a feature map")
     return found
+
+def _chosen(n: int, shifts: Sequence[tuple[float, float]] | None, samples: int, seed: int, cast: type,
+            draw: Callable[[torch.Generator], tuple[float, float]]) -> list[list[tuple[float, float]]]:
+    """The shifts of each of ``n`` images: the given ``shifts`` for every image, else ``samples``
+    draws each from a generator seeded with ``seed`` (image by image)."""
+    if shifts is not None:
+        return [[(cast(dy), cast(dx)) for dy, dx in shifts]] * n
+    gen = torch.Generator().manual_seed(seed)
+    return [[draw(gen) for _ in range(samples)] for _ in range(n)]
+
 
 
 def _integer_shift(hw: tuple[int, int], max_shift: float, gen: torch.Generator) -> tuple[int, int]:

@@ -81,18 +81,12 @@ def register_measure(name: str, *, table: str | None = None, options: tuple[str,
     return deco
 
 
-def get_measure(name: str) -> Measure:
-    """The measure registered under ``name``.
+get_measure = _MEASURES.get
+"""The measure registered under a name; an unknown name raises a :class:`layerlie.LayerlieError`
+that lists the valid ones."""
 
-    Raises:
-        LayerlieError: an unknown name; the message lists the registered ones.
-    """
-    return _MEASURES.get(name)
-
-
-def list_measures() -> list[str]:
-    """The registered measures' names, sorted."""
-    return _MEASURES.names()
+list_measures = _MEASURES.names
+"""The registered measures' names, sorted."""
 
 
 def _given(options: Mapping[str, Any], *keys: str) -> dict[str, Any]:

@@ -100,18 +100,12 @@ def register_figure(name: str, *, tables: tuple[str, ...], per_model: bool = Fal
     return deco
 
 
-def get_figure(name: str) -> Plot:
-    """The figure registered under ``name``.
+get_figure = _FIGURES.get
+"""The figure registered under a name; an unknown name raises a :class:`layerlie.LayerlieError`
+that lists the valid ones."""
 
-    Raises:
-        LayerlieError: an unknown name; the message lists the registered ones.
-    """
-    return _FIGURES.get(name)
-
-
-def list_figures() -> list[str]:
-    """The registered figures' names, sorted."""
-    return _FIGURES.names()
+list_figures = _FIGURES.names
+"""The registered figures' names, sorted."""
 
 
 def _paper(draw: Callable[..., Figure]) -> Callable[..., Figure]:
