@@ -17,7 +17,7 @@ from layerlie.measure.lie import jvp_ready, lee, lie_derivative, summarize
 from layerlie.measure.metrics import (DEFAULT_METRICS, Metric, consistency, eq_r, eq_t, eq_t_frac, get_metric,
                                       invariance, list_metrics, metrics, register_metric)
 from layerlie.model.loading import load_model
-from layerlie.measure.monitor import Monitor
+from layerlie.integrations.monitor import Monitor
 from layerlie.model.normact import get_norm_act, list_norm_acts, register_norm_act
 from layerlie.core.ops import (Op, get_layer_type, get_op, get_rule, list_layer_types, list_ops, list_rules,
                           register_layer_type, register_op, register_rule)
@@ -77,7 +77,7 @@ _MOVED = {
     "memory": "core.memory",
     "metrics": "measure.metrics",
     "models": "model.loading",
-    "monitor": "measure.monitor",
+    "monitor": "integrations.monitor",
     "normact": "model.normact",
     "ops": "core.ops",
     "probe": "core.probe",

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 import layerlie as ll
 from layerlie.views import figures
 from layerlie.results import store as st
-from layerlie.measure.monitor import untouched
+from layerlie.integrations.monitor import untouched
 from layerlie.testing import TOL
 
 
@@ -191,7 +191,7 @@ def test_figure_draws_lee_and_shares():
 def test_overhead_leaves_the_one_time_setup_out(monkeypatch):
     """A slow trace and a slow first call of the engine (the memory plan, lazy imports) are the
     set-up: ``setup_seconds`` holds them, the measurements and ``overhead`` do not."""
-    from layerlie.measure import monitor as mod
+    from layerlie.integrations import monitor as mod
 
     slow = 0.5
     calls = []

@@ -50,7 +50,7 @@ from layerlie.measure.attribution import attribute
 from layerlie.errors import LayerlieError
 from layerlie.measure.lie import jvp_ready, lee, lie_derivative
 from layerlie.measure.metrics import metrics
-from layerlie.measure.monitor import Monitor
+from layerlie.integrations.monitor import Monitor
 from layerlie.antialias.rewrite import antialias
 
 CANVAS = 48

@@ -1,6 +1,8 @@
-"""Training frameworks: equivariance measured from inside their loops (docs/method.md §2, 4, 7).
+"""Equivariance measured from inside a training loop (docs/method.md §2, 4, 7): the
+framework-free :class:`layerlie.Monitor` (:mod:`layerlie.integrations.monitor`), and one module
+per training framework.
 
-Each integration is a module of its own, imported by name, so that one framework's optional
+Each framework's integration is a module of its own, imported by name, so that one framework's optional
 dependency is not needed by another's: :mod:`layerlie.integrations.lightning` (``pip install
 layerlie[lightning]``). A TensorBoard writer needs no integration: see
 :meth:`layerlie.Monitor.log_to`.

@@ -26,7 +26,7 @@ from torch import nn
 from layerlie.core.groups import DEFAULT_GROUPS, Group
 from layerlie.deprecation import renamed
 from layerlie.measure.lie import check_images
-from layerlie.measure.monitor import Metrics, Monitor, MonitorError
+from layerlie.integrations.monitor import Metrics, Monitor, MonitorError
 
 
 class LieMonitor(pl.Callback):
