@@ -252,3 +252,13 @@ def test_published_sampler_value_is_the_image_at_t0():
     img = torch.randn(2, 3, 11, 15)
     value, _, _ = published_sampler_terms(img)
     assert rel(value, img) < 1e-6
+
+
+def test_calling_a_scheme_still_gives_its_derivative_with_a_warning():
+    """``get_scheme(name)`` returned the axis derivative before schemes were entries."""
+    h = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    with pytest.warns(DeprecationWarning, match=r"get_scheme\(name\)\.derivative"):
+        d = ll.get_scheme("central")(h, -1)
+    assert torch.equal(d, ll.get_scheme("central").derivative(h, -1))
+    with pytest.warns(DeprecationWarning), pytest.raises(ll.LayerlieError, match="no axis derivative"):
+        ll.get_scheme("published")(h, -1)

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from layerlie.core.registry import Registry
 from layerlie.errors import LayerlieError
 from layerlie.core.groups import Group
 
@@ -100,15 +102,24 @@ class Scheme:
     tangent: Callable[[torch.Tensor, Group, Frame], torch.Tensor]
     derivative: Derivative | None = None
 
+    def __call__(self, h: torch.Tensor, dim: int) -> torch.Tensor:
+        """``derivative(h, dim)``, as ``get_scheme(name)(h, dim)`` gave before schemes were
+        entries; kept for one release."""
+        warnings.warn("calling get_scheme(name) is deprecated; use get_scheme(name).derivative",
+                      DeprecationWarning, stacklevel=2)
+        if self.derivative is None:
+            raise LayerlieError(f"scheme {self.name!r} has no axis derivative")
+        return self.derivative(h, dim)
 
-_SCHEMES: dict[str, Scheme] = {}
+
+_SCHEMES: Registry[Scheme] = Registry("scheme")
 
 
 def register_scheme(name: str, derivative: Derivative) -> Scheme:
     """Register a scheme: ``derivative(h, dim)`` is dh/d(index) along ``dim``, and ``G h`` is
     the velocity field times it along each axis (docs/method.md §5)."""
     scheme = Scheme(name, functools.partial(_along_velocity, derivative), derivative)
-    _SCHEMES[name] = scheme
+    _SCHEMES.add(name, scheme)
     return scheme
 
 
@@ -120,14 +131,12 @@ def get_scheme(name: str) -> Scheme:
         >>> get_scheme("central").derivative is central_difference
         True
     """
-    if name not in _SCHEMES:
-        raise LayerlieError(f"unknown scheme {name!r}; valid schemes: {', '.join(list_schemes())}")
-    return _SCHEMES[name]
+    return _SCHEMES.get(name)
 
 
 def list_schemes() -> list[str]:
     """The names of the registered schemes, sorted."""
-    return sorted(_SCHEMES)
+    return _SCHEMES.names()
 
 
 def check_scheme(name: str) -> str:
@@ -254,7 +263,7 @@ def _published_tangent(h: torch.Tensor, group: Group, frame: Frame) -> torch.Ten
 
 register_scheme("central", central_difference)
 register_scheme("spectral", spectral_derivative)
-_SCHEMES["published"] = Scheme("published", _published_tangent)
+_SCHEMES.add("published", Scheme("published", _published_tangent))
 
 
 def base_point(x: torch.Tensor, group: Group) -> torch.Tensor:

@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 
+from layerlie.core.registry import Registry
 from layerlie.errors import LayerlieError
 
 Runs = Literal["forward", "reverse", "probes"]
@@ -67,12 +68,12 @@ class Estimator:
         return "share" if self.runs == "reverse" else "contribution_norm"
 
 
-_ESTIMATORS: dict[str, Estimator] = {}
+_ESTIMATORS: Registry[Estimator] = Registry("estimator")
 
 
 def register_estimator(estimator: Estimator) -> Estimator:
     """Add ``estimator`` to the registry, so that :func:`layerlie.attribute` takes its name."""
-    _ESTIMATORS[estimator.name] = estimator
+    _ESTIMATORS.add(estimator.name, estimator)
     return estimator
 
 
@@ -81,14 +82,12 @@ def get_estimator(spec: str | Estimator) -> Estimator:
     :class:`LayerlieError` that lists the valid ones."""
     if isinstance(spec, Estimator):
         return spec
-    if spec not in _ESTIMATORS:
-        raise LayerlieError(f"unknown estimator {spec!r}; valid estimators: {', '.join(list_estimators())}")
-    return _ESTIMATORS[spec]
+    return _ESTIMATORS.get(spec)
 
 
 def list_estimators() -> list[str]:
     """The names of the registered estimators, sorted."""
-    return sorted(_ESTIMATORS)
+    return _ESTIMATORS.names()
 
 
 register_estimator(Estimator("exact", "forward"))

@@ -38,6 +38,7 @@ from torch import fx, nn
 
 from layerlie.model.contract import Output, prepare, selected
 from layerlie.deprecation import renamed
+from layerlie.core.registry import Registry
 from layerlie.errors import LayerlieError
 from layerlie.core.groups import DEFAULT_GROUPS, Group, get_group
 from layerlie.core.layout import Layout, LayoutProp
@@ -310,7 +311,7 @@ class Metric:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-_METRICS: dict[str, Metric] = {}
+_METRICS: Registry[Metric] = Registry("metric")
 
 DEFAULT_METRICS: tuple[str, ...] = ("consistency", "eq_t", "eq_t_frac", "eq_r")
 """The finite metrics measured when none are named: by :func:`metrics`, the Monitor's
@@ -319,21 +320,19 @@ DEFAULT_METRICS: tuple[str, ...] = ("consistency", "eq_t", "eq_t_frac", "eq_r")
 
 def register_metric(metric: Metric) -> Metric:
     """Add ``metric`` to the registry, so that :func:`metrics` takes its name."""
-    _METRICS[metric.name] = metric
+    _METRICS.add(metric.name, metric)
     return metric
 
 
 def get_metric(name: str) -> Metric:
     """The registered metric ``name``; an unknown name raises a :class:`LayerlieError` that
     lists the valid ones."""
-    if name not in _METRICS:
-        raise LayerlieError(f"unknown metric {name!r}; valid metrics: {', '.join(list_metrics())}")
-    return _METRICS[name]
+    return _METRICS.get(name)
 
 
 def list_metrics() -> list[str]:
     """The names of the registered metrics, sorted."""
-    return sorted(_METRICS)
+    return _METRICS.names()
 
 
 register_metric(Metric("consistency", consistency))
