@@ -71,10 +71,13 @@ rewritten into the same function (``logits``); attribution norms near zero (``no
 RTOL: dict[str, float] = {
     "regrouped": 1e-5,
     "central_difference": 1e-4,
+    "captured": 1e-5,
 }
 """Relative errors: of one float32 computation against itself with its ops regrouped (traced
 against eager, batched against whole, two loadings of one model: ``regrouped``); of a central
-difference at step 1e-4 of a float64 model against its derivative (``central_difference``)."""
+difference at step 1e-4 of a float64 model against its derivative (``central_difference``); of a
+pass replayed from a captured or compiled program against the same pass run eagerly
+(``captured``)."""
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

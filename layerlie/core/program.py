@@ -223,8 +223,7 @@ class Programs:
         if program is None:
             if self._seen.get(full, 0) < SEEN_BEFORE_CAPTURE:
                 self._seen[full] = self._seen.pop(full, 0) + 1
-                while len(self._seen) > self.maxsize:
-                    self._seen.popitem(last=False)
+                self._evict(self._seen)
                 return fn(*inputs)
             del self._seen[full]
             program = self._capture(fn, inputs, capture, full)
@@ -242,9 +241,13 @@ class Programs:
                  CaptureNote)
             program = _FAILED
         self._entries[full] = program
-        while len(self._entries) > self.maxsize:
-            self._entries.popitem(last=False)
+        self._evict(self._entries)
         return program
+
+    def _evict(self, table: OrderedDict) -> None:
+        """Drop the least recently used keys of ``table`` beyond :attr:`maxsize`."""
+        while len(table) > self.maxsize:
+            table.popitem(last=False)
 
     def _owner(self, owner: object) -> Hashable:
         """A weak reference to ``owner`` whose death drops its programs (the object itself where it

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from layerlie.model.contract import Output, prepare, select
 from layerlie.deprecation import renamed
@@ -43,7 +44,7 @@ from layerlie.core.groups import Group, group as get_group
 from layerlie.core.layout import NONE, Coords, Layout, LayoutProp, layout_tangent
 from layerlie.measure.hooks import module_contributions, module_cotangents, module_defects
 from layerlie.measure.lie import exact_math, jvp_ready
-from layerlie.core import memory
+from layerlie.core import memory, program
 from layerlie.core.ops import commuting, is_strided, layer_type, linearization, module_type, op_key, relabels
 from layerlie.core.rules import Offset, softmax_jvp
 from layerlie.core.engine import Propagator, Recorder, bind, padded
@@ -326,20 +327,39 @@ def _sources(defects: _Defects) -> list[fx.Node]:
 
 
 def _propagate_sources(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node],
-                       defects: _Defects) -> torch.Tensor:
+                       defects: _Defects, capture: program.Capture = None,
+                       key: tuple[fx.GraphModule, str] | None = None) -> torch.Tensor:
     """``J_{out<-v}[e_v]`` for each source, stacked: ``(len(sources), *out.shape)``. Each source's
     slice starts where it enters (:class:`Propagator` ``sources``), so the chunk pays for the path
-    below each source, not for zeros carried from the chunk's first one (docs/method.md §4)."""
-    entering = {n.name: defects.e[n] for n in sources}
-    out, tan = Propagator(gm, primal=defects.values, sources=entering).propagate(x, None)
-    return padded(tan, len(sources), out)
+    below each source, not for zeros carried from the chunk's first one (docs/method.md §4).
+
+    The pass is a function of ``x``, the defects and the recorded values, run as ``capture`` says
+    (:mod:`layerlie.core.program`), keyed on the chunk's sources and ``key``: the caller's graph,
+    of which ``gm`` is the cut at an output node (``gm`` itself by default), and that node's name."""
+    owner, out_name = key or (gm, None)
+    names = [n.name for n in sources]
+    nodes = list(defects.values)
+    leaves, spec = pytree.tree_flatten([defects.values[n] for n in nodes])
+    at = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+
+    def sources_pass(x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        flat = list(leaves)
+        for i, t in zip(at, tensors[len(names):]):
+            flat[i] = t
+        primal = dict(zip(nodes, pytree.tree_unflatten(flat, spec)))
+        out, tan = Propagator(gm, primal=primal, sources=dict(zip(names, tensors))).propagate(x, None)
+        return padded(tan, len(names), out)
+
+    inputs = (x, *(defects.e[n] for n in sources), *(leaves[i] for i in at))
+    return program.run(sources_pass, inputs, owner=owner, key=("sources", out_name, tuple(names)), capture=capture)
 
 
 @renamed(probes="samples")
 def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group | str, *,
               estimator: str | Estimator = "exact", scheme: str = "central", output: str | int = "softmax",
               samples: int = 100, seed: int = 0, coords: Coords = "receptive_field",
-              memory_budget: float | None = None, granularity: Literal["node", "module"] = "node") -> Attribution:
+              memory_budget: float | None = None, granularity: Literal["node", "module"] = "node",
+              capture: program.Capture = None) -> Attribution:
     """Attribute the Lie derivative of ``model`` at ``x`` to the nodes of its graph (docs/method.md §3-4).
 
     Args:
@@ -366,6 +386,10 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         granularity: ``"node"`` (the fx graph) or ``"module"`` (leaf-module forward hooks,
             :mod:`layerlie.measure.hooks`). A model that fx cannot trace falls back to ``"module"``
             with a one-line warning that says why.
+        capture: how the exact estimator's propagation of the defects runs
+            (:data:`layerlie.core.program.Capture`): by default replayed from a CUDA graph on CUDA,
+            captured the second time a graph, input shape and chunk of sources come, and eagerly
+            elsewhere.
 
     Returns:
         An :class:`Attribution` with its check (``a.check``, ``a.residual``);
@@ -379,7 +403,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         raise LayerlieError(f"group {g.name!r} is a compatibility map, not a group; attribution needs a group")
     if granularity not in ("node", "module"):
         raise LayerlieError(f"unknown granularity {granularity!r}; use 'node' or 'module'")
-    options = _Options(g, est, scheme, head, samples, seed, coords, memory_budget, pick)
+    options = _Options(g, est, scheme, head, samples, seed, coords, memory_budget, pick, capture)
     if granularity == "module":
         return _attribute_modules(model, x, options)
     if isinstance(model, fx.GraphModule):
@@ -406,6 +430,7 @@ class _Options(NamedTuple):
     coords: Coords
     memory_budget: float | None
     pick: Output = None  # the tensor of a structured output (the output rule of layerlie.contract)
+    capture: program.Capture = None
 
     def settings(self, **more: Any) -> dict[str, Any]:
         return dict(group=self.group.name, scheme=self.scheme, estimator=self.estimator.name, output=self.output,
@@ -413,6 +438,7 @@ class _Options(NamedTuple):
 
 
 def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attribution:
+    owner = gm  # the caller's graph: with_output may give a new one for each call
     gm, out_name = with_output(gm, o.output)
     rng = torch.Generator(device=x.device).manual_seed(o.seed)
     reaching = _reaching(gm, x, rng) if o.estimator.runs == "forward" else None
@@ -439,7 +465,7 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
                 if n not in live:
                     contrib[n] = shares[n] = 0.0
             for chunk in _chunks(gm, live, defects, o.memory_budget):
-                c = _propagate_sources(gm, x, chunk, defects)
+                c = _propagate_sources(gm, x, chunk, defects, o.capture, (owner, out_name))
                 for n, cv in zip(chunk, c):
                     contrib[n] = float(cv.norm())
                     shares[n] = float((cv * total).sum())
