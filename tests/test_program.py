@@ -302,3 +302,18 @@ def test_programs_go_with_their_owner():
     del owner
     gc.collect()
     assert len(cache) == 0
+
+
+def test_shares_replayed_equal_eager():
+    """invariants: the shares estimator's reverse pass through the fake CUDA graph gives the eager
+    shares, and new images their own."""
+    model = small_cnn(torch.float32)
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    gm = ll.trace(model, x)
+    fake = FakeGraph()
+    for images in (x, x, x + 0.5):
+        got = ll.attribute(gm, images, "translate_x", estimator="shares", capture=fake)
+        want = ll.attribute(gm, images, "translate_x", estimator="shares", capture=False)
+        assert rel(torch.tensor(got.nodes["share"].to_numpy()), torch.tensor(want.nodes["share"].to_numpy())) \
+            <= RTOL["captured"]
+    assert (fake.captures, fake.replays) == (1, 2)

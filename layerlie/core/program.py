@@ -28,9 +28,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -98,23 +99,39 @@ def eager(fn: Callable[..., Any], inputs: Sequence[torch.Tensor]) -> Replay:
 def cuda_graph(fn: Callable[..., Any], inputs: Sequence[torch.Tensor]) -> Replay:
     """``fn`` recorded as a CUDA graph on static copies of ``inputs`` (docs/design.md §8).
 
-    It runs :data:`WARMUP` times on a side stream, then once under ``torch.cuda.graph``; a replay
-    is a :class:`StaticReplay` of ``graph.replay``. The graph reads the weights where they are
-    now: replace them in place (``load_state_dict``, an optimizer step), or key the pass on them.
+    It runs :data:`WARMUP` times on a side stream, the last time with host syncs made errors
+    (``torch.cuda.set_sync_debug_mode``), so that a pass that would break the capture (``.item()``,
+    a copy to the host) fails before it; then once under ``torch.cuda.graph`` on the same stream,
+    whose per-stream handles (cuBLAS) the warm-up has made. A replay is a :class:`StaticReplay` of
+    ``graph.replay``. The graph reads the weights where they are now: change them in place
+    (``load_state_dict``, an optimizer step), or key the pass on their storage.
     """
     if not inputs or not all(t.is_cuda for t in inputs):
         raise LayerlieError("a CUDA graph needs CUDA tensors")
     static = [t.detach().clone() for t in inputs]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    side = torch.cuda.Stream(device=static[0].device)
+    side.wait_stream(torch.cuda.current_stream(static[0].device))
     with torch.cuda.stream(side):
-        for _ in range(WARMUP):
-            fn(*static)
-    torch.cuda.current_stream().wait_stream(side)
+        for i in range(WARMUP):
+            with _host_syncs_fail(i == WARMUP - 1):
+                fn(*static)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         out = fn(*static)
+    torch.cuda.current_stream(static[0].device).wait_stream(side)
     return StaticReplay(graph.replay, static, out)
+
+
+@contextlib.contextmanager
+def _host_syncs_fail(on: bool) -> Iterator[None]:
+    """Make an op that waits for the device raise, for the duration (when ``on``)."""
+    saved = torch.cuda.get_sync_debug_mode()
+    if on:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(saved)
 
 
 @dataclass(frozen=True)

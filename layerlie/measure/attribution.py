@@ -471,7 +471,7 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
                     shares[n] = float((cv * total).sum())
                     summed += cv
     if o.estimator.runs == "reverse":
-        shares = _shares(gm, x, sources, defects, total)
+        shares = _shares(gm, x, sources, defects, total, o.capture, (owner, out_name))
     elif o.estimator.runs == "probes":
         contrib, stderr = _hutchinson(gm, x, sources, defects, o.probes, o.estimator.probe, rng)
     lf2, degenerate = _squared_norm(total, y)
@@ -588,10 +588,22 @@ def _chunks(gm: fx.GraphModule, sources: list[fx.Node], defects: _Defects,
     return [[sources[k] for k in chunk] for chunk in plan]
 
 
-def _shares(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects: _Defects,
-            total: torch.Tensor) -> dict[fx.Node, float]:
-    """``<e_v, J_{out<-v}^T L F>`` for every source from one reverse pass (docs/method.md §4)."""
-    return _cotangents(gm, x, sources, [total], lambda n, g: float((g * defects.e[n]).sum()))[0]
+def _shares(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects: _Defects, total: torch.Tensor,
+            capture: program.Capture = None, key: tuple[fx.GraphModule, str] | None = None) -> dict[fx.Node, float]:
+    """``<e_v, J_{out<-v}^T L F>`` for every source from one reverse pass (docs/method.md §4).
+
+    The pass is a function of ``x``, ``L F`` and the defects, run as ``capture`` says
+    (:mod:`layerlie.core.program`), keyed as in :func:`_propagate_sources`."""
+    owner, out_name = key or (gm, None)
+
+    def shares_pass(x: torch.Tensor, total: torch.Tensor, *e: torch.Tensor) -> torch.Tensor:
+        at = dict(zip(sources, e))
+        return _cotangents(gm, x, sources, [total], lambda n, g: (g * at[n]).sum())[0]
+
+    inputs = (x, total, *(defects.e[n] for n in sources))
+    shares = program.run(shares_pass, inputs, owner=owner, key=("shares", out_name, tuple(n.name for n in sources)),
+                         capture=capture)
+    return dict(zip(sources, shares.tolist()))
 
 
 def _reaching(gm: fx.GraphModule, x: torch.Tensor, rng: torch.Generator) -> set[str]:
@@ -605,19 +617,21 @@ def _reaching(gm: fx.GraphModule, x: torch.Tensor, rng: torch.Generator) -> set[
     def probe(out: torch.Tensor) -> list[torch.Tensor]:
         return [torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=rng)]
 
-    reach = _cotangents(gm, x, nodes, probe, lambda n, g: float(g.any()))[0]
-    return {n.name for n in nodes if reach[n]}
+    reach = _cotangents(gm, x, nodes, probe, lambda n, g: g.any())[0].tolist()
+    return {n.name for n, r in zip(nodes, reach) if r}
 
 
 def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node],
                 weights: Sequence[torch.Tensor] | Callable[[torch.Tensor], Sequence[torch.Tensor]],
-                reduce: Callable[[fx.Node, torch.Tensor], float]) -> list[dict[fx.Node, float]]:
-    """``reduce(v, J_{out<-v}^T w)`` for every node ``v`` in ``nodes`` and every ``w`` in
-    ``weights`` (or ``weights(output)``): one reverse pass each. Each cotangent is reduced by a
-    tensor hook, registered as the forward computes the node, the moment the pass reaches it, so
-    neither the node's value nor its cotangent is kept for it."""
+                reduce: Callable[[fx.Node, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """``reduce(v, J_{out<-v}^T w)`` (a 0-d tensor) for every node ``v`` in ``nodes`` and every ``w``
+    in ``weights`` (or ``weights(output)``): one reverse pass each, a tensor ``(len(nodes),)`` (0
+    where the pass does not reach). Each cotangent is reduced by a tensor hook, registered as the
+    forward computes the node, the moment the pass reaches it, so neither the node's value nor its
+    cotangent is kept for it; the reductions stay on the device, so the pass never waits for the
+    host."""
     by_name = {n.name: n for n in nodes}
-    reduced: dict[fx.Node, float] = {}
+    reduced: dict[fx.Node, torch.Tensor] = {}
 
     def hook(n: fx.Node, v: Any) -> None:
         if n.name in by_name and isinstance(v, torch.Tensor) and v.requires_grad:
@@ -629,10 +643,11 @@ def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node],
         xr = x.detach().requires_grad_(True)
         out = recorder.run(xr)
         ws = weights(out) if callable(weights) else weights
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
         for i, w in enumerate(ws):
             reduced.clear()
             torch.autograd.backward(out, w, retain_graph=i < len(ws) - 1, inputs=[xr])
-            results.append({n: reduced.get(n, 0.0) for n in nodes})
+            results.append(torch.stack([reduced.get(n, zero).to(zero.dtype) for n in nodes]))
     return results
 
 
@@ -643,8 +658,8 @@ def _hutchinson(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], def
     as published) for probes of unit variance; returns ``sqrt`` of the mean and its standard error."""
     out_shape = defects.values[next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]].shape
     zs = [probe(out_shape, dtype=x.dtype, device=x.device, generator=rng) for _ in range(probes)]
-    probed = _cotangents(gm, x, sources, zs, lambda n, g: float((g * defects.e[n]).sum()) ** 2)
-    return _probe_stats({n: [p[n] for p in probed] for n in sources})
+    probed = torch.stack(_cotangents(gm, x, sources, zs, lambda n, g: (g * defects.e[n]).sum())).T.tolist()
+    return _probe_stats({n: [z ** 2 for z in p] for n, p in zip(sources, probed)})
 
 
 def _probe_stats(samples: dict[Any, Sequence[float]]) -> tuple[dict[Any, float], dict[Any, float]]:
