@@ -10,9 +10,10 @@ fault, which it must catch.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -83,13 +84,17 @@ def fresh_cache():
     program.PROGRAMS.clear()
 
 
-def _quiet_compile() -> warnings.catch_warnings:
-    """Dynamo's notes on the functorch calls it leaves to Python (graph breaks: still exact)."""
-    w = warnings.catch_warnings()
-    w.__enter__()
-    warnings.filterwarnings("ignore", message="Dynamo does not know how to trace")
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch._dynamo")
-    return w
+@contextlib.contextmanager
+def compiling() -> Iterator[None]:
+    """Quiet dynamo's notes on the functorch calls it leaves to Python (graph breaks: the pass is
+    still exact), and drop what it compiled afterwards."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Dynamo does not know how to trace")
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch._dynamo")
+        try:
+            yield
+        finally:
+            torch._dynamo.reset()
 
 
 # --- references: compiled against eager -------------------------------------------------------
@@ -104,13 +109,10 @@ def test_compiled_lee_equals_eager(case):
     x = F.interpolate(ll.photos(model, n=2), size=(32, 32), mode="bilinear") if case != "small_cnn" \
         else torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     eager = ll.lee(model, x, GROUPS, capture=False)["lee"].to_numpy()
-    w = _quiet_compile()
-    try:
+    with compiling():
         for _ in range(2):  # seen (eager), then compiled
             compiled = ll.lee(model, x, GROUPS, capture=Compiled("eager"))["lee"].to_numpy()
             assert rel(torch.tensor(compiled), torch.tensor(eager)) <= RTOL["captured"]
-    finally:
-        w.__exit__(None, None, None)
     assert len(program.PROGRAMS) == 1
 
 
@@ -123,12 +125,9 @@ def test_compiled_exact_attribution_equals_eager(case):
     x = F.interpolate(ll.photos(model, n=1), size=(32, 32), mode="bilinear")
     gm = ll.trace(model, x)
     eager = ll.attribute(gm, x, "translate_x", capture=False)
-    w = _quiet_compile()
-    try:
-        for _ in range(2):
+    with compiling():
+        for _ in range(2):  # seen (eager), then compiled
             compiled = ll.attribute(gm, x, "translate_x", capture=Compiled("eager"))
-    finally:
-        w.__exit__(None, None, None)
     assert len(program.PROGRAMS) >= 1
     a, b = (torch.tensor(t.nodes["contribution_norm"].to_numpy()) for t in (compiled, eager))
     assert rel(a, b) <= RTOL["captured"]

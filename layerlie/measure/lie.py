@@ -156,8 +156,8 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         output: for an ``nn.Module``, the tensor of its output to differentiate (the output
             rule of :mod:`layerlie.model.contract`).
         capture: how the engine's pass runs (:data:`layerlie.core.program.Capture`): by default
-            replayed from a CUDA graph on CUDA (captured on the first call for each input shape
-            and group count) and eagerly elsewhere; False runs it eagerly everywhere.
+            replayed from a CUDA graph on CUDA (captured the second time a callable, input shape
+            and group count come) and eagerly elsewhere; False runs it eagerly everywhere.
 
     Returns:
         ``L f(x)`` shaped like ``f(x)``, or ``(K, *f(x).shape)`` for a list of K groups.
