@@ -250,7 +250,27 @@ def check_outputs_kept(cache: Programs) -> None:
     assert [o[0].item() for o in outs] == [2.0, 4.0, 6.0], "a later replay should not change earlier outputs"
 
 
-CHECKS = [check_hits_and_misses, check_bounded, check_failure_remembered, check_fresh_inputs, check_outputs_kept]
+def check_uncaptured_where_not_replayed(cache: Programs) -> None:
+    """The eager form of a pass runs where it is not replayed: a key's first run and after a
+    failed capture; the captured form only inside the program."""
+    ran: list[str] = []
+
+    def pass_as(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda t: ran.append(name) or 2 * t
+
+    for backend in (FakeGraph(), Refusing()):
+        ran.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CaptureNote)
+            for _ in range(3):
+                cache.run(pass_as("captured"), (torch.ones(2),), owner=pass_as, key=type(backend).__name__,
+                          backend=backend, uncaptured=pass_as("eager"))
+        want = ["eager", "captured", "captured", "captured"] if isinstance(backend, FakeGraph) else ["eager"] * 3
+        assert ran == want, f"{type(backend).__name__}: ran {ran}, expected {want}"
+
+
+CHECKS = [check_hits_and_misses, check_bounded, check_failure_remembered, check_fresh_inputs, check_outputs_kept,
+          check_uncaptured_where_not_replayed]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
@@ -266,6 +286,13 @@ def _ignores_shapes(self: Programs, fn, inputs, *, owner, key, backend):
     return program_(*inputs)
 
 
+_run = Programs.run
+
+
+def _drops_uncaptured(self: Programs, fn, inputs, *, owner, key, backend, uncaptured=None):
+    return _run(self, fn, inputs, owner=owner, key=key, backend=backend)  # the fault: one form for all
+
+
 def _skips_copy(self: StaticReplay, *inputs):
     self.launch()  # the fault: the static buffers keep the inputs of the capture
     return program._clone(self.out)
@@ -277,6 +304,7 @@ FAULTS = {
     check_failure_remembered: lambda mp: mp.setattr(program, "_FAILED", None),
     check_fresh_inputs: lambda mp: mp.setattr(StaticReplay, "__call__", _skips_copy),
     check_outputs_kept: lambda mp: mp.setattr(program, "_clone", lambda out: out),
+    check_uncaptured_where_not_replayed: lambda mp: mp.setattr(Programs, "run", _drops_uncaptured),
 }
 
 

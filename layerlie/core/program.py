@@ -108,17 +108,18 @@ def cuda_graph(fn: Callable[..., Any], inputs: Sequence[torch.Tensor]) -> Replay
     """
     if not inputs or not all(t.is_cuda for t in inputs):
         raise LayerlieError("a CUDA graph needs CUDA tensors")
-    static = [t.detach().clone() for t in inputs]
-    side = torch.cuda.Stream(device=static[0].device)
-    side.wait_stream(torch.cuda.current_stream(static[0].device))
-    with torch.cuda.stream(side):
-        for i in range(WARMUP):
-            with _host_syncs_fail(i == WARMUP - 1):
-                fn(*static)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        out = fn(*static)
-    torch.cuda.current_stream(static[0].device).wait_stream(side)
+    with torch.cuda.device(inputs[0].device):
+        static = [t.detach().clone() for t in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(WARMUP):
+                with _host_syncs_fail(i == WARMUP - 1):
+                    fn(*static)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            out = fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
     return StaticReplay(graph.replay, static, out)
 
 
@@ -221,7 +222,7 @@ class Programs:
         self._seen.clear()
 
     def run(self, fn: Callable[..., Any], inputs: Sequence[torch.Tensor], *, owner: object, key: Hashable,
-            backend: Backend | str) -> Any:
+            backend: Backend | str, uncaptured: Callable[..., Any] | None = None) -> Any:
         """``fn(*inputs)``, replayed from the program of this key, captured once the key has run
         eagerly :data:`SEEN_BEFORE_CAPTURE` times.
 
@@ -231,22 +232,26 @@ class Programs:
             owner: what the pass belongs to (a model, a graph); held weakly.
             key: whatever besides the inputs' shapes fixes the pass (hashable).
             backend: a backend or its registered name.
+            uncaptured: what runs where the pass is not replayed (the first run of a key, the eager
+                backend, a failed capture): the same function, perhaps done another way that is
+                cheaper eagerly (``fn`` by default).
         """
         capture = _BACKENDS.get(backend) if isinstance(backend, str) else backend
+        uncaptured = uncaptured or fn
         if capture is eager:
-            return fn(*inputs)
+            return uncaptured(*inputs)
         full = (self._owner(owner), key, tuple((tuple(t.shape), t.dtype, t.device) for t in inputs), capture)
         program = self._entries.get(full)
         if program is None:
             if self._seen.get(full, 0) < SEEN_BEFORE_CAPTURE:
                 self._seen[full] = self._seen.pop(full, 0) + 1
                 self._evict(self._seen)
-                return fn(*inputs)
+                return uncaptured(*inputs)
             del self._seen[full]
             program = self._capture(fn, inputs, capture, full)
         else:
             self._entries.move_to_end(full)
-        return fn(*inputs) if program is _FAILED else program(*inputs)
+        return uncaptured(*inputs) if program is _FAILED else program(*inputs)
 
     def _capture(self, fn: Callable[..., Any], inputs: Sequence[torch.Tensor], capture: Backend,
                  full: Hashable) -> Replay | _Failed:

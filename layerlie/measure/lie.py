@@ -187,8 +187,8 @@ def _derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grou
         raise LayerlieError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     memory.check_budget(memory_budget)
     backend = program.backend(capture, x.device)
+    run = _runner(f, weights if weights is not None else f, backend, _fast(fast, x), _fast(fast, x, True))
     fast = _fast(fast, x, backend is not program.eager)
-    run = _runner(f, weights if weights is not None else f, backend, fast)
     # Groups that share a base point share one primal pass.
     by_base: dict[int | None, list[int]] = {}
     for i, g in enumerate(groups):
@@ -229,16 +229,19 @@ Pass = Callable[[fx.GraphModule, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 
 
 def _runner(f: Callable[[torch.Tensor], torch.Tensor], weights: object, backend: program.Backend,
-            fast: bool) -> Pass:
+            fast: bool, captured_fast: bool) -> Pass:
     """The engine's pass ``(gm, x0, tangents) -> (f(x0), J tangents)`` as ``backend`` runs it,
     from the shared program cache (:mod:`layerlie.core.program`, docs/design.md §8): keyed on
-    ``f``, ``fast`` and the storage of ``weights``' tensors, besides the inputs' shapes."""
+    ``f`` and the storage of ``weights``' tensors, besides the inputs' shapes. A captured pass
+    runs with ``captured_fast``, an eager one (a key's first run, a failed capture) with ``fast``:
+    the rules' Python is cheap once captured, not in an eager pass on a GPU."""
     stored = tuple(t.data_ptr() for t in (*weights.parameters(), *weights.buffers())) \
         if isinstance(weights, nn.Module) else ()
 
     def run(gm: fx.GraphModule, x0: torch.Tensor, tangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return program.PROGRAMS.run(lambda a, t: propagate(gm, a, t, fast=fast), (x0, tangents), owner=f,
-                                    key=("lie derivative", fast, stored), backend=backend)
+        return program.PROGRAMS.run(lambda a, t: propagate(gm, a, t, fast=captured_fast), (x0, tangents), owner=f,
+                                    key=("lie derivative", captured_fast, stored), backend=backend,
+                                    uncaptured=lambda a, t: propagate(gm, a, t, fast=fast))
     return run
 
 
