@@ -52,8 +52,8 @@ LEE_HEADER = ["model", "forward (ms)", "floor: fwd at 11x / fwd", "vmap(jvp) 10,
               "jvp 1, CUDA graph", "jvp 10, CUDA graph", "lee 1 group", "lee 1 group, captured", "lee 10",
               "lee 10, captured", "lee 10 inf", "lee 10 inf, captured", "extra memory lee 10 / fwd",
               "extra memory lee 10, captured / fwd"]
-ATTRIBUTION_HEADER = ["model", "forward at attribution batch (ms)", "exact / fwd", "exact, captured / fwd", "shares / fwd",
-                      "shares, captured / fwd"]
+ATTRIBUTION_HEADER = ["model", "forward at attribution batch (ms)", "exact / fwd", "exact, captured / fwd",
+                      "shares / fwd", "shares, captured / fwd"]
 
 
 def extra_memory(fn: Callable[[], object], device: str) -> float | None:

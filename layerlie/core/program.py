@@ -14,9 +14,9 @@ pass captured once by a backend and then replayed for every batch of the same ke
 Programs are kept in a small LRU cache (:data:`CACHE_SIZE`) keyed by the pass's owner (held
 weakly: the model or callable), what the caller says fixes the pass, the inputs' shapes, dtypes
 and devices, and the backend. A key runs eagerly the first time it is seen
-(:data:`SEEN_BEFORE_CAPTURE`) and is captured the next. A pass that cannot be captured (a host sync such as ``.item()``,
-control flow on data, an op the backend refuses) runs eagerly with one :class:`CaptureNote`,
-and the key remembers it, so capture is not tried again.
+(:data:`SEEN_BEFORE_CAPTURE`) and is captured the next. A pass that cannot be captured (a host
+sync such as ``.item()``, control flow on data, an op the backend refuses) runs eagerly with one
+:class:`CaptureNote`, and the key remembers it, so capture is not tried again.
 
 Example:
     >>> import torch

@@ -389,8 +389,8 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         capture: how the exact estimator's propagation of the defects and the shares' reverse
             pass run (:data:`layerlie.core.program.Capture`): by default replayed from a CUDA
             graph on CUDA, captured the second time a graph, input shape and chunk of sources
-            come, and eagerly elsewhere. A model is traced anew on each call; pass a graph from :func:`layerlie.trace`
-            to replay across calls.
+            come, and eagerly elsewhere. A model is traced anew on each call; pass a graph from
+            :func:`layerlie.trace` to replay across calls.
 
     Returns:
         An :class:`Attribution` with its check (``a.check``, ``a.residual``);
