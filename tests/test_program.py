@@ -113,17 +113,18 @@ def compiling() -> Iterator[None]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["small_cnn", "test_resnet"])
-def test_compiled_lee_equals_eager(case):
+@pytest.mark.parametrize("case, groups", [("small_cnn", GROUPS), ("test_resnet", "translate_x")])
+def test_compiled_lee_equals_eager(case, groups):
     """references: ``lee`` whose pass is compiled (``torch.compile``, eager backend) gives the eager
-    numbers to :data:`RTOL` ``captured``, on the calls that capture and that replay."""
+    numbers to :data:`RTOL` ``captured``: two groups (the engine's ``vmap`` of ``jvp``) on a small
+    conv net, one (a plain ``jvp``) on a timm model."""
     model = small_cnn(torch.float32) if case == "small_cnn" else timm_model("test_resnet")
     x = F.interpolate(ll.photos(model, n=2), size=(32, 32), mode="bilinear") if case != "small_cnn" \
         else torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    eager = ll.lee(model, x, GROUPS, capture=False)["lee"].to_numpy()
+    eager = ll.lee(model, x, groups, capture=False)["lee"].to_numpy()
     with compiling():
         for _ in range(2):  # seen (eager), then compiled
-            compiled = ll.lee(model, x, GROUPS, capture=Compiled("eager"))["lee"].to_numpy()
+            compiled = ll.lee(model, x, groups, capture=Compiled("eager"))["lee"].to_numpy()
             assert rel(torch.tensor(compiled), torch.tensor(eager)) <= RTOL["captured"]
     assert len(program.PROGRAMS) == 1
 
