@@ -11,8 +11,8 @@ What depends only on the architecture and the fixed probe is made once, at const
 (:attr:`Monitor.setup`): the memory plan of the LEE's passes with the probe's tangents ``G x``
 (:func:`layerlie.measure.lie.lee_passes`), and, for the shares and metrics, the traced graph. A
 measurement is then a weight copy into that graph, the engine's passes
-(:func:`layerlie.measure.lie.replay_lee` on the live model) and the reductions, so it follows
-training; :meth:`Monitor.cost` says what it costs the loop. Each measurement can go to a
+(:func:`layerlie.measure.lie.replay_lee` on the live model; with ``layers``, the shares, whose
+total gives the LEE) and the reductions, so it follows training; :meth:`Monitor.cost` says what it costs the loop. Each measurement can go to a
 TensorBoard writer (:meth:`Monitor.log_to`); in Lightning, :mod:`layerlie.integrations.lightning`
 builds the monitor at fit start and logs to the trainer's loggers.
 
@@ -48,7 +48,7 @@ from layerlie.model.contract import Output, prepare
 from layerlie.deprecation import renamed
 from layerlie.errors import LayerlieError
 from layerlie.core.groups import DEFAULT_GROUPS, Group, resolve_groups
-from layerlie.measure.lie import Pass, jvp_ready, lee_passes, replay_lee
+from layerlie.measure.lie import Pass, jvp_ready, lee_passes, per_image_lee, replay_lee
 from layerlie.core.engine import coarsest
 from layerlie.measure.metrics import DEFAULT_METRICS, list_metrics, metrics as finite_metrics
 from layerlie.core.ops import list_layer_types
@@ -72,9 +72,10 @@ class Setup(NamedTuple):
 
     Attributes:
         lee: the probabilities of the live model as the engine's graph
-            (:func:`layerlie.core.engine.coarsest`): it reads the live weights, so nothing is copied.
+            (:func:`layerlie.core.engine.coarsest`): it reads the live weights, so nothing is
+            copied. None with ``layers``, whose shares bring the LEE with them (their total).
         passes: the LEE's passes, planned once, with the probe's tangents
-            (:func:`layerlie.measure.lie.lee_passes`).
+            (:func:`layerlie.measure.lie.lee_passes`); none with ``layers``.
         graph: the traced graph, for ``layers`` and ``metrics`` (else None); its weights are
             copied from the live model at each measurement.
         softmax: ``graph`` with the softmax output, for ``layers`` (else None).
@@ -82,7 +83,7 @@ class Setup(NamedTuple):
             pays the first call's costs: lazy imports, the layouts of the graph).
     """
 
-    lee: fx.GraphModule
+    lee: fx.GraphModule | None
     passes: list[Pass]
     graph: fx.GraphModule | None
     softmax: fx.GraphModule | None
@@ -186,7 +187,7 @@ class Monitor:
         self.model, self.x = model, x.detach().clone()
         self.every, self.layers, self.scheme = every, layers, scheme
         self.store, self.run = (None if store is None else Path(store)), run
-        lee_graph, passes = self._plan(prepared.selected)
+        lee_graph, passes = self._plan(prepared.selected) if not layers else (None, [])
         self._gm = self._trace() if layers or self.which else None
         self._soft = with_output(self._gm, "softmax")[0] if layers else None
         self.setup = Setup(lee_graph, passes, self._gm, self._soft, 0.0)
@@ -343,18 +344,21 @@ class Monitor:
 
     def _values(self) -> dict[str, dict[str, float]]:
         """One measurement, by group: ``lee`` and the optional share and metric columns."""
-        with jvp_ready(self.model):
-            per_image = replay_lee(self.setup.lee, self.setup.passes)
-        out = {g.name: {"lee": v} for g, v in zip(self.groups, per_image.mean(1).tolist())}
-        if self._gm is None:
-            return out
-        self._sync()
-        if self.layers:
+        if self._gm is not None:
+            self._sync()
+        if not self.layers:
+            with jvp_ready(self.model):
+                per_image = replay_lee(self.setup.lee, self.setup.passes)
+            out = {g.name: {"lee": v} for g, v in zip(self.groups, per_image.mean(1).tolist())}
+        else:
+            out = {}
             for g in self.groups:
                 a = attribute(self._soft, self.x, g, estimator="shares", scheme=self.scheme)
                 by_type = a.nodes.groupby("layer_type")["share"].sum()
-                out[g.name].update({f"share_{t}": float(by_type.get(t, 0.0)) for t in list_layer_types()})
-                out[g.name]["share_residual"] = a.residual
+                # the shares' total is L softmax by one jvp of the whole graph: the LEE, without a pass of its own
+                out[g.name] = {"lee": float(per_image_lee(a.total[None]).mean()),
+                               **{f"share_{t}": float(by_type.get(t, 0.0)) for t in list_layer_types()},
+                               "share_residual": a.residual}
         if self.which:
             per_image = finite_metrics(self._gm, self.x, self.which, **self.options)
             means = per_image.groupby("metric", sort=False)["value"].mean()

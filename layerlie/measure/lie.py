@@ -299,15 +299,16 @@ def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     names = [str(i) for i in range(len(x))] if names is None else list(names)
     with jvp_ready(model):
         d = _derivative(probabilities(model), x, gs, scheme, None, method, memory_budget, fast, batch_size, progress)
-    per_image = _per_image(d).tolist()  # (K, B)
+    per_image = per_image_lee(d).tolist()  # (K, B)
     rows = [(names[b], g.name, v) for k, g in enumerate(gs) for b, v in enumerate(per_image[k])]
     table = pd.DataFrame(rows, columns=["image", "group", "lee"])
     table.attrs.update(scheme=scheme, method=method, groups=[g.name for g in gs])
     return table
 
 
-def _per_image(d: torch.Tensor) -> torch.Tensor:
-    """The published LEE of each group and image, ``(K, B)``, from ``L softmax``: ``(K, B, classes)``."""
+def per_image_lee(d: torch.Tensor) -> torch.Tensor:
+    """The published LEE of each group and image, ``(K, B)``, from ``L softmax``: ``(K, B, classes)``
+    (docs/method.md §2)."""
     return d.abs().flatten(2).mean(-1)
 
 
@@ -353,7 +354,7 @@ def replay_lee(gm: fx.GraphModule, passes: Sequence[Pass], *, fast: bool | None 
     for p in passes:
         y, jv = propagate(gm, p.x0, p.tangents, fast=_fast(fast, p.x0))
         check_finite(y, "model output")
-        out[p.groups, p.images] = _per_image(jv)
+        out[p.groups, p.images] = per_image_lee(jv)
     return out
 
 
