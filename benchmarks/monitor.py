@@ -7,12 +7,14 @@ the same size with 2 groups (``translate_x``, ``rotate``), and measures every st
 run of a few steps holds several measurements. For each setting (no monitor, LEE only,
 ``layers=True``), the table gives:
 
-- the mean training step (the monitor's own timing of the gaps between its calls; without a
-  monitor, the loop's);
-- the one-time set-up (:attr:`layerlie.Monitor.setup_seconds`);
-- the mean measurement, and :attr:`layerlie.Monitor.overhead`: measurements in training steps;
-- the same overhead from the loop's wall clock: (loop with the monitor - loop without) per
-  measurement, in training steps of the loop without.
+- the mean training step;
+- the one-time set-up: the monitor's construction;
+- the mean measurement (the calls to :meth:`layerlie.Monitor.step`, each of which measures), and
+  it over the mean training step of the same loop: the overhead in training steps;
+- :attr:`layerlie.Monitor.overhead`, the same ratio as the monitor itself reports it (by wall time).
+
+Times are the process's CPU time on the CPU, where the machine may be shared, and wall time
+after the device's queue on a GPU; the first step and measurement are warm-up, left out.
 
 Run: ``python benchmarks/monitor.py [--cpu] [--small] [--profile]``; ``--small`` is batch 4 at
 64 px and fewer steps, to try the program. ``benchmarks/gpu.py`` adds :func:`monitor_rows`.
@@ -23,8 +25,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import time
 import warnings
+from typing import Callable
 
 import timm
 import torch
@@ -35,7 +39,7 @@ import layerlie as ll
 from bench import markdown, sync
 
 HEADER = ["device", "monitor", "train batch", "train step (ms)", "set-up (s)", "measurement (ms)",
-          "overhead (training steps)", "overhead, loop wall clock (training steps)"]
+          "overhead (training steps)", "Monitor.overhead (training steps)"]
 GROUPS = ["translate_x", "rotate"]
 PROBE = 4
 
@@ -47,44 +51,61 @@ def sizes(device: str, small: bool) -> tuple[int, int, int]:
     return (64, 224, 8) if device.startswith("cuda") else (16, 128, 6)
 
 
-def train(device: str, small: bool, monitor: dict | None) -> tuple[float, ll.Monitor | None]:
-    """The loop's wall-clock seconds over its timed steps (the first, warm-up step excluded), and
-    its monitor (built before the loop, so its set-up is outside the timed steps)."""
+def clock(device: str) -> Callable[[], float]:
+    """The benchmark's clock: the process's CPU time on the CPU (the machine is shared, so wall
+    time counts other people's work), wall time after the device's queue on a GPU."""
+    if device == "cpu":
+        return time.process_time
+
+    def wall() -> float:
+        sync(device)
+        return time.perf_counter()
+
+    return wall
+
+
+def train(device: str, small: bool, monitor: dict | None) -> tuple[list[float], list[float], float, ll.Monitor | None]:
+    """A training run: its steps' times, its measurements' times (the calls to ``Monitor.step``),
+    the monitor's construction time, and the monitor. The first step and measurement are warm-up,
+    left out."""
     batch, res, steps = sizes(device, small)
+    now = clock(device)
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10).to(device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, res, res, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    start = now()
     mon = None if monitor is None else ll.Monitor(model, x[:PROBE], GROUPS, every=1, **monitor)
+    built = now() - start
     model.train()
-    start = 0.0
+    step_times, measure_times = [], []
     for i in range(steps + 1):
-        if i == 1:
-            sync(device)
-            start = time.perf_counter()
+        start = now()
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+        trained = now()
         if mon is not None:
             mon.step(i)
-    sync(device)
-    return (time.perf_counter() - start) / steps, mon
+        if i:
+            step_times.append(trained - start)
+            measure_times.append(now() - trained)
+    return step_times, measure_times, built, mon
 
 
 def monitor_rows(device: str, small: bool) -> list[list[object]]:
     """One row per setting: no monitor, LEE only, ``layers=True`` (see the module's docstring)."""
     batch, res, _ = sizes(device, small)
-    plain, _ = train(device, small, None)
-    rows: list[list[object]] = [[device, "none", f"{batch} x {res} px", f"{plain * 1e3:.0f}", "-", "-", "-", "-"]]
+    size = f"{batch} x {res} px"
+    plain = statistics.mean(train(device, small, None)[0])
+    rows: list[list[object]] = [[device, "none", size, f"{plain * 1e3:.0f}", "-", "-", "-", "-"]]
     for name, options in (("LEE only", {}), ("layers=True", {"layers": True})):
-        wall, mon = train(device, small, options)
-        measured = mon.table().drop_duplicates("step")
-        seconds = float(measured.seconds.iloc[1:].mean())  # the measurement at step 0 precedes any step timing
-        step = seconds / mon.overhead if mon.overhead > 0 else float("nan")
-        rows.append([device, name, f"{batch} x {res} px", f"{step * 1e3:.0f}", f"{mon.setup_seconds:.2f}",
-                     f"{seconds * 1e3:.0f}", f"{mon.overhead:.2f}", f"{(wall - plain) / plain:.2f}"])
+        steps, measurements, built, mon = train(device, small, options)
+        step, measurement = statistics.mean(steps), statistics.mean(measurements)
+        rows.append([device, name, size, f"{step * 1e3:.0f}", f"{built:.2f}", f"{measurement * 1e3:.0f}",
+                     f"{measurement / step:.2f}", f"{mon.overhead:.2f}"])
     return rows
 
 
