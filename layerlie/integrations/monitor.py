@@ -12,9 +12,10 @@ What depends only on the architecture and the fixed probe is made once, at const
 (:func:`layerlie.measure.lie.lee_passes`), and, for the shares and metrics, the traced graph. A
 measurement is then a weight copy into that graph, the engine's passes
 (:func:`layerlie.measure.lie.replay_lee` on the live model; with ``layers``, the shares, whose
-total gives the LEE) and the reductions, so it follows training; :meth:`Monitor.cost` says what it costs the loop. Each measurement can go to a
-TensorBoard writer (:meth:`Monitor.log_to`); in Lightning, :mod:`layerlie.integrations.lightning`
-builds the monitor at fit start and logs to the trainer's loggers.
+total gives the LEE) and the reductions, so it follows training; :meth:`Monitor.cost` says
+what it costs the loop. Each measurement can go to a TensorBoard writer
+(:meth:`Monitor.log_to`); in Lightning, :mod:`layerlie.integrations.lightning` builds the monitor
+at fit start and logs to the trainer's loggers.
 
 Example:
     >>> import torch, layerlie as ll
@@ -32,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -286,15 +288,18 @@ class Monitor:
         return table
 
     def cost(self) -> str:
-        """What the monitor costs the training loop, in one line: training steps per measurement
-        (:attr:`overhead`, the loop's own steps as :meth:`step` timed them), the mean
-        measurement's seconds, and the one-time set-up's (:attr:`setup_seconds`)."""
+        """What the monitor costs the training loop, in one line (docs/design.md §7): training
+        steps per measurement (:attr:`overhead`, the loop's own steps as :meth:`step` timed
+        them), the mean measurement's seconds, and the one-time set-up's (:attr:`setup_seconds`).
+
+        Example: ``"0.41 training steps per measurement (0.289 s each, 7 made), plus 1.07 s once (set-up)"``.
+        """
         once = f"plus {self.setup_seconds:.2f} s once (set-up)"
         if not self._seconds:
             return f"no measurement yet; {once}"
         mean = sum(self._seconds) / len(self._seconds)
         steps = self.overhead
-        per = f"{steps:.2f} training steps" if steps == steps else "unknown training steps (no step timed yet)"
+        per = "unknown training steps (no step timed yet)" if math.isnan(steps) else f"{steps:.2f} training steps"
         return f"{per} per measurement ({mean:.3f} s each, {len(self._seconds)} made), {once}"
 
     @property
