@@ -23,7 +23,7 @@ import contextlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import pandas as pd
 import torch
@@ -225,11 +225,11 @@ def _plan(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, groups: li
     return (fit if per_image else images), per_chunk
 
 
-Pass = Callable[[fx.GraphModule, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+PassRunner = Callable[[fx.GraphModule, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _runner(f: Callable[[torch.Tensor], torch.Tensor], weights: object, backend: program.Backend,
-            fast: bool, captured_fast: bool) -> Pass:
+            fast: bool, captured_fast: bool) -> PassRunner:
     """The engine's pass ``(gm, x0, tangents) -> (f(x0), J tangents)`` as ``backend`` runs it,
     from the shared program cache (:mod:`layerlie.core.program`, docs/design.md §8): keyed on
     ``f`` and the storage of ``weights``' tensors, besides the inputs' shapes. A captured pass
@@ -246,7 +246,7 @@ def _runner(f: Callable[[torch.Tensor], torch.Tensor], weights: object, backend:
 
 
 def _push(gm: fx.GraphModule, x0: torch.Tensor, x: torch.Tensor, groups: list[Group], scheme: str,
-          output_frame: Frame | None | Literal["auto"], run: Pass) -> torch.Tensor:
+          output_frame: Frame | None | Literal["auto"], run: PassRunner) -> torch.Tensor:
     """``L f`` of a chunk of images ``x`` (base point ``x0``) for a chunk of groups, by the engine
     on ``f``'s coarsest graph ``gm``, run by ``run`` (:func:`_runner`): ``(k, *f(x0).shape)``."""
     y, jv = run(gm, x0, torch.stack([tangent(x, g, scheme) for g in groups]))
@@ -330,11 +330,68 @@ def lee(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     with jvp_ready(model):
         d = _derivative(probabilities(model), x, gs, scheme, None, method, memory_budget, fast, batch_size, progress,
                         capture=capture, weights=model)
-    per_image = d.abs().flatten(2).mean(-1).tolist()  # (K, B)
+    per_image = per_image_lee(d).tolist()  # (K, B)
     rows = [(names[b], g.name, v) for k, g in enumerate(gs) for b, v in enumerate(per_image[k])]
     table = pd.DataFrame(rows, columns=["image", "group", "lee"])
     table.attrs.update(scheme=scheme, method=method, groups=[g.name for g in gs])
     return table
+
+
+def per_image_lee(d: torch.Tensor) -> torch.Tensor:
+    """The published LEE of each group and image, ``(K, B)``, from ``L softmax``: ``(K, B, classes)``
+    (docs/method.md §2)."""
+    return d.abs().flatten(2).mean(-1)
+
+
+class Pass(NamedTuple):
+    """One pass of the memory plan, made once for images that are measured again and again: the
+    ``images`` it takes, their base point ``x0``, the ``tangents`` of its ``groups`` (their indices)
+    stacked, ``(k, b, C, H, W)``."""
+
+    images: slice
+    x0: torch.Tensor
+    tangents: torch.Tensor
+    groups: list[int]
+
+
+def lee_passes(probabilities: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, groups: list[Group], *,
+               scheme: str = "central", memory_budget: float | None = None, fast: bool | None = None) -> list[Pass]:
+    """The passes of :func:`lee` of ``probabilities`` at ``x``, planned (one footprint, the planner
+    of :mod:`layerlie.core.memory`) and with their tangents ``G x`` computed: what depends only on
+    the model's architecture and on ``x``. A caller that measures the same images of a changing
+    model (the :class:`layerlie.Monitor`'s probe) makes them once and replays them with
+    :func:`replay_lee` (docs/method.md §2, docs/design.md §7)."""
+    images, per_pass = _plan(probabilities, x, groups, scheme, "jvp", memory_budget, _fast(fast, x), None)
+    by_base: dict[int | None, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_base.setdefault(None if g.origin is None else i, []).append(i)
+    passes = []
+    for images_of in memory.batches(len(x), images):
+        xb = x[images_of]
+        for idx in by_base.values():
+            x0 = base_point(xb, groups[idx[0]])
+            for chunk in (idx[j:j + per_pass] for j in range(0, len(idx), per_pass)):
+                passes.append(Pass(images_of, x0, torch.stack([tangent(xb, groups[i], scheme) for i in chunk]), chunk))
+    return passes
+
+
+def replay_lee(gm: fx.GraphModule, passes: Sequence[Pass], *, fast: bool | None = None,
+               capture: program.Capture = None) -> torch.Tensor:
+    """The published LEE, ``(K, B)`` by group and image, of the probabilities graph ``gm`` (e.g.
+    :func:`layerlie.core.engine.coarsest` of them) over the passes of :func:`lee_passes`: the
+    engine's pass and the reduction, nothing else (docs/method.md §2, docs/design.md §7). Each
+    pass runs as ``capture`` says, as in :func:`lie_derivative` (docs/design.md §8), keyed on
+    ``gm``: its weights are read where they are, so change them in place."""
+    x = passes[0].x0
+    groups = sum(len(p.groups) for p in passes if p.images == passes[0].images)
+    images = sum(len(p.x0) for p in passes if p.groups == passes[0].groups)
+    out = torch.empty(groups, images, dtype=x.dtype, device=x.device)
+    run = _runner(gm, None, program.backend(capture, x.device), _fast(fast, x), _fast(fast, x, True))
+    for p in passes:
+        y, jv = run(gm, p.x0, p.tangents)
+        check_finite(y, "model output")
+        out[p.groups, p.images] = per_image_lee(jv)
+    return out
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
