@@ -4,10 +4,13 @@ placement with a custom resource standing in for GPUs, and the driver's heartbea
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -49,18 +52,24 @@ def without_placement(table: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head and two one-CPU worker nodes, one of them with two ``fake_gpu``; every process
-    is killed by its pid at the end, whatever the tests did."""
+    """A head and two one-CPU worker nodes, one of them with two ``fake_gpu``, and this process
+    connected to it as a driver, so that the sweeps run here share one Ray job and its worker
+    processes; every process of the cluster is killed by its pid at the end, whatever the tests
+    did."""
+    import ray
+
     path = os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])
     local = LocalCluster(env={"PYTHONPATH": path})
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")  # this process is a driver too
+        mp.setenv("RAY_AUTH_MODE", "disabled")
         try:
             local.start()
             local.add_node(num_cpus=1, resources={"fake_gpu": 2})
             local.add_node(num_cpus=1)
+            ray.init(address=local.address, log_to_driver=False, logging_level="ERROR")
             yield local
         finally:
+            ray.shutdown()
             local.shutdown()
     assert local.pids() == []
 
@@ -79,13 +88,19 @@ def wait_for_a_part(store: Path, proc: subprocess.Popen, timeout: float = 180) -
     assert st.done(store), f"no part within {timeout} s: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}"
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, out, err
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a driver and its process group, and close its pipes."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+
+def sweep_here(spec: Path, store: Path, address: str, *flags: str) -> tuple[int, str, str]:
+    """``layerlie sweep`` in this process, on the fixture's Ray session."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["sweep", str(spec), "--store", str(store), "--address", address, *flags])
+    return code, out.getvalue(), err.getvalue()
 
 
 # --- the placement, the spec and the status, without a cluster ---------------------------------
@@ -145,9 +160,9 @@ def test_status_of_a_finished_serial_sweep(tmp_path, capsys):
 def test_the_cluster_sweep_equals_the_serial_one_and_spreads_over_nodes(tmp_path, cluster, capsys):
     spec = write(tmp_path / "s.toml", SPEC)
     assert main(["sweep", str(spec), "--store", str(tmp_path / "serial"), "--workers", "0"]) == 0
-    code, out, err = finish(driver(cluster, spec, tmp_path / "ray"))
-    assert code == 0, err
-    assert "12 tasks ran, 0 skipped as done, 0 failed" in out
+    capsys.readouterr()
+    assert main(["sweep", str(spec), "--store", str(tmp_path / "ray"), "--address", cluster.address]) == 0
+    assert "12 tasks ran, 0 skipped as done, 0 failed" in capsys.readouterr().out
     for table in ("e2e", "layers"):
         serial, ray = ll.load(tmp_path / "serial", table), ll.load(tmp_path / "ray", table)
         assert len(serial) > 0
@@ -169,7 +184,7 @@ def test_cuda_on_a_cluster_without_gpus_is_refused_at_once(tmp_path, cluster, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("layerlie: error: device = 'cuda': each task asks for CPU 1, GPU 1, but the cluster has "
                           "CPU 2") and "\n" not in err
-    assert st.done(tmp_path / "s") == set() and st.failures(tmp_path / "s") == {}
+    assert not (tmp_path / "s").exists()  # refused before the store was written
 
 
 @pytest.mark.slow
@@ -186,11 +201,11 @@ def test_gpu_tasks_run_on_the_node_with_the_gpu_resource(tmp_path, cluster):
 
 
 @pytest.mark.slow
-def test_a_task_out_of_memory_is_recorded_and_the_rest_go_on(tmp_path, cluster):
+def test_a_task_out_of_memory_is_recorded_and_the_rest_go_on(tmp_path, cluster, capsys):
     spec = write(tmp_path / "s.toml", 'models = ["usernets:out_of_memory", "usernets:tiny", '
                  '"usernets:gpu_out_of_memory"]\ngroups = ["translate_x"]\nn = 1\nsize = 16\n')
-    code, out, err = finish(driver(cluster, spec, tmp_path / "s"))
-    assert code == 1 and "3 tasks ran, 0 skipped as done, 2 failed" in out
+    assert main(["sweep", str(spec), "--store", str(tmp_path / "s"), "--address", cluster.address]) == 1
+    assert "3 tasks ran, 0 skipped as done, 2 failed" in capsys.readouterr().out
     failed = st.failures(tmp_path / "s")
     assert sorted(f["type"] for f in failed.values()) == ["MemoryError", "OutOfMemoryError"]
     assert all("out of memory in forward" in f["message"] for f in failed.values())
@@ -205,15 +220,20 @@ def test_a_lost_node_loses_no_part(tmp_path, cluster, retries):
     node = cluster.add_node(num_cpus=1)
     spec = write(tmp_path / "s.toml", labelled(6))
     store = tmp_path / "s"
-    proc = driver(cluster, spec, store, "--max-retries", str(retries))
-    try:
-        wait_for_a_part(store, proc)
+
+    def kill_mid_sweep() -> None:
+        deadline = time.monotonic() + 180
+        while not st.done(store) and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(0.5)  # the freed slot is given its next task: every node is busy
         cluster.kill_node(node)
-        code, out, err = finish(proc)
+
+    killer = threading.Thread(target=kill_mid_sweep)
+    killer.start()
+    try:
+        code, out, err = sweep_here(spec, store, cluster.address, "--max-retries", str(retries))
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        killer.join()
     ids = [t.id for t in tasks(read_spec(spec))]
     done, failed = st.done(store), st.failures(store)
     assert len(ids) == 12 and done | set(failed) == set(ids) and not done & set(failed)
@@ -240,16 +260,13 @@ def test_status_follows_a_running_sweep_and_resume_after_killing_its_driver(tmp_
         assert now.finished + now.failed + now.running + now.pending == 8
         assert main(["sweep", "--status", str(store)]) == 0
         assert f"driver running: driver pid {proc.pid}" in capsys.readouterr().out
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill(proc)
     before = {p.name: p.stat().st_mtime_ns for p in (store / "parts").glob("*.parquet")}
     dead = status(store)
     assert not dead.alive and dead.running == 0 and "rerun the sweep with --resume" in dead.driver
     assert 0 < dead.finished < 8 and dead.pending == 8 - dead.finished
-    code, out, err = finish(driver(cluster, spec, store, "--resume"))
+    code, out, err = sweep_here(spec, store, cluster.address, "--resume")
     assert code == 0, err
     assert f"{8 - len(before)} tasks ran, {len(before)} skipped as done, 0 failed" in out
     assert {p: (store / "parts" / p).stat().st_mtime_ns for p in before} == before  # not redone

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,12 +159,23 @@ def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: i
     if workers == 0 and checked["device"] == "cuda" and not torch.cuda.is_available():
         raise SweepError("device = 'cuda', but this machine has no GPU for the serial run; set device = 'auto' "
                          "or 'cpu', or run on a cluster with GPUs (--address)")
-    st.create(root, plain(checked), fresh=changed,
-              weights={label: s.weights(checked["seed"]) for label, s in sources(checked).items()})
     pending = [t for t in todo if t.id not in finished]
+    with contextlib.ExitStack() as session:
+        ray = session.enter_context(_ray_session(workers or os.cpu_count() or 1, address)) \
+            if workers != 0 and pending else None
+        need = placement(checked, ray.cluster_resources(), gpu=gpu_resource) if ray else {}  # before any write
+        st.create(root, plain(checked), fresh=changed,
+                  weights={label: s.weights(checked["seed"]) for label, s in sources(checked).items()})
+        _run(pending, checked, result, ray, need, progress=progress, max_retries=max_retries)
+    return result
 
-    with _ProgressBar(progress, len(todo), len(result.skipped)) as advance, \
-            _Heartbeat(root, len(todo)) as beat:
+
+def _run(pending: list[Task], spec: Mapping[str, Any], result: SweepResult, ray: Any, need: dict[str, float], *,
+         progress: bool, max_retries: int) -> None:
+    """Run ``pending`` serially (``ray`` None) or on Ray, writing each outcome into the store
+    under a progress bar and the driver's heartbeat (docs/design.md §4)."""
+    root, total = result.store, len(result.tasks)
+    with _ProgressBar(progress, total, len(result.skipped)) as advance, _Heartbeat(root, total) as beat:
         def record(task: Task, outcome: tuple[str, Any, Any]) -> None:
             kind, table, payload = outcome
             if kind == "ok":
@@ -175,14 +187,12 @@ def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: i
             beat.finish(task.id, failed=kind != "ok")
             advance(failed=kind != "ok")
 
-        if workers == 0:
+        if ray is None:
             for task in pending:
                 beat.start(task.id)
-                record(task, run_guarded(task, checked))
-        elif pending:
-            _run_on_ray(pending, checked, record, beat.start, workers or os.cpu_count() or 1, address,
-                        max_retries=max_retries, gpu=gpu_resource)
-    return result
+                record(task, run_guarded(task, spec))
+        else:
+            _run_on_ray(ray, pending, spec, need, record, beat.start, max_retries=max_retries)
 
 
 def placement(spec: Mapping[str, Any], cluster: Mapping[str, float] | None = None, *,
@@ -321,23 +331,16 @@ def _images(model: torch.nn.Module, spec: Mapping[str, Any]) -> Images:
     return photo_batch(model, n=spec["n"], size=size)
 
 
-def _run_on_ray(pending: list[Task], spec: Mapping[str, Any], record: Callable[[Task, tuple], None],
-                submitted: Callable[[str], None], workers: int, address: str | None, *, max_retries: int,
-                gpu: str) -> None:
-    """Run ``pending`` on Ray and ``record`` each outcome in the order they finish; ``submitted``
-    hears each task as it is handed to the cluster (docs/design.md §4).
-
-    The cluster's resources are read before anything is submitted: a task shape it cannot hold
-    is refused at once (:func:`placement`). Tasks are handed over as slots free up, as many at
-    a time as the cluster's live resources hold, so that a submitted task is a running one.
-    A task whose worker or node dies is rerun by Ray up to ``max_retries`` times.
-    """
+@contextlib.contextmanager
+def _ray_session(workers: int, address: str | None) -> Iterator[Any]:
+    """Ray, joined at ``address`` or started here with ``workers`` CPUs; a session the caller
+    opened is reused and left open (docs/design.md §4)."""
     try:
         import ray
     except ImportError:
         raise LayerlieError("Ray is not installed; pip install 'layerlie[sweep]', or run serially with "
                             "--workers 0") from None
-    started = not ray.is_initialized()  # a session opened by the caller is reused and left open
+    started = not ray.is_initialized()
     if started:
         quiet = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
         if address:
@@ -346,29 +349,41 @@ def _run_on_ray(pending: list[Task], spec: Mapping[str, Any], record: Callable[[
             ray.init(address="local", num_cpus=workers, include_dashboard=False,
                      object_store_memory=256 * 2**20, **quiet)
     try:
-        need = placement(spec, ray.cluster_resources(), gpu=gpu)
-        rest = {k: v for k, v in need.items() if k not in ("CPU", "GPU")}
-        remote = ray.remote(max_retries=max_retries, retry_exceptions=False, num_cpus=need["CPU"],
-                            num_gpus=need.get("GPU", 0), resources=rest)(run_guarded)
-        shared = ray.put(dict(spec))
-        queue, running = list(pending), {}
-        while queue or running:
-            room = max(_slots(need, ray.cluster_resources()) - len(running), 0 if running else 1)
-            for task in queue[:room]:
-                running[remote.remote(task, shared)] = task
-                submitted(task.id)
-            queue = queue[room:]
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                task = running.pop(ref)
-                try:
-                    outcome = ray.get(ref)
-                except ray.exceptions.RayError as err:  # its worker or node died past the retries, or out of memory
-                    outcome = ("failed", None, st.describe(err))
-                record(task, outcome)
+        yield ray
     finally:
         if started:
             ray.shutdown()
+
+
+def _run_on_ray(ray: Any, pending: list[Task], spec: Mapping[str, Any], need: Mapping[str, float],
+                record: Callable[[Task, tuple], None], submitted: Callable[[str], None], *, max_retries: int) -> None:
+    """Run ``pending`` on Ray, each task asking for the resources ``need`` (:func:`placement`), and
+    ``record`` each outcome in the order they finish; ``submitted`` hears each task as it is handed
+    to the cluster (docs/design.md §4).
+
+    Tasks are handed over as slots free up, as many at a time as the cluster's live resources
+    hold, so that a submitted task is a running one. A task whose worker or node dies is rerun
+    by Ray up to ``max_retries`` times.
+    """
+    rest = {k: v for k, v in need.items() if k not in ("CPU", "GPU")}
+    remote = ray.remote(max_retries=max_retries, retry_exceptions=False, num_cpus=need["CPU"],
+                        num_gpus=need.get("GPU", 0), resources=rest)(run_guarded)
+    shared = ray.put(dict(spec))
+    queue, running = list(pending), {}
+    while queue or running:
+        room = max(_slots(need, ray.cluster_resources()) - len(running), 0 if running else 1)
+        for task in queue[:room]:
+            running[remote.remote(task, shared)] = task
+            submitted(task.id)
+        queue = queue[room:]
+        ready, _ = ray.wait(list(running), num_returns=1)
+        for ref in ready:
+            task = running.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except ray.exceptions.RayError as err:  # its worker or node died past the retries, or out of memory
+                outcome = ("failed", None, st.describe(err))
+            record(task, outcome)
 
 
 def _slots(shape: Mapping[str, float], cluster: Mapping[str, float]) -> int:
