@@ -410,34 +410,40 @@ def _process_alive(host: str, pid: int) -> bool:
 
 class _Heartbeat:
     """The driver's heartbeat: a thread writes the time, this process and the task counts to
-    the manifest every :data:`HEARTBEAT_S` seconds, and once more, ended, on exit (docs/design.md §4)."""
+    the manifest every :data:`HEARTBEAT_S` seconds, within a quarter second of a task's start or
+    end, and once more, ended, on exit (docs/design.md §4)."""
 
     def __init__(self, store: Path, total: int) -> None:
         self.store, self.total = store, total
         self.running: set[str] = set()
         self.finished = self.failed = 0
+        self.changed, self.last = False, 0.0
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.thread = threading.Thread(target=self._loop, name="layerlie-heartbeat", daemon=True)
 
     def start(self, task: str) -> None:
         with self.lock:
             self.running.add(task)
+            self.changed = True
 
     def finish(self, task: str, *, failed: bool) -> None:
         with self.lock:
             self.running.discard(task)
             self.failed += failed
             self.finished += not failed
+            self.changed = True
 
     def beat(self, ended: float | None = None) -> None:
         with self.lock:
-            record = dict(time=time.time(), pid=os.getpid(), host=socket.gethostname(), tasks=self.total,
+            self.changed, self.last = False, time.time()
+            record = dict(time=self.last, pid=os.getpid(), host=socket.gethostname(), tasks=self.total,
                           finished=self.finished, failed=self.failed, running=sorted(self.running), ended=ended)
             st.write_heartbeat(self.store, record)
 
     def _loop(self) -> None:
-        while not self.stop.wait(HEARTBEAT_S):
-            self.beat()
+        while not self.stop.wait(HEARTBEAT_S / 8):
+            if self.changed or time.time() - self.last >= HEARTBEAT_S:
+                self.beat()
 
     def __enter__(self) -> _Heartbeat:
         self.beat()
