@@ -4,7 +4,7 @@ A head (no CPUs) starts once; worker nodes of one CPU each join one by one. With
 worker nodes the same spec runs into a fresh store through ``--address``, and the script
 reports each run's wall time (the driver's connect and the workers' start included) and
 tasks per minute, the speed-up over one node, and checks that the stores hold the same
-tables (but for the ``node`` and ``pid`` columns). The head and every node are processes of
+tables (but for the ``ray_node`` and ``pid`` columns). The head and every node are processes of
 this machine (:class:`layerlie.testing.LocalCluster`), killed by their pids at the end.
 
 Run: ``python benchmarks/cluster.py [--spec sweeps/smoke.toml] [--nodes 3]``.
@@ -47,14 +47,15 @@ def main() -> None:
             start = time.perf_counter()
             result = ll.sweep(args.spec, store, address=cluster.address, progress=False)
             seconds = time.perf_counter() - start
-            n, used = len(result.ran), ll.load(store, "e2e").node.nunique()
+            n, used = len(result.ran), ll.load(store, "e2e").ray_node.nunique()
             per_minute[nodes], stores[nodes] = 60 * n / seconds, store
             print(f"{nodes} worker node(s): {n} tasks ({len(result.failed)} failed) in {seconds:6.1f} s: "
                   f"{per_minute[nodes]:6.1f} tasks/min, e2e rows from {used} node(s)")
         for nodes in stores:
             for t in TABLES:  # the same rows, but for the node and process each task ran in
-                pd.testing.assert_frame_equal(ll.load(stores[1], t).drop(columns=["node", "pid"], errors="ignore"),
-                                              ll.load(stores[nodes], t).drop(columns=["node", "pid"], errors="ignore"))
+                placed = ["ray_node", "pid"]
+                pd.testing.assert_frame_equal(ll.load(stores[1], t).drop(columns=placed, errors="ignore"),
+                                              ll.load(stores[nodes], t).drop(columns=placed, errors="ignore"))
     print("speed-up over 1 node: " + ", ".join(f"{k} nodes {v / per_minute[1]:.2f}x" for k, v in per_minute.items())
           + "; tables equal across the runs")
 

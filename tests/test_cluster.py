@@ -47,7 +47,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def without_placement(table: pd.DataFrame) -> pd.DataFrame:
-    return table.drop(columns=["node", "pid"], errors="ignore")
+    return table.drop(columns=["ray_node", "pid"], errors="ignore")
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +169,8 @@ def test_the_cluster_sweep_equals_the_serial_one_and_spreads_over_nodes(tmp_path
         pd.testing.assert_frame_equal(without_placement(serial), without_placement(ray), obj=table)
     rows = pd.concat([ll.load(tmp_path / "ray", t) for t in ("e2e", "layers")])
     workers = {cluster.node_id(n) for n in cluster.nodes}
-    assert set(rows.node) <= workers and rows.node.nunique() == 2  # ran on both worker nodes, never the head
-    assert rows.groupby("node").pid.nunique().ge(1).all() and os.getpid() not in set(rows.pid)
+    assert set(rows.ray_node) <= workers and rows.ray_node.nunique() == 2  # ran on both worker nodes, never the head
+    assert rows.groupby("ray_node").pid.nunique().ge(1).all() and os.getpid() not in set(rows.pid)
     assert set(ll.load(tmp_path / "serial", "e2e").pid) == {os.getpid()}  # serial: this process
     beat = st.manifest(tmp_path / "ray")["heartbeat"]
     assert (beat["tasks"], beat["finished"], beat["failed"], beat["running"]) == (12, 12, 0, [])
@@ -193,11 +193,11 @@ def test_gpu_tasks_run_on_the_node_with_the_gpu_resource(tmp_path, cluster):
     result = ll.sweep(spec, tmp_path / "s", address=cluster.address, gpu_resource="fake_gpu", progress=False)
     assert result.failed == {} and len(result.ran) == 6
     rows = ll.load(tmp_path / "s", "e2e")
-    assert set(rows.node) == {cluster.node_id("n1")}  # the one node that has fake_gpu got every task
+    assert set(rows.ray_node) == {cluster.node_id("n1")}  # the one node that has fake_gpu got every task
     assert set(rows.device) == {"cpu"}  # auto: a fake GPU is no CUDA device, so the task measured on the CPU
     # without the stand-in, the same spec runs as CPU tasks, on both nodes
     again = ll.sweep(spec, tmp_path / "t", address=cluster.address, progress=False)
-    assert again.failed == {} and ll.load(tmp_path / "t", "e2e").node.nunique() == 2
+    assert again.failed == {} and ll.load(tmp_path / "t", "e2e").ray_node.nunique() == 2
 
 
 @pytest.mark.slow

@@ -235,7 +235,7 @@ def where() -> dict[str, Any]:
     node id (None outside Ray) and the process id (docs/design.md §4)."""
     ray = sys.modules.get("ray")  # only a process that Ray runs has imported it
     node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
-    return {"host": socket.gethostname(), "node": node, "pid": os.getpid()}
+    return {"host": socket.gethostname(), "ray_node": node, "pid": os.getpid()}
 
 
 def write_heartbeat(store: str | Path, beat: Mapping[str, Any]) -> None:
