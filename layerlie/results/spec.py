@@ -32,8 +32,9 @@ file)::
 A dict spec may also hold ``{ module = an_nn_Module }`` and ``images = a (B, C, H, W) tensor``;
 the manifest records their class, shape and hash. Every row records where its weights came
 from (``weights``: ``random init (seed N)``, ``pretrained (timm arch.tag)``, ``checkpoint
-(path, sha256 H)``, ``callable pkg.mod:fn`` or ``module Name (given)``) and the ``host``,
-``ray_node`` (the Ray node id) and ``pid`` its task ran on, and the ``device`` it measured on; the manifest records the weights per model.
+(path, sha256 H)``, ``callable pkg.mod:fn`` or ``module Name (given)``), the ``host``,
+``ray_node`` (the Ray node id) and ``pid`` its task ran on, and the ``device`` it measured on;
+the manifest records the weights per model.
 
 Each measure (:mod:`layerlie.results.measures`) that takes options has a table of its name.
 
