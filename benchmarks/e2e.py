@@ -158,8 +158,9 @@ def main() -> None:
         other = ll.lee(model, x, "all", fast=other_rules)
         agree_fast = float((ours["lee"] - other["lee"]).abs().max() / other["lee"].abs().max())
         if cuda:
-            fp, _ = layerlie.core.memory.footprint(layerlie.measure.lie.probabilities(model), x,
-                                                   ll.tangent(x, ll.group("translate_x"))[None], fast=False)
+            with ll.jvp_ready(model):
+                fp, _ = layerlie.core.memory.footprint(layerlie.measure.lie.probabilities(model), x,
+                                                       ll.tangent(x, ll.group("translate_x"))[None], fast=False)
             with torch.no_grad():
                 m_fwd = cuda_peak_growth(lambda: model(x))
             peaks = {"idle": 0.0, "forward": m_fwd, "lee": cuda_peak_growth(lambda: ll.lee(model, x, "all")),

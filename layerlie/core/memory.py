@@ -72,9 +72,10 @@ class LiveBytes(TorchDispatchMode):
     Storages that existed before (inputs, weights) are not counted. ``peak`` is the
     largest total seen right after any operation; ``current`` the total at exit.
     ``trace`` holds, for each operation, a bound on what is resident while it runs: the total
-    plus one scratch copy of every operand and result of the operation, which its kernel may
-    hold unseen by the mode (a CPU backend reorders them into its own layouts, e.g. oneDNN's
-    blocked formats); ``resident`` is its largest entry.
+    plus one scratch copy of every operand and result of the operation that the mode counts,
+    which its kernel may hold unseen (a CPU backend reorders them into its own layouts, e.g.
+    oneDNN's blocked formats); ``resident`` is its largest entry. Scratch copies of weights
+    are left out: they are one at a time, whatever the number of images.
     """
 
     def __init__(self) -> None:
@@ -105,22 +106,26 @@ class LiveBytes(TorchDispatchMode):
             self._live[ptr] = (StorageWeakRef(storage), size)
             self.current += size
         self.peak = max(self.peak, self.current)
-        self.trace.append(self.current + sum((inputs | outputs).values()))
+        self.trace.append(self.current + sum(size for ptr, size in (inputs | outputs).items() if ptr in self._live))
         return out
 
 
 class Footprint(NamedTuple):
     """Resident bytes per image of a tangent pass (:func:`peak_bytes`), as lines in the number
     of tangents ``k``: the pass holds ``max_i(base[i] + k * per_tangent[i])`` per image, one line
-    per operation (what is alive there grows with ``k`` at its own rate). ``forward`` is the
+    per operation (what is alive there grows with ``k`` at its own rate). A pass with one
+    tangent can take other operations: ``one`` is its peak when measured. ``forward`` is the
     peak of a no-grad forward, the unit to state a budget in."""
 
     forward: int
     base: torch.Tensor | float
     per_tangent: torch.Tensor | float
+    one: float | None = None
 
     def per_image(self, tangents: int) -> float:
         """The predicted peak of one image's pass with ``tangents`` tangents."""
+        if tangents == 1 and self.one is not None:
+            return self.one
         lines = torch.as_tensor(self.base, dtype=torch.float64) + tangents * torch.as_tensor(
             self.per_tangent, dtype=torch.float64)
         return float(lines.max())
@@ -167,18 +172,16 @@ def measure_footprint(forward: Callable[[], object], push: Callable[[int], objec
     """Measure a footprint on one image, on ``device``: a no-grad forward, and ``push(k)``, the
     pass with ``k`` tangents, for ``k = 1, 2, 3`` (docs/design.md §7). Each operation's resident
     bound with two and with three tangents gives its line (the difference is the cost of one
-    more tangent there); a pass with one tangent can take other operations, so its peak is one
-    more line, flat; so are the peaks, and on CUDA the allocator's peaks."""
+    more tangent there), and so do the peaks, and on CUDA the allocator's peaks; a pass with one
+    tangent can take other operations, so its peak is kept apart."""
     device = torch.device(device)
     (t1, c1), (t2, c2), (t3, c3) = (_profile(lambda: push(k), device) for k in (1, 2, 3))
     same = len(t2) == len(t3)  # the same operations, so their traces line up
     second = torch.tensor([max(t2, default=0), c2] + (t2 if same else []), dtype=torch.float64)
     third = torch.tensor([max(t3, default=0), c3] + (t3 if same else []), dtype=torch.float64)
     per_tangent = (third - second).clamp(min=0)  # more tangents never hold less: a drop is noise
-    one = torch.tensor([max(max(t1, default=0), c1)], dtype=torch.float64)
-    return Footprint(forward=max(peak_bytes(forward, device), 1),
-                     base=torch.cat([one, second - 2 * per_tangent]),
-                     per_tangent=torch.cat([torch.zeros(1, dtype=torch.float64), per_tangent]))
+    return Footprint(forward=max(peak_bytes(forward, device), 1), base=second - 2 * per_tangent,
+                     per_tangent=per_tangent, one=float(max(max(t1, default=0), c1)))
 
 
 _FOOTPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
