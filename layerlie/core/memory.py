@@ -5,13 +5,13 @@
 beside its inputs, its weights and the values it was given. By default (:func:`budget_bytes`)
 it is :data:`MARGIN` times what the device has free (:func:`free_bytes`), so a pass that fits
 is never cut. A pass's resident bytes are counted by :func:`peak_bytes`: on the CPU, the
-tensors alive after each op plus one scratch copy of the operands of the op in flight
-(:class:`LiveBytes`); on CUDA, also the caching allocator's own peak. The footprint is that
+tensors alive after each op plus one scratch copy of the op's operands and results that the
+pass created (:class:`LiveBytes`); on CUDA, also the caching allocator's own peak. The footprint is that
 count, taken where the pass can be seen:
 
-- a callable (:func:`footprint`): measured on one image with one and with two tangents; a
-  pass with ``k`` tangents of ``b`` images holds about ``b * (base + k * per_tangent)``;
-  :func:`plan_chunks` picks the images and tangents of each pass;
+- a callable (:func:`footprint`): measured on one image with one, two and three tangents; a
+  pass with ``k`` tangents of ``b`` images holds about ``b * max_i(base[i] + k * per_tangent[i])``,
+  one line per operation; :func:`plan_chunks` picks the images and tangents of each pass;
 - a graph (:func:`plan_sources`): each node's recorded value, alive from its node to its last
   user; a stack holds one copy of it per source entered above, so :func:`plan_sources` groups
   consecutive sources while the live stacks fit.
