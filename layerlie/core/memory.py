@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -84,6 +85,7 @@ class LiveBytes(TorchDispatchMode):
         self.current = 0
         self.peak = 0
         self.trace: list[int] = []
+        self.ops: list[str] = []
 
     @property
     def resident(self) -> int:
@@ -107,6 +109,7 @@ class LiveBytes(TorchDispatchMode):
             self.current += size
         self.peak = max(self.peak, self.current)
         self.trace.append(self.current + sum(size for ptr, size in (inputs | outputs).items() if ptr in self._live))
+        self.ops.append(str(func))
         return out
 
 
@@ -144,8 +147,8 @@ class Footprint(NamedTuple):
         return int(((budget - base[rising]) / slope[rising]).floor().min()) if bool(rising.any()) else 2**62
 
 
-def _profile(fn: Callable[[], object], device: torch.device) -> tuple[list[int], int]:
-    """What ``fn()`` holds resident: :class:`LiveBytes`' trace, and on CUDA the caching
+def _profile(fn: Callable[[], object], device: torch.device) -> tuple[LiveBytes, int]:
+    """What ``fn()`` holds resident: :class:`LiveBytes`' record, and on CUDA the caching
     allocator's peak beyond what was allocated before (its peak statistic is reset for it)."""
     cuda = device.type == "cuda"
     if cuda:
@@ -155,16 +158,16 @@ def _profile(fn: Callable[[], object], device: torch.device) -> tuple[list[int],
     with LiveBytes() as live:
         fn()
     if not cuda:
-        return live.trace, 0
+        return live, 0
     torch.cuda.synchronize(device)
-    return live.trace, torch.cuda.max_memory_allocated(device) - before
+    return live, torch.cuda.max_memory_allocated(device) - before
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
     """The resident bytes that ``fn()`` adds on ``device`` at its peak (docs/design.md §7):
     :class:`LiveBytes`' ``resident`` bound, and on CUDA at least the caching allocator's peak."""
-    trace, allocator = _profile(fn, torch.device(device))
-    return max(max(trace, default=0), allocator)
+    live, allocator = _profile(fn, torch.device(device))
+    return max(live.resident, allocator)
 
 
 def measure_footprint(forward: Callable[[], object], push: Callable[[int], object],
@@ -175,13 +178,15 @@ def measure_footprint(forward: Callable[[], object], push: Callable[[int], objec
     more tangent there), and so do the peaks, and on CUDA the allocator's peaks; a pass with one
     tangent can take other operations, so its peak is kept apart."""
     device = torch.device(device)
-    (t1, c1), (t2, c2), (t3, c3) = (_profile(lambda: push(k), device) for k in (1, 2, 3))
-    same = len(t2) == len(t3)  # the same operations, so their traces line up
-    second = torch.tensor([max(t2, default=0), c2] + (t2 if same else []), dtype=torch.float64)
-    third = torch.tensor([max(t3, default=0), c3] + (t3 if same else []), dtype=torch.float64)
+    (l1, c1), (l2, c2), (l3, c3) = (_profile(lambda: push(k), device) for k in (1, 2, 3))
+    # The same operation in both passes: a third tangent can add a few views between them.
+    same = difflib.SequenceMatcher(None, l2.ops, l3.ops, autojunk=False).get_matching_blocks()
+    pairs = [(l2.trace[i + d], l3.trace[j + d]) for i, j, n in same for d in range(n)]
+    second = torch.tensor([l2.resident, c2] + [a for a, _ in pairs], dtype=torch.float64)
+    third = torch.tensor([l3.resident, c3] + [b for _, b in pairs], dtype=torch.float64)
     per_tangent = (third - second).clamp(min=0)  # more tangents never hold less: a drop is noise
     return Footprint(forward=max(peak_bytes(forward, device), 1), base=second - 2 * per_tangent,
-                     per_tangent=per_tangent, one=float(max(max(t1, default=0), c1)))
+                     per_tangent=per_tangent, one=float(max(l1.resident, c1)))
 
 
 _FOOTPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
