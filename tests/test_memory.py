@@ -51,7 +51,7 @@ def test_footprint_is_the_highest_of_its_lines():
     k tangents the pass holds the higher of the two."""
     fp = Footprint(forward=10, base=torch.tensor([400.0, 100.0]), per_tangent=torch.tensor([0.0, 50.0]))
     assert fp.bytes(1, 2) == 400 and fp.bytes(3, 10) == 3 * 600
-    assert fp.tangents_within(400) == 6 and fp.tangents_within(399) == 0
+    assert fp.tangents_within(400, 10) == 6 and fp.tangents_within(399, 10) == 0 and fp.tangents_within(1e9, 10) == 10
     assert plan_chunks(fp, 8, 10, 500) == (1, 8)
 
 

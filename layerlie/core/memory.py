@@ -6,12 +6,13 @@ beside its inputs, its weights and the values it was given. By default (:func:`b
 it is :data:`MARGIN` times what the device has free (:func:`free_bytes`), so a pass that fits
 is never cut. A pass's resident bytes are counted by :func:`peak_bytes`: on the CPU, the
 tensors alive after each op plus one scratch copy of the op's operands and results that the
-pass created (:class:`LiveBytes`); on CUDA, also the caching allocator's own peak. The footprint is that
-count, taken where the pass can be seen:
+pass created (:class:`LiveBytes`); on CUDA, also the caching allocator's own peak. The
+footprint is that count, taken where the pass can be seen:
 
 - a callable (:func:`footprint`): measured on one image with one, two and three tangents; a
-  pass with ``k`` tangents of ``b`` images holds about ``b * max_i(base[i] + k * per_tangent[i])``,
-  one line per operation; :func:`plan_chunks` picks the images and tangents of each pass;
+  pass with ``k`` tangents of ``b`` images holds about
+  ``b * max_i(base[i] + k * per_tangent[i])``, one line per operation; :func:`plan_chunks`
+  picks the images and tangents of each pass;
 - a graph (:func:`plan_sources`): each node's recorded value, alive from its node to its last
   user; a stack holds one copy of it per source entered above, so :func:`plan_sources` groups
   consecutive sources while the live stacks fit.
@@ -137,14 +138,16 @@ class Footprint(NamedTuple):
         """The predicted peak of a pass with ``tangents`` tangents of ``images`` images."""
         return images * self.per_image(tangents)
 
-    def tangents_within(self, budget: float) -> int:
-        """The most tangents one image's pass may push under ``budget`` bytes (0 if none)."""
+    def tangents_within(self, budget: float, most: int) -> int:
+        """The most tangents, up to ``most``, that one image's pass may push under ``budget``
+        bytes (0 if none)."""
         base = torch.as_tensor(self.base, dtype=torch.float64)
         slope = torch.as_tensor(self.per_tangent, dtype=torch.float64).expand_as(base)
         if bool((base > budget).any()):
             return 0
         rising = slope > 0
-        return int(((budget - base[rising]) / slope[rising]).floor().min()) if bool(rising.any()) else 2**62
+        fit = ((budget - base[rising]) / slope[rising]).floor().min() if bool(rising.any()) else most
+        return int(min(fit, most))
 
 
 def _profile(fn: Callable[[], object], device: torch.device) -> tuple[LiveBytes, int]:
@@ -273,7 +276,7 @@ def plan_chunks(footprint: Footprint, images: int, tangents: int, budget: float)
         return images, tangents
     if footprint.bytes(1, tangents) <= budget:
         return max(1, int(budget // footprint.bytes(1, tangents))), tangents
-    return 1, max(1, min(tangents, footprint.tangents_within(budget)))
+    return 1, max(1, footprint.tangents_within(budget, tangents))
 
 
 class Lifetimes(NamedTuple):
