@@ -103,6 +103,18 @@ def test_free_memory_of_cuda_and_without_meminfo(monkeypatch):
     assert memory.free_bytes("cpu") == 12345
 
 
+@pytest.mark.parametrize("allocator_peak", [100 + 10_000, 100 + 50])
+def test_cuda_counts_the_allocators_peak_where_higher(monkeypatch, allocator_peak):
+    """analytic, with the CUDA allocator's statistics replaced: the resident bytes of a pass
+    are the allocator's peak beyond what it held before (100 bytes) where that is higher than
+    the dispatch mode's count (400 bytes of a result and its scratch copy = 800)."""
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocator_peak)
+    assert peak_bytes(lambda: torch.empty(100), "cuda") == max(allocator_peak - 100, 800)
+
+
 def test_default_budget_follows_the_free_memory(tmp_path, monkeypatch):
     """Plenty free: one pass of every image and group; almost nothing free: one image and one
     group a pass, and the same numbers."""
