@@ -151,10 +151,10 @@ def test_chunking_does_not_change_the_contributions():
     gm, x = _case("resnet18")
     d = _defects(gm, x, "rotate", True)
     sources = _sources(d)
-    assert len(attribution._chunks(gm, sources, d, 1e12)) == 1
+    assert len(attribution._chunks(gm, sources, d, 1e12, x.device)) == 1
     with pytest.raises(ll.LayerlieError, match="too small for one source"):
-        attribution._chunks(gm, sources, d, 1)
-    small = attribution._chunks(gm, sources, d, 6 * max(memory.nbytes(d.values[n]) for n in sources))
+        attribution._chunks(gm, sources, d, 1, x.device)
+    small = attribution._chunks(gm, sources, d, 6 * max(memory.nbytes(d.values[n]) for n in sources), x.device)
     assert 1 < len(small) < len(sources) and max(len(c) for c in small[1:]) > len(small[0])
     tables = [ll.attribute(gm, x, "rotate", memory_budget=b).nodes["contribution_norm"] for b in (1e12, None)]
     assert float(((tables[0] - tables[1]).abs() / tables[0].clip(lower=1e-30)).max()) < AGREE

@@ -1,14 +1,18 @@
 """The memory plan: one meaning of ``memory_budget``, one footprint measure, one planner
 (docs/design.md §7).
 
-``memory_budget`` is the bytes of tensors a pass may hold at its peak beside its inputs, its
-weights and the values it was given: what :class:`LiveBytes` counts. By default it is
-:data:`FORWARDS` times what a no-grad forward of the same images holds. The footprint is that
-count, taken where the pass can be seen:
+``memory_budget`` is the bytes a pass may add to the device's resident memory at its peak,
+beside its inputs, its weights and the values it was given. By default (:func:`budget_bytes`)
+it is :data:`MARGIN` times what the device has free (:func:`free_bytes`), so a pass that fits
+is never cut. A pass's resident bytes are counted by :func:`peak_bytes`: on the CPU, the
+tensors alive after each op plus one scratch copy of the op's operands and results that the
+pass created (:class:`LiveBytes`); on CUDA, also the caching allocator's own peak. The
+footprint is that count, taken where the pass can be seen:
 
-- a callable (:func:`footprint`): measured on one image with one and with two tangents; a
-  pass with ``k`` tangents of ``b`` images holds about ``b * (base + k * per_tangent)``;
-  :func:`plan_chunks` picks the images and tangents of each pass;
+- a callable (:func:`footprint`): measured on one image with one, two and three tangents; a
+  pass with ``k`` tangents of ``b`` images holds about
+  ``b * max_i(base[i] + k * per_tangent[i])``, one line per operation; :func:`plan_chunks`
+  picks the images and tangents of each pass;
 - a graph (:func:`plan_sources`): each node's recorded value, alive from its node to its last
   user; a stack holds one copy of it per source entered above, so :func:`plan_sources` groups
   consecutive sources while the live stacks fit.
@@ -26,6 +30,8 @@ Example:
 
 from __future__ import annotations
 
+import difflib
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -38,8 +44,13 @@ from torch.utils._pytree import tree_leaves
 from layerlie.core.engine import coarsest, propagate
 from layerlie.errors import LayerlieError
 
-FORWARDS = 3
-"""The default ``memory_budget``, in no-grad forwards of the same images."""
+MARGIN = 0.5
+"""The share of the device's free memory that the default ``memory_budget`` takes: the rest
+covers what a pass's count cannot see (the host allocator's fragmentation, the CUDA allocator's
+rounding, libraries' caches) and other processes that allocate while the pass runs."""
+
+MEMINFO = "/proc/meminfo"
+"""Where Linux says how much memory can be allocated without swapping (``MemAvailable``)."""
 
 
 def _tensors(tree: object) -> list[torch.Tensor]:
@@ -62,6 +73,11 @@ class LiveBytes(TorchDispatchMode):
 
     Storages that existed before (inputs, weights) are not counted. ``peak`` is the
     largest total seen right after any operation; ``current`` the total at exit.
+    ``trace`` holds, for each operation, a bound on what is resident while it runs: the total
+    plus one scratch copy of every operand and result of the operation that the mode counts,
+    which its kernel may hold unseen (a CPU backend reorders them into its own layouts, e.g.
+    oneDNN's blocked formats); ``resident`` is its largest entry. Scratch copies of weights
+    are left out: they are one at a time, whatever the number of images.
     """
 
     def __init__(self) -> None:
@@ -69,6 +85,13 @@ class LiveBytes(TorchDispatchMode):
         self._live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.current = 0
         self.peak = 0
+        self.trace: list[int] = []
+        self.ops: list[str] = []
+
+    @property
+    def resident(self) -> int:
+        """The largest resident bound of any operation (0 before the first)."""
+        return max(self.trace, default=0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -77,6 +100,7 @@ class LiveBytes(TorchDispatchMode):
                 del self._live[ptr]
                 self.current -= size
         inputs = storages((args, kwargs))
+        outputs = storages(out)
         for t in _tensors(out):
             storage = t.untyped_storage()
             ptr, size = storage.data_ptr(), storage.nbytes()
@@ -85,37 +109,87 @@ class LiveBytes(TorchDispatchMode):
             self._live[ptr] = (StorageWeakRef(storage), size)
             self.current += size
         self.peak = max(self.peak, self.current)
+        self.trace.append(self.current + sum(size for ptr, size in (inputs | outputs).items() if ptr in self._live))
+        self.ops.append(str(func))
         return out
 
 
 class Footprint(NamedTuple):
-    """Bytes per image of a tangent pass: ``base`` whatever the number of tangents, and
-    ``per_tangent`` for each tangent pushed beside the others. ``forward`` is the peak of
-    a no-grad forward, the unit of the default budget."""
+    """Resident bytes per image of a tangent pass (:func:`peak_bytes`), as lines in the number
+    of tangents ``k``: the pass holds ``max_i(base[i] + k * per_tangent[i])`` per image, one line
+    per operation (what is alive there grows with ``k`` at its own rate). A pass with one
+    tangent can take other operations: ``one`` is its peak when measured. ``forward`` is the
+    peak of a no-grad forward, the unit to state a budget in."""
 
     forward: int
-    base: int
-    per_tangent: int
+    base: torch.Tensor | float
+    per_tangent: torch.Tensor | float
+    one: float | None = None
 
-    def bytes(self, images: int, tangents: int) -> int:
+    def per_image(self, tangents: int) -> float:
+        """The predicted peak of one image's pass with ``tangents`` tangents."""
+        if tangents == 1 and self.one is not None:
+            return self.one
+        lines = torch.as_tensor(self.base, dtype=torch.float64) + tangents * torch.as_tensor(
+            self.per_tangent, dtype=torch.float64)
+        return float(lines.max())
+
+    def bytes(self, images: int, tangents: int) -> float:
         """The predicted peak of a pass with ``tangents`` tangents of ``images`` images."""
-        return images * (self.base + tangents * self.per_tangent)
+        return images * self.per_image(tangents)
+
+    def tangents_within(self, budget: float, most: int) -> int:
+        """The most tangents, up to ``most``, that one image's pass may push under ``budget``
+        bytes (0 if none)."""
+        base = torch.as_tensor(self.base, dtype=torch.float64)
+        slope = torch.as_tensor(self.per_tangent, dtype=torch.float64).expand_as(base)
+        if bool((base > budget).any()):
+            return 0
+        rising = slope > 0
+        fit = ((budget - base[rising]) / slope[rising]).floor().min() if bool(rising.any()) else most
+        return int(min(fit, most))
 
 
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """The peak of the bytes created and alive while ``fn()`` runs (see :class:`LiveBytes`)."""
+def _profile(fn: Callable[[], object], device: torch.device) -> tuple[LiveBytes, int]:
+    """What ``fn()`` holds resident: :class:`LiveBytes`' record, and on CUDA the caching
+    allocator's peak beyond what was allocated before (its peak statistic is reset for it)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     with LiveBytes() as live:
         fn()
-    return live.peak
+    if not cuda:
+        return live, 0
+    torch.cuda.synchronize(device)
+    return live, torch.cuda.max_memory_allocated(device) - before
 
 
-def measure_footprint(forward: Callable[[], object], one: Callable[[], object],
-                      two: Callable[[], object]) -> Footprint:
-    """Measure a footprint on one image: a no-grad forward, the pass with one tangent, and
-    the pass with two (their difference is the cost of one more tangent)."""
-    p0, p1, p2 = peak_bytes(forward), peak_bytes(one), peak_bytes(two)
-    per_tangent = max(p2 - p1, 1)
-    return Footprint(forward=max(p0, 1), base=max(p1 - per_tangent, 0), per_tangent=per_tangent)
+def peak_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """The resident bytes that ``fn()`` adds on ``device`` at its peak (docs/design.md §7):
+    :class:`LiveBytes`' ``resident`` bound, and on CUDA at least the caching allocator's peak."""
+    live, allocator = _profile(fn, torch.device(device))
+    return max(live.resident, allocator)
+
+
+def measure_footprint(forward: Callable[[], object], push: Callable[[int], object],
+                      device: torch.device | str = "cpu") -> Footprint:
+    """Measure a footprint on one image, on ``device``: a no-grad forward, and ``push(k)``, the
+    pass with ``k`` tangents, for ``k = 1, 2, 3`` (docs/design.md §7). Each operation's resident
+    bound with two and with three tangents gives its line (the difference is the cost of one
+    more tangent there), and so do the peaks, and on CUDA the allocator's peaks; a pass with one
+    tangent can take other operations, so its peak is kept apart."""
+    device = torch.device(device)
+    (l1, c1), (l2, c2), (l3, c3) = (_profile(lambda: push(k), device) for k in (1, 2, 3))
+    # The same operation in both passes: a third tangent can add a few views between them.
+    same = difflib.SequenceMatcher(None, l2.ops, l3.ops, autojunk=False).get_matching_blocks()
+    pairs = [(l2.trace[i + d], l3.trace[j + d]) for i, j, n in same for d in range(n)]
+    second = torch.tensor([l2.resident, c2] + [a for a, _ in pairs], dtype=torch.float64)
+    third = torch.tensor([l3.resident, c3] + [b for _, b in pairs], dtype=torch.float64)
+    per_tangent = (third - second).clamp(min=0)  # more tangents never hold less: a drop is noise
+    return Footprint(forward=max(peak_bytes(forward, device), 1), base=second - 2 * per_tangent,
+                     per_tangent=per_tangent, one=float(max(l1.resident, c1)))
 
 
 _FOOTPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -124,7 +198,8 @@ _FOOTPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def footprint(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tangents: torch.Tensor,
               fast: bool = False) -> tuple[Footprint, bool]:
     """The footprint per image of the engine's pass of ``f`` at ``x`` (its coarsest graph,
-    :func:`layerlie.core.engine.coarsest`), measured on the first image and two tangents, and
+    :func:`layerlie.core.engine.coarsest`), measured on the first image and up to three tangents
+    (:func:`measure_footprint`), and
     whether ``f`` keeps the batch axis (so that chunks of images can run apart).
 
     Cached by ``f`` (weakly), the image shape, dtype and device, and ``fast``.
@@ -138,8 +213,9 @@ def footprint(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tangen
         gm, x1, t1 = coarsest(f), x[:1], tangents[:1, :1]
         with torch.no_grad():
             y = f(x1)
-            fp = measure_footprint(lambda: f(x1), lambda: propagate(gm, x1, t1, fast=fast),
-                                   lambda: propagate(gm, x1, t1.expand(2, *t1.shape[1:]), fast=fast))
+            # The tangents are made inside, as a pass's caller makes them: they are resident too.
+            fp = measure_footprint(lambda: f(x1), lambda k: propagate(gm, x1, t1.expand(k, *t1.shape[1:]).clone(),
+                                                                      fast=fast), x.device)
         cache[where] = fp, y.ndim > 0 and y.shape[0] == 1
     return cache[where]
 
@@ -148,14 +224,39 @@ def check_budget(memory_budget: float | None) -> None:
     """A budget is a positive number of bytes, ``float("inf")`` or None (the default)."""
     if memory_budget is not None and not memory_budget > 0:
         raise LayerlieError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}; "
-                            f"pass None for {FORWARDS} times a forward's memory, or float('inf') for no limit")
+                            f"pass None for {MARGIN:g} of the device's free memory, or float('inf') for no limit")
 
 
-def budget_bytes(memory_budget: float | None, forward: float) -> float:
-    """``memory_budget``, or by default :data:`FORWARDS` times ``forward``, the bytes a no-grad
-    forward of the pass's images holds."""
+def free_bytes(device: torch.device | str) -> float:
+    """The bytes ``device`` can still give (docs/design.md §7): on CUDA, the driver's free
+    memory plus what PyTorch's allocator holds unused; on the CPU, the kernel's
+    ``MemAvailable`` (:data:`MEMINFO`), or psutil's where there is no such file; elsewhere,
+    or where neither can be read, no limit (``inf``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return math.inf
+    try:
+        with open(MEMINFO) as f:
+            kib = next((int(line.split()[1]) for line in f if line.startswith("MemAvailable:")), None)
+        if kib is not None:
+            return 1024.0 * kib
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return math.inf
+    return float(psutil.virtual_memory().available)
+
+
+def budget_bytes(memory_budget: float | None, device: torch.device | str) -> float:
+    """``memory_budget``, or by default :data:`MARGIN` times what ``device`` has free
+    (:func:`free_bytes`), read when the pass is planned (docs/design.md §7)."""
     check_budget(memory_budget)
-    return FORWARDS * forward if memory_budget is None else memory_budget
+    return MARGIN * free_bytes(device) if memory_budget is None else memory_budget
 
 
 def batches(n: int, size: int | None) -> list[slice]:
@@ -175,8 +276,7 @@ def plan_chunks(footprint: Footprint, images: int, tangents: int, budget: float)
         return images, tangents
     if footprint.bytes(1, tangents) <= budget:
         return max(1, int(budget // footprint.bytes(1, tangents))), tangents
-    fit = int((budget - footprint.base) // footprint.per_tangent)
-    return 1, max(1, min(tangents, fit))
+    return 1, max(1, footprint.tangents_within(budget, tangents))
 
 
 class Lifetimes(NamedTuple):

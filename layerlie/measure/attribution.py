@@ -382,7 +382,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
             per-tensor ``[-1, 1]`` convention.
         memory_budget: bytes of tensors a propagation of a chunk of sources may hold beside the
             recorded values (exact estimator, :mod:`layerlie.core.memory`); by default
-            :data:`layerlie.core.memory.FORWARDS` times what a no-grad forward holds.
+            :data:`layerlie.core.memory.MARGIN` times what the device has free.
         granularity: ``"node"`` (the fx graph) or ``"module"`` (leaf-module forward hooks,
             :mod:`layerlie.measure.hooks`). A model that fx cannot trace falls back to ``"module"``
             with a one-line warning that says why.
@@ -465,7 +465,7 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
             for n in sources:
                 if n not in live:
                     contrib[n] = shares[n] = 0.0
-            for chunk in _chunks(gm, live, defects, o.memory_budget):
+            for chunk in _chunks(gm, live, defects, o.memory_budget, x.device):
                 c = _propagate_sources(gm, x, chunk, defects, o.capture, (owner, out_name))
                 for n, cv in zip(chunk, c):
                     contrib[n] = float(cv.norm())
@@ -576,7 +576,7 @@ def _traced(model: nn.Module, x: torch.Tensor, output: Output) -> fx.GraphModule
 
 
 def _chunks(gm: fx.GraphModule, sources: list[fx.Node], defects: _Defects,
-            memory_budget: float | None) -> list[list[fx.Node]]:
+            memory_budget: float | None, device: torch.device) -> list[list[fx.Node]]:
     """The sources in consecutive chunks whose propagation holds at most ``memory_budget`` bytes
     of stacked tangents (:func:`layerlie.core.memory.plan_sources`), by the recorded values:
     a stack holds, below each source of its chunk, one slice shaped like the value (docs/design.md §7)."""
@@ -584,7 +584,7 @@ def _chunks(gm: fx.GraphModule, sources: list[fx.Node], defects: _Defects,
     order = {n: i for i, n in enumerate(nodes)}
     last = [max((order[u] for u in n.users), default=i) for i, n in enumerate(nodes)]
     lifetimes = memory.Lifetimes.of([memory.nbytes(defects.values.get(n)) for n in nodes], last)
-    budget = memory.budget_bytes(memory_budget, lifetimes.forward)
+    budget = memory.budget_bytes(memory_budget, device)
     plan = memory.plan_sources(lifetimes, [order[n] for n in sources], budget, strict=memory_budget is not None)
     return [[sources[k] for k in chunk] for chunk in plan]
 

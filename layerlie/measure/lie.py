@@ -145,11 +145,12 @@ def lie_derivative(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             spatial size above 1 as an image at its own resolution; None means ``T`` acts
             trivially on the output (logits, pooled features).
         method: ``"jvp"`` (forward mode) or ``"double_backward"`` (published baseline).
-        memory_budget: bytes of tensors a pass may hold beside its inputs and weights
+        memory_budget: resident bytes a pass may add beside its inputs and weights
             (:mod:`layerlie.core.memory`). The images and groups are split into passes that
             fit, by a footprint measured on one image (:func:`layerlie.core.memory.footprint`).
-            None: :data:`layerlie.core.memory.FORWARDS` times what a no-grad forward of the
-            images holds; ``float("inf")``: everything in one pass.
+            None: :data:`layerlie.core.memory.MARGIN` times what the device has free, read
+            when the passes are planned, so a pass that fits runs whole; ``float("inf")``:
+            everything in one pass, without measuring a footprint.
         fast: the cheaper forward-mode rules of :mod:`layerlie.core.rules` (same numbers);
             False runs PyTorch's own formulas throughout; None, the default, uses the
             rules on the CPU, where a pass spends its time on arithmetic, and in a captured pass.
@@ -220,7 +221,7 @@ def _plan(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, groups: li
     if method != "jvp" or memory_budget == float("inf"):
         return images, len(groups)
     fp, per_image = memory.footprint(f, x, tangent(x[:1], groups[0], scheme)[None], fast)
-    budget = memory.budget_bytes(memory_budget, fp.forward * images)
+    budget = memory.budget_bytes(memory_budget, x.device)
     fit, per_chunk = memory.plan_chunks(fp, images, len(groups), budget)
     return (fit if per_image else images), per_chunk
 
