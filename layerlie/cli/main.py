@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the before/after figure to this PNG/PDF")
     _add_output_args(p)
     _add_sweep_parser(sub)
+    _add_store_parser(sub)
     _add_view_parsers(sub)
     _add_experiment_parser(sub)
     return parser
@@ -243,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "models": cmd_models, "e2e": cmd_e2e, "layers": cmd_layers, "aliasing": cmd_aliasing,
-        "ablate": cmd_ablate, "sweep": cmd_sweep, "figures": cmd_figures, "report": cmd_report,
+        "ablate": cmd_ablate, "sweep": cmd_sweep, "store": cmd_store, "figures": cmd_figures, "report": cmd_report,
         "experiment": cmd_experiment}
     try:
         with warnings.catch_warnings():
@@ -568,6 +569,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"layerlie: failed: {task}: {err['type']}: {err['message'].splitlines()[0] if err['message'] else ''}",
               file=sys.stderr)
     return 1 if result.failed else 0
+
+
+# --- store ---------------------------------------------------------------------------------
+
+STORE_EXAMPLES = ("examples:\n  layerlie store compact out/     # merge the parts of each table; --resume still skips "
+                  "their tasks")
+
+
+def _add_store_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("store", help="maintain a sweep's store", epilog=STORE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("compact", help="merge the parts of each table into one file, keeping the task index",
+                           epilog=STORE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("store", help="a sweep's store folder")
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from layerlie.results.store import compact
+
+    merged = compact(args.store)
+    said = ", ".join(f"{n} {table}" for table, n in merged.items()) or "none"
+    console.print(f"compacted parts: {said}; store {args.store}", highlight=False, soft_wrap=True)
+    return 0
 
 
 # --- views ---------------------------------------------------------------------------------
