@@ -18,13 +18,12 @@ from layerlie.results import store as st
 SPEC = {"models": ["resnet18"], "groups": ["translate_x"], "seed": 0}
 
 
-def rows(task: int, k: int = 2, extra: bool = False) -> pd.DataFrame:
-    """A small e2e-shaped table; ``extra`` adds a column the other parts lack."""
-    frame = pd.DataFrame({"image": [f"photo{i}" for i in range(k)], "group": "rotate",
-                          "lee": [task + 0.25 * i for i in range(k)], "model": f"net{task % 7}",
-                          "scheme": "central", "seed": 0, "weights": "random init (seed 0)", "host": "node",
-                          "pid": task})
-    return frame.assign(alias=[0.5] * k) if extra else frame
+def rows(task: int, k: int = 2) -> pd.DataFrame:
+    """A small e2e-shaped table of one task."""
+    return pd.DataFrame({"image": [f"photo{i}" for i in range(k)], "group": "rotate",
+                         "lee": [task + 0.25 * i for i in range(k)], "model": f"net{task % 7}",
+                         "scheme": "central", "seed": 0, "weights": "random init (seed 0)", "host": "node",
+                         "pid": task})
 
 
 def task_id(i: int) -> str:
@@ -32,16 +31,21 @@ def task_id(i: int) -> str:
 
 
 def quick_parts(root: Path, n: int) -> pd.DataFrame:
-    """Write ``n`` parts as :func:`st.write_part` lays them out, without its fsyncs; returns
-    the rows a load must give, in task order."""
-    frames = []
+    """Write ``n`` parts of two rows as :func:`st.write_part` lays them out, without its fsyncs,
+    every thousandth with a column the others lack; returns the rows a load must give."""
+    whole = pd.concat([rows(i) for i in range(min(n, 1000))], ignore_index=True)
+    whole = pd.concat([whole] * -(-n // 1000), ignore_index=True).iloc[: 2 * n]
+    whole = whole.assign(pid=[i // 2 for i in range(2 * n)], lee=whole.lee + [i // 2000 for i in range(2 * n)])
+    arrow = pa.Table.from_pandas(whole, preserve_index=False).replace_schema_metadata()
+    extra = [i for i in range(n) if i % 1000 == 3]
     for i in range(n):
-        frame = rows(i, extra=i % 1000 == 3)
-        arrow = pa.Table.from_pandas(frame, preserve_index=False)
+        part = arrow.slice(2 * i, 2)
+        if i in extra:
+            part = part.append_column("alias", pa.array([0.5, 0.5]))
         info = json.dumps({"table": "e2e", "task": task_id(i), "schema": st.SCHEMA}).encode()
-        pq.write_table(arrow.replace_schema_metadata({b"layerlie": info}), root / "parts" / f"{task_id(i)}.parquet")
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+        pq.write_table(part.replace_schema_metadata({b"layerlie": info}), root / "parts" / f"{task_id(i)}.parquet")
+    alias = [0.5 if i // 2 in extra else float("nan") for i in range(2 * n)]
+    return whole.assign(alias=alias)
 
 
 def files(root: Path) -> tuple[list[str], list[str]]:

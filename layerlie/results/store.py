@@ -176,7 +176,7 @@ def load(store: str | Path, table: str, *, errors: Literal["raise", "skip"] = "r
     if errors not in ("raise", "skip"):
         raise StoreError(f"errors must be 'raise' or 'skip', got {errors!r}")
     root = _checked_store(Path(store))
-    loose = _parts(root, table, errors)
+    loose = _parts(root, errors)[table]
     kept = _compacted(root, table, set(loose))
     scanned = _scan(list(loose.items()) + [(p, s) for p, (s, _) in kept.items()], {p: t for p, (_, t) in kept.items()})
     if scanned is None:
@@ -207,8 +207,7 @@ def compact(store: str | Path) -> dict[str, int]:
     index = _index(root)
     merged: dict[str, int] = {}
     written: dict[str, dict[str, Any]] = {}
-    for table in TABLES:
-        loose = _parts(root, table, "raise")
+    for table, loose in _parts(root, "raise").items():
         scanned = _scan(list(loose.items()), {})
         if scanned is None:
             continue
@@ -237,10 +236,10 @@ def _checked_store(root: Path) -> Path:
     return root
 
 
-def _parts(root: Path, table: str, errors: Literal["raise", "skip"]) -> dict[Path, pa.Schema]:
-    """The loose parts of ``table`` and their schemas, read from their footers; a truncated or
+def _parts(root: Path, errors: Literal["raise", "skip"]) -> dict[str, dict[Path, pa.Schema]]:
+    """The loose parts and their schemas by table, read from their footers once; a truncated or
     foreign part raises or, with ``errors="skip"``, warns (docs/design.md §4)."""
-    out = {}
+    out: dict[str, dict[Path, pa.Schema]] = {table: {} for table in TABLES}
     for path in sorted((root / "parts").glob("*.parquet")):
         try:
             info, schema = _read_footer(path)
@@ -249,8 +248,7 @@ def _parts(root: Path, table: str, errors: Literal["raise", "skip"]) -> dict[Pat
                 raise
             warnings.warn(f"skipping {err}", stacklevel=3)
             continue
-        if info["table"] == table:
-            out[path] = schema
+        out[info["table"]][path] = schema
     return out
 
 
