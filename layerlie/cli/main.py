@@ -535,19 +535,22 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 SWEEP_EXAMPLES = ("examples:\n  layerlie sweep sweeps/smoke.toml --store out/\n"
                   "  layerlie sweep sweeps/smoke.toml --store out/ --resume     # after a crash or kill\n"
                   "  layerlie sweep big.toml --store big/ --address auto       # a cluster this node is in\n"
-                  "  layerlie sweep sweeps/smoke.toml --store out/ --workers 0  # serial, no Ray")
+                  "  layerlie sweep sweeps/smoke.toml --store out/ --workers 0  # serial, no Ray\n"
+                  "  layerlie sweep sweeps/paper.toml --check                  # build and trace each model")
 
 
 def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run a TOML spec of models x measures x groups into a store",
                        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", help="the sweep spec, a TOML file (keys: models, groups, measures, n, seed, ...)")
-    p.add_argument("--store", required=True, help="the store folder: manifest.json, parts/, failures/")
+    p.add_argument("--store", help="the store folder: manifest.json, parts/, failures/ (needed but with --check)")
     p.add_argument("--workers", type=int, default=None,
                    help="local Ray workers (default: the machine's CPUs); 0 runs serially without Ray")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--resume", action="store_true", help="skip the tasks whose part exists")
     p.add_argument("--dry-run", action="store_true", help="list the tasks and run nothing")
+    p.add_argument("--check", action="store_true",
+                   help="build every model at random init and trace it, list the ones that fail, run nothing")
     p.add_argument("--force-new", action="store_true",
                    help="start afresh when the store holds a different spec (removes its parts)")
 
@@ -555,6 +558,11 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from layerlie.results.sweep import sweep
 
+    if args.check:
+        return _check_spec(args.spec)
+    if args.store is None:
+        raise LayerlieError("the following argument is required: --store; give the folder of the results, "
+                            "e.g. --store out/")
     result = sweep(args.spec, args.store, workers=args.workers, address=args.address, resume=args.resume,
                    dry_run=args.dry_run, force_new=args.force_new)
     skipped = set(result.skipped)
@@ -569,6 +577,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"layerlie: failed: {task}: {err['type']}: {err['message'].splitlines()[0] if err['message'] else ''}",
               file=sys.stderr)
     return 1 if result.failed else 0
+
+
+def _check_spec(spec: str) -> int:
+    """``sweep --check``: one line per model as it is checked, the failures again at the end."""
+    from layerlie.results.check import check, failures
+
+    def said(r: Any) -> None:
+        state = "ok" if r.ok else f"FAILED at {r.step}"
+        console.print(f"{r.model}: {state} ({r.device}, {r.seconds:.1f} s)", highlight=False, soft_wrap=True)
+
+    results = check(spec, each=said)
+    failed = failures(results)
+    console.print(f"{len(results)} models checked, {len(failed)} failed", highlight=False, soft_wrap=True)
+    for line in failed:
+        print(f"layerlie: failed: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # --- store ---------------------------------------------------------------------------------
