@@ -56,6 +56,7 @@ TABLES = ("e2e", "layers", "metrics", "ablation", "monitor")
 
 _KEY = b"layerlie"
 _TASK, _FILE = "__layerlie_task", "__layerlie_file"  # columns of the scan, dropped before rows are returned
+_FORMAT, _FS = ds.ParquetFileFormat(), pafs.LocalFileSystem()
 
 
 class StoreError(LayerlieError):
@@ -177,8 +178,8 @@ def load(store: str | Path, table: str, *, errors: Literal["raise", "skip"] = "r
         raise StoreError(f"errors must be 'raise' or 'skip', got {errors!r}")
     root = _checked_store(Path(store))
     loose = _parts(root, errors)[table]
-    kept = _compacted(root, table, set(loose))
-    scanned = _scan(list(loose.items()) + [(p, s) for p, (s, _) in kept.items()], {p: t for p, (_, t) in kept.items()})
+    kept = _compacted(root, table, {Path(f.path).stem for f in loose})
+    scanned = _scan(loose + [f for f, _ in kept], {Path(f.path).name: tasks for f, tasks in kept})
     if scanned is None:
         return pd.DataFrame()
     ordered = scanned.take(pc.sort_indices(scanned, [(_TASK, "ascending")]))  # a stable sort: rows keep their order
@@ -208,11 +209,11 @@ def compact(store: str | Path) -> dict[str, int]:
     merged: dict[str, int] = {}
     written: dict[str, dict[str, Any]] = {}
     for table, loose in _parts(root, "raise").items():
-        scanned = _scan(list(loose.items()), {})
+        scanned = _scan(loose, {})
         if scanned is None:
             continue
         ordered = scanned.take(pc.sort_indices(scanned, [(_TASK, "ascending")]))
-        tasks = sorted(p.stem for p in loose)
+        tasks = sorted(Path(f.path).stem for f in loose)
         name = f"{table}-{secrets.token_hex(4)}.parquet"
         info = json.dumps({"table": table, "tasks": len(tasks), "schema": SCHEMA}).encode()
         arrow = ordered.drop_columns([_FILE]).replace_schema_metadata({_KEY: info})
@@ -236,59 +237,55 @@ def _checked_store(root: Path) -> Path:
     return root
 
 
-def _parts(root: Path, errors: Literal["raise", "skip"]) -> dict[str, dict[Path, pa.Schema]]:
-    """The loose parts and their schemas by table, read from their footers once; a truncated or
-    foreign part raises or, with ``errors="skip"``, warns (docs/design.md §4)."""
-    out: dict[str, dict[Path, pa.Schema]] = {table: {} for table in TABLES}
+def _parts(root: Path, errors: Literal["raise", "skip"]) -> dict[str, list[ds.ParquetFileFragment]]:
+    """The loose parts by table, as dataset fragments whose task is their name, each footer read
+    once; a truncated or foreign part raises or, with ``errors="skip"``, warns (docs/design.md §4)."""
+    out: dict[str, list[ds.ParquetFileFragment]] = {table: [] for table in TABLES}
     for path in sorted((root / "parts").glob("*.parquet")):
         try:
-            info, schema = _read_footer(path)
+            info, fragment = _fragment(path, (ds.field(_FILE) == path.name) & (ds.field(_TASK) == path.stem))
         except StoreError as err:
             if errors == "raise":
                 raise
             warnings.warn(f"skipping {err}", stacklevel=3)
             continue
-        out[info["table"]][path] = schema
+        out[info["table"]].append(fragment)
     return out
 
 
-def _compacted(root: Path, table: str, replaced: set[Path]) -> dict[Path, tuple[pa.Schema, list[str]]]:
-    """The compacted files of ``table`` that the index names, with their schemas and the tasks
-    to read from each: those that no loose part replaces (docs/design.md §4)."""
-    stems = {p.stem for p in replaced}
-    out = {}
+def _compacted(root: Path, table: str, replaced: set[str]) -> list[tuple[ds.ParquetFileFragment, list[str]]]:
+    """The compacted files of ``table`` that the index names, as fragments, with the tasks to
+    read from each: those that no loose part replaces (docs/design.md §4)."""
+    out = []
     for name, entry in _index(root).items():
-        tasks = [t for t in entry["tasks"] if t not in stems]
+        tasks = [t for t in entry["tasks"] if t not in replaced]
         if entry["table"] == table and tasks:
-            path = root / "compacted" / name
-            out[path] = (_read_footer(path)[1], tasks)
+            out.append((_fragment(root / "compacted" / name, ds.field(_FILE) == name)[1], tasks))
     return out
 
 
-def _scan(files: list[tuple[Path, pa.Schema]], tasks: Mapping[Path, list[str]]) -> pa.Table | None:
-    """The rows of ``files`` through one dataset, with each row's task and file as columns: a
-    part's task is its name; a compacted file has a task column, and only the rows of its
-    ``tasks`` are read. None when there are no files (docs/design.md §4)."""
-    if not files:
+def _scan(fragments: list[ds.ParquetFileFragment], tasks: Mapping[str, list[str]]) -> pa.Table | None:
+    """The rows of ``fragments`` through one dataset, with each row's task and file as columns:
+    a part's task is its name; a compacted file (named in ``tasks``) has a task column, and only
+    the rows of its tasks are read. None when there are no files (docs/design.md §4)."""
+    if not fragments:
         return None
     try:
-        schema = pa.unify_schemas([s.remove_metadata() for _, s in files], promote_options="permissive")
+        schema = pa.unify_schemas([f.physical_schema.remove_metadata() for f in fragments],
+                                  promote_options="permissive")
     except (pa.ArrowException, ValueError) as err:
         raise StoreError(f"the parts' columns do not fit together ({' '.join(str(err).split())[:160]})") from None
     for column in (_TASK, _FILE):
         if schema.get_field_index(column) < 0:
             schema = schema.append(pa.field(column, pa.string()))
-    partitions = [(ds.field(_FILE) == p.name) & (ds.field(_TASK) == p.stem) if p not in tasks
-                  else ds.field(_FILE) == p.name for p, _ in files]
-    data = ds.FileSystemDataset.from_paths([str(p) for p, _ in files], schema=schema, format=ds.ParquetFileFormat(),
-                                           filesystem=pafs.LocalFileSystem(), partitions=partitions)
-    wanted = ~ds.field(_FILE).isin(pa.array([p.name for p in tasks], pa.string()))
-    for path, names in tasks.items():
-        wanted = wanted | ((ds.field(_FILE) == path.name) & ds.field(_TASK).isin(pa.array(names, pa.string())))
+    data = ds.FileSystemDataset(fragments, schema, _FORMAT, _FS)
+    wanted = ~ds.field(_FILE).isin(pa.array(list(tasks), pa.string()))
+    for name, names in tasks.items():
+        wanted = wanted | ((ds.field(_FILE) == name) & ds.field(_TASK).isin(pa.array(names, pa.string())))
     try:
         return data.to_table(filter=wanted)
     except (OSError, pa.ArrowException) as err:
-        raise StoreError(f"{str(files[0][0].parent)!r}: a file changed while it was read "
+        raise StoreError(f"{str(Path(fragments[0].path).parent)!r}: a file changed while it was read "
                          f"({' '.join(str(err).split())[:160]}); load again") from None
 
 
@@ -320,11 +317,14 @@ def _remove(root: Path, merged: set[str]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _read_footer(path: Path) -> tuple[dict[str, Any], pa.Schema]:
-    """A part's (or compacted file's) layerlie metadata and its schema, from its footer; a
-    truncated or foreign file is an error that names it (docs/design.md §4)."""
+def _fragment(path: Path, partition: ds.Expression) -> tuple[dict[str, Any], ds.ParquetFileFragment]:
+    """A part's (or compacted file's) layerlie metadata, and the file as a dataset fragment that
+    keeps its footer and carries ``partition``; a truncated or foreign file is an error that
+    names it (docs/design.md §4)."""
     try:
-        schema = pq.read_schema(path)
+        fragment = _FORMAT.make_fragment(str(path), _FS, partition_expression=partition)
+        fragment.ensure_complete_metadata()
+        schema = fragment.physical_schema
     except (OSError, pa.ArrowException) as err:
         raise StoreError(f"{path}: truncated or not parquet ({' '.join(str(err).split())[:120]}); "
                          "delete it and rerun the sweep with --resume") from None
@@ -339,7 +339,7 @@ def _read_footer(path: Path) -> tuple[dict[str, Any], pa.Schema]:
         raise StoreError(f"{path}: schema version {version} is newer than this layerlie's {SCHEMA}; upgrade layerlie")
     if table not in TABLES:
         raise StoreError(f"{path}: unknown table {table!r}")
-    return info, schema
+    return info, fragment
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
