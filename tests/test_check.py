@@ -117,3 +117,12 @@ def test_the_check_fails_when_a_step_is_broken(monkeypatch, broken):
     monkeypatch.setattr(ck, "_batch", bad)
     (result,) = ck.check({"models": ["resnet18"], "size": 32})
     assert (result.ok, result.step) == (broken == "meta", "ok" if broken == "meta" else "shapes")
+
+
+def test_a_layout_pass_that_raises_is_the_models_reason(monkeypatch):
+    def broken(*_: object) -> None:
+        raise RuntimeError("no rule for this node")
+
+    monkeypatch.setattr(ck, "infer_layouts", broken)
+    (result,) = ck.check({"models": ["resnet18"], "size": 32})
+    assert (result.step, result.reason, result.device) == ("layouts", "no rule for this node", "cpu")

@@ -3,7 +3,8 @@ nothing measured (docs/design.md §4).
 
 Each model is built on the ``meta`` device (shapes without storage, so a large model costs no
 memory), traced with torch.fx (which needs no values), and its graph run on a meta batch of
-the spec's size, which checks every shape. Where a step fails on ``meta`` (an op without a meta
+the spec's size, which checks every shape, then through the layout pass the measures run
+(:func:`layerlie.infer_layouts`). Where a step fails on ``meta`` (an op without a meta
 kernel, or code that reads a value), the model is built again on the CPU at random init and
 that step runs on a one-image batch, so that only a real failure is reported. One model is
 held at a time.
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from layerlie.core.layout import infer_layouts
 from layerlie.model.loading import input_channels, load_model
 from layerlie.model.trace import input_size, trace
 from layerlie.results.spec import Source, image_size, read_spec, sources
@@ -33,7 +35,7 @@ from layerlie.results.spec import Source, image_size, read_spec, sources
 
 @dataclass(frozen=True)
 class Checked:
-    """One model's check: ``step`` is where it failed (``build``, ``trace`` or ``shapes``) or
+    """One model's check: ``step`` is where it failed (``build``, ``trace``, ``shapes`` or ``layouts``) or
     ``ok``; ``device`` where the last step ran (``meta``, or ``cpu`` after a fallback)."""
 
     model: str
@@ -49,8 +51,8 @@ class Checked:
 
 def check(spec: str | Path | Mapping[str, Any], *,
           each: Callable[[Checked], None] | None = None) -> list[Checked]:
-    """Build every model of ``spec`` at random init, trace it and propagate shapes, running no
-    measure (docs/design.md §4).
+    """Build every model of ``spec`` at random init, trace it, and propagate shapes and layouts,
+    running no measure (docs/design.md §4).
 
     Args:
         spec: a TOML file or a mapping; its weights are named, not fetched.
@@ -85,8 +87,11 @@ def _check_one(source: Source, size: int | tuple[int, int] | None) -> tuple[str,
             step = "trace"
             gm = trace(model)
             step = "shapes"
+            x = _batch(model, size, device)
             with torch.no_grad():
-                gm(_batch(model, size, device))
+                gm(x)
+            step = "layouts"
+            infer_layouts(gm, x)
             return "ok", "", device
         except Exception as err:  # any failure is the model's reason, reported in one line
             failed = (step, " ".join(str(err).split())[:240] or type(err).__name__)
