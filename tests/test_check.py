@@ -74,6 +74,9 @@ def test_cli_check_exits_non_zero_and_lists_the_failure(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     toml.write_text('models = ["resnet18"]\nsize = 32\n')
     assert main(["sweep", str(toml), "--check"]) == 0
+    capsys.readouterr()
+    assert main(["sweep", str(toml)]) == 2  # a sweep that runs needs its store
+    assert "required: --store" in capsys.readouterr().err
 
 
 def test_a_step_that_meta_cannot_run_falls_back_to_the_cpu(monkeypatch):
