@@ -45,7 +45,7 @@ def quick_parts(root: Path, n: int) -> pd.DataFrame:
         info = json.dumps({"table": "e2e", "task": task_id(i), "schema": st.SCHEMA}).encode()
         pq.write_table(part.replace_schema_metadata({b"layerlie": info}), root / "parts" / f"{task_id(i)}.parquet")
     alias = [0.5 if i // 2 in extra else float("nan") for i in range(2 * n)]
-    return whole.assign(alias=alias)
+    return whole.assign(alias=alias) if extra else whole
 
 
 def files(root: Path) -> tuple[list[str], list[str]]:
@@ -66,6 +66,15 @@ def test_compaction_keeps_the_rows_the_tasks_and_other_tables(tmp_path):
     assert st.done(root) == tasks
     assert main(["store", "compact", str(root)]) == 0  # nothing left to merge: nothing changes
     assert len(files(root)[1]) == 2
+    pd.testing.assert_frame_equal(ll.load(root, "e2e"), want)
+
+
+def test_a_store_from_before_compaction_is_compacted(tmp_path):
+    root = st.create(tmp_path / "s", SPEC)
+    want = quick_parts(root, 3)
+    (root / "compacted").rmdir()
+    pd.testing.assert_frame_equal(ll.load(root, "e2e"), want)
+    assert st.compact(root) == {"e2e": 3}
     pd.testing.assert_frame_equal(ll.load(root, "e2e"), want)
 
 

@@ -205,6 +205,7 @@ def compact(store: str | Path) -> dict[str, int]:
         {'e2e': 9800, 'layers': 200}
     """
     root = _checked_store(Path(store))
+    (root / "compacted").mkdir(exist_ok=True)  # a store written before compaction existed has none
     index = _index(root)
     merged: dict[str, int] = {}
     written: dict[str, dict[str, Any]] = {}
