@@ -35,11 +35,11 @@ def write_parts(root: Path, n: int) -> None:
     whole = pa.Table.from_pandas(pd.DataFrame({
         "image": ["photo0", "photo1"] * len(GROUPS) * n, "group": GROUPS * 2 * n,
         "lee": [0.001 * (r // per) + 0.01 * (r % per) for r in range(n * per)],
-        "model": [f"model{r // per // 10}" for r in range(n * per)], "scheme": "central", "seed": 0,
+        "model": [f"model{r // per // 70}" for r in range(n * per)], "scheme": "central", "seed": 0,
         "weights": "random init (seed 0)", "host": "node", "pid": [1000 + r // per % 16 for r in range(n * per)]}),
         preserve_index=False)
     for i in range(n):
-        task = f"e2e-model{i // 10}-{i:05d}"
+        task = f"e2e-model{i // 70}-{i:05d}"
         info = json.dumps({"table": "e2e", "task": task, "schema": st.SCHEMA}).encode()
         part = whole.slice(i * per, per)
         pq.write_table(part.replace_schema_metadata({**part.schema.metadata, b"layerlie": info}),
