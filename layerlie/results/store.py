@@ -201,7 +201,7 @@ def compact(store: str | Path) -> dict[str, int]:
         StoreError: not a store, or a damaged part (named; delete it and resume the sweep).
 
     Example:
-        >>> ll.results.store.compact("out/")  # doctest: +SKIP
+        >>> ll.results.compact("out/")  # doctest: +SKIP
         {'e2e': 9800, 'layers': 200}
     """
     root = _checked_store(Path(store))
