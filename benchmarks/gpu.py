@@ -1,21 +1,26 @@
-"""The GPU benchmark: LEE and attribution cost on one card, as ratios measured in one run.
+"""The GPU benchmark: LEE and attribution cost on one card, with the pass captured and not, and
+plain-PyTorch references, as ratios to a no-grad forward measured in one run.
 
 For each model (random init, seed 0, embedded photos repeated to the batch, float32, TF32 off):
-- one no-grad forward pass at the batch (default 32);
-- ``lee`` with one group, and with all ten, / a forward;
-- the floor: a forward at 11 times the batch (one primal and ten tangent passes) / a forward;
-- the double-backward baseline (``method="double_backward"``), ten groups / ours;
-- extra peak memory of ten-group ``lee`` / that of a forward (``torch.cuda.max_memory_allocated``
-  above what was allocated before);
-- exact and shares attribution (``translate_x``) at a batch of 8 on a graph traced beforehand:
-  seconds, / a forward at that batch, and the exact estimator's extra peak memory / that of a
-  forward-with-grad (forward, then backward of a random projection of the softmax).
+- references: the floor (a forward at 11 times the batch: one primal and ten tangent passes);
+  ``torch.func.jvp`` of softmax(model) with ten random tangents under ``vmap`` and with one, eager,
+  and the same one and ten replayed from a CUDA graph (``layerlie.core.program.cuda_graph``);
+- ``lee`` with one group, ten groups, and ten groups with ``memory_budget=inf``, with the pass
+  captured (``capture=None``, the device's default: a CUDA graph on CUDA, eager on the CPU) and
+  not (``capture=False``);
+- extra peak memory of ten-group ``lee`` / that of a forward, both ways; captured, it counts the
+  graph's own memory and static buffers, made in the calls measured;
+- exact and shares attribution (``translate_x``) at batch 8 on a graph traced beforehand, both
+  ways, / a forward at that batch.
 
-Every call runs once untimed first; times are the best of ``--repeat`` (one for the baseline
-and attribution). The whole run takes under 5 minutes on an H100.
+A captured call is timed once its program is made (two untimed calls: the key is seen, then
+captured); times are the best of ``--repeat`` after one untimed call. Checks printed per model:
+ten-group ``lee`` captured against eager (max relative difference) and the estimators' residuals.
+On the CPU the CUDA-graph references print "-". The whole run is meant to take under 4 minutes
+on an H200.
 
-Run: ``python benchmarks/gpu.py [--models ...] [--batch 32] [--out table.md]``; without a
-GPU, ``python benchmarks/gpu.py --cpu --small`` runs the same program at a tiny size.
+Run: ``python benchmarks/gpu.py [--models ...] [--batch 32] [--out table.md]``; without a GPU,
+``python benchmarks/gpu.py --cpu --small`` runs the same program at a tiny size.
 """
 
 from __future__ import annotations
@@ -23,17 +28,32 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 import layerlie as ll
+from layerlie.core import program
+from layerlie.measure.lie import jvp_ready
 
 from bench import best_time, markdown, setup, sync
 
-HEADER = ["model", "forward (ms)", "lee 1 group / fwd", "lee 10 groups / fwd", "floor: fwd at 11x batch / fwd",
-          "double backward / ours (10)", "extra memory, lee 10 / fwd", "fwd at attribution batch (ms)",
-          "exact (s)", "exact / fwd", "shares (s)", "shares / fwd", "extra memory, exact / fwd-with-grad"]
+# Monitor rows: benchmarks/monitor.py, where present, gives the cost of a Monitor measurement in
+# training steps; this benchmark prints its table after its own, from the same run.
+try:
+    from monitor import HEADER as MONITOR_HEADER
+    from monitor import monitor_rows
+except ImportError:
+    MONITOR_HEADER, monitor_rows = None, None
+
+MODELS = "resnet50,vit_small_patch16_224,convnext_tiny,efficientnet_b0,swin_tiny_patch4_window7_224"
+
+LEE_HEADER = ["model", "forward (ms)", "floor: fwd at 11x / fwd", "vmap(jvp) 10, eager", "jvp 1, eager",
+              "jvp 1, CUDA graph", "jvp 10, CUDA graph", "lee 1 group", "lee 1 group, captured", "lee 10",
+              "lee 10, captured", "lee 10 inf", "lee 10 inf, captured", "extra memory lee 10 / fwd",
+              "extra memory lee 10, captured / fwd"]
+ATTRIBUTION_HEADER = ["model", "forward at attribution batch (ms)", "exact / fwd", "exact, captured / fwd",
+                      "shares / fwd", "shares, captured / fwd"]
 
 
 def extra_memory(fn: Callable[[], object], device: str) -> float | None:
@@ -55,58 +75,126 @@ def forward_time(model: torch.nn.Module, x: torch.Tensor, device: str, repeat: i
         return best_time(lambda: model(x), device, repeat)
 
 
+def steady_time(fn: Callable[[], object], device: str, repeat: int) -> float:
+    """The best time of ``fn`` once a captured program is made: one more untimed call than
+    :func:`best_time` makes (a key runs eagerly once, then is captured)."""
+    fn()
+    return best_time(fn, device, repeat)
+
+
 def ratio(a: float | None, b: float | None, fmt: str = ".2f") -> str:
     """``a / b`` formatted, or a dash where either was not measured."""
     return "-" if a is None or b is None else format(a / b, fmt)
 
 
-def measure(name: str, args: argparse.Namespace) -> list[object]:
-    """One table row for ``name``; prints the checks that go with it."""
+def references(model: torch.nn.Module, x: torch.Tensor, device: str, repeat: int) -> list[float | None]:
+    """Seconds of plain PyTorch: ``vmap(jvp)`` with ten random tangents and ``jvp`` with one, eager,
+    then the same one and ten replayed from a CUDA graph (None off CUDA)."""
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return model(z).softmax(-1)
+
+    def jvp(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(f, (z,), (t,))[1]
+
+    def jvps(z: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        return torch.func.vmap(lambda t: jvp(z, t))(ts)
+
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    tens = torch.randn((10, *x.shape), generator=gen, device=x.device)
+    times: list[float | None] = []
+    with torch.no_grad(), jvp_ready(model):
+        times.append(best_time(lambda: jvps(x, tens), device, repeat))
+        times.append(best_time(lambda: jvp(x, tens[0]), device, repeat))
+        for fn, inputs in ((jvp, (x, tens[0])), (jvps, (x, tens))):
+            times.append(graph_time(fn, inputs, device, repeat))
+    return times
+
+
+def graph_time(fn: Callable[..., object], inputs: tuple[torch.Tensor, ...], device: str, repeat: int) -> float | None:
+    """The best time of ``fn`` replayed from a CUDA graph; None off CUDA or where it cannot be captured."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        replay = program.cuda_graph(fn, inputs)
+    except Exception as err:  # a reference that cannot be captured leaves its cell empty, not the row
+        print(f"  CUDA graph reference not captured: {' '.join(str(err).split())[:160]}", flush=True)
+        return None
+    return best_time(lambda: replay(*inputs), device, repeat)
+
+
+def lee_row(name: str, args: argparse.Namespace) -> list[object]:
+    """One row of the ``lee`` table; prints the check that goes with it."""
     device, repeat = args.device, args.repeat
     model, x = setup(name, args.batch, args.res, device)
     t_fwd = forward_time(model, x, device, repeat)
     t_floor = forward_time(model, x.repeat(11, 1, 1, 1), device, repeat)
     with torch.no_grad():
         mem_fwd = extra_memory(lambda: model(x), device)
-    t_one = best_time(lambda: ll.lee(model, x, "translate_x"), device, repeat)
-    t_all = best_time(lambda: ll.lee(model, x, "all"), device, repeat)
-    mem_lee = extra_memory(lambda: ll.lee(model, x, "all"), device)
-    ours = ll.lee(model, x, "all")
-    t_db = best_time(lambda: ll.lee(model, x, "all", method="double_backward"), device, 1, warmup=False)
-    base = ll.lee(model, x, "all", method="double_backward")
-    agree = float((ours["lee"] - base["lee"]).abs().max() / base["lee"].abs().max())
+    refs = references(model, x, device, repeat)
+    lee = []
+    for groups, budget in (("translate_x", None), ("all", None), ("all", float("inf"))):
+        for capture in (False, None):
+            lee.append(steady_time(lambda: ll.lee(model, x, groups, memory_budget=budget, capture=capture),
+                                   device, repeat))
+    mem = []
+    for capture in (False, None):
+        program.PROGRAMS.clear()
+        mem.append(extra_memory(lambda: [ll.lee(model, x, "all", capture=capture) for _ in range(3)], device))
+    eager = torch.tensor(ll.lee(model, x, "all", capture=False)["lee"].to_numpy())
+    captured = torch.tensor(ll.lee(model, x, "all")["lee"].to_numpy())
+    print(f"  {name}: ten-group lee, captured against eager: max rel. diff "
+          f"{float((captured - eager).abs().max() / eager.abs().max()):.1e}", flush=True)
+    program.PROGRAMS.clear()
+    return [name, f"{t_fwd * 1e3:.2f}", ratio(t_floor, t_fwd), *(ratio(t, t_fwd) for t in refs),
+            *(ratio(t, t_fwd) for t in lee), *(ratio(m, mem_fwd) for m in mem)]
 
-    x8 = x[:args.attr_batch]
-    gm = ll.trace(model, x8)
-    z = torch.randn(x8.shape[0], model.num_classes, device=device)
 
-    def with_grad() -> None:
-        (model(x8).softmax(-1) * z).sum().backward()
-        model.zero_grad(set_to_none=True)
+def attribution_row(name: str, args: argparse.Namespace) -> list[object]:
+    """One row of the attribution table; prints the estimators' checks."""
+    device = args.device
+    model, x = setup(name, args.attr_batch, args.res, device)
+    gm = ll.trace(model, x)
+    t_fwd = forward_time(gm, x, device, args.repeat)
+    row: list[object] = [name, f"{t_fwd * 1e3:.2f}"]
+    for estimator in ("exact", "shares"):
+        for capture in (False, None):
+            last: list[ll.Attribution] = []
 
-    t_fwd8 = forward_time(gm, x8, device, repeat)
-    exact = ll.attribute(gm, x8, "translate_x")
-    t_exact = best_time(lambda: ll.attribute(gm, x8, "translate_x"), device, 1, warmup=False)
-    t_shares = best_time(lambda: ll.attribute(gm, x8, "translate_x", estimator="shares"), device, 1)
-    mem_grad = extra_memory(with_grad, device)
-    mem_exact = extra_memory(lambda: ll.attribute(gm, x8, "translate_x"), device)
-    print(f"  {name}: double backward vs ours, max rel. diff {agree:.1e}; exact attribution residual "
-          f"{exact.residual:.1e}", flush=True)
-    return [name, f"{t_fwd * 1e3:.2f}", f"{t_one / t_fwd:.2f}", f"{t_all / t_fwd:.2f}", f"{t_floor / t_fwd:.2f}",
-            f"{t_db / t_all:.2f}", ratio(mem_lee, mem_fwd), f"{t_fwd8 * 1e3:.2f}", f"{t_exact:.2f}",
-            f"{t_exact / t_fwd8:.1f}", f"{t_shares:.2f}", f"{t_shares / t_fwd8:.1f}", ratio(mem_exact, mem_grad)]
+            def run() -> None:
+                last[:] = [ll.attribute(gm, x, "translate_x", estimator=estimator, capture=capture)]
+
+            t = steady_time(run, device, 1) if capture is None else best_time(run, device, 1)
+            row.append(ratio(t, t_fwd, ".1f"))
+            print(f"  {name}: {estimator}{', captured' if capture is None else ''}: {last[0].check_line()}",
+                  flush=True)
+    program.PROGRAMS.clear()
+    return row
+
+
+def rows(measure: Callable[[str, argparse.Namespace], list[object]], header: list[str],
+         args: argparse.Namespace) -> list[list[object]]:
+    """One row per model; a model that fails (memory, say) gets dashes and the others go on."""
+    out = []
+    for name in args.models.split(","):
+        try:
+            out.append(measure(name, args))
+        except (RuntimeError, ll.LayerlieError) as err:
+            print(f"  {name}: failed: {str(err).splitlines()[0]}", flush=True)
+            out.append([name, *["-"] * (len(header) - 1)])
+        sync(args.device)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet50,vit_small_patch16_224,convnext_tiny")
+    parser.add_argument("--models", default=MODELS)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--attr-batch", type=int, default=8)
     parser.add_argument("--res", type=int, default=None, help="input size (default: each model's own)")
-    parser.add_argument("--repeat", type=int, default=3, help="best of N for the cheap timings")
+    parser.add_argument("--repeat", type=int, default=2, help="best of N for the cheap timings")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (to try the program without a GPU)")
     parser.add_argument("--small", action="store_true", help="batch 2, attribution batch 1, 64 px, best of 1")
-    parser.add_argument("--out", help="also write the table to this markdown file")
+    parser.add_argument("--out", help="also write the tables to this markdown file")
     args = parser.parse_args()
     if args.small:
         args.batch, args.attr_batch, args.res, args.repeat = 2, 1, 64, 1
@@ -114,27 +202,24 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; run with --cpu (and --small) to try the program here")
     warnings.simplefilter("ignore")
+    warnings.simplefilter("always", program.CaptureNote)  # a pass that runs eagerly must be seen
     # float32 as written: TF32 would change the numbers that the ratios compare
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"{card}, torch {torch.__version__}, float32, TF32 off; batch {args.batch}, attribution batch "
-          f"{args.attr_batch}, input {args.res or 'each model own'}", flush=True)
+          f"{args.attr_batch}, input {args.res or 'each model own'}; ratios to a no-grad forward", flush=True)
     start = time.perf_counter()
-    rows = []
-    for name in args.models.split(","):
-        try:
-            rows.append(measure(name, args))
-        except (RuntimeError, ll.LayerlieError) as err:  # one model's failure (memory, say) keeps the others
-            print(f"  {name}: failed: {str(err).splitlines()[0]}", flush=True)
-            rows.append([name, *["-"] * (len(HEADER) - 1)])
-        sync(args.device)
-    table = markdown(HEADER, rows)
-    print(table)
+    tables = [markdown(LEE_HEADER, rows(lee_row, LEE_HEADER, args)),
+              markdown(ATTRIBUTION_HEADER, rows(attribution_row, ATTRIBUTION_HEADER, args))]
+    if monitor_rows is not None:
+        tables.append(markdown(MONITOR_HEADER, monitor_rows(args.device, args.small)))
+    text = "\n\n".join(tables)
+    print(text)
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"{card}, torch {torch.__version__}\n\n{table}\n")
+            f.write(f"{card}, torch {torch.__version__}\n\n{text}\n")
 
 
 if __name__ == "__main__":

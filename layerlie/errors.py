@@ -24,9 +24,10 @@ class Note(UserWarning):
     ``layerlie: note: ...``. Silence them with ``warnings.simplefilter("ignore", ll.Note)``."""
 
 
-def note(message: str) -> None:
-    """Emit ``message`` as a :class:`Note`, attributed to the first caller outside layerlie."""
+def note(message: str, category: type[Note] = Note) -> None:
+    """Emit ``message`` as a :class:`Note` (or ``category``, a subclass), attributed to the first
+    caller outside layerlie."""
     level, frame = 2, sys._getframe(1)  # stacklevel 2 is note's caller
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         level, frame = level + 1, frame.f_back
-    warnings.warn(message, Note, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)

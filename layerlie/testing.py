@@ -1,6 +1,7 @@
 """What layerlie's tests share, public so that a user's own tests can share it too (docs/design.md §6):
 the tolerance table, :func:`registered_op` for a registration that lasts one block, the op
-examples of the conformance checks, and small models at fixed seeds.
+examples of the conformance checks, small models at fixed seeds, and :class:`LocalCluster`, a
+Ray cluster of separate processes on this machine.
 
 Every tolerance a test compares with is a name from this table, never a number typed into the
 test: the name says what it bounds, and the value is the tightest one the checks pass at.
@@ -16,7 +17,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterator
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +44,7 @@ __all__ = [
     "call_example", "module_example",
     "rel", "smooth_image",
     "Fixed", "Tiny", "small_cnn", "timm_model",
+    "LocalCluster",
 ]
 
 # --- the tolerance table ----------------------------------------------------------------------
@@ -71,10 +83,13 @@ rewritten into the same function (``logits``); attribution norms near zero (``no
 RTOL: dict[str, float] = {
     "regrouped": 1e-5,
     "central_difference": 1e-4,
+    "captured": 1e-5,
 }
 """Relative errors: of one float32 computation against itself with its ops regrouped (traced
 against eager, batched against whole, two loadings of one model: ``regrouped``); of a central
-difference at step 1e-4 of a float64 model against its derivative (``central_difference``)."""
+difference at step 1e-4 of a float64 model against its derivative (``central_difference``); of a
+pass replayed from a captured or compiled program against the same pass run eagerly
+(``captured``)."""
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -184,3 +199,107 @@ class Fixed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+# --- a Ray cluster of separate processes --------------------------------------------------------
+
+class LocalCluster:
+    """A Ray cluster on this machine: a head that runs no tasks, and worker nodes added one by
+    one, each a ``ray start`` process tree with its own temporary folder under one root
+    (docs/design.md §4).
+
+    Every process it starts names that root in its command line, so :meth:`shutdown` finds them
+    all and kills them by their pids, whatever state a failed test left them in, and touches no
+    other Ray on the machine. The processes get this one's environment with ``env`` on top, and
+    token authentication off.
+
+    Example:
+        >>> with LocalCluster() as cluster:  # doctest: +SKIP
+        ...     cluster.add_node(num_cpus=1)
+        ...     ll.sweep("spec.toml", "out/", address=cluster.address)
+    """
+
+    def __init__(self, *, object_store_memory: int = 80_000_000, env: Mapping[str, str] | None = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="llc", dir="/tmp"))  # short: Ray's socket paths are limited
+        self.object_store_memory = object_store_memory
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4", **(env or {})}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.nodes: list[str] = []
+
+    def start(self) -> LocalCluster:
+        """Start the head node (no CPUs, so that tasks run on the worker nodes only)."""
+        self._ray_start("head", "--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false")
+        return self
+
+    def add_node(self, *, num_cpus: int = 1, resources: Mapping[str, float] | None = None) -> str:
+        """Start a worker node with ``num_cpus`` and custom ``resources``; returns its name."""
+        name = f"n{len(self.nodes) + 1}"
+        self._ray_start(name, f"--address={self.address}", f"--num-cpus={num_cpus}",
+                        *([f"--resources={json.dumps(dict(resources))}"] if resources else []))
+        self.nodes.append(name)
+        return name
+
+    def node_id(self, name: str) -> str:
+        """The Ray node id of the node ``name``, as a sweep's ``node`` column records it."""
+        return self._raylet(name)[1]
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL the raylet of the node ``name``: the node dies with its workers."""
+        os.kill(self._raylet(name)[0], signal.SIGKILL)
+
+    def pids(self) -> list[int]:
+        """The live processes this cluster started."""
+        return [pid for pid, _ in self._processes()]
+
+    def shutdown(self) -> None:
+        """Kill every process of this cluster by its pid, and remove its folder."""
+        for _ in range(50):
+            pids = self.pids()
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _ray_start(self, name: str, *args: str) -> None:
+        ray = Path(sys.executable).with_name("ray")
+        command = [str(ray), "start", *args, f"--temp-dir={self.root / name}", "--node-ip-address=127.0.0.1",
+                   f"--object-store-memory={self.object_store_memory}", "--disable-usage-stats"]
+        done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=180)
+        if done.returncode != 0:
+            raise RuntimeError(f"ray start {name} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+
+    def _raylet(self, name: str) -> tuple[int, str]:
+        folder = f"--temp_dir={self.root / name}"
+        for pid, args in self._processes():
+            if args[0].endswith("/raylet") and folder in args:
+                node = next(a for a in args if a.startswith("--node_id="))
+                return pid, node.removeprefix("--node_id=")
+        raise RuntimeError(f"node {name!r} has no raylet running under {self.root}")
+
+    def _processes(self) -> list[tuple[int, list[str]]]:
+        marker, out = str(self.root), []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if int(pid) != os.getpid() and any(marker in a for a in args):
+                out.append((int(pid), args))
+        return out

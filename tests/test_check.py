@@ -76,7 +76,7 @@ def test_cli_check_exits_non_zero_and_lists_the_failure(tmp_path, capsys):
     assert main(["sweep", str(toml), "--check"]) == 0
     capsys.readouterr()
     assert main(["sweep", str(toml)]) == 2  # a sweep that runs needs its store
-    assert "required: --store" in capsys.readouterr().err
+    assert "give a SPEC and --store to run a sweep" in capsys.readouterr().err
 
 
 def test_a_step_that_meta_cannot_run_falls_back_to_the_cpu(monkeypatch):

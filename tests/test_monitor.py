@@ -112,21 +112,33 @@ def test_table_has_one_row_per_measured_step_and_group():
     assert len(mon.table()) == len(t)
 
 
+def fresh_agreement(mon: ll.Monitor, model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Measure now, and the largest relative gaps to a fresh ``ll.lee`` and ``ll.attribute`` of the
+    model as it is (eval mode): by LEE, and by layer share (absolute below 1e-5)."""
+    last = mon.measure(99).set_index("group")
+    model.eval()
+    direct = ll.lee(model, x, GROUPS).groupby("group")["lee"].mean()
+    gaps = {"lee": max(abs(last.lee[g] - direct[g]) / abs(direct[g]) for g in GROUPS), "share": 0.0}
+    for g in GROUPS:
+        by_type = ll.attribute(model, x, g, estimator="shares").nodes.groupby("layer_type")["share"].sum()
+        gaps["share"] = max([gaps["share"], *(abs(last[f"share_{t}"][g] - s) / max(abs(s), 1e-2)
+                                                for t, s in by_type.items() if abs(s) > 1e-5)])
+    model.train()
+    return gaps
+
+
 def test_measurements_follow_training():
     run = train(4, dict(every=2, layers=True, metrics={"consistency": {}, "eq_t": {"max_shift": 0.25}}), lr=0.05)
     model, mon = run["model"], run["mon"]
     x = batch()[0][:2]
     first = mon.table().set_index(["step", "group"])
-    last = mon.measure(4).set_index("group")
-    model.eval()
-    direct = ll.lee(model, x, GROUPS).groupby("group")["lee"].mean()
+    # the LEE runs on the live model, the shares on the monitor's traced copy: both must hold the trained weights
+    gaps = fresh_agreement(mon, model, x)
+    assert gaps["lee"] < TOL[torch.float32] and gaps["share"] < 1e-3
+    last = mon.table().set_index(["step", "group"]).loc[99]
     for g in GROUPS:
-        assert last.lee[g] == pytest.approx(direct[g], rel=TOL[torch.float32])
         assert last.lee[g] != pytest.approx(first.lee[0, g], rel=1e-2)  # the weights moved
-        # the shares come from the monitor's traced copy: it must hold the trained weights
-        by_type = ll.attribute(model, x, g, estimator="shares").nodes.groupby("layer_type")["share"].sum()
-        for t, share in by_type.items():
-            assert last[f"share_{t}"][g] == pytest.approx(share, rel=1e-3, abs=1e-5)
+    model.eval()
     want = ll.metrics(model, x, ["consistency", "eq_t"], eq_t={"max_shift": 0.25}).groupby("metric")["value"].mean()
     assert last.eq_t.iloc[0] == pytest.approx(want["eq_t"], rel=TOL[torch.float32])
     assert last.eq_t.iloc[0] != pytest.approx(first.eq_t[0, GROUPS[0]], rel=1e-3)
@@ -196,14 +208,16 @@ def test_overhead_leaves_the_one_time_setup_out(monkeypatch):
     slow = 0.5
     calls = []
 
+    replay = mod.replay_lee
+
     def first_call_slow(*args, **kwargs):
         if not calls:
             time.sleep(slow)
         calls.append(1)
-        return ll.lee(*args, **kwargs)
+        return replay(*args, **kwargs)
 
     monkeypatch.setattr(mod, "trace", lambda *a, **k: (time.sleep(slow), ll.trace(*a, **k))[1])
-    monkeypatch.setattr(mod, "lee", first_call_slow)
+    monkeypatch.setattr(mod, "replay_lee", first_call_slow)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(4, 3))
     mon = ll.Monitor(model, torch.randn(1, 3, 16, 16), GROUPS, every=1, metrics=["eq_t"])
@@ -216,3 +230,43 @@ def test_overhead_leaves_the_one_time_setup_out(monkeypatch):
     steps = t.drop_duplicates("step")
     train = steps.seconds.iloc[-1] / steps.overhead.iloc[-1]  # the mean training step, as the last row saw it
     assert mon.overhead == pytest.approx(steps.seconds.mean() / train)
+    assert mon.cost().startswith(f"{mon.overhead:.2f} training steps per measurement")
+    assert mon.cost().endswith(f"plus {mon.setup_seconds:.2f} s once (set-up)")
+
+
+def test_setup_is_made_once(monkeypatch):
+    """The trace and the LEE's plan (its footprint and the probe's tangents) are made at
+    construction; measurements reuse them, whatever the training does to the weights."""
+    from layerlie.integrations import monitor as mod
+
+    made = {"trace": 0, "lee_passes": 0}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            made[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    for name in made:
+        monkeypatch.setattr(mod, name, counted(name, getattr(mod, name)))
+    run = train(2, dict(every=1, metrics=["consistency"]))
+    mon = run["mon"]
+    setup = mon.setup
+    mon.measure(10)
+    assert made == {"trace": 1, "lee_passes": 1} and len(mon.table().step.unique()) == 3
+    assert mon.setup is setup and setup.seconds == mon.setup_seconds > 0
+    assert len(setup.passes) >= 1 and all(p.tangents.shape[0] == len(p.groups) for p in setup.passes)
+
+
+@pytest.mark.slow
+def test_stale_weights_are_caught(monkeypatch):
+    """Injected fault: the traced graph keeps its construction-time weights, and the LEE runs on a
+    copy of the model made at construction; the comparison with a fresh measurement catches both."""
+    from layerlie.integrations import monitor as mod
+
+    plan = mod.Monitor._plan
+    monkeypatch.setattr(mod.Monitor, "_sync", lambda self: None)
+    monkeypatch.setattr(mod.Monitor, "_plan", lambda self, selected: plan(self, ll.load_model(selected).eval()))
+    run = train(2, dict(every=1, layers=True), lr=0.05)
+    gaps = fresh_agreement(run["mon"], run["model"], batch()[0][:2])
+    assert gaps["lee"] > 1e-2 and gaps["share"] > 1e-2

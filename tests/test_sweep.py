@@ -40,10 +40,10 @@ def tables(store: Path) -> dict[str, pd.DataFrame]:
 
 
 def assert_same_tables(a: Path, b: Path) -> None:
-    """The same rows, but for the process that wrote them."""
+    """The same rows, but for the node and process that wrote them."""
     for name, table in tables(a).items():
-        pd.testing.assert_frame_equal(table.drop(columns="pid", errors="ignore"),
-                                      tables(b)[name].drop(columns="pid", errors="ignore"), obj=name)
+        pd.testing.assert_frame_equal(table.drop(columns=["ray_node", "pid"], errors="ignore"),
+                                      tables(b)[name].drop(columns=["ray_node", "pid"], errors="ignore"), obj=name)
 
 
 # --- spec checks ----------------------------------------------------------------------------

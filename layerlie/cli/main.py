@@ -536,14 +536,17 @@ SWEEP_EXAMPLES = ("examples:\n  layerlie sweep sweeps/smoke.toml --store out/\n"
                   "  layerlie sweep sweeps/smoke.toml --store out/ --resume     # after a crash or kill\n"
                   "  layerlie sweep big.toml --store big/ --address auto       # a cluster this node is in\n"
                   "  layerlie sweep sweeps/smoke.toml --store out/ --workers 0  # serial, no Ray\n"
-                  "  layerlie sweep sweeps/paper.toml --check                  # build and trace each model")
+                  "  layerlie sweep sweeps/paper.toml --check                  # build and trace each model\n"
+                  "  layerlie sweep --status out/                               # from another shell")
 
 
 def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    from layerlie.results.sweep import MAX_RETRIES
+
     p = sub.add_parser("sweep", help="run a TOML spec of models x measures x groups into a store",
                        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", help="the sweep spec, a TOML file (keys: models, groups, measures, n, seed, ...)")
-    p.add_argument("--store", help="the store folder: manifest.json, parts/, failures/ (needed but with --check)")
+    p.add_argument("spec", nargs="?", help="the sweep spec, a TOML file (keys: models, groups, measures, n, seed, ...)")
+    p.add_argument("--store", help="the store folder: manifest.json, parts/, failures/ (required to run a sweep)")
     p.add_argument("--workers", type=int, default=None,
                    help="local Ray workers (default: the machine's CPUs); 0 runs serially without Ray")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
@@ -553,23 +556,33 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
                    help="build every model at random init and trace it, list the ones that fail, run nothing")
     p.add_argument("--force-new", action="store_true",
                    help="start afresh when the store holds a different spec (removes its parts)")
+    p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
+                   help=f"reruns of a task whose worker or node died, before it is recorded as failed "
+                        f"(default {MAX_RETRIES})")
+    p.add_argument("--status", metavar="STORE",
+                   help="print the finished, failed, running and pending tasks of the sweep writing STORE")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from layerlie.results.sweep import sweep
+    from layerlie.results.sweep import node_types, sweep
 
-    if args.check:
+    if args.status:
+        return _sweep_status(args.status)
+    if args.check and args.spec:
         return _check_spec(args.spec)
-    if args.store is None:
-        raise LayerlieError("the following argument is required: --store; give the folder of the results, "
-                            "e.g. --store out/")
+    if not args.spec or not args.store:
+        raise LayerlieError("give a SPEC and --store to run a sweep, e.g. layerlie sweep spec.toml --store out/, "
+                            "a SPEC with --check to check it, or --status STORE to follow one")
     result = sweep(args.spec, args.store, workers=args.workers, address=args.address, resume=args.resume,
-                   dry_run=args.dry_run, force_new=args.force_new)
+                   dry_run=args.dry_run, force_new=args.force_new, max_retries=args.max_retries)
     skipped = set(result.skipped)
     if args.dry_run:
         for t in result.tasks:
             console.print(f"{t.id}  {'(done)' if t.id in skipped else ''}", highlight=False, soft_wrap=True)
         console.print(f"[dim]{len(result.tasks)} tasks, {len(skipped)} done[/dim]")
+        todo = [t for t in result.tasks if t.id not in skipped]
+        for kind, count in node_types(result.spec, todo).items():
+            console.print(f"{count} to run as {kind}", highlight=False, soft_wrap=True)
         return 0
     console.print(f"{len(result.ran)} tasks ran, {len(skipped)} skipped as done, {len(result.failed)} failed; "
                   f"store {result.store}", highlight=False, soft_wrap=True)
@@ -616,6 +629,17 @@ def cmd_store(args: argparse.Namespace) -> int:
     merged = compact(args.store)
     said = ", ".join(f"{n} {table}" for table, n in merged.items()) or "none"
     console.print(f"compacted parts: {said}; store {args.store}", highlight=False, soft_wrap=True)
+    return 0
+
+
+def _sweep_status(store: str) -> int:
+    """``layerlie sweep --status STORE``: one line of counts and one of the driver (docs/design.md §4)."""
+    from layerlie.results.sweep import status
+
+    now = status(store)
+    console.print(f"{now.tasks} tasks: {now.finished} finished, {now.failed} failed, {now.running} running, "
+                  f"{now.pending} pending", highlight=False, soft_wrap=True)
+    console.print(f"driver {now.driver}", highlight=False, soft_wrap=True)
     return 0
 
 

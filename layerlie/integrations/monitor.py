@@ -7,10 +7,15 @@ and puts back exactly what it touched, so training with a monitor is bit-identic
 without one: every module's training flag, every parameter's ``.grad``, the buffers
 (BatchNorm running statistics) and the random states of the CPU and of CUDA.
 
-The shares and metrics run on a graph traced once at construction; its weights are copied
-from the live model at every measurement, so they follow training. Each measurement can go to a
-TensorBoard writer (:meth:`Monitor.log_to`); in Lightning, :mod:`layerlie.integrations.lightning`
-builds the monitor at fit start and logs to the trainer's loggers.
+What depends only on the architecture and the fixed probe is made once, at construction
+(:attr:`Monitor.setup`): the memory plan of the LEE's passes with the probe's tangents ``G x``
+(:func:`layerlie.measure.lie.lee_passes`), and, for the shares and metrics, the traced graph. A
+measurement is then a weight copy into that graph, the engine's passes
+(:func:`layerlie.measure.lie.replay_lee` on the live model; with ``layers``, the shares, whose
+total gives the LEE) and the reductions, so it follows training; :meth:`Monitor.cost` says
+what it costs the loop. Each measurement can go to a TensorBoard writer
+(:meth:`Monitor.log_to`); in Lightning, :mod:`layerlie.integrations.lightning` builds the monitor
+at fit start and logs to the trainer's loggers.
 
 Example:
     >>> import torch, layerlie as ll
@@ -28,11 +33,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -44,7 +50,8 @@ from layerlie.model.contract import Output, prepare
 from layerlie.deprecation import renamed
 from layerlie.errors import LayerlieError
 from layerlie.core.groups import DEFAULT_GROUPS, Group, resolve_groups
-from layerlie.measure.lie import lee
+from layerlie.measure.lie import Pass, jvp_ready, lee_passes, per_image_lee, replay_lee
+from layerlie.core.engine import coarsest
 from layerlie.measure.metrics import DEFAULT_METRICS, list_metrics, metrics as finite_metrics
 from layerlie.core.ops import list_layer_types
 from layerlie.core.tangent import check_scheme
@@ -59,6 +66,30 @@ Metrics = bool | Sequence[str] | Mapping[str, Mapping[str, Any]]
 
 class MonitorError(LayerlieError):
     """A monitor that cannot be set up: one line that names the argument and the fix."""
+
+
+class Setup(NamedTuple):
+    """What a :class:`Monitor` makes once, from the architecture and the fixed probe, and reuses
+    at every measurement (docs/design.md §7).
+
+    Attributes:
+        lee: the probabilities of the live model as the engine's graph
+            (:func:`layerlie.core.engine.coarsest`): it reads the live weights, so nothing is
+            copied. None with ``layers``, whose shares bring the LEE with them (their total).
+        passes: the LEE's passes, planned once, with the probe's tangents
+            (:func:`layerlie.measure.lie.lee_passes`); none with ``layers``.
+        graph: the traced graph, for ``layers`` and ``metrics`` (else None); its weights are
+            copied from the live model at each measurement.
+        softmax: ``graph`` with the softmax output, for ``layers`` (else None).
+        seconds: the time the set-up took, with one measurement whose values are dropped (it
+            pays the first call's costs: lazy imports, the layouts of the graph).
+    """
+
+    lee: fx.GraphModule | None
+    passes: list[Pass]
+    graph: fx.GraphModule | None
+    softmax: fx.GraphModule | None
+    seconds: float
 
 
 @contextlib.contextmanager
@@ -118,9 +149,10 @@ class Monitor:
         output: the tensor of a tuple, dict or ``.logits`` output to measure (the output rule).
 
     Attributes:
-        setup_seconds: the one-time set-up, done at construction: the trace, and one measurement
-            whose values are dropped, which pays the first call's costs (the memory plan, lazy
-            imports). :attr:`overhead` and the ``seconds`` column leave it out.
+        setup: what was made once (:class:`Setup`): the LEE's plan and tangents, the trace.
+        setup_seconds: the one-time set-up, done at construction: the plan, the trace, and one
+            measurement whose values are dropped, which pays the first call's costs (lazy
+            imports, the graph's layouts). :attr:`overhead` and the ``seconds`` column leave it out.
 
     Raises:
         MonitorError: ``every`` below 1, unknown metrics, ``store`` without ``run``, or a model
@@ -139,7 +171,8 @@ class Monitor:
             raise MonitorError(f"every must be a positive integer (measure every that many steps), got {every!r}")
         check_scheme(scheme)
         with untouched(model):  # the live model, measured in eval mode as every measurement is
-            _, x, self.output, _ = prepare(model, x, output)
+            prepared = prepare(model, x, output)
+        x, self.output = prepared.x, prepared.output
         self.groups = resolve_groups(groups, channels=x.shape[1])
         compat = [g.name for g in self.groups if g.origin is not None]
         if layers and compat:
@@ -156,11 +189,14 @@ class Monitor:
         self.model, self.x = model, x.detach().clone()
         self.every, self.layers, self.scheme = every, layers, scheme
         self.store, self.run = (None if store is None else Path(store)), run
+        lee_graph, passes = self._plan(prepared.selected) if not layers else (None, [])
         self._gm = self._trace() if layers or self.which else None
         self._soft = with_output(self._gm, "softmax")[0] if layers else None
+        self.setup = Setup(lee_graph, passes, self._gm, self._soft, 0.0)
         with untouched(self.model):
             self._values()
-        self.setup_seconds = time.perf_counter() - start
+        self.setup = self.setup._replace(seconds=time.perf_counter() - start)
+        self.setup_seconds = self.setup.seconds
         if self.store is not None:
             if st.manifest(self.store) is None:
                 st.create(self.store, self.settings())
@@ -251,6 +287,21 @@ class Monitor:
         table.attrs.update(self.settings()["monitor"], setup_seconds=self.setup_seconds)
         return table
 
+    def cost(self) -> str:
+        """What the monitor costs the training loop, in one line (docs/design.md §7): training
+        steps per measurement (:attr:`overhead`, the loop's own steps as :meth:`step` timed
+        them), the mean measurement's seconds, and the one-time set-up's (:attr:`setup_seconds`).
+
+        Example: ``"0.41 training steps per measurement (0.289 s each, 7 made), plus 1.07 s once (set-up)"``.
+        """
+        once = f"plus {self.setup_seconds:.2f} s once (set-up)"
+        if not self._seconds:
+            return f"no measurement yet; {once}"
+        mean = sum(self._seconds) / len(self._seconds)
+        steps = self.overhead
+        per = "unknown training steps (no step timed yet)" if math.isnan(steps) else f"{steps:.2f} training steps"
+        return f"{per} per measurement ({mean:.3f} s each, {len(self._seconds)} made), {once}"
+
     @property
     def overhead(self) -> float:
         """Mean measurement time over mean training-step time (the time between calls to
@@ -263,6 +314,15 @@ class Monitor:
     def _train_step(self) -> float:
         seconds, count = self._train
         return seconds / count if count and seconds > 0 else float("nan")
+
+    def _plan(self, selected: Any) -> tuple[fx.GraphModule, list[Pass]]:
+        """The probabilities of the live (selected) model as the engine's graph, and the LEE's
+        passes over the probe, planned and with their tangents: made once."""
+        def probabilities(z: torch.Tensor) -> torch.Tensor:
+            return selected(z).softmax(-1)
+
+        with untouched(self.model), jvp_ready(self.model):
+            return coarsest(probabilities), lee_passes(probabilities, self.x, self.groups, scheme=self.scheme)
 
     def _trace(self) -> fx.GraphModule:
         """The model's graph, traced once; its parameters are frozen, since the shares' reverse
@@ -289,17 +349,21 @@ class Monitor:
 
     def _values(self) -> dict[str, dict[str, float]]:
         """One measurement, by group: ``lee`` and the optional share and metric columns."""
-        per_image = lee(self.model, self.x, self.groups, scheme=self.scheme, output=self.output)
-        out = {g: {"lee": float(v)} for g, v in per_image.groupby("group", sort=False)["lee"].mean().items()}
-        if self._gm is None:
-            return out
-        self._sync()
-        if self.layers:
+        if self._gm is not None:
+            self._sync()
+        if not self.layers:
+            with jvp_ready(self.model):
+                per_image = replay_lee(self.setup.lee, self.setup.passes)
+            out = {g.name: {"lee": v} for g, v in zip(self.groups, per_image.mean(1).tolist())}
+        else:
+            out = {}
             for g in self.groups:
                 a = attribute(self._soft, self.x, g, estimator="shares", scheme=self.scheme)
                 by_type = a.nodes.groupby("layer_type")["share"].sum()
-                out[g.name].update({f"share_{t}": float(by_type.get(t, 0.0)) for t in list_layer_types()})
-                out[g.name]["share_residual"] = a.residual
+                # the shares' total is L softmax by one jvp of the whole graph: the LEE, without a pass of its own
+                out[g.name] = {"lee": float(per_image_lee(a.total[None]).mean()),
+                               **{f"share_{t}": float(by_type.get(t, 0.0)) for t in list_layer_types()},
+                               "share_residual": a.residual}
         if self.which:
             per_image = finite_metrics(self._gm, self.x, self.which, **self.options)
             means = per_image.groupby("metric", sort=False)["value"].mean()

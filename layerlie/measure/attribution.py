@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from layerlie.model.contract import Output, prepare, select
 from layerlie.deprecation import renamed
@@ -43,7 +44,7 @@ from layerlie.core.groups import Group, group as get_group
 from layerlie.core.layout import NONE, Coords, Layout, LayoutProp, layout_tangent
 from layerlie.measure.hooks import module_contributions, module_cotangents, module_defects
 from layerlie.measure.lie import exact_math, jvp_ready
-from layerlie.core import memory
+from layerlie.core import memory, program
 from layerlie.core.ops import commuting, is_strided, layer_type, linearization, module_type, op_key, relabels
 from layerlie.core.rules import Offset, softmax_jvp
 from layerlie.core.engine import Propagator, Recorder, bind, padded
@@ -326,20 +327,39 @@ def _sources(defects: _Defects) -> list[fx.Node]:
 
 
 def _propagate_sources(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node],
-                       defects: _Defects) -> torch.Tensor:
+                       defects: _Defects, capture: program.Capture = None,
+                       key: tuple[fx.GraphModule, str] | None = None) -> torch.Tensor:
     """``J_{out<-v}[e_v]`` for each source, stacked: ``(len(sources), *out.shape)``. Each source's
     slice starts where it enters (:class:`Propagator` ``sources``), so the chunk pays for the path
-    below each source, not for zeros carried from the chunk's first one (docs/method.md §4)."""
-    entering = {n.name: defects.e[n] for n in sources}
-    out, tan = Propagator(gm, primal=defects.values, sources=entering).propagate(x, None)
-    return padded(tan, len(sources), out)
+    below each source, not for zeros carried from the chunk's first one (docs/method.md §4).
+
+    The pass is a function of ``x``, the defects and the recorded values, run as ``capture`` says
+    (:mod:`layerlie.core.program`), keyed on the chunk's sources and ``key``: the caller's graph,
+    of which ``gm`` is the cut at an output node (``gm`` itself by default), and that node's name."""
+    owner, out_name = key or (gm, None)
+    names = [n.name for n in sources]
+    nodes = list(defects.values)
+    leaves, spec = pytree.tree_flatten([defects.values[n] for n in nodes])
+    at = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+
+    def sources_pass(x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        flat = list(leaves)
+        for i, t in zip(at, tensors[len(names):]):
+            flat[i] = t
+        primal = dict(zip(nodes, pytree.tree_unflatten(flat, spec)))
+        out, tan = Propagator(gm, primal=primal, sources=dict(zip(names, tensors))).propagate(x, None)
+        return padded(tan, len(names), out)
+
+    inputs = (x, *(defects.e[n] for n in sources), *(leaves[i] for i in at))
+    return program.run(sources_pass, inputs, owner=owner, key=("sources", out_name, tuple(names)), capture=capture)
 
 
 @renamed(probes="samples")
 def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group | str, *,
               estimator: str | Estimator = "exact", scheme: str = "central", output: str | int = "softmax",
               samples: int = 100, seed: int = 0, coords: Coords = "receptive_field",
-              memory_budget: float | None = None, granularity: Literal["node", "module"] = "node") -> Attribution:
+              memory_budget: float | None = None, granularity: Literal["node", "module"] = "node",
+              capture: program.Capture = None) -> Attribution:
     """Attribute the Lie derivative of ``model`` at ``x`` to the nodes of its graph (docs/method.md §3-4).
 
     Args:
@@ -366,6 +386,11 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         granularity: ``"node"`` (the fx graph) or ``"module"`` (leaf-module forward hooks,
             :mod:`layerlie.measure.hooks`). A model that fx cannot trace falls back to ``"module"``
             with a one-line warning that says why.
+        capture: how the exact estimator's propagation of the defects and the shares' reverse
+            pass run (:data:`layerlie.core.program.Capture`): by default replayed from a CUDA
+            graph on CUDA, captured the second time a graph, input shape and chunk of sources
+            come, and eagerly elsewhere. A model is traced anew on each call; pass a graph from
+            :func:`layerlie.trace` to replay across calls.
 
     Returns:
         An :class:`Attribution` with its check (``a.check``, ``a.residual``);
@@ -379,7 +404,7 @@ def attribute(model: nn.Module | fx.GraphModule, x: torch.Tensor, group: Group |
         raise LayerlieError(f"group {g.name!r} is a compatibility map, not a group; attribution needs a group")
     if granularity not in ("node", "module"):
         raise LayerlieError(f"unknown granularity {granularity!r}; use 'node' or 'module'")
-    options = _Options(g, est, scheme, head, samples, seed, coords, memory_budget, pick)
+    options = _Options(g, est, scheme, head, samples, seed, coords, memory_budget, pick, capture)
     if granularity == "module":
         return _attribute_modules(model, x, options)
     if isinstance(model, fx.GraphModule):
@@ -406,6 +431,7 @@ class _Options(NamedTuple):
     coords: Coords
     memory_budget: float | None
     pick: Output = None  # the tensor of a structured output (the output rule of layerlie.contract)
+    capture: program.Capture = None
 
     def settings(self, **more: Any) -> dict[str, Any]:
         return dict(group=self.group.name, scheme=self.scheme, estimator=self.estimator.name, output=self.output,
@@ -413,6 +439,7 @@ class _Options(NamedTuple):
 
 
 def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attribution:
+    owner = gm  # the caller's graph: with_output may give a new one for each call
     gm, out_name = with_output(gm, o.output)
     rng = torch.Generator(device=x.device).manual_seed(o.seed)
     reaching = _reaching(gm, x, rng) if o.estimator.runs == "forward" else None
@@ -439,13 +466,13 @@ def _attribute_graph(gm: fx.GraphModule, x: torch.Tensor, o: _Options) -> Attrib
                 if n not in live:
                     contrib[n] = shares[n] = 0.0
             for chunk in _chunks(gm, live, defects, o.memory_budget):
-                c = _propagate_sources(gm, x, chunk, defects)
+                c = _propagate_sources(gm, x, chunk, defects, o.capture, (owner, out_name))
                 for n, cv in zip(chunk, c):
                     contrib[n] = float(cv.norm())
                     shares[n] = float((cv * total).sum())
                     summed += cv
     if o.estimator.runs == "reverse":
-        shares = _shares(gm, x, sources, defects, total)
+        shares = _shares(gm, x, sources, defects, total, o.capture, (owner, out_name))
     elif o.estimator.runs == "probes":
         contrib, stderr = _hutchinson(gm, x, sources, defects, o.probes, o.estimator.probe, rng)
     lf2, degenerate = _squared_norm(total, y)
@@ -562,10 +589,22 @@ def _chunks(gm: fx.GraphModule, sources: list[fx.Node], defects: _Defects,
     return [[sources[k] for k in chunk] for chunk in plan]
 
 
-def _shares(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects: _Defects,
-            total: torch.Tensor) -> dict[fx.Node, float]:
-    """``<e_v, J_{out<-v}^T L F>`` for every source from one reverse pass (docs/method.md §4)."""
-    return _cotangents(gm, x, sources, [total], lambda n, g: float((g * defects.e[n]).sum()))[0]
+def _shares(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], defects: _Defects, total: torch.Tensor,
+            capture: program.Capture = None, key: tuple[fx.GraphModule, str] | None = None) -> dict[fx.Node, float]:
+    """``<e_v, J_{out<-v}^T L F>`` for every source from one reverse pass (docs/method.md §4).
+
+    The pass is a function of ``x``, ``L F`` and the defects, run as ``capture`` says
+    (:mod:`layerlie.core.program`), keyed as in :func:`_propagate_sources`."""
+    owner, out_name = key or (gm, None)
+
+    def shares_pass(x: torch.Tensor, total: torch.Tensor, *e: torch.Tensor) -> torch.Tensor:
+        at = dict(zip(sources, e))
+        return _cotangents(gm, x, sources, [total], lambda n, g: (g * at[n]).sum())[0]
+
+    inputs = (x, total, *(defects.e[n] for n in sources))
+    shares = program.run(shares_pass, inputs, owner=owner, key=("shares", out_name, tuple(n.name for n in sources)),
+                         capture=capture)
+    return dict(zip(sources, shares.tolist()))
 
 
 def _reaching(gm: fx.GraphModule, x: torch.Tensor, rng: torch.Generator) -> set[str]:
@@ -579,19 +618,21 @@ def _reaching(gm: fx.GraphModule, x: torch.Tensor, rng: torch.Generator) -> set[
     def probe(out: torch.Tensor) -> list[torch.Tensor]:
         return [torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=rng)]
 
-    reach = _cotangents(gm, x, nodes, probe, lambda n, g: float(g.any()))[0]
-    return {n.name for n in nodes if reach[n]}
+    reach = _cotangents(gm, x, nodes, probe, lambda n, g: g.any())[0].tolist()
+    return {n.name for n, r in zip(nodes, reach) if r}
 
 
 def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node],
                 weights: Sequence[torch.Tensor] | Callable[[torch.Tensor], Sequence[torch.Tensor]],
-                reduce: Callable[[fx.Node, torch.Tensor], float]) -> list[dict[fx.Node, float]]:
-    """``reduce(v, J_{out<-v}^T w)`` for every node ``v`` in ``nodes`` and every ``w`` in
-    ``weights`` (or ``weights(output)``): one reverse pass each. Each cotangent is reduced by a
-    tensor hook, registered as the forward computes the node, the moment the pass reaches it, so
-    neither the node's value nor its cotangent is kept for it."""
+                reduce: Callable[[fx.Node, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """``reduce(v, J_{out<-v}^T w)`` (a 0-d tensor) for every node ``v`` in ``nodes`` and every ``w``
+    in ``weights`` (or ``weights(output)``): one reverse pass each, a tensor ``(len(nodes),)`` (0
+    where the pass does not reach). Each cotangent is reduced by a tensor hook, registered as the
+    forward computes the node, the moment the pass reaches it, so neither the node's value nor its
+    cotangent is kept for it; the reductions stay on the device, so the pass never waits for the
+    host."""
     by_name = {n.name: n for n in nodes}
-    reduced: dict[fx.Node, float] = {}
+    reduced: dict[fx.Node, torch.Tensor] = {}
 
     def hook(n: fx.Node, v: Any) -> None:
         if n.name in by_name and isinstance(v, torch.Tensor) and v.requires_grad:
@@ -603,10 +644,11 @@ def _cotangents(gm: fx.GraphModule, x: torch.Tensor, nodes: list[fx.Node],
         xr = x.detach().requires_grad_(True)
         out = recorder.run(xr)
         ws = weights(out) if callable(weights) else weights
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
         for i, w in enumerate(ws):
             reduced.clear()
             torch.autograd.backward(out, w, retain_graph=i < len(ws) - 1, inputs=[xr])
-            results.append({n: reduced.get(n, 0.0) for n in nodes})
+            results.append(torch.stack([reduced.get(n, zero).to(zero.dtype) for n in nodes]))
     return results
 
 
@@ -617,8 +659,8 @@ def _hutchinson(gm: fx.GraphModule, x: torch.Tensor, sources: list[fx.Node], def
     as published) for probes of unit variance; returns ``sqrt`` of the mean and its standard error."""
     out_shape = defects.values[next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]].shape
     zs = [probe(out_shape, dtype=x.dtype, device=x.device, generator=rng) for _ in range(probes)]
-    probed = _cotangents(gm, x, sources, zs, lambda n, g: float((g * defects.e[n]).sum()) ** 2)
-    return _probe_stats({n: [p[n] for p in probed] for n in sources})
+    probed = torch.stack(_cotangents(gm, x, sources, zs, lambda n, g: (g * defects.e[n]).sum())).T.tolist()
+    return _probe_stats({n: [z ** 2 for z in p] for n, p in zip(sources, probed)})
 
 
 def _probe_stats(samples: dict[Any, Sequence[float]]) -> tuple[dict[Any, float], dict[Any, float]]:

@@ -294,11 +294,12 @@ def _cast(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _probe(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
     """The model's output on the first image; a model that fails on the images is a one-line
-    error, which names the channels where they differ from the model's."""
+    error, which names the channels where they differ from the model's. Running out of memory
+    is not the images' fault: it passes as it came."""
     try:
         with torch.no_grad(), differentiable_attention():  # the path the measurements take
             return model(x[:1])
-    except LayerlieError:
+    except (LayerlieError, MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as err:  # any failure of the user's forward
         channels = input_channels(model) if isinstance(model, nn.Module) else None

@@ -12,6 +12,9 @@ A spec is TOML (or a dict) with fixed keys::
     batch_size = 8                        # optional: images per pass
     size = 64                             # optional: images of 64 x 64 pixels (or [h, w]), and
                                           # img_size=size for models that take it (ViTs)
+    device = "cpu"                        # optional: "cuda" (each task asks Ray for a GPU) or
+                                          # "auto" (a GPU when the cluster has them)
+    gpus_per_task = 0.25                  # optional: the GPU share a task asks for (default 1)
     [layers]                              # optional: estimator, groups, top, output, samples, and
                                           # alias = true to join the alias flags (docs/method.md §6)
     [metrics]                             # optional: which, options = {eq_r = {max_angle = 45}}
@@ -29,8 +32,9 @@ file)::
 A dict spec may also hold ``{ module = an_nn_Module }`` and ``images = a (B, C, H, W) tensor``;
 the manifest records their class, shape and hash. Every row records where its weights came
 from (``weights``: ``random init (seed N)``, ``pretrained (timm arch.tag)``, ``checkpoint
-(path, sha256 H)``, ``callable pkg.mod:fn`` or ``module Name (given)``) and the ``host`` and
-``pid`` its task ran on; the manifest records the weights per model.
+(path, sha256 H)``, ``callable pkg.mod:fn`` or ``module Name (given)``), the ``host``,
+``ray_node`` (the Ray node id) and ``pid`` its task ran on, and the ``device`` it measured on;
+the manifest records the weights per model.
 
 Each measure (:mod:`layerlie.results.measures`) that takes options has a table of its name.
 
@@ -62,14 +66,19 @@ from layerlie.measure.metrics import list_metrics
 from layerlie.model.loading import load_model, pretrained_name, pretrained_weights, read_state_dict
 from layerlie.results.measures import get_measure, list_measures
 
-KEYS = ("models", "groups", "measures", "n", "images", "seed", "scheme", "batch_size", "size")
+KEYS = ("models", "groups", "measures", "n", "images", "seed", "scheme", "batch_size", "size", "device",
+        "gpus_per_task")
 """The settings a spec may hold; besides them, one table per measure that takes options."""
 
 MODEL_KEYS = ("name", "callable", "module", "pretrained", "checkpoint", "label")
 """The keys of a model's table."""
 
 DEFAULTS: dict[str, Any] = dict(groups=list(DEFAULT_GROUPS), measures=["e2e"], n=8, images=None, seed=0,
-                                scheme="central", batch_size=None, size=None)
+                                scheme="central", batch_size=None, size=None, device="cpu", gpus_per_task=1)
+
+DEVICES = ("cpu", "cuda", "auto")
+"""Where a spec's tasks measure: the CPU, a GPU each (refused on a cluster without one), or a
+GPU where the cluster has them and the CPU where it has none."""
 
 
 class SpecError(LayerlieError):
@@ -98,14 +107,14 @@ class Source:
             return f"callable {self.build}"
         return f"random init (seed {seed})"
 
-    def load(self, size: int | tuple[int, int] | None) -> torch.nn.Module:
+    def load(self, size: int | tuple[int, int] | None, device: str | torch.device | None = None) -> torch.nn.Module:
         """The model, built for ``size`` (:func:`image_size`) where its constructor takes one, with
-        its weights."""
+        its weights, on ``device``."""
         if self.checkpoint is not None and _sha256_file(self.checkpoint) != self.sha256:
             raise LayerlieError(f"checkpoint {self.checkpoint!r} changed after the sweep began (its sha256 is no "
                                 f"longer {self.sha256}); run the sweep again with --force-new")
         return load_model(self.pretrained or self.build, pretrained=self.pretrained is not None,
-                          checkpoint=self.checkpoint, size=size)
+                          checkpoint=self.checkpoint, size=size, device=device)
 
 
 def read_spec(spec: str | Path | Mapping[str, Any], *, weights: bool = True) -> dict[str, Any]:
@@ -215,6 +224,13 @@ def _checked(spec: dict[str, Any], weights: bool = True) -> dict[str, Any]:
         raise SpecError(f"spec key 'seed': expected an integer, got {out['seed']!r}")
     if out["scheme"] not in list_schemes():
         raise SpecError(f"spec key 'scheme': unknown scheme {out['scheme']!r}; valid: {', '.join(list_schemes())}")
+    if out["device"] not in DEVICES:
+        raise SpecError(f"spec key 'device': expected one of {', '.join(DEVICES)}, got {out['device']!r}")
+    share = out["gpus_per_task"]
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not (
+            0 < share <= 1 or (share > 1 and float(share).is_integer())):
+        raise SpecError(f"spec key 'gpus_per_task': expected a fraction in (0, 1] or a whole number of GPUs, "
+                        f"got {share!r}")
     given = out["images"]
     if isinstance(given, torch.Tensor):
         if given.ndim != 4 or not given.is_floating_point():

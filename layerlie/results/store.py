@@ -375,8 +375,24 @@ def _versions() -> dict[str, str]:
 
 
 def where() -> dict[str, Any]:
-    """The node and process this runs on, as every part's rows record them (docs/design.md §4)."""
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    """The node and process this runs on, as every part's rows record them: the host, the Ray
+    node id (None outside Ray) and the process id (docs/design.md §4)."""
+    ray = sys.modules.get("ray")  # only a process that Ray runs has imported it
+    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+    return {"host": socket.gethostname(), "ray_node": node, "pid": os.getpid()}
+
+
+def write_heartbeat(store: str | Path, beat: Mapping[str, Any]) -> None:
+    """Record a running sweep's heartbeat (time, driver, task counts) in the manifest, atomically
+    (docs/design.md §4)."""
+    data = manifest(store)
+    if data is None:
+        raise StoreError(f"{str(store)!r} has no manifest to beat in; create the store first")
+    data["heartbeat"] = dict(beat)
+    try:
+        _atomic_write(Path(store) / "manifest.json", json.dumps(data, indent=2, default=str).encode())
+    except OSError as err:
+        raise StoreError(f"cannot write the heartbeat of {str(store)!r} ({err.strerror})") from None
 
 
 def _machine() -> dict[str, Any]:
