@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the before/after figure to this PNG/PDF")
     _add_output_args(p)
     _add_sweep_parser(sub)
+    _add_store_parser(sub)
     _add_view_parsers(sub)
     _add_experiment_parser(sub)
     return parser
@@ -243,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "models": cmd_models, "e2e": cmd_e2e, "layers": cmd_layers, "aliasing": cmd_aliasing,
-        "ablate": cmd_ablate, "sweep": cmd_sweep, "figures": cmd_figures, "report": cmd_report,
+        "ablate": cmd_ablate, "sweep": cmd_sweep, "store": cmd_store, "figures": cmd_figures, "report": cmd_report,
         "experiment": cmd_experiment}
     try:
         with warnings.catch_warnings():
@@ -535,6 +536,7 @@ SWEEP_EXAMPLES = ("examples:\n  layerlie sweep sweeps/smoke.toml --store out/\n"
                   "  layerlie sweep sweeps/smoke.toml --store out/ --resume     # after a crash or kill\n"
                   "  layerlie sweep big.toml --store big/ --address auto       # a cluster this node is in\n"
                   "  layerlie sweep sweeps/smoke.toml --store out/ --workers 0  # serial, no Ray\n"
+                  "  layerlie sweep sweeps/paper.toml --check                  # build and trace each model\n"
                   "  layerlie sweep --status out/                               # from another shell")
 
 
@@ -544,12 +546,14 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run a TOML spec of models x measures x groups into a store",
                        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", nargs="?", help="the sweep spec, a TOML file (keys: models, groups, measures, n, seed, ...)")
-    p.add_argument("--store", help="the store folder: manifest.json, parts/, failures/ (required to run)")
+    p.add_argument("--store", help="the store folder: manifest.json, parts/, failures/ (required to run a sweep)")
     p.add_argument("--workers", type=int, default=None,
                    help="local Ray workers (default: the machine's CPUs); 0 runs serially without Ray")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--resume", action="store_true", help="skip the tasks whose part exists")
     p.add_argument("--dry-run", action="store_true", help="list the tasks and run nothing")
+    p.add_argument("--check", action="store_true",
+                   help="build every model at random init and trace it, list the ones that fail, run nothing")
     p.add_argument("--force-new", action="store_true",
                    help="start afresh when the store holds a different spec (removes its parts)")
     p.add_argument("--max-retries", type=int, default=MAX_RETRIES,
@@ -564,9 +568,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.status:
         return _sweep_status(args.status)
+    if args.check and args.spec:
+        return _check_spec(args.spec)
     if not args.spec or not args.store:
         raise LayerlieError("give a SPEC and --store to run a sweep, e.g. layerlie sweep spec.toml --store out/, "
-                            "or --status STORE to follow one")
+                            "a SPEC with --check to check it, or --status STORE to follow one")
     result = sweep(args.spec, args.store, workers=args.workers, address=args.address, resume=args.resume,
                    dry_run=args.dry_run, force_new=args.force_new, max_retries=args.max_retries)
     skipped = set(result.skipped)
@@ -584,6 +590,46 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"layerlie: failed: {task}: {err['type']}: {err['message'].splitlines()[0] if err['message'] else ''}",
               file=sys.stderr)
     return 1 if result.failed else 0
+
+
+def _check_spec(spec: str) -> int:
+    """``sweep --check``: one line per model as it is checked, the failures again at the end."""
+    from layerlie.results.check import check, failures
+
+    def said(r: Any) -> None:
+        state = "ok" if r.ok else f"FAILED at {r.step}"
+        console.print(f"{r.model}: {state} ({r.device}, {r.seconds:.1f} s)", highlight=False, soft_wrap=True)
+
+    results = check(spec, each=said)
+    failed = failures(results)
+    console.print(f"{len(results)} models checked, {len(failed)} failed", highlight=False, soft_wrap=True)
+    for line in failed:
+        print(f"layerlie: failed: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# --- store ---------------------------------------------------------------------------------
+
+STORE_EXAMPLES = ("examples:\n  layerlie store compact out/     # merge the parts of each table; --resume still skips "
+                  "their tasks")
+
+
+def _add_store_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("store", help="maintain a sweep's store", epilog=STORE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("compact", help="merge the parts of each table into one file, keeping the task index",
+                           epilog=STORE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("store", help="a sweep's store folder")
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from layerlie.results.store import compact
+
+    merged = compact(args.store)
+    said = ", ".join(f"{n} {table}" for table, n in merged.items()) or "none"
+    console.print(f"compacted parts: {said}; store {args.store}", highlight=False, soft_wrap=True)
+    return 0
 
 
 def _sweep_status(store: str) -> int:

@@ -124,16 +124,7 @@ def pretrained_weights(name: str) -> tuple[str, str | None]:
         LayerlieError: timm has no such weights, or they are neither cached nor reachable; the
             message names ``checkpoint=``. Without network this takes seconds at most.
     """
-    try:
-        cfg = timm.models.get_pretrained_cfg(name)
-    except RuntimeError:
-        arch = name.split(".")[0]
-        raise LayerlieError(f"timm has no pretrained weights {name!r}; list them with "
-                            f"timm.list_pretrained('{arch}.*')") from None
-    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-        raise LayerlieError(f"timm has no pretrained weights for {name!r}; pass local weights with "
-                            "checkpoint=FILE (--checkpoint FILE)")
-    full = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
+    full, cfg = _pretrained_cfg(name)
     cached = cfg.file or _cached_weights(cfg.hf_hub_id, cfg.hf_hub_filename, cfg.url)
     if cached is not None:
         return full, cached
@@ -144,6 +135,33 @@ def pretrained_weights(name: str) -> tuple[str, str | None]:
         raise LayerlieError(f"cannot download pretrained weights for {name!r} ({reason}): pass local weights "
                             "with checkpoint=FILE (--checkpoint FILE)")
     return full, None
+
+
+def pretrained_name(name: str) -> str:
+    """The full timm name (``arch.tag``) of the pretrained weights ``name`` means, from timm's
+    table alone: nothing is looked for on disk or the network.
+
+    Raises:
+        LayerlieError: timm has no such weights.
+
+    Example:
+        >>> pretrained_name("resnet18")
+        'resnet18.a1_in1k'
+    """
+    return _pretrained_cfg(name)[0]
+
+
+def _pretrained_cfg(name: str) -> tuple[str, object]:
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        arch = name.split(".")[0]
+        raise LayerlieError(f"timm has no pretrained weights {name!r}; list them with "
+                            f"timm.list_pretrained('{arch}.*')") from None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise LayerlieError(f"timm has no pretrained weights for {name!r}; pass local weights with "
+                            "checkpoint=FILE (--checkpoint FILE)")
+    return (f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture), cfg
 
 
 def _pretrained(name: str, **kwargs: object) -> nn.Module:

@@ -63,7 +63,7 @@ from layerlie.core.tangent import list_schemes
 from layerlie.errors import LayerlieError
 from layerlie.measure.estimators import list_estimators
 from layerlie.measure.metrics import list_metrics
-from layerlie.model.loading import load_model, pretrained_weights, read_state_dict
+from layerlie.model.loading import load_model, pretrained_name, pretrained_weights, read_state_dict
 from layerlie.results.measures import get_measure, list_measures
 
 KEYS = ("models", "groups", "measures", "n", "images", "seed", "scheme", "batch_size", "size", "device",
@@ -117,11 +117,13 @@ class Source:
                           checkpoint=self.checkpoint, size=size, device=device)
 
 
-def read_spec(spec: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+def read_spec(spec: str | Path | Mapping[str, Any], *, weights: bool = True) -> dict[str, Any]:
     """Parse and check a spec, before anything runs (docs/design.md §4).
 
     Args:
         spec: a TOML file, or the same data as a mapping.
+        weights: check that pretrained weights and checkpoints are at hand; without, they are
+            only named (what a check at random init, or a listing of the tasks, needs).
 
     Returns:
         The spec with its defaults filled in, as plain data.
@@ -141,7 +143,7 @@ def read_spec(spec: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         except tomllib.TOMLDecodeError as err:
             raise SpecError(f"{where}not valid TOML ({err})") from None
     try:
-        return _checked(dict(spec))
+        return _checked(dict(spec), weights)
     except SpecError as err:
         raise SpecError(f"{where}{err}") from None
 
@@ -196,7 +198,7 @@ def _sha256_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
-def _checked(spec: dict[str, Any]) -> dict[str, Any]:
+def _checked(spec: dict[str, Any], weights: bool = True) -> dict[str, Any]:
     """The spec with defaults filled in; a bad key or value is a one-line :class:`SpecError` (docs/design.md §4)."""
     tables = [m for m in list_measures() if get_measure(m).options]
     unknown = [k for k in spec if k not in (*KEYS, *tables)]
@@ -205,7 +207,7 @@ def _checked(spec: dict[str, Any]) -> dict[str, Any]:
     if "models" not in spec:
         raise SpecError("spec key 'models' is missing; give timm names or patterns, e.g. models = ['resnet18']")
     out = {**DEFAULTS, **spec}
-    out["models"] = _models(out["models"])
+    out["models"] = _models(out["models"], weights)
     out["groups"] = _groups("groups", out["groups"])
     out["measures"] = _strings("measures", out["measures"])
     bad = [m for m in out["measures"] if m not in list_measures()]
@@ -311,7 +313,7 @@ def _shown(value: object) -> str:
     return repr(value)
 
 
-def _models(value: Any) -> list[str | dict[str, Any]]:
+def _models(value: Any, weights: bool = True) -> list[str | dict[str, Any]]:
     """The models of a spec, in order, each once: timm names from names and fnmatch patterns,
     ``pkg.module:factory`` as given, and checked tables (docs/design.md §4)."""
     import timm
@@ -329,7 +331,7 @@ def _models(value: Any) -> list[str | dict[str, Any]]:
                 raise SpecError(f"spec key 'models': {item!r} matches no timm model; list them with "
                                 "`layerlie models PATTERN`")
         else:
-            found = [_table(item)]
+            found = [_table(item, weights)]
         out += [m for m in found if m not in out]
     labels = [m if isinstance(m, str) else m["label"] for m in out]
     twice = next((label for label in labels if labels.count(label) > 1), None)
@@ -338,7 +340,7 @@ def _models(value: Any) -> list[str | dict[str, Any]]:
     return out
 
 
-def _table(item: Any) -> str | dict[str, Any]:
+def _table(item: Any, weights: bool = True) -> str | dict[str, Any]:
     """One model given as a callable, a module or a table, checked: its weights at hand (a
     checkpoint readable and hashed, its path taken from the working directory; pretrained
     weights cached or reachable) and its label (docs/design.md §4). A table that only names a model is
@@ -372,18 +374,20 @@ def _table(item: Any) -> str | dict[str, Any]:
                         "checkpoint; a callable or module brings its own, a checkpoint replaces them")
     if pretrained:
         try:
-            entry["pretrained"] = pretrained_weights(build)[0]
+            entry["pretrained"] = pretrained_weights(build)[0] if weights else pretrained_name(build)
         except LayerlieError as err:
             raise SpecError(f"spec key 'models': {err}") from None
     if checkpoint is not None:
         if not isinstance(checkpoint, (str, Path)):
             raise SpecError(f"spec key 'models': checkpoint = expects a path, got {_shown(checkpoint)}")
         path = Path(checkpoint).absolute()
-        try:
-            read_state_dict(path)  # a missing or unreadable file is refused before anything runs
-        except LayerlieError as err:
-            raise SpecError(f"spec key 'models': {err}") from None
-        entry.update(checkpoint=str(path), sha256=_sha256_file(path))
+        entry["checkpoint"] = str(path)
+        if weights:
+            try:
+                read_state_dict(path)  # a missing or unreadable file is refused before anything runs
+            except LayerlieError as err:
+                raise SpecError(f"spec key 'models': {err}") from None
+            entry["sha256"] = _sha256_file(path)
     if label is not None and not (isinstance(label, str) and label.strip()):
         raise SpecError(f"spec key 'models': label = expects a non-empty string, got {_shown(label)}")
     named = type(build).__name__ if kind == "module" else build
