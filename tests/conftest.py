@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -9,6 +10,12 @@ import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import save_file
+
+
+# One Ray authentication mode for every session this process opens: a driver keeps the mode of its
+# first session, and a token in ~/.ray would otherwise set it for a local session and not for the
+# clusters of tests/test_cluster.py (whose nodes run without), so their tasks could not reach it.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -109,6 +110,20 @@ def test_a_changed_spec_is_refused_without_force_new(tmp_path):
     ll.sweep({**TINY, "groups": ["rotate"]}, store, workers=0, progress=False, force_new=True)
     assert ll.load(store, "e2e").group.tolist() == ["rotate"]
     assert st.manifest(store)["spec"]["groups"] == ["rotate"]
+
+
+def test_a_store_written_before_a_spec_key_existed_resumes(tmp_path):
+    store = tmp_path / "s"
+    ll.sweep(TINY, store, workers=0, progress=False)
+    path = store / "manifest.json"
+    data = json.loads(path.read_text())
+    for key in ("device", "gpus_per_task"):  # keys this release added, absent from older stores
+        del data["spec"][key]
+    path.write_text(json.dumps(data))
+    again = ll.sweep(TINY, store, workers=0, progress=False, resume=True)
+    assert again.ran == [] and len(again.skipped) == len(again.tasks) == 1
+    with pytest.raises(SpecError, match="differs in: device"):  # a value that differs is still refused
+        ll.sweep({**TINY, "device": "auto"}, store, workers=0, progress=False, resume=True)
 
 
 def test_a_raising_task_is_recorded_and_the_rest_finish(tmp_path, capsys):

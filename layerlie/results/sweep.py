@@ -141,9 +141,11 @@ def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: i
     todo = tasks(checked)
     root = Path(store)
     old = st.manifest(root)
-    changed = old is not None and old["spec"] != plain(checked)
+    # a key added to specs since the store was written reads as its default there
+    stored = None if old is None else {**plain(sp.DEFAULTS), **old["spec"]}
+    changed = stored is not None and stored != plain(checked)
     if changed and not force_new:
-        keys = sorted(k for k in set(old["spec"]) | set(checked) if old["spec"].get(k) != plain(checked).get(k))
+        keys = sorted(k for k in set(stored) | set(checked) if stored.get(k) != plain(checked).get(k))
         raise SpecError(f"the store {str(root)!r} holds a sweep of a different spec (differs in: "
                         f"{', '.join(keys)}); pass --force-new to start it afresh, or choose another --store")
     finished = st.done(root) if resume and not changed else set()
