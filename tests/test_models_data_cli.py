@@ -244,6 +244,9 @@ def test_photos_take_a_size_square_or_not():
     for bad in (0, (32,), (32, 0), 2.5):
         with pytest.raises(ll.LayerlieError, match="size must be a positive integer or \\(height, width\\)"):
             ll.photos(model, n=1, size=bad)
+    with pytest.raises(ll.LayerlieError, match="images are prepared for a model, given first: got int 2; pass "
+                                               "the nn.Module, e.g. photos\\(model, n=4\\)"):
+        ll.photos(2, size=64)  # the count where the model goes
 
 
 def test_a_plain_module_gets_224_and_timms_default_normalisation():

@@ -66,6 +66,9 @@ def eval_transform(model: nn.Module, *, size: Size | None = None,
 
 
 def _channels(model: nn.Module, channels: int | None) -> int:
+    if not isinstance(model, nn.Module):
+        raise LayerlieError(f"images are prepared for a model, given first: got {type(model).__name__} "
+                            f"{model!r:.40}; pass the nn.Module, e.g. photos(model, n=4)")
     c = channels if channels is not None else input_channels(model) or 3
     if c not in MODES:
         said = "given" if channels is not None else f"that {type(model).__name__} takes"
