@@ -4,6 +4,9 @@ compaction, crash-safe steps, and --resume beside compacted files."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -156,9 +159,24 @@ def test_a_sweep_resumes_beside_compacted_files(tmp_path, capsys):
     pd.testing.assert_frame_equal(ll.load(root, "e2e").drop(columns="pid"), full.drop(columns="pid"))
 
 
+@pytest.fixture
+def memory_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder in memory (tmpfs) where the machine has one, else ``tmp_path``: ten thousand
+    files written, read and deleted on a disk make a test of rows a test of the disk."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and shutil.disk_usage(shm).free > 1 << 30):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="layerlie-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_ten_thousand_parts_load_as_before_and_after_compaction(tmp_path):
-    root = st.create(tmp_path / "s", SPEC)
+def test_ten_thousand_parts_load_as_before_and_after_compaction(memory_dir):
+    root = st.create(memory_dir / "s", SPEC)
     want = quick_parts(root, 10_000)
     assert want.alias.notna().sum() == 20  # ten parts with a column the others lack
     pd.testing.assert_frame_equal(ll.load(root, "e2e"), want)

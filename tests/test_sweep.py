@@ -200,8 +200,7 @@ def ray_processes(marker: str) -> list[int]:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_loses_nothing(tmp_path, capsys):
-    spec = write_spec(tmp_path / "s.toml", 'models = ["resnet18", "convnext_atto"]\n'
-                      'groups = ["translate_x", "translate_y", "rotate", "scale"]\n'
+    spec = write_spec(tmp_path / "s.toml", 'models = ["resnet18", "convnext_atto"]\ngroups = ["translate_x", "rotate"]\n'
                       'measures = ["e2e", "layers"]\nn = 1\nsize = 32\n')
     store, reference = tmp_path / "killed", tmp_path / "whole"
     temp = tempfile.mkdtemp(prefix="llkill", dir="/tmp")
@@ -215,7 +214,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path, capsys):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         before = {p.name: p.stat().st_mtime_ns for p in (store / "parts").glob("*.parquet")}
-        assert 0 < len(before) < 16, "kill the sweep after its first part and before its last"
+        assert 0 < len(before) < 8, "kill the sweep after its first part and before its last"
         left = ray_processes(temp)
         for _ in range(100):  # Ray's own processes share the driver's fate, asynchronously
             if not left:
@@ -229,7 +228,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path, capsys):
         shutil.rmtree(temp, ignore_errors=True)
     assert main(["sweep", str(spec), "--store", str(store), "--resume", "--workers", "0"]) == 0
     out = capsys.readouterr().out
-    assert f"{16 - len(before)} tasks ran, {len(before)} skipped as done, 0 failed" in out
+    assert f"{8 - len(before)} tasks ran, {len(before)} skipped as done, 0 failed" in out
     assert {p: (store / "parts" / p).stat().st_mtime_ns for p in before} == before  # not redone
     ll.sweep(spec, reference, workers=0, progress=False)
     assert_same_tables(store, reference)  # loads every part: none is corrupt
