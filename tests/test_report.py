@@ -4,12 +4,15 @@ loaded, no network reference, and module granularity said at the top for an untr
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -77,6 +80,29 @@ def test_report_dom_has_tables_with_rows_and_every_image_loaded(page, tmp_path):
     assert len(widths) == dom.count("<img") and min(widths) > 0
     tables = re.findall(r"<table.*?</table>", dom, flags=re.S)
     assert len(tables) >= 4 and all(t.count("<tr") >= 2 for t in tables)
+
+
+def _settings(html: str) -> dict[str, str]:
+    """The settings table's rows, setting -> value."""
+    table = re.search(r"<h2>Settings, versions and timings</h2>\s*(<table.*?</table>)", html, flags=re.S).group(1)
+    return dict(re.findall(r"<tr>\s*<td>(.*?)</td>\s*<td>(.*?)</td>\s*</tr>", table, flags=re.S))
+
+
+def test_settings_name_the_device_and_where_the_tasks_ran(page, tmp_path):
+    settings = _settings(page.read_text())
+    assert settings["device"] == "cpu" and settings["host"] == socket.gethostname()
+    assert settings["Ray nodes"] == "none (run serially)"  # the report measures in this process
+    store = tmp_path / "store"
+    shutil.copytree(page.parent / "store", store)
+    for part in (store / "parts").glob("*.parquet"):  # the rows as a cluster's GPU tasks write them
+        table = pq.read_table(part)
+        for name, value in (("ray_node", "node-a"), ("device", "cuda:0")):
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array([value] * len(table)))
+        pq.write_table(table, part)
+    out = tmp_path / "cluster.html"
+    assert main(["report", "--store", str(store), "--out", str(out)]) == 0
+    settings = _settings(out.read_text())
+    assert settings["Ray nodes"] == "node-a" and settings["device"] == "cuda:0"
 
 
 def test_report_makes_no_network_reference_and_holds_every_section(page):
