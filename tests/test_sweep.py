@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import timm
+import torch
 
 import layerlie as ll
 from layerlie.results import store as st
@@ -95,6 +96,21 @@ def test_dry_run_lists_the_tasks_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "e2e-resnet18-translate_x-" in out and "10 tasks, 0 done" in out
     assert not (tmp_path / "s").exists()
+
+
+def test_dry_run_needs_no_weights_and_reads_a_store_of_checkpoints(tmp_path, offline, no_network):
+    spec = {"models": [{"name": "test_resnet", "pretrained": True}], "groups": ["translate_x"], "n": 1, "size": 32}
+    listed = ll.sweep(spec, tmp_path / "p", dry_run=True)  # no weights cached, no network
+    assert [t.model for t in listed.tasks] == [f"test_resnet.{timm.models.get_pretrained_cfg('test_resnet').tag}"]
+    assert not no_network, "a listing looks nowhere for the weights"
+    with pytest.raises(SpecError, match="checkpoint"):  # running it needs them
+        ll.sweep(spec, tmp_path / "p", workers=0, progress=False)
+    path = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), path)
+    spec = {**spec, "models": [{"name": "test_resnet", "checkpoint": str(path)}]}
+    ran = ll.sweep(spec, tmp_path / "c", workers=0, progress=False)
+    again = ll.sweep(spec, tmp_path / "c", dry_run=True, resume=True)
+    assert ran.failed == {} and again.skipped == [t.id for t in ran.tasks]
 
 
 # --- stores and specs -------------------------------------------------------------------------

@@ -123,7 +123,8 @@ def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: i
             0 runs the tasks one after the other in this process, with the same results.
         address: join this Ray cluster instead of starting a local one.
         resume: skip the tasks whose part exists.
-        dry_run: list the tasks (and which are done) without running or writing anything.
+        dry_run: list the tasks (and which are done) without running or writing anything, or looking for
+            the weights (pretrained weights are only named, checkpoints not hashed).
         force_new: start afresh when the store holds a different spec (its parts are removed).
         progress: show a progress bar of the finished and failed tasks.
         max_retries: how often Ray reruns a task whose worker or node died before it is
@@ -137,12 +138,15 @@ def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: i
         SpecError: a bad spec, or a store that holds a different spec without ``force_new``.
         SweepError: ``device = "cuda"`` where no GPU is, refused before any task is submitted.
     """
-    checked = read_spec(spec)
+    checked = read_spec(spec, weights=not dry_run)  # a listing names the weights, it does not look for them
     todo = tasks(checked)
     root = Path(store)
     old = st.manifest(root)
     # a key added to specs since the store was written reads as its default there
     stored = None if old is None else {**plain(sp.DEFAULTS), **old["spec"]}
+    if stored is not None and dry_run:  # a spec read without weights holds no checkpoint hashes to compare
+        stored["models"] = [{k: v for k, v in m.items() if k != "sha256"} if isinstance(m, dict) else m
+                            for m in stored["models"]]
     changed = stored is not None and stored != plain(checked)
     if changed and not force_new:
         keys = sorted(k for k in set(stored) | set(checked) if stored.get(k) != plain(checked).get(k))
