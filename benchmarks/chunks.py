@@ -5,30 +5,17 @@ embedded photos, random init). Each ratio is the fastest of two timed calls afte
 """
 
 import sys
-import time
 
 import torch
 
 import layerlie as ll
-
-
-def best(fn, repeat: int = 2) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
+from bench import best_time, setup
 
 for name in sys.argv[1:]:
-    torch.manual_seed(0)
-    model = ll.load_model(name)
-    x = ll.photos(model, n=8)
+    model, x = setup(name, batch=8)
     with torch.no_grad():
-        forward = best(lambda: model(x), 3)
+        forward = best_time(lambda: model(x), repeat=3)
     row = [f"{name}: forward {forward * 1e3:.0f} ms"]
     for images in (1, 2, 4, 8):
-        row.append(f"{images} images {best(lambda: ll.lee(model, x, 'all', batch_size=images)) / forward:.1f}")
+        row.append(f"{images} images {best_time(lambda: ll.lee(model, x, 'all', batch_size=images)) / forward:.1f}")
     print("  ".join(row), flush=True)

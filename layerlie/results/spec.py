@@ -161,6 +161,13 @@ def sources(spec: Mapping[str, Any]) -> dict[str, Source]:
     return out
 
 
+def without_hashes(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain spec (:func:`plain`) as :func:`read_spec` gives it without ``weights``: the
+    checkpoints' hashes left out, so that a stored spec compares with one read that way."""
+    return {**spec, "models": [{k: v for k, v in m.items() if k != "sha256"} if isinstance(m, dict) else m
+                               for m in spec["models"]]}
+
+
 def plain(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The spec as JSON data, as the manifest stores it: a module or a tensor by its class or
     shape and the hash of its values (docs/design.md §4)."""

@@ -144,12 +144,12 @@ def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: i
     old = st.manifest(root)
     # a key added to specs since the store was written reads as its default there
     stored = None if old is None else {**plain(sp.DEFAULTS), **old["spec"]}
-    if stored is not None and dry_run:  # a spec read without weights holds no checkpoint hashes to compare
-        stored["models"] = [{k: v for k, v in m.items() if k != "sha256"} if isinstance(m, dict) else m
-                            for m in stored["models"]]
-    changed = stored is not None and stored != plain(checked)
+    if stored is not None and dry_run:
+        stored = sp.without_hashes(stored)
+    mine = plain(checked)
+    changed = stored is not None and stored != mine
     if changed and not force_new:
-        keys = sorted(k for k in set(stored) | set(checked) if stored.get(k) != plain(checked).get(k))
+        keys = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
         raise SpecError(f"the store {str(root)!r} holds a sweep of a different spec (differs in: "
                         f"{', '.join(keys)}); pass --force-new to start it afresh, or choose another --store")
     finished = st.done(root) if resume and not changed else set()
@@ -170,7 +170,7 @@ def sweep(spec: str | Path | Mapping[str, Any], store: str | Path, *, workers: i
         ray = session.enter_context(_ray_session(workers or os.cpu_count() or 1, address)) \
             if workers != 0 and pending else None
         need = placement(checked, ray.cluster_resources(), gpu=gpu_resource) if ray else {}  # before any write
-        st.create(root, plain(checked), fresh=changed,
+        st.create(root, mine, fresh=changed,
                   weights={label: s.weights(checked["seed"]) for label, s in sources(checked).items()})
         _run(pending, checked, result, ray, need, progress=progress, max_retries=max_retries)
     return result

@@ -162,11 +162,12 @@ def _header(spec: Mapping[str, Any], info: Mapping[str, Any], timings: Mapping[s
     shown = {k: spec.get(k) for k in ("n", "size", "seed", "scheme", "batch_size")}
     shown["groups"] = ", ".join(spec.get("groups", []))
     shown["images"] = spec.get("images") or "embedded photos"
-    for key, column in (("weights", "weights"), ("device", "device"), ("host", "host"), ("Ray nodes", "ray_node"),
-                        ("process ids", "pid")):
-        held = list(dict.fromkeys(v for t in tables.values() if column in t for v in t[column].dropna().astype(str)))
-        recorded = any(column in t for t in tables.values())
-        shown[key] = ", ".join(held) or ("none (run serially)" if recorded and column == "ray_node" else "not recorded")
+    unset = "not recorded"
+    for key, column, empty in (("weights", "weights", unset), ("device", "device", unset), ("host", "host", unset),
+                               ("Ray nodes", "ray_node", "none (run serially)"), ("process ids", "pid", unset)):
+        columns = [t[column] for t in tables.values() if column in t]
+        held = list(dict.fromkeys(v for c in columns for v in c.dropna().astype(str)))
+        shown[key] = ", ".join(held) or (empty if columns else unset)  # empty: recorded, with no value
     rows = [*shown.items(), *(info.get("versions") or {}).items(),
             *((k, f"{v:.1f}") for k, v in (timings or {}).items())]
     if not timings:
