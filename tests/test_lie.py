@@ -211,3 +211,20 @@ def test_replayed_passes_equal_lee(memory_budget):
     # injected fault: tangents that are not the images' (mirrored) are caught by the same comparison
     wrong = replay_lee(coarsest(probabilities), [p._replace(tangents=p.tangents.flip(-1)) for p in passes])
     assert rel(wrong.flatten(), want) > 1e-2
+
+
+def test_a_lambda_over_a_model_in_training_mode_is_one_line_naming_eval():
+    """The README's ``lie_derivative(lambda z: model(z).softmax(-1), ...)`` on a raw
+    ``timm.create_model`` model, which is in training mode: its batch norms update their
+    statistics in place inside the jvp. One line that names the fix (a lambda is the user's
+    code: layerlie cannot switch the model inside it to eval mode, as it does for a model)."""
+    import timm
+
+    model = timm.create_model("resnet10t", pretrained=False)
+    x = ll.photos(model, n=2, size=64)
+    with pytest.raises(ll.LayerlieError, match=r"in place .*call model\.eval\(\) first") as err:
+        ll.lie_derivative(lambda z: model(z).softmax(-1), x, ll.group("rotate"))
+    assert "\n" not in str(err.value)
+    assert model.training
+    model.eval()  # the fix the error names
+    assert torch.isfinite(ll.lie_derivative(lambda z: model(z).softmax(-1), x, ll.group("rotate"))).all()

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -105,10 +106,17 @@ def jvp_stack(call: Call, tangents: Tangents, fast: bool = False) -> tuple[Any, 
         # functorch's notice that an op falls back to a loop (as_strided_, in timm's global
         # pooling): slower, still exact.
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        if _stack_size(tangents) == 1:
-            out, first = torch.func.jvp(f, primals, pytree.tree_map(lambda t: t[0], stacks))
-            return out, pytree.tree_map(lambda t: t[None] if isinstance(t, torch.Tensor) else t, first)
-        return torch.func.vmap(lambda *ts: torch.func.jvp(f, primals, ts), out_dims=(None, 0))(*stacks)
+        try:
+            if _stack_size(tangents) == 1:
+                out, first = torch.func.jvp(f, primals, pytree.tree_map(lambda t: t[0], stacks))
+                return out, pytree.tree_map(lambda t: t[None] if isinstance(t, torch.Tensor) else t, first)
+            return torch.func.vmap(lambda *ts: torch.func.jvp(f, primals, ts), out_dims=(None, 0))(*stacks)
+        except RuntimeError as err:
+            if "mutate a captured Tensor" not in str(err):
+                raise
+            raise LayerlieError("the function changes a tensor it holds in place (a BatchNorm in training mode "
+                                "updates its running statistics, and this call has run it); call model.eval() "
+                                "first, or pass the model itself, which is measured in eval mode on a copy") from None
 
 
 def _dense(t: Any) -> Any:
@@ -121,7 +129,21 @@ def _dense(t: Any) -> Any:
 _CALLS = ("call_module", "call_function", "call_method")
 
 
-class Propagator(fx.Interpreter):
+class Interpreter(fx.Interpreter):
+    """``fx.Interpreter`` that leaves its note on the failing node ("While executing ...", with
+    the node's stack trace) off layerlie's own errors, which say what to fix in one line and
+    name the node where it matters; other errors keep it."""
+
+    @property
+    def extra_traceback(self) -> bool:  # read by fx while the node's error is being handled
+        return not isinstance(sys.exc_info()[1], LayerlieError)
+
+    @extra_traceback.setter
+    def extra_traceback(self, value: bool) -> None:  # fx.Interpreter.__init__ sets it; it is derived
+        pass
+
+
+class Propagator(Interpreter):
     """Runs a GraphModule once with a stack of K tangents beside every value (docs/design.md §7).
 
     Each node is evaluated (:meth:`evaluate`), then carries its tangent (:meth:`carry`): the
@@ -267,7 +289,7 @@ def aligned(tangents: Tangents) -> Tangents:
     return {i: padded(t, k) for i, t in tangents.items()}
 
 
-class Recorder(fx.Interpreter):
+class Recorder(Interpreter):
     """Runs a GraphModule once, without tangents, keeping ``keep(node, value)`` for each node
     where it is not None (``.kept``, by node name); a failing node is named in the error.
 
